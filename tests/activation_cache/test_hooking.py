@@ -1,0 +1,87 @@
+"""Model loading, hookpoints, text packing and shard production on a tiny real model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from activation_cache.config import DataConfig, ModelConfig
+from activation_cache.hooking import (
+    ActivationHarvester,
+    describe_model,
+    load_model,
+    load_tokenizer,
+    resolve_model_source,
+)
+from activation_cache.producing import produce_shard, split_units
+from activation_cache.reader import read_shard
+from activation_cache.schema import ShardMeta
+from activation_cache.store import LocalStore
+from activation_cache.text import pack_sequences
+
+
+def test_harvested_activations_equal_the_models_hidden_states(tiny_model_dir):
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
+    model = load_model(source)
+    harvester = ActivationHarvester(model, "resid_post.1")
+    assert harvester.hookpoint == "model.layers.1"
+    ids = torch.randint(0, 300, (2, 12))
+    acts = harvester(ids)
+    with torch.inference_mode():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    # hidden_states[0] is the embedding output, so layer L's output is hidden_states[L + 1].
+    torch.testing.assert_close(acts, hidden[2])
+
+
+def test_describe_model_resolves_without_loading_weights(tiny_model_dir):
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
+    assert describe_model(source, "resid_post.mid") == ("model.layers.2", 32)
+    assert describe_model(source, "model.layers.3.mlp")[0] == "model.layers.3.mlp"
+    with pytest.raises(ValueError, match=r"layer 9 out of range, model has 4 layers"):
+        describe_model(source, "resid_post.9")
+    with pytest.raises(ValueError, match=r"hookpoint 'blocks.2.hook_resid_post': no such module"):
+        describe_model(source, "blocks.2.hook_resid_post")
+
+
+def test_bad_model_paths_fail_fast(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        resolve_model_source(ModelConfig(name_or_path=str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve_model_source(ModelConfig(name_or_path=str(tmp_path)))
+
+
+def test_packing_starts_every_sequence_with_bos(tiny_model_dir, tiny_corpus_dir):
+    tokenizer = load_tokenizer(resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir))))
+    cfg = DataConfig(source=str(tiny_corpus_dir), context_length=32, max_tokens=320)
+    tokens = pack_sequences(cfg, tokenizer)
+    assert tokens.shape == (10, 32)
+    assert (tokens[:, 0] == tokenizer.bos_token_id).all()
+    assert (tokens[:, 1:] != tokenizer.bos_token_id).all()
+
+
+def test_non_utf8_text_is_refused_by_name(tmp_path, tiny_model_dir):
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait")
+    tokenizer = load_tokenizer(resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir))))
+    with pytest.raises(ValueError, match=r"bad.txt: not UTF-8 text"):
+        pack_sequences(DataConfig(source=str(tmp_path), context_length=8, max_tokens=None), tokenizer)
+
+
+def test_produced_shard_excludes_special_tokens_and_keeps_provenance(tmp_path, tiny_model_dir, tiny_corpus_dir):
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
+    tokenizer = load_tokenizer(source)
+    tokens = pack_sequences(DataConfig(source=str(tiny_corpus_dir), context_length=16, max_tokens=160), tokenizer)
+    units = split_units(tokens, 4)
+    assert [u.shard_name for u in units] == [f"shards/unit-{i:06d}.arrow" for i in range(3)]
+    harvester = ActivationHarvester(load_model(source), "resid_post.1")
+    meta = ShardMeta(model="tiny", revision=source.revision, hookpoint="model.layers.1", d_model=32, dtype="float32", cache_key="k")
+    store = LocalStore(tmp_path)
+    result = produce_shard(units[1], harvester=harvester, store=store, meta=meta,
+                           excluded_token_ids=frozenset(tokenizer.all_special_ids), batch_size=3)
+    shard = read_shard(store, result.entry)
+    assert result.entry.rows == 4 * 15, "BOS at position 0 of each sequence is excluded"
+    assert set(shard.sequence_ids.tolist()) == {4, 5, 6, 7}
+    assert 0 not in shard.positions
+    np.testing.assert_array_equal(shard.token_ids, tokens[shard.sequence_ids, shard.positions])
+    expected = harvester(torch.from_numpy(tokens[4:8]))[:, 1:].reshape(-1, 32)
+    torch.testing.assert_close(shard.activations, expected)

@@ -1,0 +1,150 @@
+"""Shard format, manifest and reader: what a training run relies on from the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from activation_cache.manifest import (
+    ActivationStats,
+    Manifest,
+    ShardEntry,
+    commit_manifest,
+    load_manifest,
+)
+from activation_cache.reader import ActivationReader, read_shard, rebatch, shuffle_rows
+from activation_cache.schema import (
+    CorruptShardError,
+    ShardMeta,
+    decode_shard,
+    encode_shard,
+    sha256_hex,
+)
+from activation_cache.store import LocalStore
+
+D_MODEL = 16
+
+
+def _meta(dtype: str = "float32") -> ShardMeta:
+    return ShardMeta(model="tiny", revision="r1", hookpoint="model.layers.1", d_model=D_MODEL, dtype=dtype, cache_key="k")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_shard_round_trip_keeps_values_and_provenance(dtype):
+    acts = torch.randn(37, D_MODEL) * 100
+    token_ids = np.arange(37) + 1000
+    sequence_ids = np.arange(37) // 10
+    positions = np.arange(37) % 10
+    shard = decode_shard(encode_shard(acts, token_ids, sequence_ids, positions, _meta(dtype)))
+    expected = acts.to(getattr(torch, dtype)).float()
+    assert torch.equal(shard.activations, expected), "stored values must be bit-exact in the stored dtype"
+    np.testing.assert_array_equal(shard.token_ids, token_ids)
+    np.testing.assert_array_equal(shard.sequence_ids, sequence_ids)
+    np.testing.assert_array_equal(shard.positions, positions)
+    assert shard.meta == _meta(dtype)
+
+
+def test_encode_rejects_wrong_width():
+    with pytest.raises(ValueError, match=r"expected \(n_rows, 16\)"):
+        encode_shard(torch.zeros(3, 8), np.zeros(3), np.zeros(3), np.zeros(3), _meta())
+
+
+def _write_cache(store: LocalStore, rows_per_shard: list[int]) -> Manifest:
+    manifest = Manifest(cache_key="k", key_inputs={}, model="tiny", revision="r1",
+                        hookpoint="model.layers.1", d_model=D_MODEL, dtype="float32")
+    first = 0
+    for i, rows in enumerate(rows_per_shard):
+        # Each row's first value is its global row number, so tests can track rows.
+        acts = torch.zeros(rows, D_MODEL)
+        acts[:, 0] = torch.arange(first, first + rows, dtype=torch.float32)
+        data = encode_shard(acts, np.zeros(rows), np.full(rows, i), np.arange(rows), _meta())
+        name = f"shards/unit-{i:06d}.arrow"
+        store.put_bytes(name, data)
+        entry = ShardEntry(name=name, rows=rows, size_bytes=len(data), sha256=sha256_hex(data),
+                           first_sequence_id=i, n_sequences=1)
+        manifest = manifest.with_shard(entry, ActivationStats.of(acts.numpy()))
+        first += rows
+    commit_manifest(store, manifest)
+    return manifest
+
+
+def test_manifest_commit_round_trip_and_no_duplicate_shards(tmp_path):
+    store = LocalStore(tmp_path)
+    assert load_manifest(store) is None
+    manifest = _write_cache(store, [5, 7])
+    loaded = load_manifest(store)
+    assert loaded == manifest
+    assert loaded.rows == 12 and loaded.stats.rows == 12
+    np.testing.assert_allclose(loaded.stats.mean()[0], np.arange(12).mean())
+    with pytest.raises(ValueError, match="already committed"):
+        manifest.with_shard(manifest.shards[0], ActivationStats())
+
+
+def test_reader_gives_each_row_to_exactly_one_rank_per_epoch(tmp_path):
+    store = LocalStore(tmp_path)
+    manifest = _write_cache(store, [40, 40, 40, 40, 40, 40])
+    seen = []
+    for rank in range(2):
+        reader = ActivationReader(store, manifest.shards, rank=rank, world_size=2, batch_size=8,
+                                  seed=3, shuffle_buffer_rows=16)
+        batches = list(reader.epoch(0))
+        assert len(batches) == reader.batches_per_epoch(0) == 15
+        assert all(b.shape == (8, D_MODEL) for b in batches)
+        seen.extend(torch.cat(batches)[:, 0].long().tolist())
+    assert sorted(seen) == list(range(240))
+
+
+def test_reader_shuffles_across_shards_and_epochs(tmp_path):
+    store = LocalStore(tmp_path)
+    manifest = _write_cache(store, [50, 50, 50, 50])
+    reader = ActivationReader(store, manifest.shards, rank=0, world_size=1, batch_size=50,
+                              seed=0, shuffle_buffer_rows=64)
+    first_batch = next(iter(reader.epoch(0)))[:, 0].long()
+    assert len(set((first_batch // 50).tolist())) > 1, "a batch must mix rows from several shards"
+    assert not torch.equal(torch.cat(list(reader.epoch(0))), torch.cat(list(reader.epoch(1))))
+    again = ActivationReader(store, manifest.shards, rank=0, world_size=1, batch_size=50,
+                             seed=0, shuffle_buffer_rows=64)
+    assert torch.equal(torch.cat(list(reader.epoch(1))), torch.cat(list(again.epoch(1)))), "same seed, same order"
+
+
+def test_corrupt_and_missing_shards_are_named(tmp_path):
+    store = LocalStore(tmp_path)
+    manifest = _write_cache(store, [10, 10])
+    entry = manifest.shards[0]
+    data = bytearray(store.get_bytes(entry.name))
+    data[-100] ^= 0xFF
+    store.put_bytes(entry.name, bytes(data))
+    with pytest.raises(CorruptShardError, match=r"shard shards/unit-000000.arrow: checksum"):
+        read_shard(store, entry)
+    store.delete(manifest.shards[1].name)
+    with pytest.raises(CorruptShardError, match=r"unit-000001.arrow: listed in the manifest but missing"):
+        read_shard(store, manifest.shards[1])
+    reader = ActivationReader(store, manifest.shards, rank=0, world_size=1, batch_size=4, seed=0)
+    with pytest.raises(CorruptShardError):
+        list(reader.epoch(0))
+
+
+def test_truncated_shard_is_reported(tmp_path):
+    store = LocalStore(tmp_path)
+    manifest = _write_cache(store, [10])
+    entry = manifest.shards[0]
+    store.put_bytes(entry.name, store.get_bytes(entry.name)[:200])
+    with pytest.raises(CorruptShardError, match=r"unit-000000.arrow: 200 bytes, manifest says"):
+        read_shard(store, entry)
+
+
+def test_shuffle_and_rebatch_keep_every_row():
+    chunks = [torch.arange(i * 10, i * 10 + 10).float()[:, None] for i in range(7)]
+    out = torch.cat(list(shuffle_rows(iter(chunks), buffer_rows=15, generator=torch.Generator().manual_seed(0))))
+    assert sorted(out[:, 0].long().tolist()) == list(range(70))
+    batches = list(rebatch(iter(chunks), 16))
+    assert [len(b) for b in batches] == [16, 16, 16, 16]
+    assert torch.equal(torch.cat(batches)[:, 0], torch.arange(64).float())
+
+
+def test_reader_refuses_fewer_shards_than_ranks(tmp_path):
+    store = LocalStore(tmp_path)
+    manifest = _write_cache(store, [10])
+    with pytest.raises(ValueError, match="1 shards cannot feed world_size=2"):
+        ActivationReader(store, manifest.shards, rank=0, world_size=2, batch_size=4, seed=0)
