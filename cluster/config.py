@@ -1,0 +1,154 @@
+"""The job's typed configuration: one dataclass per ``conf/`` group, registered with Hydra.
+
+The YAML files in ``conf/`` extend these schemas; ``compose_job`` turns the composed config into
+dataclasses (validated by their ``__post_init__``) before anything expensive starts.
+
+
+Closed choices are typed ``str`` and checked in ``__post_init__``: OmegaConf 2.3, which
+Hydra uses to type-check the YAML, cannot represent ``Literal``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from activation_cache.config import CacheConfig, DataConfig, ModelConfig
+from trainer.config import SAEConfig, TrainConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class ClusterConfig:
+    """The Ray cluster and how the job's actors are placed on it."""
+
+    address: str | None = None
+    """Ray address of an existing cluster (``auto``, ``ray://host:10001``, ``host:6379``);
+    ``None`` starts a local cluster inside the driver process."""
+    num_cpus: int | None = None
+    """CPUs of the local cluster (``None``: all of this machine's)."""
+    object_store_memory_bytes: int = 1 << 30
+    """Ray object store size of the local cluster."""
+    num_producers: int = 2
+    """Producer actors, each holding one model replica."""
+    producer_num_cpus: float = 1.0
+    """CPUs Ray reserves for each producer (its torch thread count follows)."""
+    units_per_producer: int = 2
+    """Work units queued at each producer at once (one runs while the next waits); bounds
+    the shards in flight and so the memory they hold."""
+    num_train_workers: int = 2
+    """Ray Train workers, one DeepSpeed engine (one data-parallel rank) each."""
+    train_worker_num_cpus: float = 1.0
+    """CPUs Ray reserves for each trainer worker."""
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus <= 0:
+            raise ValueError(f"cluster.num_cpus={self.num_cpus} must be positive or null")
+        if self.num_producers <= 0:
+            raise ValueError(f"cluster.num_producers={self.num_producers} must be positive")
+        if self.num_train_workers <= 0:
+            raise ValueError(f"cluster.num_train_workers={self.num_train_workers} must be positive")
+        if self.producer_num_cpus <= 0 or self.train_worker_num_cpus <= 0:
+            raise ValueError(
+                f"cluster.producer_num_cpus={self.producer_num_cpus} and "
+                f"cluster.train_worker_num_cpus={self.train_worker_num_cpus} must be positive"
+            )
+        if self.units_per_producer <= 0:
+            raise ValueError(f"cluster.units_per_producer={self.units_per_producer} must be positive")
+        if self.object_store_memory_bytes < 78 * 2**20:
+            raise ValueError(f"cluster.object_store_memory_bytes={self.object_store_memory_bytes} must be at least 78 MiB (Ray's minimum)")
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics and logs."""
+
+    wandb_mode: str = "offline"
+    """``offline`` writes runs under ``dir`` for ``wandb sync``; ``online`` needs WANDB_API_KEY."""
+    project: str = "saeforge"
+    """wandb project."""
+    dir: str = "outputs"
+    """Local folder for wandb files and Ray Train's run state."""
+    level: str = "INFO"
+    """Log level of the driver and the workers."""
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logging.wandb_mode={self.wandb_mode!r}: expected offline, online or disabled")
+        if self.level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"logging.level={self.level!r}: expected DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclass
+class RunConfig:
+    """Identity and location of one training run."""
+
+    name: str | None = None
+    """Run name; ``None`` makes one from the time and the cache key."""
+    uri: str | None = None
+    """Where runs are written (``<uri>/<name>/dictionary/...``); ``None``: ``<cache.uri>/runs``."""
+
+
+@dataclass
+class JobConfig:
+    """Everything one ``saeforge train`` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.batch_size % self.cluster.num_train_workers:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} must be divisible by "
+                f"cluster.num_train_workers={self.cluster.num_train_workers}"
+            )
+
+
+def register_configs() -> None:
+    """Register the schemas so every YAML in ``conf/`` is type-checked when composed."""
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+    for group, schema in [
+        ("model", ModelConfig), ("data", DataConfig), ("sae", SAEConfig), ("train", TrainConfig),
+        ("cache", CacheConfig), ("cluster", ClusterConfig), ("logging", LoggingConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def compose_job(overrides: list[str] | None = None, *, config_name: str = "config") -> JobConfig:
+    """Compose ``conf/`` with command-line overrides and validate it into a JobConfig.
+
+    Raises ``ValueError`` with a one-line message for unknown keys, wrong types or invalid values.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            composed = compose(config_name=config_name, overrides=list(overrides or []))
+        missing = sorted(OmegaConf.missing_keys(composed))
+        if missing:
+            raise ValueError(f"{missing[0]} is required: set it on the command line ({missing[0]}=...)")
+        job = OmegaConf.to_object(composed)
+    except (HydraException, OmegaConfBaseException) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ValueError(": ".join(line for line in lines if not line.startswith(("full_key", "object_type")))) from None
+    assert isinstance(job, JobConfig)
+    return job
+
+
+def to_dict(job: JobConfig) -> dict:
+    """A plain dict of the resolved config (for wandb and cfg.json; holds no secrets)."""
+    return OmegaConf.to_container(OmegaConf.structured(job), resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,75 @@
+"""Metric loggers. Rank-0 gating lives in ``make_logger`` only; call sites never branch on it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class MetricLogger(Protocol):
+    """Where training and evaluation figures go."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Record ``metrics`` at optimizer step ``step``."""
+        ...
+
+    def finish(self) -> None:
+        """Flush and close; no ``log`` after this."""
+        ...
+
+
+class NullLogger:
+    """Drops everything: the logger of every rank but 0, and of runs without wandb."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger:
+    """Logs to wandb. ``mode="offline"`` writes under ``dir`` without any network access
+    (``wandb sync`` uploads later); ``"disabled"`` makes every call a no-op inside wandb."""
+
+    def __init__(
+        self,
+        project: str,
+        run_name: str,
+        config: dict[str, Any],
+        dir: str,
+        mode: Literal["offline", "online", "disabled"],
+        group: str | None = None,
+    ) -> None:
+        if mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"wandb mode={mode!r}: expected 'offline', 'online' or 'disabled'")
+        import wandb  # lazily: importing wandb costs about a second and most ranks never need it
+
+        self._run = wandb.init(
+            project=project, name=run_name, config=config, dir=dir, mode=mode, group=group
+        )
+        log.info("wandb run %s (%s) in %s", run_name, mode, dir)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self._run.finish()
+
+
+def make_logger(
+    *,
+    rank: int,
+    wandb_mode: Literal["offline", "online", "disabled"] | None,
+    project: str = "saeforge",
+    run_name: str = "",
+    config: dict[str, Any] | None = None,
+    dir: str = ".",
+    group: str | None = None,
+) -> MetricLogger:
+    """The metric logger for this rank: wandb on rank 0 when ``wandb_mode`` is set, else NullLogger."""
+    if rank != 0 or wandb_mode is None:
+        return NullLogger()
+    return WandbLogger(project, run_name, config or {}, dir, wandb_mode, group=group)

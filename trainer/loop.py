@@ -1,0 +1,198 @@
+"""The training loop and held-out evaluation. Consumes tensors; knows nothing of where they come from.
+
+Data-parallel collectives go through torch.distributed directly (the engine was built on the same
+process group); with ``world_size=1`` none are issued.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from trainer.loggers import MetricLogger
+from trainer.metrics import DeadLatentTracker, PooledReconstructionStats, latent_fire_counts
+from trainer.sae import ForwardOutput
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN or infinite on some rank; raised on every rank before the optimizer step."""
+
+    def __init__(self, step: int, loss: float, n_bad_ranks: int, world_size: int) -> None:
+        super().__init__(
+            f"step {step}: non-finite loss on {n_bad_ranks} of {world_size} ranks "
+            f"(this rank: {loss}); the optimizer step was skipped and training stopped"
+        )
+        self.step, self.loss, self.n_bad_ranks, self.world_size = step, loss, n_bad_ranks, world_size
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Survives pickling across Ray processes (the default would call __init__ with the message).
+        return (type(self), (self.step, self.loss, self.n_bad_ranks, self.world_size))
+
+
+@dataclass
+class TrainSummary:
+    """What ``train`` did."""
+
+    steps: int
+    """Optimizer steps taken."""
+    tokens: int
+    """Training tokens consumed, all ranks together."""
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    """The last logged metrics (those of the final step's logging window)."""
+
+
+def train(
+    engine: Any,
+    batches: Iterator[Tensor],
+    *,
+    scale: float,
+    max_steps: int,
+    logger: MetricLogger,
+    log_every: int,
+    dead_tracker: DeadLatentTracker,
+    dead_after_tokens: int,
+    world_size: int,
+) -> TrainSummary:
+    """Run ``max_steps`` optimizer steps of ``engine`` (a DeepSpeed engine around a ``TopKSAE``).
+
+    Every rank must call this with the same ``max_steps`` and enough local batches (each
+    ``batch_size // world_size`` rows of raw activations): the steps hold collectives, so a rank
+    that stops early leaves the others waiting. The SAE sees ``x * scale``.
+    """
+    for name, value in (("max_steps", max_steps), ("log_every", log_every), ("world_size", world_size)):
+        if value <= 0:
+            raise ValueError(f"{name}={value} must be positive")
+    if not scale > 0:
+        raise ValueError(f"scale={scale} must be positive")
+    window = _MetricWindow(engine.device)
+    tokens = 0
+    metrics: dict[str, float] = {}
+    for step in range(1, max_steps + 1):
+        x = next(batches, None)
+        if x is None:
+            raise ValueError(f"batches ran out at step {step} of max_steps={max_steps}")
+        out = train_step(engine, x, scale=scale, step=step, world_size=world_size)
+        _update_dead_latents(dead_tracker, out, world_size)
+        tokens += x.shape[0] * world_size
+        window.add(out, tokens=x.shape[0] * world_size)
+        if step % log_every == 0 or step == max_steps:
+            metrics = _window_metrics(engine, window, dead_tracker, dead_after_tokens, world_size)
+            metrics["tokens"] = float(tokens)
+            logger.log(metrics, step=step)
+            log.debug("step %d: %s", step, metrics)
+            window = _MetricWindow(engine.device)
+    return TrainSummary(steps=max_steps, tokens=tokens, final_metrics=metrics)
+
+
+def train_step(engine: Any, x: Tensor, *, scale: float, step: int, world_size: int) -> ForwardOutput:
+    """Forward on ``x * scale``, check the loss is finite on every rank, backward, optimizer step."""
+    dtype = next(engine.module.parameters()).dtype
+    # Scale in fp32 before any cast to bf16, so the cast rounds once.
+    x = (x.to(device=engine.device, dtype=torch.float32) * scale).to(dtype)
+    out: ForwardOutput = engine(x)
+    _raise_unless_finite(out.loss, step=step, world_size=world_size)
+    engine.backward(out.loss)
+    engine.step()
+    return out
+
+
+def _raise_unless_finite(loss: Tensor, *, step: int, world_size: int) -> None:
+    # Agreed across ranks: a rank that raised alone would leave the others blocked in backward's
+    # gradient all-reduce.
+    n_bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+    if world_size > 1:
+        dist.all_reduce(n_bad)
+    if n_bad.item() > 0:
+        raise NonFiniteLossError(step, loss.item(), int(n_bad.item()), world_size)
+
+
+def _update_dead_latents(tracker: DeadLatentTracker, out: ForwardOutput, world_size: int) -> None:
+    counts = latent_fire_counts(out.latent_indices, out.latent_acts, tracker.n_latents)
+    if world_size > 1:
+        dist.all_reduce(counts)  # summed, so every rank's tracker holds the global counts
+    tracker.update_counts(counts, n_tokens=out.latent_indices.shape[0] * world_size)
+
+
+class _MetricWindow:
+    """Sums of per-step figures since the last log, kept as tensors so steps do not sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(4, device=device)  # loss, mse, fvu, l0
+        self.steps = 0
+        self.tokens = 0
+        self.start_s = time.perf_counter()
+
+    def add(self, out: ForwardOutput, *, tokens: int) -> None:
+        l0 = (out.latent_acts > 0).sum(dim=-1).float().mean()
+        terms = torch.stack([out.loss.detach(), out.mse.detach(), out.fvu.detach(), l0])
+        self.sums += terms.float()
+        self.steps += 1
+        self.tokens += tokens
+
+
+def _window_metrics(
+    engine: Any,
+    window: _MetricWindow,
+    tracker: DeadLatentTracker,
+    dead_after_tokens: int,
+    world_size: int,
+) -> dict[str, float]:
+    """Figures averaged over the window's steps and over ranks."""
+    sums = window.sums.clone()
+    if world_size > 1:
+        dist.all_reduce(sums)
+    loss, mse, fvu, l0 = (sums / (window.steps * world_size)).tolist()
+    elapsed_s = max(time.perf_counter() - window.start_s, 1e-9)
+    return {
+        "loss": loss,
+        "mse": mse,
+        "fvu": fvu,
+        "l0": l0,
+        "dead_fraction": tracker.dead_fraction(dead_after_tokens),
+        "tokens_per_second": window.tokens / elapsed_s,
+        "lr": float(engine.get_lr()[0]),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    sae: nn.Module,
+    batches: Iterable[Tensor],
+    *,
+    scale: float,
+    dead_tracker: DeadLatentTracker | None = None,
+) -> dict[str, float]:
+    """Reconstruction quality of ``sae`` (the bare module, e.g. ``engine.module``) on held-out raw
+    activations, pooled over all of them.
+
+    Returns ``fvu`` (total squared error over total variance around the pooled mean), ``mse`` (per
+    element, in raw activation units), ``l0``, ``cosine``, ``dead_fraction`` (latents that never
+    fired on these tokens) and ``n_tokens``. ``dead_tracker``, if given, is updated with the
+    held-out firings: pass a fresh one to get held-out firing frequencies for the dictionary.
+    """
+    if not scale > 0:
+        raise ValueError(f"scale={scale} must be positive")
+    param = next(sae.parameters())
+    stats = PooledReconstructionStats()
+    fire_counts = torch.zeros(sae.n_latents, dtype=torch.int64, device=param.device)
+    for x in batches:
+        x_raw = x.to(device=param.device, dtype=torch.float32)
+        out: ForwardOutput = sae((x_raw * scale).to(param.dtype))
+        stats.update(x_raw, out.reconstruction.float() / scale, out.latent_acts)
+        counts = latent_fire_counts(out.latent_indices, out.latent_acts, sae.n_latents)
+        fire_counts += counts
+        if dead_tracker is not None:
+            dead_tracker.update_counts(counts, n_tokens=x.shape[0])
+    result = stats.result()
+    result["dead_fraction"] = (fire_counts == 0).float().mean().item()
+    return result
+

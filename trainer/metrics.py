@@ -1,0 +1,148 @@
+"""Dead-latent statistics and reconstruction metrics. Pure torch; the caller does any all-reduce."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from trainer.sae import ForwardOutput
+
+
+def latent_fire_counts(latent_indices: Tensor, latent_acts: Tensor, n_latents: int) -> Tensor:
+    """(n_latents,) int64 on the indices' device: how many tokens each latent fired on (selected
+    with a positive value).
+
+    A latent TopK selected with activation 0 (fewer than k positive pre-activations) did not fire.
+    """
+    fired = latent_indices[latent_acts > 0]
+    return torch.bincount(fired.flatten().long(), minlength=n_latents)
+
+
+class DeadLatentTracker:
+    """Tokens since each latent last fired, and how often each fired, over a stream of batches.
+
+    Counts are per latent and additive over batches; in data-parallel training the caller sums the
+    per-batch ``fire_counts`` across ranks before ``update_counts`` so every rank holds the same state.
+    """
+
+    def __init__(self, n_latents: int) -> None:
+        if n_latents <= 0:
+            raise ValueError(f"n_latents={n_latents} must be positive")
+        self.n_latents = n_latents
+        self.tokens_since_fired = torch.zeros(n_latents, dtype=torch.int64)
+        self.fire_counts = torch.zeros(n_latents, dtype=torch.int64)
+        self.n_tokens = 0
+
+    def update(self, latent_indices: Tensor, latent_acts: Tensor) -> None:
+        """Account for one local batch of TopK outputs, each (B, k)."""
+        counts = latent_fire_counts(latent_indices, latent_acts, self.n_latents)
+        self.update_counts(counts, n_tokens=latent_indices.shape[0])
+
+    def update_counts(self, fire_counts: Tensor, *, n_tokens: int) -> None:
+        """Account for ``n_tokens`` tokens on which latent i fired ``fire_counts[i]`` times."""
+        if fire_counts.shape != (self.n_latents,):
+            raise ValueError(
+                f"fire_counts shape {tuple(fire_counts.shape)} must be (n_latents={self.n_latents},)"
+            )
+        fire_counts = fire_counts.to(device="cpu", dtype=torch.int64)
+        self.tokens_since_fired += n_tokens
+        # Within one batch the order of tokens is unknown: a latent that fired counts as just fired.
+        self.tokens_since_fired[fire_counts > 0] = 0
+        self.fire_counts += fire_counts
+        self.n_tokens += n_tokens
+
+    def dead_mask(self, threshold_tokens: int) -> Tensor:
+        """(n_latents,) bool: latents that have not fired in the last ``threshold_tokens`` tokens."""
+        return self.tokens_since_fired >= threshold_tokens
+
+    def dead_fraction(self, threshold_tokens: int) -> float:
+        """Fraction of latents that have not fired in the last ``threshold_tokens`` tokens."""
+        return self.dead_mask(threshold_tokens).float().mean().item()
+
+    def frequencies(self) -> Tensor:
+        """(n_latents,) float32: fraction of all tokens seen on which each latent fired."""
+        return self.fire_counts.float() / max(self.n_tokens, 1)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Counters for a checkpoint."""
+        return {
+            "tokens_since_fired": self.tokens_since_fired.clone(),
+            "fire_counts": self.fire_counts.clone(),
+            "n_tokens": torch.tensor(self.n_tokens, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore counters saved by ``state_dict``."""
+        if state["fire_counts"].shape != (self.n_latents,):
+            raise ValueError(
+                f"checkpointed dead-latent counters have {state['fire_counts'].shape[0]} latents, "
+                f"tracker has n_latents={self.n_latents}"
+            )
+        self.tokens_since_fired = state["tokens_since_fired"].clone().to(torch.int64)
+        self.fire_counts = state["fire_counts"].clone().to(torch.int64)
+        self.n_tokens = int(state["n_tokens"])
+
+
+@torch.no_grad()
+def reconstruction_metrics(x: Tensor, out: ForwardOutput) -> dict[str, float]:
+    """Per-batch figures for a forward pass on ``x``: mse, fvu, l0 (firing latents per token), cosine."""
+    x = x.float()
+    reconstruction = out.reconstruction.float()
+    error = (reconstruction - x).pow(2)
+    total_variance = (x - x.mean(dim=0)).pow(2).sum()
+    return {
+        "mse": error.mean().item(),
+        "fvu": (error.sum() / total_variance).item(),
+        "l0": (out.latent_acts > 0).sum(dim=-1).float().mean().item(),
+        "cosine": torch.cosine_similarity(reconstruction, x, dim=-1).mean().item(),
+    }
+
+
+class PooledReconstructionStats:
+    """Reconstruction figures over many batches as if they were one: FVU is the total squared error
+    over the total variance around the pooled mean, not an average of per-batch FVUs.
+
+    The variance is merged batch by batch (Chan et al.'s parallel update) in float64, so it neither
+    needs the whole set in memory nor loses precision to ``sum(x^2) - n mean^2`` cancellation.
+    """
+
+    def __init__(self) -> None:
+        self.n_tokens = 0
+        self.n_elements = 0
+        self.squared_error = 0.0
+        self.firing_latents = 0
+        self.cosine_sum = 0.0
+        self.mean: Tensor | None = None
+        self.m2 = 0.0
+
+    @torch.no_grad()
+    def update(self, x: Tensor, reconstruction: Tensor, latent_acts: Tensor) -> None:
+        """Add a batch: inputs and reconstructions (B, d_in), latent values (B, k)."""
+        x64 = x.double()
+        n_batch = x64.shape[0]
+        batch_mean = x64.mean(dim=0)
+        batch_m2 = (x64 - batch_mean).pow(2).sum().item()
+        if self.mean is None:
+            self.mean, self.m2 = batch_mean, batch_m2
+        else:
+            n_total = self.n_tokens + n_batch
+            delta = batch_mean - self.mean
+            self.m2 += batch_m2 + delta.pow(2).sum().item() * self.n_tokens * n_batch / n_total
+            self.mean = self.mean + delta * (n_batch / n_total)
+        self.n_tokens += n_batch
+        self.n_elements += x64.numel()
+        self.squared_error += (reconstruction.double() - x64).pow(2).sum().item()
+        self.firing_latents += int((latent_acts > 0).sum().item())
+        self.cosine_sum += torch.cosine_similarity(reconstruction.double(), x64, dim=-1).sum().item()
+
+    def result(self) -> dict[str, float]:
+        """mse (per element), fvu (pooled), l0, cosine (mean per token), n_tokens."""
+        if self.n_tokens == 0:
+            raise ValueError("no tokens were evaluated: the held-out batches were empty")
+        return {
+            "fvu": self.squared_error / self.m2 if self.m2 > 0 else float("nan"),
+            "mse": self.squared_error / self.n_elements,
+            "l0": self.firing_latents / self.n_tokens,
+            "cosine": self.cosine_sum / self.n_tokens,
+            "n_tokens": self.n_tokens,
+        }

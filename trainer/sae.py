@@ -1,0 +1,157 @@
+"""The TopK sparse autoencoder: parameters in SAELens's layout, plain PyTorch math."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class ForwardOutput(NamedTuple):
+    """What one forward pass of a TopK SAE produces."""
+
+    latent_acts: Tensor
+    """(B, k) values of the k selected latents per token (>= 0; zero where fewer than k fire)."""
+    latent_indices: Tensor
+    """(B, k) indices of the selected latents, in [0, n_latents)."""
+    reconstruction: Tensor
+    """(B, d_in) decoder output, in the same space as the input."""
+    mse: Tensor
+    """Scalar: mean squared error over all B * d_in elements."""
+    fvu: Tensor
+    """Scalar: fraction of variance unexplained, sum of squared errors over the batch's total
+    squared deviation from its own mean (1.0 means no better than predicting the mean)."""
+    loss: Tensor
+    """Scalar the optimizer minimises (currently ``mse``, a mean over tokens, so averaging
+    gradients across data-parallel ranks equals the gradient on the concatenated batch)."""
+
+
+class TopKSAE(nn.Module):
+    """TopK SAE (Gao et al. 2024): ``z = topk(relu((x - b_dec) W_enc + b_enc))``, ``x̂ = z W_dec + b_dec``.
+
+    The decoder rows are kept at unit norm by normalising them inside ``forward`` from the raw
+    parameter (see ``decoder_weight``). ``unit_norm_decoder=False`` turns that off, which is what
+    an exported dictionary needs: its rows carry the folded input scale (``folded_weights``).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        k: int,
+        *,
+        seed: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        unit_norm_decoder: bool = True,
+    ) -> None:
+        super().__init__()
+        if d_in <= 0:
+            raise ValueError(f"d_in={d_in} must be positive")
+        if n_latents <= 0:
+            raise ValueError(f"n_latents={n_latents} must be positive")
+        if not 0 < k <= n_latents:
+            raise ValueError(f"k={k} must be in [1, n_latents={n_latents}]")
+        self.d_in = d_in
+        self.n_latents = n_latents
+        self.k = k
+        self.unit_norm_decoder = unit_norm_decoder
+
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        w_dec = torch.randn(n_latents, d_in, generator=generator, dtype=torch.float32)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(w_dec.T.contiguous().to(dtype))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents, dtype=dtype))
+        self.W_dec = nn.Parameter(w_dec.to(dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
+
+    def decoder_weight(self) -> Tensor:
+        """The decoder the forward pass uses: ``W_dec`` with each row scaled to unit norm.
+
+        DeepSpeed ZeRO keeps its own fp32 master copy of every parameter and copies it back into
+        the module after each step, so an in-place renormalisation of ``W_dec`` after the step
+        would be overwritten (or, in fp32 stage 0, would desynchronise the optimizer state).
+        Normalising here, from the raw parameter, needs no access to the optimizer, holds under
+        every ZeRO stage and precision, and makes the gradient orthogonal to each row (the radial
+        component has no effect on the output), as sparsify's gradient projection does by hand.
+        """
+        if not self.unit_norm_decoder:
+            return self.W_dec
+        # eps keeps an all-zero row (never produced by init or training) from dividing by zero.
+        return self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, d_in) -> (acts, indices), each (B, k): the k largest ReLU pre-activations."""
+        pre_acts = torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        acts, indices = pre_acts.topk(self.k, dim=-1, sorted=False)
+        return acts, indices
+
+    def decode(self, acts: Tensor, indices: Tensor) -> Tensor:
+        """(B, k) acts and indices -> (B, d_in) reconstruction.
+
+        Dense reference path: scatter into a (B, n_latents) matrix and multiply. A sparse kernel
+        (gathering k decoder rows per token) replaces it later and is tested against this one.
+        """
+        dense = acts.new_zeros(acts.shape[:-1] + (self.n_latents,))
+        dense = dense.scatter(-1, indices, acts)
+        return dense @ self.decoder_weight() + self.b_dec
+
+    def forward(self, x: Tensor) -> ForwardOutput:
+        acts, indices = self.encode(x)
+        reconstruction = self.decode(acts, indices)
+        # Loss terms in fp32 even when the parameters are bf16: sums over B * d_in elements.
+        error = (reconstruction.float() - x.float()).pow(2)
+        mse = error.mean()
+        total_variance = (x.float() - x.float().mean(dim=0)).pow(2).sum()
+        fvu = error.sum() / total_variance
+        return ForwardOutput(acts, indices, reconstruction, mse, fvu, loss=mse)
+
+    @torch.no_grad()
+    def init_b_dec(
+        self, sample: Tensor, *, method: Literal["mean", "geometric_median"] = "geometric_median"
+    ) -> None:
+        """Set ``b_dec`` to the centre of ``sample`` (N, d_in), given in the space the SAE trains on.
+
+        Call before wrapping in DeepSpeed: the engine copies the parameters into its master
+        weights when it is built.
+        """
+        if sample.ndim != 2 or sample.shape[1] != self.d_in:
+            raise ValueError(f"sample shape {tuple(sample.shape)} must be (N, d_in={self.d_in})")
+        if method == "mean":
+            centre = sample.float().mean(dim=0)
+        elif method == "geometric_median":
+            centre = geometric_median(sample.float())
+        else:
+            raise ValueError(f"method={method!r}: expected 'mean' or 'geometric_median'")
+        self.b_dec.copy_(centre.to(self.b_dec.dtype))
+
+    @torch.no_grad()
+    def folded_weights(self, scale: float) -> dict[str, Tensor]:
+        """SAELens-layout weights that act on raw activations, for a model trained on ``x * scale``.
+
+        ``(x s - b_dec) W_enc + b_enc == (x - b_dec / s)(s W_enc) + b_enc`` and the decoder's output
+        is divided by s: ``W_dec / s``, ``b_dec / s``. The same fold as SAELens's
+        ``fold_activation_norm_scaling_factor``. ``W_dec`` is the unit-norm ``decoder_weight``.
+        """
+        if not scale > 0:
+            raise ValueError(f"scale={scale} must be positive")
+        return {
+            "W_enc": (self.W_enc * scale).contiguous(),
+            "b_enc": self.b_enc.detach().clone(),
+            "W_dec": (self.decoder_weight() / scale).contiguous(),
+            "b_dec": self.b_dec / scale,
+        }
+
+
+def geometric_median(points: Tensor, *, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed Euclidean distance to ``points`` (N, d)."""
+    median = points.mean(dim=0)
+    for _ in range(max_iter):
+        # Clamping keeps a point that coincides with the estimate from getting infinite weight.
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-8)
+        new_median = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        shift = (new_median - median).norm()
+        median = new_median
+        if shift <= tol * median.norm().clamp_min(1.0):
+            break
+    return median
