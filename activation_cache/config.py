@@ -77,7 +77,7 @@ class CacheConfig:
     Caches live under ``<uri>/caches/<cache key>/``."""
     dtype: str = "float32"
     """Stored activation dtype (bfloat16 is kept bit-exact as uint16)."""
-    sequences_per_shard: int = 16
+    sequences_per_shard: int = 32
     """Packed sequences per shard (one work unit of a producer)."""
     s3_endpoint_url: str | None = None
     """S3 endpoint (MinIO, SeaweedFS, Ceph); ``None`` uses AWS_ENDPOINT_URL or AWS itself.

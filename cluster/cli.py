@@ -57,10 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from activation_cache.schema import CorruptShardError
+    from activation_cache.store import StoreError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, StoreError, CorruptShardError) as err:
         sys.stderr.write(f"saeforge {args.command}: error: {err}\n")
         return 2
 

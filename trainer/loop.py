@@ -88,9 +88,20 @@ def train(
             metrics = _window_metrics(engine, window, dead_tracker, dead_after_tokens, world_size)
             metrics["tokens"] = float(tokens)
             logger.log(metrics, step=step)
-            log.debug("step %d: %s", step, metrics)
+            _log_progress(step, max_steps, metrics)
             window = _MetricWindow(engine.device)
     return TrainSummary(steps=max_steps, tokens=tokens, final_metrics=metrics)
+
+
+def _log_progress(step: int, max_steps: int, metrics: dict[str, float]) -> None:
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    log.info(
+        "step %d/%d  loss %.4g  fvu %.4f  l0 %.1f  dead %.3f  %.0f tokens/s",
+        step, max_steps, metrics.get("loss", float("nan")), metrics.get("fvu", float("nan")),
+        metrics.get("l0", float("nan")), metrics.get("dead_fraction", float("nan")),
+        metrics.get("tokens_per_second", float("nan")),
+    )
 
 
 def train_step(engine: Any, x: Tensor, *, scale: float, step: int, world_size: int) -> ForwardOutput:

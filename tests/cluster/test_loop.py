@@ -92,6 +92,13 @@ def _check_dictionary(result, tmp_path, s3_options: dict) -> None:
     assert abs(fvu.item() - evaluation["fvu"]) < 1e-3, "eval.json must describe the saved dictionary on raw activations"
     assert input_scale(manifest, True) != 1.0, "the test must exercise the normalisation fold"
 
+    # The pulled folder loads in SAELens and computes the same reconstruction.
+    from sae_lens import SAE
+
+    saelens_sae = SAE.load_from_disk(str(target), device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(saelens_sae(x), recon, rtol=1e-4, atol=1e-4)
+
 
 def test_loop_on_local_directory(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir):
     job = _job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir)
