@@ -18,6 +18,15 @@ from typing import Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 class StoreError(RuntimeError):
     """An object-store operation failed; the message names the key and never a credential."""
 
@@ -83,6 +92,7 @@ class LocalStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; objects are as readable as any file
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

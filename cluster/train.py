@@ -20,7 +20,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from activation_cache.manifest import Manifest, ShardEntry, load_manifest
-from activation_cache.reader import ActivationReader
+from activation_cache.reader import ActivationReader, read_shard
 from activation_cache.store import open_store
 from cluster.config import JobConfig, to_dict
 from trainer.dictionary import dictionary_files
@@ -105,25 +105,23 @@ def _worker_loop(config: dict) -> None:
     if rank == 0:
         final = TopKSAE(manifest.d_model, job.sae.n_latents, job.sae.k)
         final.load_state_dict(weights)
-        _finish(job, plan, final, manifest, holdout_shards, scale, tracker, summary, logger)
+        _finish(job, plan, final, manifest, holdout_shards, scale, summary, logger)
     logger.finish()
     shutdown_engine(engine)
 
 
-def _finish(job, plan, sae, manifest, holdout_shards, scale, tracker, summary, logger) -> None:
-    """Rank 0: evaluate on held-out shards and write the dictionary."""
-    holdout = ActivationReader(
-        open_store(plan.cache_uri, s3_options=job.cache.s3_options()), holdout_shards,
-        rank=0, world_size=1, batch_size=min(job.train.batch_size, min(s.rows for s in holdout_shards)),
-        seed=job.train.seed, shuffle_buffer_rows=job.train.shuffle_buffer_rows,
-    )
-    metrics = evaluate(sae, holdout.epoch(0), scale=scale, dead_tracker=tracker)
+def _finish(job, plan, sae, manifest, holdout_shards, scale, summary, logger) -> None:
+    """Rank 0: evaluate on every held-out row and write the dictionary."""
+    cache = open_store(plan.cache_uri, s3_options=job.cache.s3_options())
+    holdout = (read_shard(cache, entry).activations for entry in holdout_shards)
+    firing = DeadLatentTracker(sae.n_latents)  # held-out firing frequencies, for sparsity.safetensors
+    metrics = evaluate(sae, holdout, scale=scale, dead_tracker=firing)
     metrics.update(train_tokens=summary.tokens, train_steps=summary.steps)
     logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=summary.steps)
     files = dictionary_files(
         sae, hookpoint=plan.hookpoint, model_name=manifest.model, scale=scale,
         extra_metadata={"cache_key": manifest.cache_key, "run_name": plan.run_name},
-        sparsity=tracker.frequencies(), eval_metrics=metrics,
+        sparsity=firing.frequencies(), eval_metrics=metrics,
     )
     run = open_store(plan.run_uri, s3_options=job.cache.s3_options())
     for name, data in files.items():
