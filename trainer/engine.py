@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import deepspeed
@@ -47,7 +48,12 @@ def deepspeed_config(*, train_cfg: TrainConfig, world_size: int) -> dict[str, An
 
 
 def wrap_in_deepspeed(
-    model: nn.Module, *, train_cfg: TrainConfig, lr: float, world_size: int
+    model: nn.Module,
+    *,
+    train_cfg: TrainConfig,
+    lr: float,
+    world_size: int,
+    lr_multiplier: Callable[[int], float] | None = None,
 ) -> deepspeed.DeepSpeedEngine:
     """Wrap ``model`` in a DeepSpeed engine with torch Adam for data-parallel training.
 
@@ -58,6 +64,8 @@ def wrap_in_deepspeed(
     otherwise one is made with gloo from the ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` /
     ``MASTER_PORT`` environment, or, for ``world_size=1`` without it, on a free local port.
     ``train_cfg.batch_size`` is the global batch: each rank feeds ``batch_size // world_size`` rows.
+    ``lr_multiplier(step)`` scales ``lr`` at each optimizer step (warmup and decay); the engine
+    steps it, and it is saved with the engine's checkpoints.
     """
     if not lr > 0:
         raise ValueError(f"lr={lr} must be positive")
@@ -65,7 +73,8 @@ def wrap_in_deepspeed(
     _skip_shm_comm_build()
     owns_group = _ensure_process_group(world_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier) if lr_multiplier else None
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     setattr(engine, _OWNS_GROUP_ATTR, owns_group)
     log.info(
         "DeepSpeed engine: ZeRO stage %d, %s, %d ranks x %d rows",
