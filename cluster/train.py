@@ -11,6 +11,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import ray.train
@@ -23,12 +24,13 @@ from activation_cache.manifest import Manifest, ShardEntry, load_manifest
 from activation_cache.reader import ActivationReader, read_shard
 from activation_cache.store import open_store
 from cluster.config import JobConfig, to_dict
+from trainer.architectures import build_sae
 from trainer.dictionary import dictionary_files
 from trainer.engine import master_weights, shutdown_engine, wrap_in_deepspeed
 from trainer.loggers import make_logger
-from trainer.loop import evaluate, train
+from trainer.loop import StepSchedule, evaluate, train
 from trainer.metrics import DeadLatentTracker
-from trainer.sae import TopKSAE
+from trainer.schedules import k_at, lr_at, sparsity_coefficient_at
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,32 @@ def _steps(reader: ActivationReader, epochs: int, max_tokens: int | None, global
     return steps if max_tokens is None else min(steps, max_tokens // global_batch)
 
 
+def _build_sae(job: JobConfig, d_model: int) -> torch.nn.Module:
+    return build_sae(
+        job.sae.architecture, d_in=d_model, n_latents=job.sae.n_latents, k=job.sae.k,
+        seed=job.train.seed, **job.sae.build_options(),
+    )
+
+
+def _lr_schedule(train_cfg, total_steps: int) -> dict:
+    warmup = min(train_cfg.lr_warmup_steps, total_steps)
+    decay_steps = min(int(train_cfg.lr_decay_fraction * total_steps), total_steps - warmup)
+    return {
+        "warmup_steps": warmup, "total_steps": total_steps, "decay": train_cfg.lr_decay,
+        "min_lr_fraction": train_cfg.min_lr_fraction, "decay_steps": decay_steps,
+    }
+
+
+def _step_schedule(job: JobConfig, sae: torch.nn.Module) -> StepSchedule:
+    sparsity = k = None
+    if hasattr(sae, "sparsity_coefficient") and job.train.sparsity_warmup_steps:
+        final, warmup = sae.sparsity_coefficient, job.train.sparsity_warmup_steps
+        sparsity = partial(sparsity_coefficient_at, final=final, warmup_steps=warmup)
+    if job.sae.k_start is not None and job.train.k_anneal_steps:
+        k = partial(k_at, k_start=job.sae.k_start, k_final=job.sae.k, anneal_steps=job.train.k_anneal_steps)
+    return StepSchedule(sparsity_coefficient=sparsity, k=k)
+
+
 def _job_from_dict(raw: dict) -> JobConfig:
     job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), raw))
     assert isinstance(job, JobConfig)
@@ -86,25 +114,31 @@ def _worker_loop(config: dict) -> None:
         shuffle_buffer_rows=job.train.shuffle_buffer_rows,
     )
     scale = input_scale(manifest, job.sae.normalize_activations)
-    sae = TopKSAE(manifest.d_model, job.sae.n_latents, job.sae.k, seed=job.train.seed)
-    sae.init_b_dec(torch.tensor(manifest.stats.mean(), dtype=torch.float32)[None] * scale)
+    sae = _build_sae(job, manifest.d_model)
+    sae.init_b_dec(torch.tensor(manifest.stats.mean(), dtype=torch.float32)[None] * scale, method="mean")
+    steps = _steps(reader, job.train.epochs, job.train.max_tokens, job.train.batch_size)
     lr = job.train.learning_rate(job.sae.n_latents)
-    engine = wrap_in_deepspeed(sae, train_cfg=job.train, lr=lr, world_size=world_size)
+    engine = wrap_in_deepspeed(
+        sae, train_cfg=job.train, lr=lr, world_size=world_size,
+        lr_multiplier=lambda step: lr_at(step, base_lr=1.0, **_lr_schedule(job.train, steps)),
+    )
     logger = make_logger(
         rank=rank, wandb_mode=job.logging.wandb_mode, project=job.logging.project,
         run_name=plan.run_name, config=to_dict(job), dir=plan.wandb_dir,
     )
     tracker = DeadLatentTracker(job.sae.n_latents)
-    steps = _steps(reader, job.train.epochs, job.train.max_tokens, job.train.batch_size)
     summary = train(
         engine, iter(reader), scale=scale, max_steps=steps, logger=logger,
         log_every=job.train.log_every_steps, dead_tracker=tracker,
         dead_after_tokens=job.train.dead_after_tokens, world_size=world_size,
+        schedule=_step_schedule(job, sae),
     )
-    weights = master_weights(engine)  # a collective under ZeRO: every rank takes part
+    # master_weights is a collective under ZeRO: every rank takes part. Buffers (BatchTopK's
+    # threshold) are kept equal across ranks by the loop and come from the module.
+    state = {**engine.module.state_dict(), **master_weights(engine)}
     if rank == 0:
-        final = TopKSAE(manifest.d_model, job.sae.n_latents, job.sae.k)
-        final.load_state_dict(weights)
+        final = _build_sae(job, manifest.d_model)
+        final.load_state_dict(state)
         _finish(job, plan, final, manifest, holdout_shards, scale, summary, logger)
     logger.finish()
     shutdown_engine(engine)

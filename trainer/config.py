@@ -8,28 +8,81 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "relu_l1", "relu_l1_unitnorm")
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
+PENALISED = ("jumprelu", "relu_l1", "relu_l1_unitnorm")
+
 
 @dataclass
 class SAEConfig:
     """The sparse autoencoder's architecture."""
 
     architecture: str = "topk"
-    """Activation function family. ``topk``: keep the k largest pre-activations per token."""
+    """One of ``topk`` (Gao et al. 2024, with AuxK), ``batchtopk`` (Bussmann et al. 2024; saved as
+    a JumpReLU with the learned threshold), ``matryoshka_batchtopk`` (nested prefixes),
+    ``jumprelu`` (Rajamanoharan et al. 2024, STE thresholds), ``relu_l1`` (Anthropic 2024: L1
+    weighted by decoder norms) or ``relu_l1_unitnorm`` (L1 with unit-norm decoder rows)."""
     n_latents: int = 4608
     """Number of dictionary features (the SAE's width, ``d_sae`` in SAELens)."""
     k: int = 32
-    """Active latents per token for TopK-family SAEs."""
+    """Active latents per token for the TopK family (BatchTopK: on average over the batch)."""
+    k_start: int | None = None
+    """Anneal k from this value down to ``k`` over ``train.k_anneal_steps`` steps; ``None``: no annealing."""
+    k_aux: int | None = None
+    """AuxK: dead latents used to model the residual (``None``: d_model / 2, the paper's choice)."""
+    auxk_coefficient: float = 1 / 32
+    """AuxK loss weight (Gao et al. 2024: 1/32); 0 turns AuxK off."""
+    sparsity_coefficient: float | None = None
+    """L1 (ReLU) or L0 / tanh (JumpReLU) coefficient; ``None`` takes the architecture's default."""
+    jumprelu_sparsity_loss: str = "l0"
+    """JumpReLU penalty: ``l0`` (the paper's) or ``tanh`` (a smooth alternative)."""
+    jumprelu_bandwidth: float = 0.05
+    """Width of the rectangle kernel of the JumpReLU straight-through threshold gradient."""
+    matryoshka_prefixes: list[int] | None = None
+    """Nested prefix sizes ending at ``n_latents``; ``None``: n/8, n/4, n/2, n."""
     normalize_activations: bool = True
     """Scale inputs so their mean norm is sqrt(d_model) (statistics from the cache manifest);
     the factor is folded into the saved weights, so the dictionary works on raw activations."""
 
     def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"sae.architecture={self.architecture!r}: expected one of {list(ARCHITECTURES)}")
         if self.n_latents <= 0:
             raise ValueError(f"sae.n_latents={self.n_latents} must be positive")
         if not 0 < self.k <= self.n_latents:
             raise ValueError(f"sae.k={self.k} must be in [1, sae.n_latents={self.n_latents}]")
-        if self.architecture != "topk":
-            raise ValueError(f"sae.architecture={self.architecture!r}: expected one of ['topk']")
+        if self.k_start is not None and not self.k <= self.k_start <= self.n_latents:
+            raise ValueError(f"sae.k_start={self.k_start} must be in [sae.k={self.k}, sae.n_latents={self.n_latents}]")
+        if self.k_aux is not None and not 0 < self.k_aux <= self.n_latents:
+            raise ValueError(f"sae.k_aux={self.k_aux} must be in [1, sae.n_latents={self.n_latents}]")
+        if self.auxk_coefficient < 0:
+            raise ValueError(f"sae.auxk_coefficient={self.auxk_coefficient} must be >= 0")
+        if self.sparsity_coefficient is not None and self.sparsity_coefficient < 0:
+            raise ValueError(f"sae.sparsity_coefficient={self.sparsity_coefficient} must be >= 0")
+        if self.jumprelu_sparsity_loss not in ("l0", "tanh"):
+            raise ValueError(f"sae.jumprelu_sparsity_loss={self.jumprelu_sparsity_loss!r}: expected 'l0' or 'tanh'")
+        if not self.jumprelu_bandwidth > 0:
+            raise ValueError(f"sae.jumprelu_bandwidth={self.jumprelu_bandwidth} must be positive")
+        prefixes = self.matryoshka_prefixes
+        if prefixes is not None and (
+            not prefixes or prefixes != sorted(set(prefixes)) or prefixes[0] <= 0 or prefixes[-1] != self.n_latents
+        ):
+            raise ValueError(
+                f"sae.matryoshka_prefixes={prefixes} must be increasing, positive and end at sae.n_latents={self.n_latents}"
+            )
+
+    def build_options(self) -> dict:
+        """Constructor options for ``trainer.architectures.build_sae``."""
+        options: dict = {}
+        if self.architecture in TOPK_FAMILY:
+            options.update(auxk_coefficient=self.auxk_coefficient, k_aux=self.k_aux)
+        if self.architecture == "matryoshka_batchtopk" and self.matryoshka_prefixes:
+            options["prefix_sizes"] = list(self.matryoshka_prefixes)
+        if self.architecture in PENALISED and self.sparsity_coefficient is not None:
+            options["sparsity_coefficient"] = self.sparsity_coefficient
+        if self.architecture == "jumprelu":
+            options.update(sparsity_loss=self.jumprelu_sparsity_loss, bandwidth=self.jumprelu_bandwidth)
+        return options
 
 
 @dataclass
@@ -50,6 +103,18 @@ class TrainConfig:
     """Compute precision; bf16 keeps fp32 master weights."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value before each step; 0 disables clipping."""
+    lr_warmup_steps: int = 20
+    """Linear learning-rate warmup from 0 over this many steps."""
+    lr_decay: str = "linear"
+    """Learning-rate decay after warmup: ``cosine``, ``linear`` or ``constant``."""
+    lr_decay_fraction: float = 0.2
+    """Fraction of the run, at its end, over which the rate decays (Anthropic's recipe: the last 20%)."""
+    min_lr_fraction: float = 0.0
+    """The rate decays to this fraction of ``lr``."""
+    sparsity_warmup_steps: int = 0
+    """Linear warmup of the sparsity coefficient from 0 (penalised architectures)."""
+    k_anneal_steps: int = 0
+    """Steps over which k anneals from ``sae.k_start`` to ``sae.k``."""
     seed: int = 0
     """Seed for initialisation and shuffling."""
     shuffle_buffer_rows: int = 16384
@@ -76,6 +141,17 @@ class TrainConfig:
             raise ValueError(f"train.precision={self.precision!r}: expected 'fp32' or 'bf16'")
         if not self.max_grad_norm >= 0:
             raise ValueError(f"train.max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables)")
+        if self.lr_warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.k_anneal_steps < 0:
+            raise ValueError(
+                f"train.lr_warmup_steps={self.lr_warmup_steps}, train.sparsity_warmup_steps="
+                f"{self.sparsity_warmup_steps} and train.k_anneal_steps={self.k_anneal_steps} must be >= 0"
+            )
+        if self.lr_decay not in ("cosine", "linear", "constant"):
+            raise ValueError(f"train.lr_decay={self.lr_decay!r}: expected cosine, linear or constant")
+        if not 0 < self.lr_decay_fraction <= 1:
+            raise ValueError(f"train.lr_decay_fraction={self.lr_decay_fraction} must be in (0, 1]")
+        if not 0 <= self.min_lr_fraction <= 1:
+            raise ValueError(f"train.min_lr_fraction={self.min_lr_fraction} must be in [0, 1]")
         if self.shuffle_buffer_rows <= 0:
             raise ValueError(f"train.shuffle_buffer_rows={self.shuffle_buffer_rows} must be positive")
         if self.dead_after_tokens <= 0:

@@ -1,9 +1,26 @@
 """The trained dictionary as files in the layout SAELens 6 loads (``SAE.load_from_disk``).
 
 Bytes in, bytes out: the caller owns object storage and writes ``<run>/dictionary/<hookpoint>/``.
-The layout follows SAELens 6's ``TopKSAEConfig.to_dict`` / ``SAE.save_model``
-(``sae_lens/saes/sae.py``, ``sae_lens/saes/topk_sae.py``) and the sparsity file of its training
-runner (``sae_lens/llm_sae_training_runner.py``: ``{"sparsity": log10(frequency + 1e-10)}``).
+The layout follows SAELens 6's config ``to_dict`` / ``SAE.save_model`` (``sae_lens/saes/sae.py``,
+``topk_sae.py``, ``standard_sae.py``, ``jumprelu_sae.py``, ``transcoder.py``) and the sparsity
+file of its training runner (``sae_lens/llm_sae_training_runner.py``:
+``{"sparsity": log10(frequency + 1e-10)}``).
+
+Each training architecture saves as the SAELens inference architecture that computes the same
+function on raw activations:
+
+| training (``build_sae`` name)               | SAELens ``architecture`` | weights                     |
+| ------------------------------------------- | ------------------------ | --------------------------- |
+| ``topk``                                    | ``topk``                 | W_enc, b_enc, W_dec, b_dec  |
+| ``relu_l1``, ``relu_l1_unitnorm``           | ``standard``             | the same                    |
+| ``jumprelu``                                | ``jumprelu``             | + ``exp(log_threshold)``    |
+| ``batchtopk``, ``matryoshka_batchtopk``     | ``jumprelu``             | + the learned threshold     |
+
+A transcoder (``hookpoint_out`` given) saves ReLU as ``transcoder`` and JumpReLU-style as
+``jumprelu_transcoder`` (both with ``d_out`` and ``metadata.hook_name_out``); SAELens has no TopK
+transcoder, so a TopK one saves as ``topk`` with ``apply_b_dec_to_input=false``. The Anthropic
+ReLU variant differs from the plain one only in training (its L1 is weighted by decoder norms):
+at inference both are a plain ReLU, which is what ``standard`` runs.
 """
 
 from __future__ import annotations
@@ -15,8 +32,9 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from torch import Tensor
+from torch import Tensor, nn
 
+from trainer.architectures import JumpReLUSAE, ReLUSAE, TopKAuxSAE
 from trainer.sae import TopKSAE
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -37,11 +55,17 @@ _DTYPE_NAMES = {
     torch.bfloat16: "bfloat16",
 }
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
-_RESERVED_METADATA = {"model_name", "hook_name", "sae_lens_version", "sae_lens_training_version"}
+_RESERVED_METADATA = {
+    "model_name", "hook_name", "hook_name_out", "sae_lens_version", "sae_lens_training_version",
+    "training_architecture",
+}
+_TRANSCODER_ARCHITECTURES = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder", "topk": "topk"}
+_SUPPORTED_ARCHITECTURES = ("topk", "standard", "jumprelu", "transcoder", "jumprelu_transcoder")
+_JUMPRELU_ARCHITECTURES = ("jumprelu", "jumprelu_transcoder")
 
 
 def dictionary_files(
-    sae: TopKSAE,
+    sae: nn.Module,
     *,
     hookpoint: str,
     model_name: str,
@@ -49,30 +73,48 @@ def dictionary_files(
     extra_metadata: dict[str, Any],
     sparsity: Tensor | None,
     eval_metrics: dict[str, Any],
+    hookpoint_out: str | None = None,
+    target_scale: float | None = None,
 ) -> dict[str, bytes]:
     """The dictionary's files, keyed by file name, with the input ``scale`` folded into the weights.
 
-    ``sae`` was trained on ``x * scale``; the saved weights act on raw ``x``. ``sparsity`` is each
-    latent's firing frequency (n_latents,), stored as SAELens does (log10); ``None`` omits
-    ``sparsity.safetensors``. ``extra_metadata`` (JSON values: e.g. ``context_size``,
-    ``prepend_bos``, ``dataset_path``, ``neuronpedia_id``) goes into ``cfg.json``'s ``metadata``.
+    ``sae`` (a ``TopKSAE`` or any module of ``trainer.architectures``) was trained on
+    ``x * scale``; the saved weights act on raw ``x``. A transcoder names its output hookpoint in
+    ``hookpoint_out`` and, if its target was scaled differently, gives ``target_scale``.
+    ``sparsity`` is each latent's firing frequency (n_latents,), stored as SAELens does (log10);
+    ``None`` omits ``sparsity.safetensors``. ``extra_metadata`` (JSON values: e.g.
+    ``context_size``, ``prepend_bos``, ``dataset_path``, ``neuronpedia_id``) goes into
+    ``cfg.json``'s ``metadata``.
     """
     clash = _RESERVED_METADATA & extra_metadata.keys()
     if clash:
         raise ValueError(f"extra_metadata may not set {sorted(clash)}: they are written from the arguments")
-    weights = {name: tensor.cpu() for name, tensor in sae.folded_weights(scale).items()}
+    transcoder = hookpoint_out is not None
+    if transcoder and getattr(sae, "apply_b_dec_to_input", True):
+        raise ValueError(
+            f"hookpoint_out={hookpoint_out!r} makes this a transcoder, but the SAE subtracts b_dec "
+            "from its input (apply_b_dec_to_input=True); build it with transcoder=True"
+        )
+    if target_scale is None:
+        folded = sae.folded_weights(scale)
+    else:
+        folded = sae.folded_weights(scale, target_scale=target_scale)
+    weights = {name: tensor.cpu() for name, tensor in folded.items()}
     metadata = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,
         "model_name": model_name,
         "hook_name": hookpoint,
         "hook_head_index": None,
+        "training_architecture": getattr(sae, "architecture", "topk"),
         "saeforge_input_scale_folded": scale,
+        **({"hook_name_out": hookpoint_out, "saeforge_target_scale_folded": target_scale or scale}
+           if transcoder else {}),
         **extra_metadata,
     }
     files = {
         WEIGHTS_FILE: save_safetensors(weights),
-        CONFIG_FILE: _json_bytes(sae_config(sae, metadata)),
+        CONFIG_FILE: _json_bytes(sae_config(sae, metadata, transcoder=transcoder)),
         EVAL_FILE: _json_bytes(_finite_or_none(eval_metrics)),
     }
     if sparsity is not None:
@@ -85,29 +127,46 @@ def dictionary_files(
     return files
 
 
-def sae_config(sae: TopKSAE, metadata: dict[str, Any]) -> dict[str, Any]:
-    """``cfg.json`` content: the fields of SAELens 6's ``TopKSAEConfig.to_dict()``."""
-    return {
-        "architecture": "topk",
+def saelens_architecture(sae: nn.Module, *, transcoder: bool = False) -> str:
+    """The SAELens 6 inference architecture ``sae`` saves as (see the module docstring's table)."""
+    base = getattr(sae, "saelens_architecture", "topk")
+    return _TRANSCODER_ARCHITECTURES[base] if transcoder else base
+
+
+def sae_config(sae: nn.Module, metadata: dict[str, Any], *, transcoder: bool = False) -> dict[str, Any]:
+    """``cfg.json`` content: the fields of the matching SAELens 6 config's ``to_dict()``
+    (``TopKSAEConfig``, ``StandardSAEConfig``, ``JumpReLUSAEConfig``, ``TranscoderConfig``,
+    ``JumpReLUTranscoderConfig``)."""
+    architecture = saelens_architecture(sae, transcoder=transcoder)
+    cfg: dict[str, Any] = {
+        "architecture": architecture,
         "d_in": sae.d_in,
         "d_sae": sae.n_latents,
-        "k": sae.k,
-        # Our TopK selects on raw pre-activations; SAELens must not rescale them by decoder norms
-        # (the folded decoder rows have norm 1 / scale).
-        "rescale_acts_by_decoder_norm": False,
         "dtype": _DTYPE_NAMES[sae.W_enc.dtype],
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": bool(getattr(sae, "apply_b_dec_to_input", True)),
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": metadata,
     }
+    if architecture == "topk":
+        cfg["k"] = sae.k
+        # Our TopK selects on raw pre-activations; SAELens must not rescale them by decoder norms
+        # (the folded decoder rows have norm 1 / scale).
+        cfg["rescale_acts_by_decoder_norm"] = False
+    if architecture in ("transcoder", "jumprelu_transcoder"):
+        cfg["d_out"] = sae.d_in
+    return cfg
 
 
-def load_dictionary(files: dict[str, bytes]) -> tuple[TopKSAE, dict[str, Any]]:
+def load_dictionary(files: dict[str, bytes]) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the SAE (acting on raw activations) and its config from ``dictionary_files`` output.
 
-    Raises ValueError naming the first mismatch between ``cfg.json`` and the weights.
+    ``topk`` gives a ``TopKSAE`` (a ``TopKAuxSAE`` if b_dec is not applied to the input),
+    ``standard`` / ``transcoder`` a ``ReLUSAE``, ``jumprelu`` / ``jumprelu_transcoder`` a
+    ``JumpReLUSAE`` (``log_threshold = log(threshold)``), all with a free decoder so the folded
+    rows are used as saved. Raises ValueError naming the first mismatch between ``cfg.json`` and
+    the weights.
     """
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if name not in files:
@@ -115,32 +174,69 @@ def load_dictionary(files: dict[str, bytes]) -> tuple[TopKSAE, dict[str, Any]]:
     cfg = json.loads(files[CONFIG_FILE])
     _check_config(cfg)
     weights = load_safetensors(files[WEIGHTS_FILE])
-    _check_weights(weights, d_in=cfg["d_in"], d_sae=cfg["d_sae"])
-
+    architecture = cfg["architecture"]
+    _check_weights(
+        weights, d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+        with_threshold=architecture in _JUMPRELU_ARCHITECTURES,
+    )
     dtype = _DTYPES_BY_NAME[cfg["dtype"].removeprefix("torch.")]
-    sae = TopKSAE(cfg["d_in"], cfg["d_sae"], cfg["k"], dtype=dtype, unit_norm_decoder=False)
-    sae.load_state_dict({name: tensor.to(dtype) for name, tensor in weights.items()})
+    state = {name: tensor.to(dtype) for name, tensor in weights.items()}
+    sae = _inference_module(cfg, dtype)
+    if "threshold" in state:
+        # A zero threshold (an untrained BatchTopK estimate) becomes log 0 = -inf, whose exp is 0.
+        # A negative one acts as 0 after SAELens's ReLU; clamping keeps the log defined.
+        state["log_threshold"] = state.pop("threshold").clamp_min(0).log()
+    sae.load_state_dict(state)
     return sae, cfg
 
 
+def _inference_module(cfg: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    d_in, d_sae, apply_b_dec = cfg["d_in"], cfg["d_sae"], cfg.get("apply_b_dec_to_input", True)
+    architecture = cfg["architecture"]
+    if architecture == "topk":
+        if apply_b_dec:
+            return TopKSAE(d_in, d_sae, cfg["k"], dtype=dtype, unit_norm_decoder=False)
+        return TopKAuxSAE(
+            d_in, d_sae, cfg["k"], dtype=dtype, unit_norm_decoder=False, apply_b_dec_to_input=False
+        )
+    common = {"dtype": dtype, "unit_norm_decoder": False, "apply_b_dec_to_input": apply_b_dec}
+    if architecture in _JUMPRELU_ARCHITECTURES:
+        return JumpReLUSAE(d_in, d_sae, **common)
+    return ReLUSAE(d_in, d_sae, **common)
+
+
 def _check_config(cfg: dict[str, Any]) -> None:
-    expected = {"architecture": "topk", "apply_b_dec_to_input": True, "normalize_activations": "none"}
-    for key, value in expected.items():
-        if cfg.get(key, value) != value:
-            raise ValueError(f"cfg.json {key}={cfg[key]!r} is not supported (expected {value!r})")
+    architecture = cfg.get("architecture")
+    if architecture not in _SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"cfg.json architecture={architecture!r} is not supported "
+            f"(expected one of {list(_SUPPORTED_ARCHITECTURES)})"
+        )
+    if cfg.get("normalize_activations", "none") != "none":
+        raise ValueError(
+            f"cfg.json normalize_activations={cfg['normalize_activations']!r} is not supported "
+            "(expected 'none')"
+        )
     if cfg.get("rescale_acts_by_decoder_norm", False):
         raise ValueError("cfg.json rescale_acts_by_decoder_norm=true is not supported")
     if cfg.get("dtype", "").removeprefix("torch.") not in _DTYPES_BY_NAME:
         raise ValueError(f"cfg.json dtype={cfg.get('dtype')!r}: expected one of {sorted(_DTYPES_BY_NAME)}")
-    for key in ("d_in", "d_sae", "k"):
+    integer_keys = ("d_in", "d_sae", "k") if architecture == "topk" else ("d_in", "d_sae")
+    for key in integer_keys:
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise ValueError(f"cfg.json {key}={cfg.get(key)!r} must be a positive integer")
-    if cfg["k"] > cfg["d_sae"]:
+    if architecture == "topk" and cfg["k"] > cfg["d_sae"]:
         raise ValueError(f"cfg.json k={cfg['k']} exceeds d_sae={cfg['d_sae']}")
+    if cfg.get("d_out", cfg["d_in"]) != cfg["d_in"]:
+        raise ValueError(f"cfg.json d_out={cfg['d_out']} differs from d_in={cfg['d_in']}: not supported")
 
 
-def _check_weights(weights: dict[str, Tensor], *, d_in: int, d_sae: int) -> None:
+def _check_weights(
+    weights: dict[str, Tensor], *, d_in: int, d_sae: int, with_threshold: bool = False
+) -> None:
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if with_threshold:
+        expected["threshold"] = (d_sae,)
     if weights.keys() != expected.keys():
         raise ValueError(
             f"{WEIGHTS_FILE} holds {sorted(weights)}, expected {sorted(expected)}"

@@ -6,9 +6,10 @@ process group); with ``world_size=1`` none are issued.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +18,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from trainer.loggers import MetricLogger
-from trainer.metrics import DeadLatentTracker, PooledReconstructionStats, latent_fire_counts
+from trainer.metrics import (
+    DeadLatentTracker,
+    PooledReconstructionStats,
+    dense_fraction,
+    output_fire_counts,
+)
 from trainer.sae import ForwardOutput
 
 log = logging.getLogger(__name__)
+
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,9 +57,26 @@ class TrainSummary:
     """The last logged metrics (those of the final step's logging window)."""
 
 
+@dataclass(frozen=True)
+class StepSchedule:
+    """Hyperparameters that change with the step, set on the SAE module before each step
+    (the learning rate is the engine's, see ``wrap_in_deepspeed(lr_multiplier=...)``)."""
+
+    sparsity_coefficient: Callable[[int], float] | None = None
+    """Step -> the L1 / L0 coefficient of penalised architectures (warmup)."""
+    k: Callable[[int], int] | None = None
+    """Step -> k of TopK-family architectures (annealing)."""
+
+    def apply(self, module: nn.Module, step: int) -> None:
+        if self.sparsity_coefficient is not None and hasattr(module, "sparsity_coefficient"):
+            module.sparsity_coefficient = self.sparsity_coefficient(step)
+        if self.k is not None and hasattr(module, "k"):
+            module.k = self.k(step)
+
+
 def train(
     engine: Any,
-    batches: Iterator[Tensor],
+    batches: Iterator[Tensor | tuple[Tensor, Tensor]],
     *,
     scale: float,
     max_steps: int,
@@ -61,12 +85,16 @@ def train(
     dead_tracker: DeadLatentTracker,
     dead_after_tokens: int,
     world_size: int,
+    schedule: StepSchedule | None = None,
+    target_scale: float | None = None,
 ) -> TrainSummary:
-    """Run ``max_steps`` optimizer steps of ``engine`` (a DeepSpeed engine around a ``TopKSAE``).
+    """Run ``max_steps`` optimizer steps of ``engine`` (a DeepSpeed engine around an SAE).
 
     Every rank must call this with the same ``max_steps`` and enough local batches (each
     ``batch_size // world_size`` rows of raw activations): the steps hold collectives, so a rank
-    that stops early leaves the others waiting. The SAE sees ``x * scale``.
+    that stops early leaves the others waiting. The SAE sees ``x * scale``. A batch may be an
+    ``(x, target)`` pair (transcoders); the target is scaled by ``target_scale`` (default ``scale``).
+    Architectures whose forward takes ``dead_mask`` (AuxK) get the tracker's dead latents each step.
     """
     for name, value in (("max_steps", max_steps), ("log_every", log_every), ("world_size", world_size)):
         if value <= 0:
@@ -76,12 +104,22 @@ def train(
     window = _MetricWindow(engine.device)
     tokens = 0
     metrics: dict[str, float] = {}
+    schedule = schedule or StepSchedule()
+    wants_dead_mask = "dead_mask" in inspect.signature(engine.module.forward).parameters
     for step in range(1, max_steps + 1):
-        x = next(batches, None)
-        if x is None:
+        batch = next(batches, None)
+        if batch is None:
             raise ValueError(f"batches ran out at step {step} of max_steps={max_steps}")
-        out = train_step(engine, x, scale=scale, step=step, world_size=world_size)
+        x, target = batch if isinstance(batch, tuple) else (batch, None)
+        schedule.apply(engine.module, step - 1)
+        forward_kwargs: dict[str, Any] = {}
+        if wants_dead_mask:
+            forward_kwargs["dead_mask"] = dead_tracker.dead_mask(dead_after_tokens).to(engine.device)
+        if target is not None:
+            forward_kwargs["target"] = _scaled(target, engine, target_scale or scale)
+        out = train_step(engine, x, scale=scale, step=step, world_size=world_size, **forward_kwargs)
         _update_dead_latents(dead_tracker, out, world_size)
+        _average_buffers(engine.module, world_size)
         tokens += x.shape[0] * world_size
         window.add(out, tokens=x.shape[0] * world_size)
         if step % log_every == 0 or step == max_steps:
@@ -104,12 +142,18 @@ def _log_progress(step: int, max_steps: int, metrics: dict[str, float]) -> None:
     )
 
 
-def train_step(engine: Any, x: Tensor, *, scale: float, step: int, world_size: int) -> ForwardOutput:
-    """Forward on ``x * scale``, check the loss is finite on every rank, backward, optimizer step."""
-    dtype = next(engine.module.parameters()).dtype
+def _scaled(x: Tensor, engine: Any, scale: float) -> Tensor:
     # Scale in fp32 before any cast to bf16, so the cast rounds once.
-    x = (x.to(device=engine.device, dtype=torch.float32) * scale).to(dtype)
-    out: ForwardOutput = engine(x)
+    dtype = next(engine.module.parameters()).dtype
+    return (x.to(device=engine.device, dtype=torch.float32) * scale).to(dtype)
+
+
+def train_step(
+    engine: Any, x: Tensor, *, scale: float, step: int, world_size: int, **forward_kwargs: Any
+) -> ForwardOutput:
+    """Forward on ``x * scale``, check the loss is finite on every rank, backward, optimizer step.
+    ``forward_kwargs`` (``dead_mask``, a scaled ``target``) go to the SAE's forward."""
+    out: ForwardOutput = engine(_scaled(x, engine, scale), **forward_kwargs)
     _raise_unless_finite(out.loss, step=step, world_size=world_size)
     engine.backward(out.loss)
     engine.step()
@@ -126,25 +170,39 @@ def _raise_unless_finite(loss: Tensor, *, step: int, world_size: int) -> None:
         raise NonFiniteLossError(step, loss.item(), int(n_bad.item()), world_size)
 
 
+def _average_buffers(module: nn.Module, world_size: int) -> None:
+    # Running statistics in buffers (BatchTopK's inference threshold) are updated from each
+    # rank's own batch; averaging keeps one value on every rank, as the saved dictionary needs.
+    if world_size == 1:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= world_size
+
+
 def _update_dead_latents(tracker: DeadLatentTracker, out: ForwardOutput, world_size: int) -> None:
-    counts = latent_fire_counts(out.latent_indices, out.latent_acts, tracker.n_latents)
+    counts = output_fire_counts(out.latent_acts, out.latent_indices, tracker.n_latents)
     if world_size > 1:
         dist.all_reduce(counts)  # summed, so every rank's tracker holds the global counts
-    tracker.update_counts(counts, n_tokens=out.latent_indices.shape[0] * world_size)
+    tracker.update_counts(counts, n_tokens=out.latent_acts.shape[0] * world_size)
 
 
 class _MetricWindow:
     """Sums of per-step figures since the last log, kept as tensors so steps do not sync."""
 
     def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(4, device=device)  # loss, mse, fvu, l0
+        self.sums = torch.zeros(6, device=device)  # loss, mse, fvu, l0, sparsity_loss, aux_loss
         self.steps = 0
         self.tokens = 0
         self.start_s = time.perf_counter()
 
     def add(self, out: ForwardOutput, *, tokens: int) -> None:
         l0 = (out.latent_acts > 0).sum(dim=-1).float().mean()
-        terms = torch.stack([out.loss.detach(), out.mse.detach(), out.fvu.detach(), l0])
+        zero = out.loss.new_zeros(())
+        sparsity = getattr(out, "sparsity_loss", zero).detach()
+        aux = getattr(out, "aux_loss", zero).detach()
+        terms = torch.stack([out.loss.detach(), out.mse.detach(), out.fvu.detach(), l0, sparsity, aux])
         self.sums += terms.float()
         self.steps += 1
         self.tokens += tokens
@@ -161,14 +219,17 @@ def _window_metrics(
     sums = window.sums.clone()
     if world_size > 1:
         dist.all_reduce(sums)
-    loss, mse, fvu, l0 = (sums / (window.steps * world_size)).tolist()
+    loss, mse, fvu, l0, sparsity_loss, aux_loss = (sums / (window.steps * world_size)).tolist()
     elapsed_s = max(time.perf_counter() - window.start_s, 1e-9)
     return {
         "loss": loss,
         "mse": mse,
         "fvu": fvu,
         "l0": l0,
+        "sparsity_loss": sparsity_loss,
+        "aux_loss": aux_loss,
         "dead_fraction": tracker.dead_fraction(dead_after_tokens),
+        "dense_fraction": dense_fraction(tracker.frequencies()),
         "tokens_per_second": window.tokens / elapsed_s,
         "lr": float(engine.get_lr()[0]),
     }
@@ -192,18 +253,27 @@ def evaluate(
     """
     if not scale > 0:
         raise ValueError(f"scale={scale} must be positive")
+    was_training = sae.training
+    sae.eval()  # BatchTopK runs as its saved JumpReLU and leaves its threshold alone
+    try:
+        return _evaluate(sae, batches, scale=scale, dead_tracker=dead_tracker)
+    finally:
+        sae.train(was_training)
+
+
+def _evaluate(sae: nn.Module, batches: Iterable[Tensor], *, scale: float, dead_tracker: DeadLatentTracker | None) -> dict[str, float]:
     param = next(sae.parameters())
     stats = PooledReconstructionStats()
-    fire_counts = torch.zeros(sae.n_latents, dtype=torch.int64, device=param.device)
+    total_fired = torch.zeros(sae.n_latents, dtype=torch.int64, device=param.device)
     for x in batches:
         x_raw = x.to(device=param.device, dtype=torch.float32)
         out: ForwardOutput = sae((x_raw * scale).to(param.dtype))
         stats.update(x_raw, out.reconstruction.float() / scale, out.latent_acts)
-        counts = latent_fire_counts(out.latent_indices, out.latent_acts, sae.n_latents)
-        fire_counts += counts
+        counts = output_fire_counts(out.latent_acts, out.latent_indices, sae.n_latents)
+        total_fired += counts
         if dead_tracker is not None:
             dead_tracker.update_counts(counts, n_tokens=x.shape[0])
     result = stats.result()
-    result["dead_fraction"] = (fire_counts == 0).float().mean().item()
+    result["dead_fraction"] = (total_fired == 0).float().mean().item()
     return result
 

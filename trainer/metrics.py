@@ -146,3 +146,44 @@ class PooledReconstructionStats:
             "cosine": self.cosine_sum / self.n_tokens,
             "n_tokens": self.n_tokens,
         }
+
+
+def output_fire_counts(latent_acts: Tensor, latent_indices: Tensor | None, n_latents: int) -> Tensor:
+    """``latent_fire_counts`` for any architecture's output: (B, k) acts with (B, k) indices, or
+    (B, n_latents) dense acts with ``latent_indices=None`` (ReLU, JumpReLU, BatchTopK)."""
+    if latent_indices is not None:
+        return latent_fire_counts(latent_indices, latent_acts, n_latents)
+    if latent_acts.shape[-1] != n_latents:
+        raise ValueError(
+            f"dense latent_acts shape {tuple(latent_acts.shape)} must end in n_latents={n_latents}"
+        )
+    return (latent_acts > 0).reshape(-1, n_latents).sum(dim=0, dtype=torch.int64)
+
+
+def dense_fraction(frequencies: Tensor, threshold: float = 0.1) -> float:
+    """Fraction of latents firing on more than ``threshold`` of tokens (dense latents)."""
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold={threshold} must be in [0, 1]")
+    if frequencies.numel() == 0:
+        raise ValueError("frequencies is empty")
+    return (frequencies > threshold).float().mean().item()
+
+
+# SAELens logs firing frequencies as log10(frequency + 1e-10): never-firing latents land at -10.
+_LOG_FREQUENCY_EPS = 1e-10
+
+
+def firing_histogram(frequencies: Tensor, bins: int | Tensor = 50) -> tuple[Tensor, Tensor]:
+    """Histogram of log10(frequency + 1e-10) over latents: (counts, edges), as ``torch.histogram``.
+
+    ``bins`` is a number of equal bins between the smallest and largest value, or the edges
+    (e.g. ``torch.linspace(-10, 0, 51)``). Latents that never fired count at -10.
+    """
+    if frequencies.numel() == 0:
+        raise ValueError("frequencies is empty")
+    if isinstance(bins, int) and bins <= 0:
+        raise ValueError(f"bins={bins} must be positive")
+    values = torch.log10(frequencies.detach().double().cpu().flatten() + _LOG_FREQUENCY_EPS).float()
+    edges = bins.detach().float().cpu() if isinstance(bins, Tensor) else bins
+    counts, edges = torch.histogram(values, bins=edges)
+    return counts, edges

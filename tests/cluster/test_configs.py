@@ -48,7 +48,7 @@ def test_command_line_overrides_reach_the_dataclasses():
     [
         ("sae.n_latents=0", "sae.n_latents=0 must be positive"),
         ("sae.k=5000", "sae.k=5000 must be in [1, sae.n_latents=4608]"),
-        ("sae.architecture=relu", "sae.architecture='relu': expected one of ['topk']"),
+        ("sae.architecture=relu", "sae.architecture='relu': expected one of ['topk', 'batchtopk'"),
         ("train.lr=-0.1", "train.lr=-0.1 must be positive"),
         ("train.batch_size=1023", "train.batch_size=1023 must be divisible by cluster.num_train_workers=2"),
         ("cache.uri=gs://bucket/x", "cache.uri='gs://bucket/x': unknown scheme 'gs'"),

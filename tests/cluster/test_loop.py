@@ -109,8 +109,19 @@ def test_loop_on_local_directory(ray_cluster, tmp_path, tiny_model_dir, tiny_cor
     _check_dictionary(result, tmp_path, {})
     assert list((tmp_path / "outputs" / "tiny").rglob("offline-run-*")), "wandb offline run files"
 
-    again = run_job(_job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir, "run.name=tiny2"))
+    # A second job on the same inputs reuses the cache; this one trains a BatchTopK SAE, which
+    # is saved as the JumpReLU SAELens runs at inference.
+    again = run_job(_job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir,
+                         "run.name=tiny2", "sae=batchtopk"))
     assert again.cache_reused and again.cache_uri == result.cache_uri
+    target = tmp_path / "pulled-batchtopk"
+    assert saeforge(["pull", again.dictionary_uri, str(target)]) == 0
+    from sae_lens import SAE
+
+    saelens_sae = SAE.load_from_disk(str(target), device="cpu")
+    assert saelens_sae.cfg.d_sae == 128 and (saelens_sae.threshold > 0).all()
+    assert json.loads((target / "cfg.json").read_text())["architecture"] == "jumprelu"
+    assert again.eval["fvu"] < 0.9
 
 
 def test_loop_on_s3(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir, s3_server, s3_bucket_uri):

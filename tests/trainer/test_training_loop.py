@@ -92,7 +92,8 @@ def test_logged_metrics_and_cadence(engine_factory) -> None:
     )
     assert [step for step, _ in logger.records] == [3, 6, 7]  # and always the last step
     assert set(logger.records[0][1]) == {
-        "loss", "mse", "fvu", "l0", "dead_fraction", "tokens_per_second", "lr", "tokens",
+        "loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss", "dead_fraction", "dense_fraction",
+        "tokens_per_second", "lr", "tokens",
     }
     assert logger.records[0][1]["lr"] == 1e-3
     assert logger.records[-1][1]["tokens"] == 7 * 16 == summary.tokens
@@ -168,3 +169,36 @@ def test_wandb_logger_offline_writes_under_its_dir(tmp_path) -> None:
     logger.log({"loss": 1.0, "fvu": 0.5}, step=1)
     logger.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "relu_l1", "relu_l1_unitnorm"])
+def test_every_architecture_trains_through_the_engine_loop(engine_factory, sparse_batches, architecture):
+    from trainer.architectures import build_sae
+    from trainer.loop import StepSchedule
+
+    def data():
+        return sparse_batches(d_in=D_IN, n_features=64, active=3, batch_size=128, seed=DATA_SEED)
+
+    sae = build_sae(architecture, d_in=D_IN, n_latents=N_LATENTS, k=K, seed=SAE_SEED)
+    held_out = list(itertools.islice(data(), 50, 52))
+    before = evaluate(sae, held_out, scale=1.0)
+    engine = engine_factory(sae, batch_size=128, lr=5e-3)
+    tracker = DeadLatentTracker(N_LATENTS)
+    seen = []
+    schedule = StepSchedule(
+        sparsity_coefficient=lambda step: seen.append(step) or 0.1 * min(1.0, step / 10),
+        k=lambda step: max(K, 16 - step),
+    )
+    logger = RecordingLogger()
+    train(
+        engine, data(), scale=1.0, max_steps=40, logger=logger, log_every=20, dead_tracker=tracker,
+        dead_after_tokens=2_000, world_size=1, schedule=schedule,
+    )
+    after = evaluate(engine.module, held_out, scale=1.0)
+    assert tracker.n_tokens == 40 * 128
+    assert after["fvu"] < before["fvu"]
+    if hasattr(sae, "sparsity_coefficient"):
+        assert seen[:3] == [0, 1, 2] and sae.sparsity_coefficient == pytest.approx(0.1)
+    if architecture == "topk":
+        assert sae.k == K, "k annealed down to its final value"
+    assert {"sparsity_loss", "aux_loss", "dense_fraction"} <= set(logger.records[-1][1])
