@@ -29,7 +29,7 @@ from trainer.dictionary import dictionary_files
 from trainer.engine import master_weights, shutdown_engine, wrap_in_deepspeed
 from trainer.loggers import make_logger
 from trainer.loop import StepSchedule, evaluate, train
-from trainer.metrics import DeadLatentTracker
+from trainer.metrics import DeadLatentTracker, dense_fraction, firing_histogram
 from trainer.schedules import k_at, lr_at, sparsity_coefficient_at
 
 log = logging.getLogger(__name__)
@@ -151,11 +151,15 @@ def _finish(job, plan, sae, manifest, holdout_shards, scale, summary, logger) ->
     firing = DeadLatentTracker(sae.n_latents)  # held-out firing frequencies, for sparsity.safetensors
     metrics = evaluate(sae, holdout, scale=scale, dead_tracker=firing)
     metrics.update(train_tokens=summary.tokens, train_steps=summary.steps)
+    frequencies = firing.frequencies()
+    metrics["dense_fraction"] = dense_fraction(frequencies)
     logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=summary.steps)
+    counts, edges = firing_histogram(frequencies, bins=torch.linspace(-10, 0, 41))
+    metrics["firing_histogram"] = {"log10_frequency_edges": edges.tolist(), "latents": counts.long().tolist()}
     files = dictionary_files(
         sae, hookpoint=plan.hookpoint, model_name=manifest.model, scale=scale,
         extra_metadata={"cache_key": manifest.cache_key, "run_name": plan.run_name},
-        sparsity=firing.frequencies(), eval_metrics=metrics,
+        sparsity=frequencies, eval_metrics=metrics,
     )
     run = open_store(plan.run_uri, s3_options=job.cache.s3_options())
     for name, data in files.items():

@@ -78,6 +78,8 @@ def _check_dictionary(result, tmp_path, s3_options: dict) -> None:
     evaluation = json.loads(files["eval.json"])
     assert {"fvu", "l0", "dead_fraction"} <= set(evaluation)
     assert evaluation["fvu"] < 1.0 and evaluation["l0"] <= 8
+    assert sum(evaluation["firing_histogram"]["latents"]) == 128
+    assert 0 <= evaluation["dense_fraction"] <= 1
 
     # Independently of the trainer's own figure: the saved dictionary, applied to RAW held-out
     # activations, reconstructs them better than their mean does.
