@@ -64,7 +64,7 @@ def auxk_loss(
     candidates = torch.where(dead_mask, pre_acts, torch.full_like(pre_acts, float("-inf")))
     values, indices = candidates.topk(k_aux, dim=-1, sorted=False)
     values = torch.relu(values)  # -inf (a live latent picked when few are dead) and negatives -> 0
-    e_hat = sparse_decode(values, indices, decoder_weight).float()
+    e_hat = decode_rows(values, indices, decoder_weight).float()
 
     residual = residual.detach().float()
     squared_error = (e_hat - residual).pow(2).sum()
@@ -77,11 +77,11 @@ def auxk_loss(
     return coefficient * normalised
 
 
-def sparse_decode(values: Tensor, indices: Tensor, decoder_weight: Tensor) -> Tensor:
+def decode_rows(values: Tensor, indices: Tensor, decoder_weight: Tensor) -> Tensor:
     """(..., k) values at (..., k) latent indices times the (n, d) decoder rows -> (..., d), no bias.
 
     ``embedding_bag`` gathers only the k rows per token (the (B, n) dense matrix of the slow twin,
-    ``dense_decode``, is never built) and is differentiable in both values and rows.
+    ``decode_rows_dense``, is never built) and is differentiable in both values and rows.
     """
     flat_indices = indices.reshape(-1, indices.shape[-1])
     flat_values = values.reshape(-1, values.shape[-1]).to(decoder_weight.dtype)
@@ -89,7 +89,7 @@ def sparse_decode(values: Tensor, indices: Tensor, decoder_weight: Tensor) -> Te
     return out.reshape(*indices.shape[:-1], decoder_weight.shape[-1])
 
 
-def dense_decode(values: Tensor, indices: Tensor, decoder_weight: Tensor) -> Tensor:
-    """The plain-PyTorch twin of ``sparse_decode``: scatter into (..., n) and multiply."""
+def decode_rows_dense(values: Tensor, indices: Tensor, decoder_weight: Tensor) -> Tensor:
+    """The plain-PyTorch twin of ``decode_rows``: scatter into (..., n) and multiply."""
     dense = values.new_zeros(*values.shape[:-1], decoder_weight.shape[0])
     return dense.scatter(-1, indices, values) @ decoder_weight

@@ -1,4 +1,4 @@
-"""The TopK sparse autoencoder: parameters in SAELens's layout, plain PyTorch math."""
+"""The TopK sparse autoencoder: SAELens's parameter layout, kernels from ``trainer.kernels``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,14 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from trainer.kernels import dense_decode, dense_topk_encode, sparse_decode, sparse_topk_encode
+
+# encode and decode functions of each ``TopKSAE(kernel=...)``.
+_KERNELS = {
+    "sparse": (sparse_topk_encode, sparse_decode),
+    "dense": (dense_topk_encode, dense_decode),
+}
 
 
 class ForwardOutput(NamedTuple):
@@ -33,6 +41,12 @@ class TopKSAE(nn.Module):
     The decoder rows are kept at unit norm by normalising them inside ``forward`` from the raw
     parameter (see ``decoder_weight``). ``unit_norm_decoder=False`` turns that off, which is what
     an exported dictionary needs: its rows carry the folded input scale (``folded_weights``).
+
+    ``kernel="sparse"`` (default) runs the encoder GEMM, a cheap top-k and backward passes that
+    touch only the k selected latents per token (``trainer.kernels``); ``"dense"`` is the plain
+    PyTorch reference. ``compute_dtype`` (e.g. ``torch.bfloat16`` over fp32 parameters) is the
+    dtype of the encoder GEMM; ``None`` uses the CPU autocast dtype when autocast is on, else the
+    parameters' dtype. Everything else, including the gradients, stays in the parameters' dtype.
     """
 
     def __init__(
@@ -44,8 +58,12 @@ class TopKSAE(nn.Module):
         seed: int | None = None,
         dtype: torch.dtype = torch.float32,
         unit_norm_decoder: bool = True,
+        kernel: str = "sparse",
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if kernel not in _KERNELS:
+            raise ValueError(f"kernel={kernel!r}: expected one of {sorted(_KERNELS)}")
         if d_in <= 0:
             raise ValueError(f"d_in={d_in} must be positive")
         if n_latents <= 0:
@@ -56,6 +74,8 @@ class TopKSAE(nn.Module):
         self.n_latents = n_latents
         self.k = k
         self.unit_norm_decoder = unit_norm_decoder
+        self.kernel = kernel
+        self.compute_dtype = compute_dtype
 
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         w_dec = torch.randn(n_latents, d_in, generator=generator, dtype=torch.float32)
@@ -82,19 +102,18 @@ class TopKSAE(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, d_in) -> (acts, indices), each (B, k): the k largest ReLU pre-activations."""
-        pre_acts = torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-        acts, indices = pre_acts.topk(self.k, dim=-1, sorted=False)
-        return acts, indices
+        encode, _ = _KERNELS[self.kernel]
+        return encode(x, self.W_enc, self.b_enc, self.b_dec, self.k, compute_dtype=self.compute_dtype)
 
     def decode(self, acts: Tensor, indices: Tensor) -> Tensor:
-        """(B, k) acts and indices -> (B, d_in) reconstruction.
+        """(B, k) acts and indices -> (B, d_in) reconstruction with the ``decoder_weight`` rows.
 
-        Dense reference path: scatter into a (B, n_latents) matrix and multiply. A sparse kernel
-        (gathering k decoder rows per token) replaces it later and is tested against this one.
+        ``kernel="sparse"`` gathers the k decoder rows of each token, scaled by their inverse norms;
+        ``"dense"`` scatters into a (B, n_latents) matrix and multiplies. Both give the same values
+        and gradients (``tests/trainer/test_kernels.py``).
         """
-        dense = acts.new_zeros(acts.shape[:-1] + (self.n_latents,))
-        dense = dense.scatter(-1, indices, acts)
-        return dense @ self.decoder_weight() + self.b_dec
+        _, decode = _KERNELS[self.kernel]
+        return decode(acts, indices, self.W_dec, self.b_dec, unit_norm=self.unit_norm_decoder)
 
     def forward(self, x: Tensor) -> ForwardOutput:
         acts, indices = self.encode(x)

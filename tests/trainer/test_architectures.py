@@ -24,7 +24,7 @@ from trainer.architectures import (
     renormalize_decoder_,
 )
 from trainer.dictionary import dictionary_files, load_dictionary
-from trainer.losses import auxk_loss, dense_decode, sparse_decode
+from trainer.losses import auxk_loss, decode_rows, decode_rows_dense
 from trainer.metrics import dense_fraction, firing_histogram, output_fire_counts
 from trainer.sae import TopKSAE
 
@@ -363,8 +363,8 @@ def test_sparse_decode_agrees_with_its_dense_twin() -> None:
     # Distinct per row, as top-k gives them (the dense twin's scatter would overwrite repeats).
     indices = torch.rand(7, 30, generator=generator).argsort(dim=1)[:, :5]
     decoder = torch.randn(30, 6, generator=generator, requires_grad=True)
-    fast = sparse_decode(values, indices, decoder)
-    slow = dense_decode(values, indices, decoder)
+    fast = decode_rows(values, indices, decoder)
+    slow = decode_rows_dense(values, indices, decoder)
     torch.testing.assert_close(fast, slow)
     upstream = torch.randn(7, 6, generator=generator)
     fast_grads = torch.autograd.grad(fast, (values, decoder), upstream)
