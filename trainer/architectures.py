@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.losses import AUXK_COEFFICIENT, auxk_loss
-from trainer.sae import TopKSAE, geometric_median
+from trainer.sae import TopKSAE
 
 ARCHITECTURES = (
     "topk",
@@ -235,21 +235,8 @@ class SparseDictionary(nn.Module):
         """(n,) JumpReLU threshold of the saved dictionary; ``None`` for a plain ReLU."""
         return None
 
-    @torch.no_grad()
-    def init_b_dec(
-        self, sample: Tensor, *, method: Literal["mean", "geometric_median"] = "geometric_median"
-    ) -> None:
-        """Set ``b_dec`` to the centre of ``sample`` (N, d_in), in the space the model reconstructs
-        (the target's, for a transcoder). Call before wrapping in DeepSpeed."""
-        if sample.ndim != 2 or sample.shape[1] != self.d_in:
-            raise ValueError(f"sample shape {tuple(sample.shape)} must be (N, d_in={self.d_in})")
-        if method == "mean":
-            centre = sample.float().mean(dim=0)
-        elif method == "geometric_median":
-            centre = geometric_median(sample.float())
-        else:
-            raise ValueError(f"method={method!r}: expected 'mean' or 'geometric_median'")
-        self.b_dec.copy_(centre.to(self.b_dec.dtype))
+    # The same centring as TopKSAE's; for a transcoder, pass a sample of the target.
+    init_b_dec = TopKSAE.init_b_dec
 
     @torch.no_grad()
     def folded_weights(
