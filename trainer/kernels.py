@@ -1,14 +1,17 @@
 """Sparse fast paths for TopK-family SAEs, each beside the plain-PyTorch twin it replaces.
 
 A TopK SAE step on CPU is dominated by one dense GEMM, the encoder's ``(B, d) @ (d, n)``. The dense
-reference path adds two more of the same size in backward (``grad W_enc`` and the decoder's
-``(B, n) @ (n, d)``) plus several passes over (B, n) pre-activations. Here:
+reference path adds four more of that size (the decoder's ``(B, n) @ (n, d)`` and three in
+backward) plus several passes over (B, n) pre-activations. Here:
 
 * ``sparse_topk_encode``: the GEMM (optionally in bf16, which this kind of CPU runs about twice as
-  fast as fp32), then a top-k that reads the (B, n) pre-activations about twice (``topk_rows``);
-  its backward touches only the k selected latents per token.
+  fast as fp32) in chunks of rows, each reduced at once to its top k by ``topk_rows`` (one read of
+  the chunk plus small top-ks); backward touches only the k selected latents per token.
 * ``sparse_decode``: ``sum_j acts_j * W_dec[indices_j] + b_dec`` as a weighted ``embedding_bag``,
   with the unit-norm constraint applied to the k gathered rows only; backward touches those rows.
+
+Both backward passes scatter B * k weighted rows per block of latents (``_scatter_blocks``, on
+aten's ``embedding_bag`` backward) and write each block, still in cache, into the gradient.
 
 ``dense_topk_encode`` and ``dense_decode`` are the plain-PyTorch twins (the original ``TopKSAE``
 math); ``tests/trainer/test_kernels.py`` checks that values and every gradient agree.
@@ -95,7 +98,8 @@ class _Pairs(NamedTuple):
 
 
 def _sort_pairs(indices: Tensor) -> _Pairs:
-    latents, order = indices.reshape(-1).sort()
+    # Stable: each latent's terms are summed in token order, so results repeat bit for bit.
+    latents, order = indices.reshape(-1).sort(stable=True)
     return _Pairs(latents, torch.div(order, indices.shape[-1], rounding_mode="floor"), order)
 
 
@@ -135,7 +139,8 @@ def scatter_add_rows(rows: Tensor, indices: Tensor, weights: Tensor, n_out: int)
     matrix S holding ``weights`` at ``indices``, without a (B * k, d) intermediate.
     """
     pairs = _sort_pairs(indices)
-    out = torch.empty(n_out, rows.shape[1], dtype=torch.promote_types(rows.dtype, torch.float32))
+    accumulate = torch.promote_types(rows.dtype, torch.float32)
+    out = torch.empty(n_out, rows.shape[1], dtype=accumulate, device=rows.device)
     for start, stop, sums in _scatter_blocks(rows, pairs, weights.reshape(-1)[pairs.order], n_out):
         out[start:stop] = sums
     return out

@@ -10,6 +10,7 @@ from trainer import kernels
 from trainer.kernels import (
     dense_decode,
     dense_topk_encode,
+    scatter_add_rows,
     sparse_decode,
     sparse_topk_encode,
     topk_rows,
@@ -215,6 +216,21 @@ def test_sparse_decode_gradient_is_zero_off_the_gathered_rows_and_orthogonal_on_
     radial = (W_dec.grad * W_dec.detach()).sum(dim=1)
     scale = W_dec.grad.norm(dim=1) * W_dec.detach().norm(dim=1)
     assert (radial.abs() <= 1e-6 * scale).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scatter_add_rows_matches_index_add(dtype) -> None:
+    generator = torch.Generator().manual_seed(23)
+    rows = torch.randn(50, 12, generator=generator).to(dtype)
+    indices = torch.randint(0, 1100, (50, 6), generator=generator)  # several scatter blocks
+    indices[:, 0] = 7  # one latent collects a term from every row
+    weights = torch.randn(50, 6, generator=generator).to(dtype)
+    expected = torch.zeros(1100, 12, dtype=torch.float64).index_add_(
+        0, indices.reshape(-1), (weights.double()[..., None] * rows.double()[:, None]).reshape(-1, 12)
+    )
+    out = scatter_add_rows(rows, indices, weights, 1100)
+    assert out.dtype == torch.float32  # accumulated in fp32 even from bf16
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_unit_norm_rows_matches_the_sae_decoder_weight() -> None:
