@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from trainer.kernels import unit_norm_rows
 from trainer.losses import AUXK_COEFFICIENT, auxk_loss
 from trainer.sae import TopKSAE
 
@@ -95,7 +96,7 @@ def project_decoder_grad_(W_dec: nn.Parameter) -> None:
     """
     if W_dec.grad is None:
         raise ValueError("W_dec.grad is None: call after backward()")
-    unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit = unit_norm_rows(W_dec)
     W_dec.grad -= (W_dec.grad * unit).sum(dim=1, keepdim=True) * unit
 
 
@@ -224,7 +225,7 @@ class SparseDictionary(nn.Module):
         """
         if not self.unit_norm_decoder:
             return self.W_dec
-        return self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return unit_norm_rows(self.W_dec)
 
     def pre_activations(self, x: Tensor) -> Tensor:
         """(B, d_in) -> (B, n): ``(x - b_dec) W_enc + b_enc``, without ``- b_dec`` where not applied."""

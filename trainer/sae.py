@@ -7,7 +7,13 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from trainer.kernels import dense_decode, dense_topk_encode, sparse_decode, sparse_topk_encode
+from trainer.kernels import (
+    dense_decode,
+    dense_topk_encode,
+    sparse_decode,
+    sparse_topk_encode,
+    unit_norm_rows,
+)
 
 # encode and decode functions of each ``TopKSAE(kernel=...)``.
 _KERNELS = {
@@ -98,7 +104,7 @@ class TopKSAE(nn.Module):
         if not self.unit_norm_decoder:
             return self.W_dec
         # eps keeps an all-zero row (never produced by init or training) from dividing by zero.
-        return self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return unit_norm_rows(self.W_dec)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, d_in) -> (acts, indices), each (B, k): the k largest ReLU pre-activations."""
