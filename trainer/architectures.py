@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from trainer.kernels import unit_norm_rows
 from trainer.losses import AUXK_COEFFICIENT, auxk_loss
-from trainer.sae import TopKSAE
+from trainer.sae import TopKSAE, tied_init
 
 ARCHITECTURES = (
     "topk",
@@ -203,19 +203,17 @@ class SparseDictionary(nn.Module):
             raise ValueError(f"d_in={d_in} must be positive")
         if n_latents <= 0:
             raise ValueError(f"n_latents={n_latents} must be positive")
-        if not decoder_init_norm > 0:
-            raise ValueError(f"decoder_init_norm={decoder_init_norm} must be positive")
         self.d_in = d_in
         self.n_latents = n_latents
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.unit_norm_decoder = unit_norm_decoder
 
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        w_dec = torch.randn(n_latents, d_in, generator=generator, dtype=torch.float32)
-        w_dec *= decoder_init_norm / w_dec.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(w_dec.T.contiguous().to(dtype))
+        w_enc, w_dec = tied_init(
+            n_latents, d_in, seed=seed, decoder_norm=decoder_init_norm, dtype=dtype
+        )
+        self.W_enc = nn.Parameter(w_enc)
         self.b_enc = nn.Parameter(torch.zeros(n_latents, dtype=dtype))
-        self.W_dec = nn.Parameter(w_dec.to(dtype))
+        self.W_dec = nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
 
     def decoder_weight(self) -> Tensor:

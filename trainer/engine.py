@@ -36,7 +36,7 @@ def deepspeed_config(*, train_cfg: TrainConfig, world_size: int) -> dict[str, An
         "gradient_accumulation_steps": 1,
         "gradient_clipping": train_cfg.max_grad_norm,
         "zero_optimization": {"stage": train_cfg.zero_stage},
-        # ZeRO refuses optimizers it has not tested unless told; torch's Adam is the client
+        # ZeRO refuses optimizers it has not tested unless told; torch's fused Adam is the client
         # optimizer because DeepSpeed's fused and CPU Adams JIT-compile for 60-100 s on first use.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
@@ -72,7 +72,9 @@ def wrap_in_deepspeed(
     config = deepspeed_config(train_cfg=train_cfg, world_size=world_size)
     _skip_shm_comm_build()
     owns_group = _ensure_process_group(world_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    # fused: one multi-tensor kernel per step instead of torch's per-parameter loop (on CPU since
+    # torch 2.4); 12 against 93 ms per step for a 16,384 x 768 SAE here (benchmarks/RESULTS.md).
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier) if lr_multiplier else None
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     setattr(engine, _OWNS_GROUP_ATTR, owns_group)

@@ -22,6 +22,37 @@ _KERNELS = {
 }
 
 
+# Norm of TopKSAE's initial encoder columns (its decoder rows start at unit norm): 1/sqrt(3), the
+# row norm of a kaiming-uniform ``nn.Linear`` whatever its width, which is where sparsify starts.
+# Measured against 1.0 (benchmarks/RESULTS.md): held-out FVU 0.6705 against 0.6919 after 100 steps
+# at 16,384 latents; a smaller start overshoots less and Adam's steps move the encoder further.
+ENCODER_INIT_NORM = 3**-0.5
+
+
+def tied_init(
+    n_latents: int,
+    d_in: int,
+    *,
+    seed: int | None,
+    decoder_norm: float = 1.0,
+    encoder_norm: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """Tied initial weights ``(W_enc (d_in, n), W_dec (n, d_in))``: Gaussian decoder directions of
+    norm ``decoder_norm`` and ``W_enc = W_dec^T`` rescaled to columns of norm ``encoder_norm``
+    (``None``: the same as the decoder's). Drawn in fp32 from ``seed`` whatever ``dtype`` is, so the
+    same seed gives the same directions in every precision."""
+    for name, value in (("decoder_norm", decoder_norm), ("encoder_norm", encoder_norm)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name}={value} must be positive")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    directions = torch.randn(n_latents, d_in, generator=generator, dtype=torch.float32)
+    directions /= directions.norm(dim=1, keepdim=True)
+    encoder_norm = decoder_norm if encoder_norm is None else encoder_norm
+    w_enc = (directions.T * encoder_norm).contiguous().to(dtype)
+    return w_enc, (directions * decoder_norm).to(dtype)
+
+
 class ForwardOutput(NamedTuple):
     """What one forward pass of a TopK SAE produces."""
 
@@ -37,8 +68,10 @@ class ForwardOutput(NamedTuple):
     """Scalar: fraction of variance unexplained, sum of squared errors over the batch's total
     squared deviation from its own mean (1.0 means no better than predicting the mean)."""
     loss: Tensor
-    """Scalar the optimizer minimises (currently ``mse``, a mean over tokens, so averaging
-    gradients across data-parallel ranks equals the gradient on the concatenated batch)."""
+    """Scalar the optimizer minimises: ``mse``, a mean over tokens, so averaging gradients across
+    data-parallel ranks equals the gradient on the concatenated batch. Its scale follows the
+    activations', which the trainer normalises to mean norm sqrt(d_in) (``sae.normalize``); on
+    activations of norm about 1 its gradients shrink toward Adam's eps (see benchmarks/README.md)."""
 
 
 class TopKSAE(nn.Module):
@@ -53,6 +86,10 @@ class TopKSAE(nn.Module):
     PyTorch reference. ``compute_dtype`` (e.g. ``torch.bfloat16`` over fp32 parameters) is the
     dtype of the encoder GEMM; ``None`` uses the CPU autocast dtype when autocast is on, else the
     parameters' dtype. Everything else, including the gradients, stays in the parameters' dtype.
+
+    Initialisation (``tied_init``): Gaussian unit-norm decoder rows, ``W_enc`` their transpose
+    scaled to columns of norm ``encoder_init_norm`` (default ``ENCODER_INIT_NORM``), zero biases;
+    ``init_b_dec`` then centres ``b_dec`` on a sample.
     """
 
     def __init__(
@@ -66,6 +103,7 @@ class TopKSAE(nn.Module):
         unit_norm_decoder: bool = True,
         kernel: str = "sparse",
         compute_dtype: torch.dtype | None = None,
+        encoder_init_norm: float = ENCODER_INIT_NORM,
     ) -> None:
         super().__init__()
         if kernel not in _KERNELS:
@@ -83,12 +121,12 @@ class TopKSAE(nn.Module):
         self.kernel = kernel
         self.compute_dtype = compute_dtype
 
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        w_dec = torch.randn(n_latents, d_in, generator=generator, dtype=torch.float32)
-        w_dec /= w_dec.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(w_dec.T.contiguous().to(dtype))
+        w_enc, w_dec = tied_init(
+            n_latents, d_in, seed=seed, encoder_norm=encoder_init_norm, dtype=dtype
+        )
+        self.W_enc = nn.Parameter(w_enc)
         self.b_enc = nn.Parameter(torch.zeros(n_latents, dtype=dtype))
-        self.W_dec = nn.Parameter(w_dec.to(dtype))
+        self.W_dec = nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
 
     def decoder_weight(self) -> Tensor:

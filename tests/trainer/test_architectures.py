@@ -24,6 +24,7 @@ from trainer.architectures import (
     renormalize_decoder_,
 )
 from trainer.dictionary import dictionary_files, load_dictionary
+from trainer.kernels import unit_norm_rows
 from trainer.losses import auxk_loss, decode_rows, decode_rows_dense
 from trainer.metrics import dense_fraction, firing_histogram, output_fire_counts
 from trainer.sae import TopKSAE
@@ -154,7 +155,8 @@ def test_parameters_have_saelens_names_and_a_tied_seeded_init(architecture: str)
     if architecture == "jumprelu":
         expected["log_threshold"] = (N_LATENTS,)
     assert shapes == expected
-    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    # Tied: each encoder column points along its decoder row (TopK's is shorter, ENCODER_INIT_NORM).
+    torch.testing.assert_close(unit_norm_rows(sae.W_enc.T), unit_norm_rows(sae.W_dec))
     assert (sae.b_enc == 0).all() and (sae.b_dec == 0).all()
     torch.testing.assert_close(_build(architecture).W_dec, sae.W_dec)
     other = build_sae(architecture, d_in=D_IN, n_latents=N_LATENTS, k=K, seed=1)

@@ -118,7 +118,7 @@ def test_ranks_end_with_identical_weights_and_falling_loss(rank_results, stage: 
         torch.testing.assert_close(rank0["masters"][name], value, rtol=0, atol=0)  # fp32 run
     assert rank0["losses"] == rank1["losses"]  # all-reduced: every rank logs the same figures
     assert len(rank0["losses"]) == STEPS
-    assert rank0["losses"][-1] < 0.8 * rank0["losses"][0]
+    assert rank0["losses"][-1] < 0.9 * rank0["losses"][0]
     assert rank0["tokens"] == STEPS * GLOBAL_BATCH
     for key, value in rank0["tracker"].items():  # dead-latent counters agree across ranks
         assert torch.equal(rank1["tracker"][key], value), key

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.sae import TopKSAE, geometric_median
+from trainer.sae import ENCODER_INIT_NORM, TopKSAE, geometric_median, tied_init
 
 
 def test_forward_shapes_and_exactly_k_active_latents() -> None:
@@ -38,10 +38,24 @@ def test_parameters_follow_saelens_names_and_tied_unit_norm_init() -> None:
     shapes = {name: tuple(p.shape) for name, p in sae.named_parameters()}
     assert shapes == {"W_enc": (8, 32), "b_enc": (32,), "W_dec": (32, 8), "b_dec": (8,)}
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
-    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T * ENCODER_INIT_NORM)
     assert (sae.b_enc == 0).all() and (sae.b_dec == 0).all()
     torch.testing.assert_close(TopKSAE(8, 32, 4, seed=3).W_dec, sae.W_dec)  # seeded
     assert not torch.equal(TopKSAE(8, 32, 4, seed=4).W_dec, sae.W_dec)
+
+
+def test_tied_init_scales_the_encoder_and_keeps_directions_across_dtypes() -> None:
+    w_enc, w_dec = tied_init(32, 8, seed=5, decoder_norm=0.1, encoder_norm=2.0)
+    torch.testing.assert_close(w_dec.norm(dim=1), torch.full((32,), 0.1))
+    torch.testing.assert_close(w_enc.norm(dim=0), torch.full((32,), 2.0))
+    torch.testing.assert_close(w_enc, w_dec.T * 20)
+    w_enc16, w_dec16 = tied_init(32, 8, seed=5, decoder_norm=0.1, encoder_norm=2.0, dtype=torch.bfloat16)
+    assert w_dec16.dtype == torch.bfloat16 and w_enc16.is_contiguous()
+    torch.testing.assert_close(w_dec16.float(), w_dec, rtol=1e-2, atol=1e-3)
+    with pytest.raises(ValueError, match="encoder_norm=0.0 must be positive"):
+        tied_init(32, 8, seed=5, encoder_norm=0.0)
+    with pytest.raises(ValueError, match="decoder_norm=-1"):
+        tied_init(32, 8, seed=5, decoder_norm=-1)
 
 
 def test_forward_reports_mse_and_batch_fvu() -> None:
