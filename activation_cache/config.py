@@ -79,6 +79,9 @@ class CacheConfig:
     """Stored activation dtype (bfloat16 is kept bit-exact as uint16)."""
     sequences_per_shard: int = 32
     """Packed sequences per shard (one work unit of a producer)."""
+    compression: str = "none"
+    """Arrow IPC buffer compression of new shards: ``none``, ``lz4`` or ``zstd`` (a writer's
+    choice: readers take any; not part of the cache key). Cost and gain: benchmarks/RESULTS.md."""
     s3_endpoint_url: str | None = None
     """S3 endpoint (MinIO, SeaweedFS, Ceph); ``None`` uses AWS_ENDPOINT_URL or AWS itself.
     Credentials always come from the standard AWS environment / config files."""
@@ -88,6 +91,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.dtype not in CACHE_DTYPES:
             raise ValueError(f"cache.dtype={self.dtype!r}: expected one of {list(CACHE_DTYPES)}")
+        if self.compression not in ("none", "lz4", "zstd"):
+            raise ValueError(f"cache.compression={self.compression!r}: expected 'none', 'lz4' or 'zstd'")
         if self.sequences_per_shard <= 0:
             raise ValueError(f"cache.sequences_per_shard={self.sequences_per_shard} must be positive")
         scheme = self.uri.split("://", 1)[0] if "://" in self.uri else ""
@@ -95,6 +100,11 @@ class CacheConfig:
             raise ValueError(f"cache.uri={self.uri!r}: unknown scheme {scheme!r}, expected s3://, file:// or a path")
         if scheme == "s3" and not self.uri[len("s3://"):].split("/", 1)[0]:
             raise ValueError(f"cache.uri={self.uri!r}: missing bucket, expected s3://bucket/prefix")
+
+    @property
+    def compression_codec(self) -> str | None:
+        """``compression`` as ``encode_shard`` takes it."""
+        return None if self.compression == "none" else self.compression
 
     def s3_options(self) -> dict:
         """Keyword arguments for ``open_store`` (no credentials)."""

@@ -58,8 +58,10 @@ def produce_shard(
     meta: ShardMeta,
     excluded_token_ids: frozenset[int],
     batch_size: int,
+    compression: str | None = None,
 ) -> ShardResult:
-    """Run the model over ``unit``, drop excluded tokens, write the shard; return its entry."""
+    """Run the model over ``unit``, drop excluded tokens, write the shard (IPC buffers compressed
+    with ``compression``, if any); return its entry."""
     start = time.perf_counter()
     n_seq, ctx = unit.tokens.shape
     chunks, forward_s = [], 0.0
@@ -75,7 +77,9 @@ def produce_shard(
     positions = np.tile(np.arange(ctx), n_seq)
     keep = ~np.isin(token_ids, np.fromiter(excluded_token_ids, dtype=np.int64, count=len(excluded_token_ids)))
     keep_t = torch.from_numpy(keep)
-    data = encode_shard(acts[keep_t], token_ids[keep], sequence_ids[keep], positions[keep], meta)
+    data = encode_shard(
+        acts[keep_t], token_ids[keep], sequence_ids[keep], positions[keep], meta, compression=compression
+    )
     store.put_bytes(unit.shard_name, data)
     entry = ShardEntry(
         name=unit.shard_name, rows=int(keep.sum()), size_bytes=len(data), sha256=sha256_hex(data),

@@ -17,6 +17,7 @@ import torch
 FORMAT_VERSION = "1"
 _ARROW_VALUE_TYPE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPRESSIONS = (None, "lz4", "zstd")
 
 
 class CorruptShardError(RuntimeError):
@@ -72,8 +73,16 @@ def encode_shard(
     sequence_ids: np.ndarray,
     positions: np.ndarray,
     meta: ShardMeta,
+    *,
+    compression: str | None = None,
 ) -> bytes:
-    """Arrow IPC file bytes for ``acts`` (n_rows, d_model) and their provenance."""
+    """Arrow IPC file bytes for ``acts`` (n_rows, d_model) and their provenance.
+
+    ``compression`` (``"lz4"`` or ``"zstd"``) compresses the IPC buffers; readers decompress
+    whatever they find, so it is a writer's choice that does not change the cache's content or
+    key (cost and gain: benchmarks/RESULTS.md)."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression={compression!r}: expected one of {sorted(map(str, COMPRESSIONS))}")
     n_rows = acts.shape[0]
     if acts.ndim != 2 or acts.shape[1] != meta.d_model:
         raise ValueError(f"activations of shape {tuple(acts.shape)}: expected (n_rows, {meta.d_model})")
@@ -91,14 +100,15 @@ def encode_shard(
         schema=schema,
     )
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, schema) as writer:
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    with pa.ipc.new_file(sink, schema, options=options) as writer:
         writer.write_batch(batch)
     return sink.getvalue().to_pybytes()
 
 
 @dataclass
 class DecodedShard:
-    """A shard read back: activations in float32 plus provenance."""
+    """A shard read back: activations (float32, or the stored dtype) plus provenance."""
 
     activations: torch.Tensor
     token_ids: np.ndarray
@@ -114,8 +124,9 @@ def read_table(data: bytes, *, name: str) -> pa.Table:
         raise CorruptShardError(f"shard {name}: not a readable Arrow IPC file ({err})") from None
 
 
-def decode_shard(data: bytes, *, name: str = "<bytes>") -> DecodedShard:
-    """Decode shard bytes; the activations come back as float32 (bit-exact for every stored dtype)."""
+def decode_shard(data: bytes, *, name: str = "<bytes>", as_float32: bool = True) -> DecodedShard:
+    """Decode shard bytes; the activations come back as float32 (bit-exact for every stored
+    dtype), or in the stored dtype with ``as_float32=False`` (half the memory for 16-bit caches)."""
     table = read_table(data, name=name)
     meta = ShardMeta.from_arrow(table.schema.metadata or {})
     column = table.column("activation").combine_chunks()
@@ -125,7 +136,7 @@ def decode_shard(data: bytes, *, name: str = "<bytes>") -> DecodedShard:
     else:
         acts = torch.from_numpy(np.array(flat, copy=True))
     return DecodedShard(
-        activations=acts.float(),
+        activations=acts.float() if as_float32 else acts,
         token_ids=table.column("token_id").to_numpy(),
         sequence_ids=table.column("sequence_id").to_numpy(),
         positions=table.column("position").to_numpy(),

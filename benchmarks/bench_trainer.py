@@ -30,7 +30,6 @@ import gc
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -50,11 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import write_block  # noqa: E402
 from trainer.sae import TopKSAE  # noqa: E402
 from trainer.synthetic import SparseFeatureData  # noqa: E402
-
-RESULTS_BEGIN = "<!-- bench_trainer: begin -->"
-RESULTS_END = "<!-- bench_trainer: end -->"
 
 
 @dataclass
@@ -421,7 +418,6 @@ def report(
         for n in cfg.sizes
     )
     return "\n".join([
-        RESULTS_BEGIN,
         f"Measured {started} with `{command}` ({elapsed_s / 60:.1f} min).",
         "",
         f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -432,7 +428,8 @@ def report(
         f"first {cfg.warmup_steps}. FVU (pooled) and L0 on {cfg.heldout_tokens:,} held-out tokens, "
         "after the common step count and after the last step. Synthetic data: "
         f"{cfg.n_features:,} true features (power-law frequencies, {cfg.mean_active:g} active per "
-        "token on average, magnitudes 0.5-1.5), offset norm 1, noise 0.01.",
+        "token on average, magnitudes 0.5-1.5), offset norm 1, noise 0.01; then scaled to mean norm "
+        "sqrt(d_model), as the trainer normalises.",
         "",
         markdown_table(cfg, results, rates),
         "",
@@ -440,16 +437,7 @@ def report(
         "size's contenders (median of 7, output reused); the bound uses the higher of the two:",
         "",
         rates_table(cfg, rates, rate_log),
-        RESULTS_END,
     ])
-
-
-def write_results(path: Path, block: str) -> None:
-    """Replace the generated block of ``path`` (between the markers), or append one."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(RESULTS_BEGIN) + ".*?" + re.escape(RESULTS_END), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -524,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     block = report(cfg, results, rates, rate_log, command, started, time.perf_counter() - t0, loads)
     print(block)
     if write is not None:
-        write_results(write, block)
+        write_block(write, "bench_trainer", block)
 
 
 if __name__ == "__main__":

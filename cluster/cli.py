@@ -42,6 +42,39 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from cluster import cache_cli
+
+    s3_options = {"endpoint_url": args.endpoint_url}
+    if args.cache_command == "ls":
+        return cache_cli.ls_caches(args.uri, s3_options=s3_options, as_json=args.json)
+    if args.cache_command == "inspect":
+        return cache_cli.inspect_cache(args.uri, s3_options=s3_options, as_json=args.json)
+    return cache_cli.verify_cache(args.uri, s3_options=s3_options, workers=args.workers)
+
+
+def _cache_command(cache_sub: argparse._SubParsersAction, name: str, help_text: str, uri_help: str) -> argparse.ArgumentParser:
+    command = cache_sub.add_parser(name, help=help_text)
+    command.add_argument("uri", help=f"{uri_help}: s3://bucket/... or a local path")
+    command.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    return command
+
+
+def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
+    cache = sub.add_parser("cache", help="list, describe and verify activation caches")
+    cache.set_defaults(func=_cache)
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    ls = _cache_command(cache_sub, "ls", "list the caches at a store root, a caches/ folder or one cache",
+                        "store root, caches/ folder or cache")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect = _cache_command(cache_sub, "inspect", "describe one cache: key inputs, shard schema, size, statistics, orphans",
+                             "cache (<root>/caches/<key>)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    verify = _cache_command(cache_sub, "verify", "read every shard back and check it against the manifest (exit 1 if one is bad)",
+                            "cache (<root>/caches/<key>)")
+    verify.add_argument("--workers", type=int, default=8, help="shards read at once (default: 8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeforge", description="Train sparse autoencoders on a Ray cluster.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("target", help="local directory to write into")
     pull.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
     pull.set_defaults(func=_pull)
+    _add_cache_parser(sub)
     return parser
 
 
@@ -64,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, StoreError, CorruptShardError) as err:
-        sys.stderr.write(f"saeforge {args.command}: error: {err}\n")
+        command = " ".join(filter(None, (args.command, getattr(args, "cache_command", None))))
+        sys.stderr.write(f"saeforge {command}: error: {err}\n")
         return 2
 
 

@@ -134,6 +134,7 @@ def build_cache(job: JobConfig, plan: CachePlan) -> tuple[Manifest, bool, float]
     producers = start_producers(
         job.cluster.num_producers, num_cpus=job.cluster.producer_num_cpus, model_cfg=job.model,
         cache_uri=plan.uri, s3_options=s3, meta=plan.meta, excluded_token_ids=plan.excluded_token_ids,
+        compression=job.cache.compression_codec,
     )
     try:
         report = fill_cache(

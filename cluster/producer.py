@@ -36,12 +36,14 @@ class Producer:
         meta: ShardMeta,
         excluded_token_ids: frozenset[int],
         num_threads: int,
+        compression: str | None = None,
     ):
         torch.set_num_threads(num_threads)
         self.model_cfg = model_cfg
         self.store = open_store(cache_uri, s3_options=s3_options)
         self.meta = meta
         self.excluded = excluded_token_ids
+        self.compression = compression
         model = load_model(resolve_model_source(model_cfg), dtype=model_cfg.dtype)
         self.harvester = ActivationHarvester(model, meta.hookpoint)
 
@@ -49,6 +51,7 @@ class Producer:
         return produce_shard(
             unit, harvester=self.harvester, store=self.store, meta=self.meta,
             excluded_token_ids=self.excluded, batch_size=self.model_cfg.batch_size,
+            compression=self.compression,
         )
 
 

@@ -111,7 +111,8 @@ def _worker_loop(config: dict) -> None:
     reader = ActivationReader(
         cache, train_shards, rank=rank, world_size=world_size,
         batch_size=job.train.batch_size // world_size, seed=job.train.seed,
-        shuffle_buffer_rows=job.train.shuffle_buffer_rows,
+        shuffle_buffer_rows=job.train.shuffle_buffer_rows, read_threads=job.train.read_threads,
+        prefetch_bytes=job.train.prefetch_mb << 20,
     )
     scale = input_scale(manifest, job.sae.normalize_activations)
     sae = _build_sae(job, manifest.d_model)

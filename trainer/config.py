@@ -119,6 +119,10 @@ class TrainConfig:
     """Seed for initialisation and shuffling."""
     shuffle_buffer_rows: int = 16384
     """Rows held in each rank's shuffle buffer."""
+    read_threads: int = 2
+    """Threads per rank that fetch, verify and decode shards ahead of training."""
+    prefetch_mb: int = 256
+    """Shards each rank reads ahead of need, in MiB of stored bytes."""
     dead_after_tokens: int = 200_000
     """A latent that has not fired for this many tokens counts as dead."""
     log_every_steps: int = 10
@@ -154,6 +158,10 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_fraction={self.min_lr_fraction} must be in [0, 1]")
         if self.shuffle_buffer_rows <= 0:
             raise ValueError(f"train.shuffle_buffer_rows={self.shuffle_buffer_rows} must be positive")
+        if self.read_threads <= 0:
+            raise ValueError(f"train.read_threads={self.read_threads} must be positive")
+        if self.prefetch_mb <= 0:
+            raise ValueError(f"train.prefetch_mb={self.prefetch_mb} must be positive")
         if self.dead_after_tokens <= 0:
             raise ValueError(f"train.dead_after_tokens={self.dead_after_tokens} must be positive")
         if self.log_every_steps <= 0:

@@ -143,8 +143,12 @@ def test_shuffle_and_rebatch_keep_every_row():
     assert torch.equal(torch.cat(batches)[:, 0], torch.arange(64).float())
 
 
-def test_reader_refuses_fewer_shards_than_ranks(tmp_path):
+def test_one_shard_feeds_two_ranks_half_each(tmp_path):
     store = LocalStore(tmp_path)
     manifest = _write_cache(store, [10])
-    with pytest.raises(ValueError, match="1 shards cannot feed world_size=2"):
-        ActivationReader(store, manifest.shards, rank=0, world_size=2, batch_size=4, seed=0)
+    halves = [
+        torch.cat(list(ActivationReader(store, manifest.shards, rank=rank, world_size=2, batch_size=5, seed=0).epoch(0)))
+        for rank in range(2)
+    ]
+    assert sorted(torch.cat(halves)[:, 0].long().tolist()) == list(range(10))
+    assert [len(h) for h in halves] == [5, 5]
