@@ -91,6 +91,14 @@ def rebatch(chunks: Iterator[torch.Tensor], batch_size: int, *, drop_last: bool 
         yield torch.cat(pending)
 
 
+def _as_float32(rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Gathered rows in their stored form (bfloat16 as int16 bits) as a float32 tensor."""
+    tensor = torch.from_numpy(rows)
+    if dtype == torch.bfloat16:
+        tensor = tensor.view(torch.bfloat16)
+    return tensor.float()
+
+
 @dataclass(frozen=True)
 class _Segment:
     """Rows ``start:stop`` of the shard at ``pos`` in the epoch's shard list."""
@@ -118,6 +126,8 @@ class _ShardLoader:
         self._held_bytes = 0
         self._order: list[int] = []
         self._next = 0
+        self.dtype = torch.float32
+        """The stored dtype of the shards read so far."""
 
     def add(self, entry: ShardEntry, rows_needed: int) -> int:
         """Register the next shard of the plan (in first-need order); returns its position."""
@@ -150,16 +160,19 @@ class _ShardLoader:
                 self._submit(pos)
             self._next += 1
 
-    def consume(self, pos: int, rows: torch.Tensor | None, n: int) -> torch.Tensor | None:
-        """Rows ``rows`` of shard ``pos`` (stored dtype), or only count ``n`` rows as consumed
-        when ``rows`` is None (skipping). The shard is let go when no rows of it remain."""
-        out = None
-        if rows is not None:
-            out = self._submit(pos).result().activations[rows]
+    def shard(self, pos: int) -> np.ndarray:
+        """The activations of shard ``pos`` as stored (bfloat16 as its int16 bits), waiting for
+        its read if need be."""
+        acts = self._submit(pos).result().activations
+        self.dtype = acts.dtype
+        return (acts.view(torch.int16) if acts.dtype == torch.bfloat16 else acts).numpy()
+
+    def consume(self, pos: int, n: int) -> None:
+        """Count ``n`` rows of shard ``pos`` as used (read or skipped); the shard is let go when
+        the plan needs no more rows of it."""
         self._remaining[pos] -= n
         if self._remaining[pos] <= 0:
             self._release(pos)
-        return out
 
     def close(self) -> None:
         for pos in list(self._futures):
@@ -300,22 +313,29 @@ class ActivationReader:
     ) -> Iterator[torch.Tensor]:
         """Turn batches of row ids (``offsets[pos] + row``) into activations, skipping the first
         ``skip`` batches without reading them."""
-        for index, ids in enumerate(id_batches):
-            pos = torch.searchsorted(torch.tensor(offsets), ids, right=True) - 1
+        starts = np.asarray(offsets)
+        for index, id_batch in enumerate(id_batches):
+            # numpy, not torch, from here: on a small CPU torch's thread pool spins after each
+            # of these small ops and takes the cores the read threads need (1.4x slower epochs).
+            ids = id_batch.numpy()
+            if len(starts) != len(offsets):  # a tailing epoch registers shards as it goes
+                starts = np.asarray(offsets)
+            pos = np.searchsorted(starts, ids, side="right") - 1
+            # The batch's rows grouped by shard, one gather from each. Which rows make the batch
+            # is the shuffle's choice; their order inside it changes nothing a step computes.
+            order = np.argsort(pos, kind="stable")
+            shard_pos, first, counts = np.unique(pos[order], return_index=True, return_counts=True)
+            groups = [(int(p), order[f : f + c]) for p, f, c in zip(shard_pos, first, counts, strict=True)]
             if index < skip:
-                for p, n in zip(*torch.unique(pos, return_counts=True), strict=True):
-                    loader.consume(int(p), None, int(n))
+                for p, where in groups:
+                    loader.consume(p, len(where))
                 continue
             loader.top_up()
-            batch: torch.Tensor | None = None
-            for p in torch.unique(pos).tolist():
-                mask = pos == p
-                rows = loader.consume(p, ids[mask] - offsets[p], int(mask.sum()))
-                assert rows is not None
-                if batch is None:
-                    batch = torch.empty(len(ids), rows.shape[1], dtype=torch.float32)
-                batch[mask] = rows.float()
-            assert batch is not None
+            parts = []
+            for p, where in groups:
+                parts.append(loader.shard(p)[ids[where] - offsets[p]])
+                loader.consume(p, len(where))
+            batch = _as_float32(np.concatenate(parts), loader.dtype)
             self._batches_done = index + 1
             yield batch
 

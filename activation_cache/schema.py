@@ -8,6 +8,7 @@ model, its revision, the hookpoint, d_model, the stored dtype and the cache key.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,16 +126,22 @@ def read_table(data: bytes, *, name: str) -> pa.Table:
 
 
 def decode_shard(data: bytes, *, name: str = "<bytes>", as_float32: bool = True) -> DecodedShard:
-    """Decode shard bytes; the activations come back as float32 (bit-exact for every stored
-    dtype), or in the stored dtype with ``as_float32=False`` (half the memory for 16-bit caches)."""
+    """Decode shard bytes; the activations come back as a new float32 tensor (bit-exact for every
+    stored dtype). With ``as_float32=False`` they come in the stored dtype as a read-only view of
+    the Arrow buffer, without a copy (for readers that only gather from them)."""
     table = read_table(data, name=name)
     meta = ShardMeta.from_arrow(table.schema.metadata or {})
-    column = table.column("activation").combine_chunks()
-    flat = column.values.to_numpy(zero_copy_only=False).reshape(len(table), meta.d_model)
+    flat = table.column("activation").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    flat = flat.reshape(len(table), meta.d_model)
     if meta.dtype == "bfloat16":
-        acts = torch.from_numpy(flat.view(np.int16).copy()).view(torch.bfloat16)
-    else:
-        acts = torch.from_numpy(np.array(flat, copy=True))
+        flat = flat.view(np.int16)
+    if as_float32:
+        flat = np.array(flat, copy=True)
+    with warnings.catch_warnings():  # a read-only view, by design when not as_float32
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        acts = torch.from_numpy(flat)
+    if meta.dtype == "bfloat16":
+        acts = acts.view(torch.bfloat16)
     return DecodedShard(
         activations=acts.float() if as_float32 else acts,
         token_ids=table.column("token_id").to_numpy(),

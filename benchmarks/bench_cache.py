@@ -2,13 +2,15 @@
 """The activation cache's read path against the trainer's appetite and the store's raw bandwidth.
 
 Takes real activations from a cache ``make run`` built (SmolLM2-135M, layer 15 residual, d_model
-576), re-encodes the same rows as every stored dtype x compression variant into fresh local
-caches, and measures per variant, in one run:
+576), writes the same rows as every stored dtype x compression variant into fresh caches, on a
+local directory and on a SeaweedFS S3 endpoint on loopback, and measures per variant, in one run:
 
-* encoding cost (``encode_shard`` rows/s) and bytes per row: what compression buys and costs;
-* raw read bandwidth: ``store.get_bytes`` of every shard, nothing else (the page cache is warm
-  after the first pass, so this is the bound the reader could reach on this disk);
-* the reader: ``ActivationReader`` one rank, shuffle buffer, checksum verification, decoding,
+* the writer: encoding rows/s, and rows/s of what a producer does per shard (statistics,
+  encode, put, manifest commit), against the producers' own rate; bytes per row, which is what
+  compression buys;
+* raw read bandwidth: ``store.get_bytes`` of every shard in sequence and nothing else, from the
+  page cache and (local store) from the disk after evicting the files;
+* the reader: ``ActivationReader`` one rank, shuffle buffer, sha256 verification, decoding,
   float32 batches; rows/s, median of ``--epochs`` epochs after one warm-up epoch;
 * the reader's rows/s as a multiple of the trainer's tokens/s (``--trainer-tokens-per-s``, from
   ``bench_trainer.py``'s saeforge bf16 row at 16,384 latents, d_model 768).
@@ -19,19 +21,25 @@ caches, and measures per variant, in one run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from s3_server import started_s3_server  # noqa: E402  (tests/s3_server.py)
 
 from activation_cache.manifest import (  # noqa: E402
     ActivationStats,
@@ -41,8 +49,9 @@ from activation_cache.manifest import (  # noqa: E402
     load_manifest,
 )
 from activation_cache.reader import ActivationReader, read_shard  # noqa: E402
+from activation_cache.s3 import S3Store  # noqa: E402
 from activation_cache.schema import ShardMeta, encode_shard, sha256_hex  # noqa: E402
-from activation_cache.store import LocalStore, open_store  # noqa: E402
+from activation_cache.store import LocalStore, ObjectStore, open_store  # noqa: E402
 from benchmarks.results import write_block  # noqa: E402
 
 VARIANTS = [(dtype, compression) for dtype in ("float32", "bfloat16") for compression in (None, "lz4", "zstd")]
@@ -62,14 +71,15 @@ def load_rows(source: str, rows: int) -> tuple[torch.Tensor, Manifest]:
     return torch.cat(chunks)[:rows], manifest
 
 
-def build_variant(root: Path, acts: torch.Tensor, meta: ShardMeta, rows_per_shard: int, compression) -> tuple[LocalStore, float]:
-    """A complete cache of ``acts``; returns it and the encoding rate (rows/s, encode only)."""
-    store = LocalStore(root)
+def build_variant(store: ObjectStore, acts: torch.Tensor, meta: ShardMeta, rows_per_shard: int, compression) -> tuple[float, float]:
+    """Write a complete cache of ``acts`` as a producer does (statistics, encode, put, commit the
+    manifest after each shard); returns (encode rows/s, whole writer rows/s)."""
+    start = time.perf_counter()
     manifest = Manifest(cache_key=meta.cache_key, key_inputs={}, model=meta.model, revision=meta.revision,
                         hookpoint=meta.hookpoint, d_model=meta.d_model, dtype=meta.dtype)
     encode_s = 0.0
-    for i, start in enumerate(range(0, len(acts), rows_per_shard)):
-        part = acts[start : start + rows_per_shard]
+    for i, first in enumerate(range(0, len(acts), rows_per_shard)):
+        part = acts[first : first + rows_per_shard]
         n = len(part)
         t = time.perf_counter()
         data = encode_shard(part, np.zeros(n), np.full(n, i), np.arange(n), meta, compression=compression)
@@ -79,30 +89,51 @@ def build_variant(root: Path, acts: torch.Tensor, meta: ShardMeta, rows_per_shar
         entry = ShardEntry(name=name, rows=n, size_bytes=len(data), sha256=sha256_hex(data),
                            first_sequence_id=i, n_sequences=1)
         manifest = manifest.with_shard(entry, ActivationStats.of(part.numpy()))
+        commit_manifest(store, manifest)
     manifest.complete = True
     commit_manifest(store, manifest)
-    return store, len(acts) / encode_s
+    return len(acts) / encode_s, len(acts) / (time.perf_counter() - start)
 
 
-def raw_read_bytes_per_s(store: LocalStore, names: list[str], repeats: int) -> float:
+def evict(store: ObjectStore, names: list[str]) -> None:
+    """Drop a local cache's shard files from the page cache (written back first), so the next
+    read comes from the disk; no-op for other stores."""
+    if not isinstance(store, LocalStore):
+        return
+    for name in names:
+        fd = os.open(store.root / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read_bytes_per_s(store: ObjectStore, names: list[str], repeats: int, *, cold: bool) -> float:
+    """Bytes/s of reading every shard in sequence with ``get_bytes`` and nothing else."""
     rates = []
     for _ in range(repeats):
+        if cold:
+            evict(store, names)
         t = time.perf_counter()
         total = sum(len(store.get_bytes(name)) for name in names)
         rates.append(total / (time.perf_counter() - t))
     return statistics.median(rates)
 
 
-def reader_rows_per_s(store: LocalStore, args: argparse.Namespace) -> tuple[float, int]:
+def reader_rows_per_s(store: ObjectStore, names: list[str], args: argparse.Namespace, *, cold: bool) -> float:
+    """Rows/s the reader delivers as shuffled float32 batches, median over epochs after one warm-up."""
     reader = ActivationReader(store, rank=0, world_size=1, batch_size=args.batch_size, seed=0,
                               shuffle_buffer_rows=args.shuffle_buffer_rows, read_threads=args.read_threads)
-    rates, rows = [], 0
+    rates = []
     for epoch in range(args.epochs + 1):
+        if cold:
+            evict(store, names)
         t = time.perf_counter()
         rows = sum(len(batch) for batch in reader.epoch(epoch))
-        if epoch:  # epoch 0 warms the page cache and the allocator
+        if epoch:  # epoch 0 warms the allocator (and, when warm, the page cache)
             rates.append(rows / (time.perf_counter() - t))
-    return statistics.median(rates), rows
+    return statistics.median(rates)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--trainer-tokens-per-s", type=float, default=9351.0,
                         help="the trainer's rate to compare with (bench_trainer.py, saeforge bf16, 16,384 latents)")
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3 (SeaweedFS) half")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -129,40 +161,54 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     acts, manifest = load_rows(source, args.rows)
     print(f"{len(acts):,} rows of d_model {acts.shape[1]} from {manifest.model} {manifest.hookpoint}", file=sys.stderr)
-    lines = []
-    with tempfile.TemporaryDirectory(prefix="saeforge-bench-cache-") as tmp:
-        for dtype, compression in VARIANTS:
-            meta = ShardMeta(model=manifest.model, revision=manifest.revision, hookpoint=manifest.hookpoint,
-                             d_model=manifest.d_model, dtype=dtype, cache_key="bench")
-            store, encode_rate = build_variant(Path(tmp) / f"{dtype}-{compression}", acts, meta,
-                                               args.rows_per_shard, compression)
-            stored = load_manifest(store)
-            assert stored is not None
-            names = [s.name for s in stored.shards]
-            raw = raw_read_bytes_per_s(store, names, repeats=3)
-            rate, rows = reader_rows_per_s(store, args)
-            bytes_per_row = stored.size_bytes / stored.rows
-            line = (dtype, compression or "none", bytes_per_row, encode_rate, raw, raw / bytes_per_row, rate,
-                    rate / args.trainer_tokens_per_s, rows)
-            print(f"  {line}", file=sys.stderr)
-            lines.append(line)
-    base = lines[0][2]
+    rows_out: list[tuple] = []
+    with tempfile.TemporaryDirectory(prefix="saeforge-bench-cache-") as tmp, contextlib.ExitStack() as stack:
+        stores: dict[str, Callable[[str], ObjectStore]] = {"local": lambda name: LocalStore(Path(tmp) / name)}
+        if not args.no_s3:
+            server = stack.enter_context(started_s3_server(Path(tmp) / "seaweedfs"))
+            os.environ.update(server.env())
+            S3Store("s3://bench").ensure_bucket()
+            stores["S3 (SeaweedFS, loopback)"] = lambda name: S3Store(f"s3://bench/{name}")
+        for where, make_store in stores.items():
+            for dtype, compression in VARIANTS:
+                meta = ShardMeta(model=manifest.model, revision=manifest.revision, hookpoint=manifest.hookpoint,
+                                 d_model=manifest.d_model, dtype=dtype, cache_key="bench")
+                store = make_store(f"{dtype}-{compression}")
+                encode_rate, write_rate = build_variant(store, acts, meta, args.rows_per_shard, compression)
+                stored = load_manifest(store)
+                assert stored is not None
+                names = [s.name for s in stored.shards]
+                bpr = stored.size_bytes / stored.rows
+                for cold in ([False, True] if isinstance(store, LocalStore) else [False]):
+                    raw = raw_read_bytes_per_s(store, names, repeats=3, cold=cold)
+                    rate = reader_rows_per_s(store, names, args, cold=cold)
+                    line = (where, "disk" if cold else "page cache" if where == "local" else "-", dtype,
+                            compression or "none", bpr, encode_rate, write_rate, raw, rate)
+                    print(f"  {line}", file=sys.stderr, flush=True)
+                    rows_out.append(line)
+    base = rows_out[0][4]
     table = [
-        "| stored as | compression | bytes / row | vs float32 | encode rows/s | raw read GB/s "
-        "(rows/s) | reader rows/s | reader / raw | reader / trainer |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| store | read from | stored as | compression | bytes / row | vs float32 | encode rows/s "
+        "| writer rows/s | raw read MB/s (rows/s) | reader rows/s (MB/s) | reader / raw | reader / trainer |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for dtype, compression, bpr, enc, raw, raw_rows, rate, multiple, _ in lines:
+    for where, source, dtype, compression, bpr, enc, write, raw, rate in rows_out:
+        raw_rows = raw / bpr
         table.append(
-            f"| {dtype} | {compression} | {bpr:,.0f} | {bpr / base:.2f} | {enc:,.0f} | {raw / 1e9:.2f} "
-            f"({raw_rows:,.0f}) | {rate:,.0f} | {rate / raw_rows:.0%} | {multiple:.1f}x |"
+            f"| {where} | {source} | {dtype} | {compression} | {bpr:,.0f} | {bpr / base:.2f} | {enc:,.0f} "
+            f"| {write:,.0f} | {raw / 1e6:,.0f} ({raw_rows:,.0f}) | {rate:,.0f} ({rate * bpr / 1e6:,.0f}) "
+            f"| {rate / raw_rows:.0%} | {rate / args.trainer_tokens_per_s:.0f}x |"
         )
     block = "\n".join([
         f"Run {started}, `{command}`: {len(acts):,} rows of {manifest.model} `{manifest.hookpoint}` "
-        f"(d_model {manifest.d_model}) in shards of {args.rows_per_shard:,} rows, on a local disk; reader: "
-        f"one rank, batches of {args.batch_size:,}, shuffle buffer {args.shuffle_buffer_rows:,} rows, "
-        f"{args.read_threads} read threads, sha256 verified, median of {args.epochs} epochs after a warm-up "
-        f"epoch; trainer: {args.trainer_tokens_per_s:,.0f} tokens/s.",
+        f"(d_model {manifest.d_model}) in shards of {args.rows_per_shard:,} rows. Writer: what a producer "
+        "does per shard (statistics, encode, put, manifest commit). Raw read: `get_bytes` of every shard "
+        "in sequence, median of 3 passes; \"disk\" rows evict the files from the page cache "
+        "(`posix_fadvise(DONTNEED)`) before each pass and each epoch. Reader: one rank, batches of "
+        f"{args.batch_size:,} float32 rows, shuffle buffer {args.shuffle_buffer_rows:,} rows, "
+        f"{args.read_threads} read threads, sha256 verified; median of {args.epochs} epochs after a warm-up "
+        f"epoch. Trainer: {args.trainer_tokens_per_s:,.0f} tokens/s (bench_trainer, saeforge bf16, 16,384 "
+        "latents). MB/s counts stored bytes.",
         "",
         *table,
     ])
