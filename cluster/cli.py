@@ -93,11 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from activation_cache.schema import CorruptShardError
     from activation_cache.store import StoreError
+    from cluster.errors import JobFailed
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, StoreError, CorruptShardError) as err:
+    except (ValueError, FileNotFoundError, StoreError, CorruptShardError, JobFailed) as err:
         command = " ".join(filter(None, (args.command, getattr(args, "cache_command", None))))
         sys.stderr.write(f"saeforge {command}: error: {err}\n")
         return 2

@@ -41,6 +41,13 @@ class ClusterConfig:
     units_per_producer: int = 2
     """Work units queued at each producer at once (one runs while the next waits); bounds
     the shards in flight and so the memory they hold."""
+    producer_max_restarts: int = 2
+    """Times Ray restarts a producer that died (killed, out of memory, node lost); its
+    unfinished units are redone."""
+    producer_replacements: int = 2
+    """New producers started, in all, for ones that died beyond their restarts."""
+    unit_max_attempts: int = 3
+    """Attempts at one work unit before the cache fill stops with that unit named."""
     num_train_workers: int = 2
     """Ray Train workers, one DeepSpeed engine (one data-parallel rank) each."""
     train_worker_num_cpus: float = 1.0
@@ -58,6 +65,13 @@ class ClusterConfig:
                 f"cluster.producer_num_cpus={self.producer_num_cpus} and "
                 f"cluster.train_worker_num_cpus={self.train_worker_num_cpus} must be positive"
             )
+        if self.producer_max_restarts < 0 or self.producer_replacements < 0:
+            raise ValueError(
+                f"cluster.producer_max_restarts={self.producer_max_restarts} and "
+                f"cluster.producer_replacements={self.producer_replacements} must be >= 0"
+            )
+        if self.unit_max_attempts <= 0:
+            raise ValueError(f"cluster.unit_max_attempts={self.unit_max_attempts} must be positive")
         if self.units_per_producer <= 0:
             raise ValueError(f"cluster.units_per_producer={self.units_per_producer} must be positive")
         if self.object_store_memory_bytes < 78 * 2**20:

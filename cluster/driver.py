@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from activation_cache.schema import ShardMeta, sha256_hex
 from activation_cache.store import ObjectStore, join_uri, open_store
 from activation_cache.text import check_source, pack_sequences
 from cluster.config import JobConfig
-from cluster.producer import fill_cache, start_producers
+from cluster.producer import fill_cache, producer_factory
 from cluster.train import TrainPlan, train_dictionary
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class CachePlan:
 
 def plan_cache(job: JobConfig, root: ObjectStore) -> CachePlan:
     """Tokenize the text and derive the content-addressed cache key (no model weights load)."""
-    check_source(job.data.source)
+    check_source(job.data.source, job.data.text_column)
     source = resolve_model_source(job.model)
     hookpoint, d_model = describe_model(source, job.model.hookpoint)
     tokenizer = load_tokenizer(source)
@@ -121,8 +122,11 @@ def _init_ray(job: JobConfig) -> None:
                  object_store_memory=job.cluster.object_store_memory_bytes)
 
 
-def build_cache(job: JobConfig, plan: CachePlan) -> tuple[Manifest, bool, float]:
-    """(complete manifest, whether it was reused as is, producer tokens/s)."""
+def build_cache(
+    job: JobConfig, plan: CachePlan, *, on_commit: Callable[[Manifest, list], None] | None = None
+) -> tuple[Manifest, bool, float]:
+    """(complete manifest, whether it was reused as is, producer tokens/s). ``on_commit`` is
+    called with the manifest and the live producers after each shard is committed."""
     s3 = job.cache.s3_options()
     store = open_store(plan.uri, s3_options=s3)
     manifest = _existing_manifest(store, plan)
@@ -131,19 +135,29 @@ def build_cache(job: JobConfig, plan: CachePlan) -> tuple[Manifest, bool, float]
         return manifest, True, 0.0
     if manifest.shards:
         log.info("resuming cache %s: %d shards already committed", plan.uri, len(manifest.shards))
-    producers = start_producers(
-        job.cluster.num_producers, num_cpus=job.cluster.producer_num_cpus, model_cfg=job.model,
-        cache_uri=plan.uri, s3_options=s3, meta=plan.meta, excluded_token_ids=plan.excluded_token_ids,
-        compression=job.cache.compression_codec,
+    make_producer = producer_factory(
+        num_cpus=job.cluster.producer_num_cpus, max_restarts=job.cluster.producer_max_restarts,
+        model_cfg=job.model, cache_uri=plan.uri, s3_options=s3, meta=plan.meta,
+        excluded_token_ids=plan.excluded_token_ids, compression=job.cache.compression_codec,
     )
+    producers = [make_producer() for _ in range(job.cluster.num_producers)]
+    started = list(producers)
+
+    def track(manifest: Manifest, live: list) -> None:
+        started.extend(a for a in live if a not in started)  # replacements, to kill at the end
+        if on_commit is not None:
+            on_commit(manifest, live)
+
     try:
         report = fill_cache(
             producers=producers, units=split_units(plan.tokens, job.cache.sequences_per_shard),
             manifest=manifest, cache_uri=plan.uri, s3_options=s3,
-            units_per_producer=job.cluster.units_per_producer,
+            units_per_producer=job.cluster.units_per_producer, make_producer=make_producer,
+            max_replacements=job.cluster.producer_replacements,
+            max_unit_attempts=job.cluster.unit_max_attempts, on_commit=track,
         )
     finally:
-        for actor in producers:
+        for actor in started:
             ray.kill(actor)
     return report.manifest, False, report.tokens_per_second
 

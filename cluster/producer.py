@@ -2,14 +2,17 @@
 
 The driver holds the only copy of the manifest and commits it after every finished shard, so
 a shard is visible exactly once, in the order work completes. Units already listed in the
-manifest (a resumed cache) are skipped.
+manifest (a resumed cache) are skipped; units whose producer died are redone (``fill_cache``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 import torch
@@ -21,12 +24,13 @@ from activation_cache.manifest import Manifest, commit_manifest
 from activation_cache.producing import ShardResult, WorkUnit, produce_shard
 from activation_cache.schema import ShardMeta
 from activation_cache.store import open_store
+from cluster.errors import ProducerFailed
 
 log = logging.getLogger(__name__)
 
 
 class Producer:
-    """One model replica. Ray wraps it as an actor in :func:`start_producers`."""
+    """One model replica. Ray wraps it as an actor in :func:`producer_factory`."""
 
     def __init__(
         self,
@@ -46,6 +50,10 @@ class Producer:
         self.compression = compression
         model = load_model(resolve_model_source(model_cfg), dtype=model_cfg.dtype)
         self.harvester = ActivationHarvester(model, meta.hookpoint)
+
+    def ping(self) -> bool:
+        """Answers once the actor is up (after a restart: once the model is loaded again)."""
+        return True
 
     def produce(self, unit: WorkUnit) -> ShardResult:
         return produce_shard(
@@ -69,10 +77,28 @@ class ProductionReport:
         return self.tokens_forwarded / self.seconds if self.seconds else 0.0
 
 
-def start_producers(n: int, *, num_cpus: float, **producer_kwargs) -> list:
-    actor_cls = ray.remote(num_cpus=num_cpus, max_restarts=0)(Producer)
+def producer_factory(*, num_cpus: float, max_restarts: int, **producer_kwargs) -> Callable[[], Any]:
+    """A function that starts one producer actor. Ray restarts a dead actor (killed, out of
+    memory, node lost) up to ``max_restarts`` times, running ``__init__`` (the model load) again;
+    tasks in flight when it died fail and are resubmitted by :func:`fill_cache`."""
+    actor_cls = ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0)(Producer)
     threads = max(1, int(num_cpus))
-    return [actor_cls.remote(num_threads=threads, **producer_kwargs) for _ in range(n)]
+    return lambda: actor_cls.remote(num_threads=threads, **producer_kwargs)
+
+
+def _alive(actor: Any, timeout_s: float) -> bool:
+    """Whether ``actor`` answers, waiting out a restart (Ray reports a restarting actor as
+    unavailable); False once it is dead for good or has not come back within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return bool(ray.get(actor.ping.remote(), timeout=max(deadline - time.monotonic(), 0.001)))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
 
 
 def fill_cache(
@@ -83,16 +109,34 @@ def fill_cache(
     cache_uri: str,
     s3_options: dict,
     units_per_producer: int,
+    make_producer: Callable[[], Any] | None = None,
+    max_replacements: int = 0,
+    max_unit_attempts: int = 3,
+    restart_timeout_s: float = 600.0,
+    on_commit: Callable[[Manifest, list], None] | None = None,
 ) -> ProductionReport:
     """Hand ``units`` to ``producers`` (at most ``units_per_producer`` queued at each, which
-    bounds memory) and commit each finished shard to the manifest; mark the cache complete."""
+    bounds memory) and commit each finished shard to the manifest; mark the cache complete.
+
+    A unit whose producer died, or whose task raised, goes back on the queue and is redone (its
+    shard name is deterministic, so a shard written before the death is overwritten, and the
+    manifest commits each unit once): every (sequence_id, position) ends up in the cache exactly
+    once. A producer that Ray restarts keeps its slots; one dead for good is replaced by
+    ``make_producer()``, at most ``max_replacements`` times. A unit that fails
+    ``max_unit_attempts`` times, or running out of producers, stops the fill with
+    ``ProducerFailed`` naming the unit and the cause; what was committed stays committed, so a
+    rerun resumes. ``on_commit(manifest, producers)`` runs after each commit (progress, tests).
+    """
     store = open_store(cache_uri, s3_options=s3_options)
     done = {s.name for s in manifest.shards}
     todo = [u for u in units if u.shard_name not in done]
     start, forwarded = time.perf_counter(), 0
+    producers = list(producers)
     pending: dict = {}
     idle = [actor for _ in range(units_per_producer) for actor in producers]
     busy: dict = {}
+    attempts: Counter[str] = Counter()
+    replacements = 0
     progress = tqdm(total=len(units), initial=len(units) - len(todo), desc="caching", unit="shard")
     queue = list(reversed(todo))
     while queue or pending:
@@ -100,17 +144,47 @@ def fill_cache(
             actor, unit = idle.pop(), queue.pop()
             ref = actor.produce.remote(unit)
             pending[ref], busy[ref] = unit, actor
+        if not pending:
+            raise ProducerFailed(f"no producer left to run {len(queue)} work units (all died; "
+                                 f"{replacements} replacements started)")
         ready, _ = ray.wait(list(pending), num_returns=1)
         ref = ready[0]
-        pending.pop(ref)
-        idle.append(busy.pop(ref))
-        result: ShardResult = ray.get(ref)
+        unit, actor = pending.pop(ref), busy.pop(ref)
+        try:
+            result: ShardResult = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            attempts[unit.shard_name] += 1
+            cause = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            if attempts[unit.shard_name] >= max_unit_attempts:
+                raise ProducerFailed(
+                    f"work unit {unit.shard_name} failed {attempts[unit.shard_name]} times; last cause {cause}"
+                ) from err
+            log.warning("work unit %s failed (%s): queued again", unit.shard_name, cause)
+            queue.append(unit)
+            if isinstance(err, ray.exceptions.RayTaskError) or _alive(actor, restart_timeout_s):
+                idle.append(actor)
+                continue
+            # Dead for good: its other queued tasks fail too and come back here; drop its slots.
+            idle = [a for a in idle if a is not actor]
+            if actor in producers:
+                ray.kill(actor, no_restart=True)  # were it only slow to come back: free its resources
+                producers.remove(actor)
+                if make_producer is not None and replacements < max_replacements:
+                    replacement = make_producer()
+                    replacements += 1
+                    producers.append(replacement)
+                    idle += [replacement] * units_per_producer
+                    log.warning("a producer died for good: started replacement %d of %d", replacements, max_replacements)
+            continue
+        idle.append(actor)
         manifest = manifest.with_shard(result.entry, result.stats)
         commit_manifest(store, manifest)
         forwarded += result.tokens_forwarded
         progress.update(1)
         elapsed = time.perf_counter() - start
         progress.set_postfix(tokens=forwarded, tokens_per_s=f"{forwarded / elapsed:.0f}")
+        if on_commit is not None:
+            on_commit(manifest, producers)
     progress.close()
     manifest.complete = True
     commit_manifest(store, manifest)

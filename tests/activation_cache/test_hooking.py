@@ -34,6 +34,36 @@ def test_harvested_activations_equal_the_models_hidden_states(tiny_model_dir):
     torch.testing.assert_close(acts, hidden[2])
 
 
+def test_block_shorthands_capture_attention_and_mlp_outputs_and_the_mlp_input(tiny_model_dir):
+    model = load_model(resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir))))
+    layer = model.model.layers[1]
+    captured = {}
+
+    def keep(name):
+        def hook(module, args, out) -> None:  # returns None: the forward is left unchanged
+            captured[name] = (out[0] if isinstance(out, tuple) else out).clone()
+        return hook
+
+    handles = [
+        layer.self_attn.register_forward_hook(keep("attn_out")),
+        layer.mlp.register_forward_hook(keep("mlp_out")),
+        layer.post_attention_layernorm.register_forward_hook(keep("mlp_in")),
+    ]
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    expected_paths = {"attn_out": "model.layers.1.self_attn", "mlp_out": "model.layers.1.mlp",
+                      "mlp_in": "model.layers.1.mlp:input"}
+    for kind, path in expected_paths.items():
+        harvester = ActivationHarvester(model, f"{kind}.1")
+        assert harvester.hookpoint == path
+        torch.testing.assert_close(harvester(ids), captured[kind])
+    with pytest.raises(ValueError, match=r"hookpoint 'model.layers.1.nope:input': no such module"):
+        ActivationHarvester(model, "model.layers.1.nope:input")
+
+
 def test_describe_model_resolves_without_loading_weights(tiny_model_dir):
     source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
     assert describe_model(source, "resid_post.mid") == ("model.layers.2", 32)

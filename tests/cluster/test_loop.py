@@ -16,7 +16,7 @@ from activation_cache.reader import read_shard
 from activation_cache.store import open_store
 from cluster.cli import main as saeforge
 from cluster.config import compose_job
-from cluster.driver import run_job
+from cluster.driver import absolute_uri, build_cache, plan_cache, run_job
 from cluster.train import input_scale, split_holdout
 from trainer.dictionary import load_dictionary
 
@@ -134,3 +134,22 @@ def test_loop_on_s3(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir, s3_s
     options = {"endpoint_url": s3_server.endpoint_url}
     _check_cache(result.cache_uri, options)
     _check_dictionary(result, tmp_path, options)
+
+
+@pytest.mark.parametrize("for_good", [False, True], ids=["restarted", "replaced"])
+def test_a_killed_producer_loses_and_duplicates_nothing(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir, for_good):
+    """A producer killed mid-cache (``ray.kill``) is restarted by Ray, or, killed for good,
+    replaced; the units it held are redone and the cache holds every token exactly once."""
+    job = _job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir,
+               "cluster.num_producers=2", "cluster.units_per_producer=2")
+    plan = plan_cache(job, open_store(absolute_uri(job.cache.uri)))
+    killed = []
+
+    def kill_one(manifest, producers) -> None:
+        if not killed:  # after the first commit: both producers hold queued units
+            killed.append(producers[0])
+            ray.kill(producers[0], no_restart=for_good)
+
+    manifest, reused, _ = build_cache(job, plan, on_commit=kill_one)
+    assert killed and not reused and manifest.complete
+    _check_cache(plan.uri, {})
