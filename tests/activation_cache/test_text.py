@@ -11,7 +11,7 @@ import pytest
 
 from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.hooking import load_tokenizer, resolve_model_source
-from activation_cache.text import check_source, iter_documents, pack_sequences
+from activation_cache.text import check_source, excluded_token_ids, iter_documents, pack_sequences
 
 TEXTS = ["The first document.", "A second one, with ünïcode.", "Third."]
 
@@ -62,3 +62,15 @@ def test_unreadable_sources_are_refused_by_name(tmp_path):
         check_source(str(empty))
     with pytest.raises(ValueError, match="data.text_column='' must name"):
         DataConfig(text_column="")
+
+
+def test_excluded_token_ids_are_the_special_tokens_plus_the_configured_ones(tiny_model_dir):
+    tokenizer = load_tokenizer(resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir))))
+    special = set(tokenizer.all_special_ids)
+    assert excluded_token_ids(DataConfig(), tokenizer) == special
+    assert excluded_token_ids(DataConfig(exclude_token_ids=[7, 9]), tokenizer) == special | {7, 9}
+    assert excluded_token_ids(DataConfig(exclude_special_tokens=False, exclude_token_ids=[7]), tokenizer) == {7}
+    with pytest.raises(ValueError, match=r"data.exclude_token_ids: 99999 is outside the tokenizer's vocabulary"):
+        excluded_token_ids(DataConfig(exclude_token_ids=[99999]), tokenizer)
+    with pytest.raises(ValueError, match=r"data.exclude_token_ids=\[-1\]: -1 is not a token id"):
+        DataConfig(exclude_token_ids=[-1])
