@@ -113,6 +113,7 @@ def fill_cache(
     max_replacements: int = 0,
     max_unit_attempts: int = 3,
     restart_timeout_s: float = 600.0,
+    log_every_s: float = 30.0,
     on_commit: Callable[[Manifest, list], None] | None = None,
 ) -> ProductionReport:
     """Hand ``units`` to ``producers`` (at most ``units_per_producer`` queued at each, which
@@ -126,6 +127,8 @@ def fill_cache(
     ``max_unit_attempts`` times, or running out of producers, stops the fill with
     ``ProducerFailed`` naming the unit and the cause; what was committed stays committed, so a
     rerun resumes. ``on_commit(manifest, producers)`` runs after each commit (progress, tests).
+    Progress (shards, rows cached, tokens/s, ETA) goes to a tqdm bar and, every ``log_every_s``,
+    to the log.
     """
     store = open_store(cache_uri, s3_options=s3_options)
     done = {s.name for s in manifest.shards}
@@ -139,6 +142,7 @@ def fill_cache(
     replacements = 0
     progress = tqdm(total=len(units), initial=len(units) - len(todo), desc="caching", unit="shard")
     queue = list(reversed(todo))
+    next_log = time.monotonic() + log_every_s
     while queue or pending:
         while queue and idle:
             actor, unit = idle.pop(), queue.pop()
@@ -182,7 +186,13 @@ def fill_cache(
         forwarded += result.tokens_forwarded
         progress.update(1)
         elapsed = time.perf_counter() - start
-        progress.set_postfix(tokens=forwarded, tokens_per_s=f"{forwarded / elapsed:.0f}")
+        rate = forwarded / elapsed
+        progress.set_postfix(tokens=forwarded, tokens_per_s=f"{rate:.0f}")
+        if time.monotonic() >= next_log or not queue and not pending:  # for logs that are not a terminal
+            left = sum(u.tokens.size for u in queue) + sum(u.tokens.size for u in pending.values())
+            log.info("cache: %d of %d shards, %d rows cached, %.0f tokens/s, ETA %.0f s",
+                     len(manifest.shards), len(units), manifest.rows, rate, left / rate if rate else float("nan"))
+            next_log = time.monotonic() + log_every_s
         if on_commit is not None:
             on_commit(manifest, producers)
     progress.close()
