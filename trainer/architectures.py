@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from trainer.kernels import unit_norm_rows
 from trainer.losses import AUXK_COEFFICIENT, auxk_loss
-from trainer.sae import TopKSAE, tied_init
+from trainer.sae import TopKSAE, add_tied_parameters
 
 ARCHITECTURES = (
     "topk",
@@ -199,22 +199,11 @@ class SparseDictionary(nn.Module):
         decoder_init_norm: float,
     ) -> None:
         super().__init__()
-        if d_in <= 0:
-            raise ValueError(f"d_in={d_in} must be positive")
-        if n_latents <= 0:
-            raise ValueError(f"n_latents={n_latents} must be positive")
+        add_tied_parameters(self, d_in, n_latents, seed=seed, dtype=dtype, decoder_norm=decoder_init_norm)
         self.d_in = d_in
         self.n_latents = n_latents
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.unit_norm_decoder = unit_norm_decoder
-
-        w_enc, w_dec = tied_init(
-            n_latents, d_in, seed=seed, decoder_norm=decoder_init_norm, dtype=dtype
-        )
-        self.W_enc = nn.Parameter(w_enc)
-        self.b_enc = nn.Parameter(torch.zeros(n_latents, dtype=dtype))
-        self.W_dec = nn.Parameter(w_dec)
-        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
 
     def decoder_weight(self) -> Tensor:
         """The decoder the forward pass uses: unit-norm rows of ``W_dec``, or ``W_dec`` itself.

@@ -53,6 +53,31 @@ def tied_init(
     return w_enc, (directions * decoder_norm).to(dtype)
 
 
+def add_tied_parameters(
+    module: nn.Module,
+    d_in: int,
+    n_latents: int,
+    *,
+    seed: int | None,
+    dtype: torch.dtype,
+    decoder_norm: float = 1.0,
+    encoder_norm: float | None = None,
+) -> None:
+    """Give ``module`` SAELens's parameters, ``W_enc`` (d_in, n), ``b_enc`` (n,), ``W_dec``
+    (n, d_in), ``b_dec`` (d_in,): tied weights from ``tied_init``, zero biases."""
+    if d_in <= 0:
+        raise ValueError(f"d_in={d_in} must be positive")
+    if n_latents <= 0:
+        raise ValueError(f"n_latents={n_latents} must be positive")
+    w_enc, w_dec = tied_init(
+        n_latents, d_in, seed=seed, decoder_norm=decoder_norm, encoder_norm=encoder_norm, dtype=dtype
+    )
+    module.W_enc = nn.Parameter(w_enc)
+    module.b_enc = nn.Parameter(torch.zeros(n_latents, dtype=dtype))
+    module.W_dec = nn.Parameter(w_dec)
+    module.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
+
+
 class ForwardOutput(NamedTuple):
     """What one forward pass of a TopK SAE produces."""
 
@@ -108,26 +133,15 @@ class TopKSAE(nn.Module):
         super().__init__()
         if kernel not in _KERNELS:
             raise ValueError(f"kernel={kernel!r}: expected one of {sorted(_KERNELS)}")
-        if d_in <= 0:
-            raise ValueError(f"d_in={d_in} must be positive")
-        if n_latents <= 0:
-            raise ValueError(f"n_latents={n_latents} must be positive")
-        if not 0 < k <= n_latents:
+        if n_latents > 0 and not 0 < k <= n_latents:  # before allocating (add_tied_parameters checks n)
             raise ValueError(f"k={k} must be in [1, n_latents={n_latents}]")
+        add_tied_parameters(self, d_in, n_latents, seed=seed, dtype=dtype, encoder_norm=encoder_init_norm)
         self.d_in = d_in
         self.n_latents = n_latents
         self.k = k
         self.unit_norm_decoder = unit_norm_decoder
         self.kernel = kernel
         self.compute_dtype = compute_dtype
-
-        w_enc, w_dec = tied_init(
-            n_latents, d_in, seed=seed, encoder_norm=encoder_init_norm, dtype=dtype
-        )
-        self.W_enc = nn.Parameter(w_enc)
-        self.b_enc = nn.Parameter(torch.zeros(n_latents, dtype=dtype))
-        self.W_dec = nn.Parameter(w_dec)
-        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
 
     def decoder_weight(self) -> Tensor:
         """The decoder the forward pass uses: ``W_dec`` with each row scaled to unit norm.
