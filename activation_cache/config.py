@@ -23,16 +23,23 @@ class ModelConfig:
     gguf_file: str | None = None
     """Weights file inside ``name_or_path`` when the model is stored as GGUF."""
     hookpoint: str = "resid_post.mid"
-    """Where activations are read: a module path (``model.layers.15``, its output) or a
-    shorthand ``resid_post.<layer>`` / ``resid_post.mid`` (residual stream after a layer)."""
+    """Where activations are read: a module path (``model.layers.15``, its output;
+    ``...mlp:input`` for its input) or a shorthand ``resid_post|attn_out|mlp_out|mlp_in.<layer>``
+    (a layer number or ``mid``)."""
     dtype: str = "float32"
     """Dtype the model runs in."""
     batch_size: int = 8
     """Sequences per forward pass in a producer."""
+    device_map: str | None = None
+    """How one replica spreads over its devices: ``auto``, ``balanced`` or ``sequential``
+    (accelerate's placements; give each producer that many GPUs with
+    ``cluster.producer_num_gpus``); ``None``: one device, the first GPU if any, else the CPU."""
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
             raise ValueError("model.name_or_path='' must name a model directory or 'packaged:...'")
+        if self.device_map not in (None, "auto", "balanced", "sequential"):
+            raise ValueError(f"model.device_map={self.device_map!r}: expected null, 'auto', 'balanced' or 'sequential'")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"model.dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
         if self.batch_size <= 0:

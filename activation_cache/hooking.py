@@ -63,13 +63,18 @@ def load_tokenizer(source: ModelSource):
     return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
 
 
-def load_model(source: ModelSource, *, dtype: str = "float32") -> nn.Module:
-    """A Hugging Face causal LM in eval mode on CPU."""
+def load_model(source: ModelSource, *, dtype: str = "float32", device_map: str | None = None) -> nn.Module:
+    """A Hugging Face causal LM in eval mode: split over the visible devices by ``device_map``
+    (``auto``, ``balanced``, ``sequential``: accelerate's placements, for a replica that spans
+    several GPUs), else on the first GPU if one is visible, else on the CPU."""
     from transformers import AutoModelForCausalLM
 
+    options = {} if device_map is None else {"device_map": device_map}
     model = AutoModelForCausalLM.from_pretrained(
-        source.directory, gguf_file=source.gguf_file, dtype=getattr(torch, dtype)
+        source.directory, gguf_file=source.gguf_file, dtype=getattr(torch, dtype), **options
     )
+    if device_map is None and torch.cuda.is_available():
+        model = model.to("cuda")
     # GGUF dequantisation leaves strided parameters; contiguous copies run the forward ~3x
     # faster on CPU (ENVIRONMENT.md: 128 -> 371 tokens/s for SmolLM2).
     for param in model.parameters():
@@ -150,7 +155,9 @@ class ActivationHarvester:
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Activations (batch, seq, d_model) at the hookpoint for ``input_ids`` (batch, seq)."""
+        """Activations (batch, seq, d_model) at the hookpoint for ``input_ids`` (batch, seq), on
+        the device of the hookpoint's layer."""
+        input_ids = input_ids.to(self.model.get_input_embeddings().weight.device)
         if self._captures_input:
             handle = self._module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         else:

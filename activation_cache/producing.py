@@ -70,7 +70,7 @@ def produce_shard(
         t = time.perf_counter()
         acts = harvester(ids)
         forward_s += time.perf_counter() - t
-        chunks.append(acts.reshape(-1, acts.shape[-1]).float())
+        chunks.append(acts.reshape(-1, acts.shape[-1]).float().cpu())
     acts = torch.cat(chunks)
     token_ids = unit.tokens.reshape(-1)
     sequence_ids = np.repeat(np.arange(unit.first_sequence_id, unit.first_sequence_id + n_seq), ctx)

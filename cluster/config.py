@@ -41,6 +41,9 @@ class ClusterConfig:
     units_per_producer: int = 2
     """Work units queued at each producer at once (one runs while the next waits); bounds
     the shards in flight and so the memory they hold."""
+    producer_num_gpus: float = 0.0
+    """GPUs Ray gives each producer: 1 for a model on one GPU, more for a replica split over
+    several (``model.device_map=auto``); 0 on CPU."""
     producer_max_restarts: int = 2
     """Times Ray restarts a producer that died (killed, out of memory, node lost); its
     unfinished units are redone."""
@@ -65,6 +68,8 @@ class ClusterConfig:
                 f"cluster.producer_num_cpus={self.producer_num_cpus} and "
                 f"cluster.train_worker_num_cpus={self.train_worker_num_cpus} must be positive"
             )
+        if self.producer_num_gpus < 0:
+            raise ValueError(f"cluster.producer_num_gpus={self.producer_num_gpus} must be >= 0")
         if self.producer_max_restarts < 0 or self.producer_replacements < 0:
             raise ValueError(
                 f"cluster.producer_max_restarts={self.producer_max_restarts} and "

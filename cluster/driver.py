@@ -136,7 +136,8 @@ def build_cache(
     if manifest.shards:
         log.info("resuming cache %s: %d shards already committed", plan.uri, len(manifest.shards))
     make_producer = producer_factory(
-        num_cpus=job.cluster.producer_num_cpus, max_restarts=job.cluster.producer_max_restarts,
+        num_cpus=job.cluster.producer_num_cpus, num_gpus=job.cluster.producer_num_gpus,
+        max_restarts=job.cluster.producer_max_restarts,
         model_cfg=job.model, cache_uri=plan.uri, s3_options=s3, meta=plan.meta,
         excluded_token_ids=plan.excluded_token_ids, compression=job.cache.compression_codec,
     )

@@ -48,7 +48,7 @@ class Producer:
         self.meta = meta
         self.excluded = excluded_token_ids
         self.compression = compression
-        model = load_model(resolve_model_source(model_cfg), dtype=model_cfg.dtype)
+        model = load_model(resolve_model_source(model_cfg), dtype=model_cfg.dtype, device_map=model_cfg.device_map)
         self.harvester = ActivationHarvester(model, meta.hookpoint)
 
     def ping(self) -> bool:
@@ -77,11 +77,16 @@ class ProductionReport:
         return self.tokens_forwarded / self.seconds if self.seconds else 0.0
 
 
-def producer_factory(*, num_cpus: float, max_restarts: int, **producer_kwargs) -> Callable[[], Any]:
-    """A function that starts one producer actor. Ray restarts a dead actor (killed, out of
+def producer_factory(
+    *, num_cpus: float, max_restarts: int, num_gpus: float = 0, **producer_kwargs
+) -> Callable[[], Any]:
+    """A function that starts one producer actor, holding ``num_gpus`` GPUs (a replica split
+    over several with ``model.device_map``) and ``num_cpus`` CPUs. Ray restarts a dead actor (killed, out of
     memory, node lost) up to ``max_restarts`` times, running ``__init__`` (the model load) again;
     tasks in flight when it died fail and are resubmitted by :func:`fill_cache`."""
-    actor_cls = ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0)(Producer)
+    actor_cls = ray.remote(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0
+    )(Producer)
     threads = max(1, int(num_cpus))
     return lambda: actor_cls.remote(num_threads=threads, **producer_kwargs)
 

@@ -64,6 +64,17 @@ def test_block_shorthands_capture_attention_and_mlp_outputs_and_the_mlp_input(ti
         ActivationHarvester(model, "model.layers.1.nope:input")
 
 
+def test_a_device_map_placed_model_harvests_the_same_activations(tiny_model_dir):
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
+    ids = torch.randint(3, 100, (2, 12))
+    plain = ActivationHarvester(load_model(source), "resid_post.1")(ids)
+    placed_model = load_model(source, device_map="auto")  # on this CPU-only machine: all on the CPU
+    assert {p.device.type for p in placed_model.parameters()} == {"cpu"}
+    torch.testing.assert_close(ActivationHarvester(placed_model, "resid_post.1")(ids), plain)
+    with pytest.raises(ValueError, match=r"model.device_map='gpu': expected null, 'auto'"):
+        ModelConfig(device_map="gpu")
+
+
 def test_describe_model_resolves_without_loading_weights(tiny_model_dir):
     source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
     assert describe_model(source, "resid_post.mid") == ("model.layers.2", 32)
