@@ -134,44 +134,74 @@ class _StopForward(Exception):
     """Raised by the hook once the activations are captured: later layers need not run."""
 
 
-class ActivationHarvester:
-    """Runs the model up to ``hookpoint`` and returns that module's output (or its input, for a
-    ``:input`` hookpoint); the forward stops there."""
+class MultiHarvester:
+    """Runs the model once and returns the activations at several hookpoints (module outputs, or
+    inputs for ``:input`` ones), keyed by canonical hookpoint; the forward stops as soon as the
+    last of them has been captured, so the layers after the deepest one never run."""
 
-    def __init__(self, model: nn.Module, hookpoint: str):
+    def __init__(self, model: nn.Module, hookpoints: list[str]):
+        if not hookpoints:
+            raise ValueError("hookpoints=[]: name at least one")
         self.model = model
-        self.hookpoint = resolve_hookpoint(model, hookpoint)
-        self._module = dict(model.named_modules())[self.hookpoint.removesuffix(INPUT_SUFFIX)]
-        self._captures_input = self.hookpoint.endswith(INPUT_SUFFIX)
-        self._captured: torch.Tensor | None = None
+        self.hookpoints = [resolve_hookpoint(model, h) for h in hookpoints]
+        if len(set(self.hookpoints)) != len(self.hookpoints):
+            raise ValueError(f"hookpoints {hookpoints} name the same place twice ({self.hookpoints})")
+        modules = dict(model.named_modules())
+        self._modules = {h: modules[h.removesuffix(INPUT_SUFFIX)] for h in self.hookpoints}
+        self._captured: dict[str, torch.Tensor] = {}
 
-    def _hook(self, module: nn.Module, args, output) -> None:
-        self._captured = output[0] if isinstance(output, tuple) else output
-        raise _StopForward
+    def _keep(self, hookpoint: str, value: torch.Tensor) -> None:
+        self._captured[hookpoint] = value
+        if len(self._captured) == len(self.hookpoints):
+            raise _StopForward
 
-    def _pre_hook(self, module: nn.Module, args, kwargs) -> None:
-        self._captured = args[0] if args else next(iter(kwargs.values()))
-        raise _StopForward
+    def _hooks(self) -> list:
+        handles = []
+        for hookpoint, module in self._modules.items():
+            if hookpoint.endswith(INPUT_SUFFIX):
+                def pre_hook(module, args, kwargs, hookpoint=hookpoint) -> None:
+                    self._keep(hookpoint, args[0] if args else next(iter(kwargs.values())))
+
+                handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            else:
+                def hook(module, args, output, hookpoint=hookpoint) -> None:
+                    self._keep(hookpoint, output[0] if isinstance(output, tuple) else output)
+
+                handles.append(module.register_forward_hook(hook))
+        return handles
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Activations (batch, seq, d_model) at the hookpoint for ``input_ids`` (batch, seq), on
-        the device of the hookpoint's layer."""
+    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{canonical hookpoint: activations (batch, seq, d)} for ``input_ids`` (batch, seq), in
+        the order the hookpoints were given, each on the device of its layer."""
         input_ids = input_ids.to(self.model.get_input_embeddings().weight.device)
-        if self._captures_input:
-            handle = self._module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        else:
-            handle = self._module.register_forward_hook(self._hook)
+        handles = self._hooks()
         try:
             self.model(input_ids=input_ids, use_cache=False)
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        captured, self._captured = self._captured, None
-        if captured is None:
-            raise RuntimeError(f"hookpoint {self.hookpoint} did not run during the forward pass")
-        return captured
+            for handle in handles:
+                handle.remove()
+        captured, self._captured = self._captured, {}
+        missing = [h for h in self.hookpoints if h not in captured]
+        if missing:
+            raise RuntimeError(f"hookpoint {missing[0]} did not run during the forward pass")
+        return {h: captured[h] for h in self.hookpoints}  # in the order asked for
+
+
+class ActivationHarvester(MultiHarvester):
+    """Runs the model up to ``hookpoint`` and returns that module's output (or its input, for a
+    ``:input`` hookpoint); the forward stops there."""
+
+    def __init__(self, model: nn.Module, hookpoint: str):
+        super().__init__(model, [hookpoint])
+        self.hookpoint = self.hookpoints[0]
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Activations (batch, seq, d_model) at the hookpoint for ``input_ids`` (batch, seq), on
+        the device of the hookpoint's layer."""
+        return super().__call__(input_ids)[self.hookpoint]
 
     @property
     def d_model(self) -> int:

@@ -9,6 +9,7 @@ import torch
 from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.hooking import (
     ActivationHarvester,
+    MultiHarvester,
     describe_model,
     load_model,
     load_tokenizer,
@@ -62,6 +63,22 @@ def test_block_shorthands_capture_attention_and_mlp_outputs_and_the_mlp_input(ti
         torch.testing.assert_close(harvester(ids), captured[kind])
     with pytest.raises(ValueError, match=r"hookpoint 'model.layers.1.nope:input': no such module"):
         ActivationHarvester(model, "model.layers.1.nope:input")
+
+
+def test_one_forward_captures_several_hookpoints_and_stops_after_the_deepest(tiny_model_dir):
+    model = load_model(resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir))))
+    ids = torch.randint(3, 100, (2, 12))
+    ran = []
+    handle = model.model.layers[3].register_forward_hook(lambda *args: ran.append(3))
+    harvester = MultiHarvester(model, ["resid_post.1", "mlp_in.2", "attn_out.0"])
+    captured = harvester(ids)
+    handle.remove()
+    assert list(captured) == ["model.layers.1", "model.layers.2.mlp:input", "model.layers.0.self_attn"]
+    assert not ran, "layer 3 comes after every hookpoint: it must not run"
+    for hookpoint, acts in captured.items():
+        torch.testing.assert_close(acts, ActivationHarvester(model, hookpoint)(ids))
+    with pytest.raises(ValueError, match="name the same place twice"):
+        MultiHarvester(model, ["resid_post.1", "model.layers.1"])
 
 
 def test_a_device_map_placed_model_harvests_the_same_activations(tiny_model_dir):
