@@ -142,23 +142,16 @@ def build_cache(
         excluded_token_ids=plan.excluded_token_ids, compression=job.cache.compression_codec,
     )
     producers = [make_producer() for _ in range(job.cluster.num_producers)]
-    started = list(producers)
-
-    def track(manifest: Manifest, live: list) -> None:
-        started.extend(a for a in live if a not in started)  # replacements, to kill at the end
-        if on_commit is not None:
-            on_commit(manifest, live)
-
     try:
         report = fill_cache(
             producers=producers, units=split_units(plan.tokens, job.cache.sequences_per_shard),
             manifest=manifest, cache_uri=plan.uri, s3_options=s3,
             units_per_producer=job.cluster.units_per_producer, make_producer=make_producer,
             max_replacements=job.cluster.producer_replacements,
-            max_unit_attempts=job.cluster.unit_max_attempts, on_commit=track,
+            max_unit_attempts=job.cluster.unit_max_attempts, on_commit=on_commit,
         )
     finally:
-        for actor in started:
+        for actor in producers:
             ray.kill(actor)
     return report.manifest, False, report.tokens_per_second
 

@@ -131,7 +131,8 @@ def fill_cache(
     ``make_producer()``, at most ``max_replacements`` times. A unit that fails
     ``max_unit_attempts`` times, or running out of producers, stops the fill with
     ``ProducerFailed`` naming the unit and the cause; what was committed stays committed, so a
-    rerun resumes. ``on_commit(manifest, producers)`` runs after each commit (progress, tests).
+    rerun resumes. The replacements are killed on the way out, whatever the outcome; the caller
+    owns ``producers``. ``on_commit(manifest, producers)`` runs after each commit (progress, tests).
     Progress (shards, rows cached, tokens/s, ETA) goes to a tqdm bar and, every ``log_every_s``,
     to the log.
     """
@@ -144,63 +145,68 @@ def fill_cache(
     idle = [actor for _ in range(units_per_producer) for actor in producers]
     busy: dict = {}
     attempts: Counter[str] = Counter()
-    replacements = 0
     progress = tqdm(total=len(units), initial=len(units) - len(todo), desc="caching", unit="shard")
     queue = list(reversed(todo))
     next_log = time.monotonic() + log_every_s
-    while queue or pending:
-        while queue and idle:
-            actor, unit = idle.pop(), queue.pop()
-            ref = actor.produce.remote(unit)
-            pending[ref], busy[ref] = unit, actor
-        if not pending:
-            raise ProducerFailed(f"no producer left to run {len(queue)} work units (all died; "
-                                 f"{replacements} replacements started)")
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        ref = ready[0]
-        unit, actor = pending.pop(ref), busy.pop(ref)
-        try:
-            result: ShardResult = ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-            attempts[unit.shard_name] += 1
-            cause = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-            if attempts[unit.shard_name] >= max_unit_attempts:
-                raise ProducerFailed(
-                    f"work unit {unit.shard_name} failed {attempts[unit.shard_name]} times; last cause {cause}"
-                ) from err
-            log.warning("work unit %s failed (%s): queued again", unit.shard_name, cause)
-            queue.append(unit)
-            if isinstance(err, ray.exceptions.RayTaskError) or _alive(actor, restart_timeout_s):
-                idle.append(actor)
+    replacements: list = []  # started here, killed here
+    try:
+        while queue or pending:
+            while queue and idle:
+                actor, unit = idle.pop(), queue.pop()
+                ref = actor.produce.remote(unit)
+                pending[ref], busy[ref] = unit, actor
+            if not pending:
+                raise ProducerFailed(f"no producer left to run {len(queue)} work units (all died; "
+                                     f"{len(replacements)} replacements started)")
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            unit, actor = pending.pop(ref), busy.pop(ref)
+            try:
+                result: ShardResult = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+                attempts[unit.shard_name] += 1
+                cause = f"{type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
+                if attempts[unit.shard_name] >= max_unit_attempts:
+                    raise ProducerFailed(
+                        f"work unit {unit.shard_name} failed {attempts[unit.shard_name]} times; last cause {cause}"
+                    ) from err
+                log.warning("work unit %s failed (%s): queued again", unit.shard_name, cause)
+                queue.append(unit)
+                if isinstance(err, ray.exceptions.RayTaskError) or _alive(actor, restart_timeout_s):
+                    idle.append(actor)
+                    continue
+                # Dead for good: its other queued tasks fail too and come back here; drop its slots.
+                idle = [a for a in idle if a is not actor]
+                if actor in producers:
+                    ray.kill(actor, no_restart=True)  # were it only slow to come back: free its resources
+                    producers.remove(actor)
+                    if make_producer is not None and len(replacements) < max_replacements:
+                        replacement = make_producer()
+                        replacements.append(replacement)
+                        producers.append(replacement)
+                        idle += [replacement] * units_per_producer
+                        log.warning("a producer died for good: started replacement %d of %d",
+                                    len(replacements), max_replacements)
                 continue
-            # Dead for good: its other queued tasks fail too and come back here; drop its slots.
-            idle = [a for a in idle if a is not actor]
-            if actor in producers:
-                ray.kill(actor, no_restart=True)  # were it only slow to come back: free its resources
-                producers.remove(actor)
-                if make_producer is not None and replacements < max_replacements:
-                    replacement = make_producer()
-                    replacements += 1
-                    producers.append(replacement)
-                    idle += [replacement] * units_per_producer
-                    log.warning("a producer died for good: started replacement %d of %d", replacements, max_replacements)
-            continue
-        idle.append(actor)
-        manifest = manifest.with_shard(result.entry, result.stats)
-        commit_manifest(store, manifest)
-        forwarded += result.tokens_forwarded
-        progress.update(1)
-        elapsed = time.perf_counter() - start
-        rate = forwarded / elapsed
-        progress.set_postfix(tokens=forwarded, tokens_per_s=f"{rate:.0f}")
-        if time.monotonic() >= next_log or not queue and not pending:  # for logs that are not a terminal
-            left = sum(u.tokens.size for u in queue) + sum(u.tokens.size for u in pending.values())
-            log.info("cache: %d of %d shards, %d rows cached, %.0f tokens/s, ETA %.0f s",
-                     len(manifest.shards), len(units), manifest.rows, rate, left / rate if rate else float("nan"))
-            next_log = time.monotonic() + log_every_s
-        if on_commit is not None:
-            on_commit(manifest, producers)
-    progress.close()
+            idle.append(actor)
+            manifest = manifest.with_shard(result.entry, result.stats)
+            commit_manifest(store, manifest)
+            forwarded += result.tokens_forwarded
+            progress.update(1)
+            elapsed = time.perf_counter() - start
+            rate = forwarded / elapsed
+            progress.set_postfix(tokens=forwarded, tokens_per_s=f"{rate:.0f}")
+            if time.monotonic() >= next_log or not queue and not pending:  # for logs that are not a terminal
+                left = sum(u.tokens.size for u in queue) + sum(u.tokens.size for u in pending.values())
+                log.info("cache: %d of %d shards, %d rows cached, %.0f tokens/s, ETA %.0f s",
+                         len(manifest.shards), len(units), manifest.rows, rate, left / rate if rate else float("nan"))
+                next_log = time.monotonic() + log_every_s
+            if on_commit is not None:
+                on_commit(manifest, producers)
+    finally:
+        progress.close()
+        for actor in replacements:
+            ray.kill(actor)
     manifest.complete = True
     commit_manifest(store, manifest)
     return ProductionReport(manifest, len(todo), forwarded, time.perf_counter() - start)
