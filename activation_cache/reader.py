@@ -91,10 +91,11 @@ def rebatch(chunks: Iterator[torch.Tensor], batch_size: int, *, drop_last: bool 
         yield torch.cat(pending)
 
 
-def _as_float32(rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Gathered rows in their stored form (bfloat16 as int16 bits) as a float32 tensor."""
+def _as_float32(rows: np.ndarray) -> torch.Tensor:
+    """Gathered rows in their stored form as a float32 tensor. No stored dtype is int16, so
+    int16 rows are bfloat16 bits (``_ShardLoader.shard``)."""
     tensor = torch.from_numpy(rows)
-    if dtype == torch.bfloat16:
+    if tensor.dtype == torch.int16:
         tensor = tensor.view(torch.bfloat16)
     return tensor.float()
 
@@ -124,17 +125,14 @@ class _ShardLoader:
         self._remaining: list[int] = []
         self._futures: dict[int, Future] = {}
         self._held_bytes = 0
-        self._order: list[int] = []
         self._next = 0
-        self.dtype = torch.float32
-        """The stored dtype of the shards read so far."""
+        """Position of the next shard ``top_up`` considers reading."""
 
-    def add(self, entry: ShardEntry, rows_needed: int) -> int:
-        """Register the next shard of the plan (in first-need order); returns its position."""
+    def add(self, entry: ShardEntry, rows_needed: int) -> None:
+        """Register the next shard of the plan, in first-need order: its position is the count
+        of shards added before it."""
         self._entries.append(entry)
         self._remaining.append(rows_needed)
-        self._order.append(len(self._entries) - 1)
-        return len(self._entries) - 1
 
     def _submit(self, pos: int) -> Future:
         if pos not in self._futures:
@@ -151,8 +149,8 @@ class _ShardLoader:
 
     def top_up(self) -> None:
         """Start reading the next needed shards while the budget allows (at least one in flight)."""
-        while self._next < len(self._order):
-            pos = self._order[self._next]
+        while self._next < len(self._entries):
+            pos = self._next
             if self._remaining[pos] > 0 and pos not in self._futures:
                 size = self._entries[pos].size_bytes
                 if self._futures and self._held_bytes + size > self._budget:
@@ -164,7 +162,6 @@ class _ShardLoader:
         """The activations of shard ``pos`` as stored (bfloat16 as its int16 bits), waiting for
         its read if need be."""
         acts = self._submit(pos).result().activations
-        self.dtype = acts.dtype
         return (acts.view(torch.int16) if acts.dtype == torch.bfloat16 else acts).numpy()
 
     def consume(self, pos: int, n: int) -> None:
@@ -335,7 +332,7 @@ class ActivationReader:
             for p, where in groups:
                 parts.append(loader.shard(p)[ids[where] - offsets[p]])
                 loader.consume(p, len(where))
-            batch = _as_float32(np.concatenate(parts), loader.dtype)
+            batch = _as_float32(np.concatenate(parts))
             self._batches_done = index + 1
             yield batch
 
