@@ -26,6 +26,9 @@ class ModelConfig:
     """Where activations are read: a module path (``model.layers.15``, its output;
     ``...mlp:input`` for its input) or a shorthand ``resid_post|attn_out|mlp_out|mlp_in.<layer>``
     (a layer number or ``mid``)."""
+    hookpoints: list[str] = field(default_factory=list)
+    """Several hookpoints captured from one forward pass, each to its own cache and its own
+    dictionary (the forward stops after the deepest); when given, ``hookpoint`` is not used."""
     dtype: str = "float32"
     """Dtype the model runs in."""
     batch_size: int = 8
@@ -46,6 +49,16 @@ class ModelConfig:
             raise ValueError(f"model.batch_size={self.batch_size} must be positive")
         if not self.hookpoint:
             raise ValueError("model.hookpoint='' must name a module path or 'resid_post.<layer>'")
+        if any(not h for h in self.hookpoints):
+            raise ValueError(f"model.hookpoints={list(self.hookpoints)}: an empty name is not a hookpoint")
+        repeated = [h for i, h in enumerate(self.hookpoints) if h in self.hookpoints[:i]]
+        if repeated:
+            raise ValueError(f"model.hookpoints={list(self.hookpoints)}: {repeated[0]!r} is listed twice")
+
+    @property
+    def all_hookpoints(self) -> list[str]:
+        """The hookpoints to cache, in the order given."""
+        return list(self.hookpoints) or [self.hookpoint]
 
 
 @dataclass

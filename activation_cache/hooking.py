@@ -171,7 +171,7 @@ class MultiHarvester:
         return handles
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def harvest(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """{canonical hookpoint: activations (batch, seq, d)} for ``input_ids`` (batch, seq), in
         the order the hookpoints were given, each on the device of its layer."""
         input_ids = input_ids.to(self.model.get_input_embeddings().weight.device)
@@ -189,6 +189,8 @@ class MultiHarvester:
             raise RuntimeError(f"hookpoint {missing[0]} did not run during the forward pass")
         return {h: captured[h] for h in self.hookpoints}  # in the order asked for
 
+    __call__ = harvest
+
 
 class ActivationHarvester(MultiHarvester):
     """Runs the model up to ``hookpoint`` and returns that module's output (or its input, for a
@@ -201,19 +203,24 @@ class ActivationHarvester(MultiHarvester):
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Activations (batch, seq, d_model) at the hookpoint for ``input_ids`` (batch, seq), on
         the device of the hookpoint's layer."""
-        return super().__call__(input_ids)[self.hookpoint]
+        return self.harvest(input_ids)[self.hookpoint]
 
     @property
     def d_model(self) -> int:
         return int(self.model.config.hidden_size)
 
 
-def describe_model(source: ModelSource, hookpoint: str) -> tuple[str, int]:
-    """(canonical hookpoint, d_model) from the model's config alone: the skeleton is built on
-    the meta device, so no weights load and bad hookpoints fail in seconds."""
+def describe_model(source: ModelSource, hookpoints: list[str]) -> tuple[list[str], int]:
+    """(canonical hookpoints, d_model) from the model's config alone: the skeleton is built on
+    the meta device, so no weights load and bad hookpoints fail in seconds. Two names for the
+    same place (``resid_post.2`` and ``model.layers.2``) are refused."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    return resolve_hookpoint(skeleton, hookpoint), int(config.hidden_size)
+    canonical = [resolve_hookpoint(skeleton, h) for h in hookpoints]
+    for i, name in enumerate(canonical):
+        if name in canonical[:i]:
+            raise ValueError(f"hookpoints {hookpoints[canonical.index(name)]!r} and {hookpoints[i]!r} both name {name}")
+    return canonical, int(config.hidden_size)

@@ -7,12 +7,13 @@ with a deterministic name, so a unit that is redone (a producer died) rewrites t
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from activation_cache.hooking import ActivationHarvester
+from activation_cache.hooking import ActivationHarvester, MultiHarvester
 from activation_cache.manifest import ActivationStats, ShardEntry
 from activation_cache.schema import ShardMeta, encode_shard, sha256_hex
 from activation_cache.store import ObjectStore
@@ -50,6 +51,64 @@ class ShardResult:
     total_seconds: float
 
 
+@dataclass(frozen=True)
+class ShardTarget:
+    """Where the shards of one hookpoint go: its cache and the metadata its shards carry."""
+
+    store: ObjectStore
+    meta: ShardMeta
+
+
+def produce_shards(
+    unit: WorkUnit,
+    *,
+    harvester: MultiHarvester,
+    targets: Mapping[str, ShardTarget],
+    excluded_token_ids: frozenset[int],
+    batch_size: int,
+    compression: str | None = None,
+) -> dict[str, ShardResult]:
+    """Run the model once over ``unit`` and write one shard per hookpoint in ``targets`` (keyed
+    by canonical hookpoint, each captured by ``harvester``), special tokens dropped, IPC buffers
+    compressed with ``compression`` if any; return each shard's entry, keyed like ``targets``.
+
+    The forward time and the tokens forwarded are counted once, in every result."""
+    start = time.perf_counter()
+    n_seq, ctx = unit.tokens.shape
+    chunks: dict[str, list[torch.Tensor]] = {h: [] for h in targets}
+    forward_s = 0.0
+    for lo in range(0, n_seq, batch_size):
+        ids = torch.from_numpy(unit.tokens[lo : lo + batch_size])
+        t = time.perf_counter()
+        captured = harvester.harvest(ids)
+        forward_s += time.perf_counter() - t
+        for hookpoint in targets:
+            acts = captured[hookpoint]
+            chunks[hookpoint].append(acts.reshape(-1, acts.shape[-1]).float().cpu())
+    token_ids = unit.tokens.reshape(-1)
+    sequence_ids = np.repeat(np.arange(unit.first_sequence_id, unit.first_sequence_id + n_seq), ctx)
+    positions = np.tile(np.arange(ctx), n_seq)
+    keep = ~np.isin(token_ids, np.fromiter(excluded_token_ids, dtype=np.int64, count=len(excluded_token_ids)))
+    keep_t = torch.from_numpy(keep)
+    written = {}
+    for hookpoint, target in targets.items():
+        acts = torch.cat(chunks[hookpoint])[keep_t]
+        data = encode_shard(
+            acts, token_ids[keep], sequence_ids[keep], positions[keep], target.meta, compression=compression
+        )
+        target.store.put_bytes(unit.shard_name, data)
+        entry = ShardEntry(
+            name=unit.shard_name, rows=int(keep.sum()), size_bytes=len(data), sha256=sha256_hex(data),
+            first_sequence_id=unit.first_sequence_id, n_sequences=n_seq,
+        )
+        written[hookpoint] = (entry, ActivationStats.of(acts.numpy()))
+    total_s = time.perf_counter() - start
+    return {
+        hookpoint: ShardResult(entry, stats, tokens_forwarded=n_seq * ctx, forward_seconds=forward_s, total_seconds=total_s)
+        for hookpoint, (entry, stats) in written.items()
+    }
+
+
 def produce_shard(
     unit: WorkUnit,
     *,
@@ -60,32 +119,15 @@ def produce_shard(
     batch_size: int,
     compression: str | None = None,
 ) -> ShardResult:
-    """Run the model over ``unit``, drop excluded tokens, write the shard (IPC buffers compressed
-    with ``compression``, if any); return its entry."""
-    start = time.perf_counter()
-    n_seq, ctx = unit.tokens.shape
-    chunks, forward_s = [], 0.0
-    for lo in range(0, n_seq, batch_size):
-        ids = torch.from_numpy(unit.tokens[lo : lo + batch_size])
-        t = time.perf_counter()
-        acts = harvester(ids)
-        forward_s += time.perf_counter() - t
-        chunks.append(acts.reshape(-1, acts.shape[-1]).float().cpu())
-    acts = torch.cat(chunks)
-    token_ids = unit.tokens.reshape(-1)
-    sequence_ids = np.repeat(np.arange(unit.first_sequence_id, unit.first_sequence_id + n_seq), ctx)
-    positions = np.tile(np.arange(ctx), n_seq)
-    keep = ~np.isin(token_ids, np.fromiter(excluded_token_ids, dtype=np.int64, count=len(excluded_token_ids)))
-    keep_t = torch.from_numpy(keep)
-    data = encode_shard(
-        acts[keep_t], token_ids[keep], sequence_ids[keep], positions[keep], meta, compression=compression
-    )
-    store.put_bytes(unit.shard_name, data)
-    entry = ShardEntry(
-        name=unit.shard_name, rows=int(keep.sum()), size_bytes=len(data), sha256=sha256_hex(data),
-        first_sequence_id=unit.first_sequence_id, n_sequences=n_seq,
-    )
-    return ShardResult(
-        entry=entry, stats=ActivationStats.of(acts[keep_t].numpy()),
-        tokens_forwarded=n_seq * ctx, forward_seconds=forward_s, total_seconds=time.perf_counter() - start,
-    )
+    """``produce_shards`` for one hookpoint, ``harvester``'s."""
+    return produce_shards(
+        unit, harvester=harvester, targets={harvester.hookpoint: ShardTarget(store, meta)},
+        excluded_token_ids=excluded_token_ids, batch_size=batch_size, compression=compression,
+    )[harvester.hookpoint]
+
+
+def unit_rows(unit: WorkUnit, excluded_token_ids: frozenset[int]) -> int:
+    """Rows the shard of ``unit`` will hold, known before any forward pass: one per token that
+    is not excluded (``produce_shards`` keeps exactly these)."""
+    excluded = np.fromiter(excluded_token_ids, dtype=np.int64, count=len(excluded_token_ids))
+    return int((~np.isin(unit.tokens, excluded)).sum())

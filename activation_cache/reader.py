@@ -11,9 +11,9 @@ skips the batches already yielded without reading them and continues with exactl
 uninterrupted reader would have yielded.
 
 Tailing (``follow=True``) reads a cache that is still being written: epoch 0 takes committed
-shards as manifests listing them appear (each shard to the rank ``crc32(name) % world_size``,
-which every rank computes alone), and ends when the manifest says complete and every shard has
-been read; later epochs are planned as above over the complete cache. A resumed tailing reader
+shards as manifests listing them appear (each shard to the rank ``shard_rank(name)``, by default
+``crc32(name) % world_size``, which every rank computes alone), and ends when the manifest says
+complete and every shard has been read; later epochs are planned as above over the complete cache. A resumed tailing reader
 replays the shards it had taken, in their order, so no row is lost or repeated; the shards after
 them come in the order the resumed reader finds them committed.
 """
@@ -35,6 +35,10 @@ from activation_cache.schema import CorruptShardError, DecodedShard, decode_shar
 from activation_cache.store import ObjectNotFound, ObjectStore
 
 STATE_VERSION = 1
+
+
+class TailingAborted(RuntimeError):
+    """A tailing reader was told to stop (its ``abort`` gave a reason): the cache will not complete."""
 
 
 def read_shard(store: ObjectStore, entry: ShardEntry, *, as_float32: bool = True) -> DecodedShard:
@@ -211,6 +215,8 @@ class ActivationReader:
         poll_seconds: float = 1.0,
         follow_timeout_s: float = 3600.0,
         shard_filter: Callable[[ShardEntry], bool] | None = None,
+        shard_rank: Callable[[str], int] | None = None,
+        abort: Callable[[], str | None] | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
@@ -228,6 +234,8 @@ class ActivationReader:
         self.drop_last = drop_last
         self.follow, self.poll_seconds, self.follow_timeout_s = follow, poll_seconds, follow_timeout_s
         self.shard_filter = shard_filter
+        self.shard_rank = shard_rank or (lambda name: zlib.crc32(name.encode()) % world_size)
+        self.abort = abort
         self._shards: list[ShardEntry] | None = None
         if shards is not None:
             self._set_shards(shards)
@@ -367,6 +375,9 @@ class ActivationReader:
             taken: set[str] = set()
             waited_since = time.monotonic()
             while True:
+                reason = self.abort() if self.abort is not None else None
+                if reason:
+                    raise TailingAborted(f"cache {self.store.uri}: stopped reading a cache still being written: {reason}")
                 manifest = self._manifest()
                 listed = {} if manifest is None else {s.name: s for s in manifest.shards}
                 missing = [name for name in replay if name not in listed]
@@ -411,7 +422,7 @@ class ActivationReader:
     def _mine(self, entry: ShardEntry) -> bool:
         if self.shard_filter is not None and not self.shard_filter(entry):
             return False
-        return zlib.crc32(entry.name.encode()) % self.world_size == self.rank
+        return self.shard_rank(entry.name) == self.rank
 
     def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
         """This rank's batches for one epoch: from its start, or, for the epoch of a position

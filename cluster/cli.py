@@ -19,17 +19,21 @@ def _train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=job.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_MODE", job.logging.wandb_mode)
     result = run_job(job)
-    ev = result.eval
-    lines = [
-        f"cache            {result.cache_uri} ({'reused' if result.cache_reused else 'built'})",
-        f"tokens cached    {result.tokens_cached:,}",
-        f"tokens trained   {ev.get('train_tokens', 0):,}",
-        f"held-out FVU     {ev['fvu']:.4f}",
-        f"held-out L0      {ev['l0']:.1f}",
-        f"dead fraction    {ev['dead_fraction']:.4f}",
-        f"wall time        {result.seconds:.0f} s",
-        f"dictionary       {result.dictionary_uri}",
-    ]
+    lines = []
+    for hp in result.hookpoints:
+        ev = hp.eval
+        lines += [
+            f"hookpoint        {hp.hookpoint}",
+            f"cache            {hp.cache_uri} ({'reused' if hp.cache_reused else 'built'})",
+            f"tokens cached    {hp.tokens_cached:,}",
+            f"tokens trained   {ev.get('train_tokens', 0):,}",
+            f"held-out FVU     {ev['fvu']:.4f}",
+            f"held-out L0      {ev['l0']:.1f}",
+            f"dead fraction    {ev['dead_fraction']:.4f}",
+            f"dictionary       {hp.dictionary_uri}",
+            "",
+        ]
+    lines.append(f"wall time        {result.seconds:.0f} s")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

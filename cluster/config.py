@@ -55,6 +55,10 @@ class ClusterConfig:
     """Ray Train workers, one DeepSpeed engine (one data-parallel rank) each."""
     train_worker_num_cpus: float = 1.0
     """CPUs Ray reserves for each trainer worker."""
+    train_while_caching: bool = False
+    """Start training while the producers still fill the cache: the trainer tails the shards as
+    they are committed (the cluster must hold producers and trainer workers at once, else the
+    workers wait for the producers' resources)."""
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None and self.num_cpus <= 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,27 +21,36 @@ import ray
 from activation_cache.hooking import describe_model, load_tokenizer, resolve_model_source
 from activation_cache.keys import cache_key
 from activation_cache.manifest import Manifest, load_manifest
-from activation_cache.producing import split_units
+from activation_cache.producing import split_units, unit_rows
 from activation_cache.schema import ShardMeta, sha256_hex
 from activation_cache.store import ObjectStore, join_uri, open_store
 from activation_cache.text import check_source, excluded_token_ids, pack_sequences
 from cluster.config import JobConfig
+from cluster.errors import JobFailed
 from cluster.producer import fill_cache, producer_factory
-from cluster.train import TrainPlan, train_dictionary
+from cluster.train import ABORT_KEY, TrainPlan, train_dictionary
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class JobResult:
-    """What ``saeforge train`` reports at the end."""
+class HookpointResult:
+    """One hookpoint's cache and dictionary."""
 
+    hookpoint: str
     cache_uri: str
     cache_reused: bool
     tokens_cached: int
-    producer_tokens_per_second: float
     dictionary_uri: str
     eval: dict
+
+
+@dataclass
+class JobResult:
+    """What ``saeforge train`` reports at the end: one entry per hookpoint, in the order given."""
+
+    hookpoints: list[HookpointResult]
+    producer_tokens_per_second: float
     seconds: float
 
 
@@ -54,7 +64,8 @@ def absolute_uri(uri: str) -> str:
 
 @dataclass
 class CachePlan:
-    """The cache a job reads: its key, where it lives, and the work to fill it."""
+    """The cache of one hookpoint: its key, where it lives, and the work to fill it. The
+    caches of one job share ``tokens`` (one forward pass fills them all)."""
 
     key: str
     key_inputs: dict
@@ -63,27 +74,35 @@ class CachePlan:
     tokens: np.ndarray
     excluded_token_ids: frozenset[int]
 
+    @property
+    def hookpoint(self) -> str:
+        return self.meta.hookpoint
 
-def plan_cache(job: JobConfig, root: ObjectStore) -> CachePlan:
-    """Tokenize the text and derive the content-addressed cache key (no model weights load)."""
+
+def plan_caches(job: JobConfig, root: ObjectStore) -> list[CachePlan]:
+    """Tokenize the text and derive each hookpoint's content-addressed cache key (no model
+    weights load)."""
     check_source(job.data.source, job.data.text_column)
     source = resolve_model_source(job.model)
-    hookpoint, d_model = describe_model(source, job.model.hookpoint)
+    hookpoints, d_model = describe_model(source, job.model.all_hookpoints)
     tokenizer = load_tokenizer(source)
     tokens = pack_sequences(job.data, tokenizer)
     excluded = excluded_token_ids(job.data, tokenizer)
-    key_inputs = {
+    shared = {
         "model": source.model_id, "revision": source.revision, "model_dtype": job.model.dtype,
-        "hookpoint": hookpoint, "dataset": job.data.source,
-        "tokenizer": f"{type(tokenizer).__name__}:{len(tokenizer)}",
+        "dataset": job.data.source, "tokenizer": f"{type(tokenizer).__name__}:{len(tokenizer)}",
         "tokens_sha256": sha256_hex(tokens.tobytes()), "context_length": job.data.context_length,
         "dtype": job.cache.dtype, "excluded_token_ids": sorted(excluded),
         "sequences_per_shard": job.cache.sequences_per_shard, "format": 1,
     }
-    key = cache_key(key_inputs)
-    meta = ShardMeta(model=source.model_id, revision=source.revision, hookpoint=hookpoint,
-                     d_model=d_model, dtype=job.cache.dtype, cache_key=key)
-    return CachePlan(key, key_inputs, join_uri(root.uri, "caches", key), meta, tokens, excluded)
+    plans = []
+    for hookpoint in hookpoints:
+        key_inputs = {**shared, "hookpoint": hookpoint}
+        key = cache_key(key_inputs)
+        meta = ShardMeta(model=source.model_id, revision=source.revision, hookpoint=hookpoint,
+                         d_model=d_model, dtype=job.cache.dtype, cache_key=key)
+        plans.append(CachePlan(key, key_inputs, join_uri(root.uri, "caches", key), meta, tokens, excluded))
+    return plans
 
 
 def _check_shard_count(job: JobConfig, plan: CachePlan) -> None:
@@ -122,30 +141,48 @@ def _init_ray(job: JobConfig) -> None:
                  object_store_memory=job.cluster.object_store_memory_bytes)
 
 
-def build_cache(
-    job: JobConfig, plan: CachePlan, *, on_commit: Callable[[Manifest, list], None] | None = None
-) -> tuple[Manifest, bool, float]:
-    """(complete manifest, whether it was reused as is, producer tokens/s). ``on_commit`` is
-    called with the manifest and the live producers after each shard is committed."""
+@dataclass
+class CacheReport:
+    """The caches a job reads, once complete."""
+
+    manifests: dict[str, Manifest]
+    """Each hookpoint's complete manifest."""
+    reused: dict[str, bool]
+    """Whether each hookpoint's cache was complete before the job started."""
+    producer_tokens_per_second: float
+
+
+def build_caches(
+    job: JobConfig, plans: list[CachePlan], *,
+    on_commit: Callable[[dict[str, Manifest], list], None] | None = None,
+) -> CacheReport:
+    """Complete every hookpoint's cache: reuse complete ones, resume or fill the others, all
+    from one forward pass per work unit. ``on_commit`` is called with the manifests and the live
+    producers after each unit is committed (an exception it raises stops the fill)."""
     s3 = job.cache.s3_options()
-    store = open_store(plan.uri, s3_options=s3)
-    manifest = _existing_manifest(store, plan)
-    if manifest.complete:
-        log.info("cache %s is complete (%d rows): reusing it", plan.uri, manifest.rows)
-        return manifest, True, 0.0
-    if manifest.shards:
-        log.info("resuming cache %s: %d shards already committed", plan.uri, len(manifest.shards))
+    manifests = {p.hookpoint: _existing_manifest(open_store(p.uri, s3_options=s3), p) for p in plans}
+    reused = {h: m.complete for h, m in manifests.items()}
+    todo = [p for p in plans if not manifests[p.hookpoint].complete]
+    for plan in plans:
+        manifest = manifests[plan.hookpoint]
+        if manifest.complete:
+            log.info("cache %s is complete (%d rows): reusing it", plan.uri, manifest.rows)
+        elif manifest.shards:
+            log.info("resuming cache %s: %d shards already committed", plan.uri, len(manifest.shards))
+    if not todo:
+        return CacheReport(manifests, reused, 0.0)
     make_producer = producer_factory(
         num_cpus=job.cluster.producer_num_cpus, num_gpus=job.cluster.producer_num_gpus,
-        max_restarts=job.cluster.producer_max_restarts,
-        model_cfg=job.model, cache_uri=plan.uri, s3_options=s3, meta=plan.meta,
-        excluded_token_ids=plan.excluded_token_ids, compression=job.cache.compression_codec,
+        max_restarts=job.cluster.producer_max_restarts, model_cfg=job.model,
+        caches={p.hookpoint: (p.uri, p.meta) for p in todo}, s3_options=s3,
+        excluded_token_ids=todo[0].excluded_token_ids, compression=job.cache.compression_codec,
     )
     producers = [make_producer() for _ in range(job.cluster.num_producers)]
     try:
         report = fill_cache(
-            producers=producers, units=split_units(plan.tokens, job.cache.sequences_per_shard),
-            manifest=manifest, cache_uri=plan.uri, s3_options=s3,
+            producers=producers, units=split_units(todo[0].tokens, job.cache.sequences_per_shard),
+            manifests={p.hookpoint: manifests[p.hookpoint] for p in todo},
+            cache_uris={p.hookpoint: p.uri for p in todo}, s3_options=s3,
             units_per_producer=job.cluster.units_per_producer, make_producer=make_producer,
             max_replacements=job.cluster.producer_replacements,
             max_unit_attempts=job.cluster.unit_max_attempts, on_commit=on_commit,
@@ -153,28 +190,94 @@ def build_cache(
     finally:
         for actor in producers:
             ray.kill(actor)
-    return report.manifest, False, report.tokens_per_second
+    return CacheReport({**manifests, **report.manifests}, reused, report.tokens_per_second)
+
+
+def expected_shards(job: JobConfig, plan: CachePlan) -> dict[str, int]:
+    """{shard name: rows} of the complete cache, known from the tokens alone (a trainer that
+    starts before the cache is complete plans its steps and its holdout split from these)."""
+    units = split_units(plan.tokens, job.cache.sequences_per_shard)
+    return {u.shard_name: unit_rows(u, plan.excluded_token_ids) for u in units}
+
+
+def _train_plans(job: JobConfig, plans: list[CachePlan], root: ObjectStore, run_name: str) -> list[TrainPlan]:
+    runs_root = absolute_uri(job.run.uri) if job.run.uri else join_uri(root.uri, "runs")
+    several = len(plans) > 1
+    return [
+        TrainPlan(
+            cache_uri=p.uri, run_uri=join_uri(runs_root, run_name), run_name=run_name, hookpoint=p.hookpoint,
+            label=f"{run_name}-{p.hookpoint}" if several else run_name,
+            wandb_dir=str(Path(job.logging.dir).resolve() / run_name / (p.hookpoint if several else "")),
+            expected_shards=expected_shards(job, p) if job.cluster.train_while_caching else None,
+        )
+        for p in plans
+    ]
+
+
+def _train_while_caching(job: JobConfig, plans: list[CachePlan], train_plans: list[TrainPlan]) -> tuple[CacheReport, list[dict]]:
+    """Fill the caches in a thread while the dictionaries train on the shards already committed.
+
+    A fill that fails writes the reason to the run folder, where the trainer's tailing readers
+    find it and stop; the job then stops with the fill's error. A training that fails stops
+    the fill at its next commit (what was committed stays: a rerun resumes)."""
+    run = open_store(train_plans[0].run_uri, s3_options=job.cache.s3_options())
+    run.delete(ABORT_KEY)  # a reason left by an earlier attempt of this run
+    training_failed = threading.Event()
+    outcome: dict = {}
+
+    def stop_if_training_failed(manifests, producers) -> None:
+        if training_failed.is_set():
+            raise JobFailed("training failed: cache filling stopped (committed shards stay; a rerun resumes)")
+
+    def fill() -> None:
+        try:
+            outcome["report"] = build_caches(job, plans, on_commit=stop_if_training_failed)
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = err
+            if not training_failed.is_set():
+                outcome["aborted"] = True
+                run.put_bytes(ABORT_KEY, f"filling the cache failed: {err}".encode())
+
+    filler = threading.Thread(target=fill, name="saeforge-fill", daemon=True)
+    filler.start()
+    try:
+        evals = [train_dictionary(job, p) for p in train_plans]
+    except BaseException:
+        training_failed.set()
+        filler.join()
+        if outcome.get("aborted"):  # the fill failed first: the training stopped because of it
+            raise outcome["error"] from None
+        raise
+    filler.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["report"], evals
 
 
 def run_job(job: JobConfig) -> JobResult:
-    """``saeforge train``: fill (or reuse) the cache, train, write and evaluate the dictionary."""
+    """``saeforge train``: fill (or reuse) each hookpoint's cache, train, write and evaluate the
+    dictionaries."""
     start = time.perf_counter()
     root = open_store(absolute_uri(job.cache.uri), s3_options=job.cache.s3_options())
     root.list("caches/")  # fails fast on a missing bucket or bad credentials
-    plan = plan_cache(job, root)
-    _check_shard_count(job, plan)
-    run_name = job.run.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{plan.key[:8]}"
-    runs_root = absolute_uri(job.run.uri) if job.run.uri else join_uri(root.uri, "runs")
+    plans = plan_caches(job, root)
+    _check_shard_count(job, plans[0])
+    run_name = job.run.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{plans[0].key[:8]}"
+    train_plans = _train_plans(job, plans, root, run_name)
     _init_ray(job)
-    manifest, reused, producer_rate = build_cache(job, plan)
-    train_plan = TrainPlan(
-        cache_uri=plan.uri, run_uri=join_uri(runs_root, run_name), run_name=run_name,
-        hookpoint=plan.meta.hookpoint, wandb_dir=str(Path(job.logging.dir).resolve() / run_name),
-    )
-    evaluation = train_dictionary(job, train_plan)
+    if job.cluster.train_while_caching:
+        report, evals = _train_while_caching(job, plans, train_plans)
+    else:
+        report = build_caches(job, plans)
+        evals = [train_dictionary(job, p) for p in train_plans]
     return JobResult(
-        cache_uri=plan.uri, cache_reused=reused, tokens_cached=manifest.rows,
-        producer_tokens_per_second=producer_rate,
-        dictionary_uri=join_uri(train_plan.run_uri, "dictionary", plan.meta.hookpoint),
-        eval=evaluation, seconds=time.perf_counter() - start,
+        hookpoints=[
+            HookpointResult(
+                hookpoint=p.hookpoint, cache_uri=p.uri, cache_reused=report.reused[p.hookpoint],
+                tokens_cached=report.manifests[p.hookpoint].rows,
+                dictionary_uri=join_uri(t.run_uri, "dictionary", p.hookpoint), eval=e,
+            )
+            for p, t, e in zip(plans, train_plans, evals, strict=True)
+        ],
+        producer_tokens_per_second=report.producer_tokens_per_second, seconds=time.perf_counter() - start,
     )

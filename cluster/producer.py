@@ -19,9 +19,9 @@ import torch
 from tqdm import tqdm
 
 from activation_cache.config import ModelConfig
-from activation_cache.hooking import ActivationHarvester, load_model, resolve_model_source
+from activation_cache.hooking import MultiHarvester, load_model, resolve_model_source
 from activation_cache.manifest import Manifest, commit_manifest
-from activation_cache.producing import ShardResult, WorkUnit, produce_shard
+from activation_cache.producing import ShardResult, ShardTarget, WorkUnit, produce_shards
 from activation_cache.schema import ShardMeta
 from activation_cache.store import open_store
 from cluster.errors import ProducerFailed
@@ -30,34 +30,39 @@ log = logging.getLogger(__name__)
 
 
 class Producer:
-    """One model replica. Ray wraps it as an actor in :func:`producer_factory`."""
+    """One model replica. Ray wraps it as an actor in :func:`producer_factory`.
+
+    ``caches`` maps each canonical hookpoint to the cache its shards go to (uri and shard
+    metadata); one forward pass feeds them all."""
 
     def __init__(
         self,
         model_cfg: ModelConfig,
-        cache_uri: str,
+        caches: dict[str, tuple[str, ShardMeta]],
         s3_options: dict,
-        meta: ShardMeta,
         excluded_token_ids: frozenset[int],
         num_threads: int,
         compression: str | None = None,
     ):
         torch.set_num_threads(num_threads)
         self.model_cfg = model_cfg
-        self.store = open_store(cache_uri, s3_options=s3_options)
-        self.meta = meta
+        self.targets = {
+            hookpoint: ShardTarget(open_store(uri, s3_options=s3_options), meta)
+            for hookpoint, (uri, meta) in caches.items()
+        }
         self.excluded = excluded_token_ids
         self.compression = compression
         model = load_model(resolve_model_source(model_cfg), dtype=model_cfg.dtype, device_map=model_cfg.device_map)
-        self.harvester = ActivationHarvester(model, meta.hookpoint)
+        self.harvester = MultiHarvester(model, list(caches))
 
     def ping(self) -> bool:
         """Answers once the actor is up (after a restart: once the model is loaded again)."""
         return True
 
-    def produce(self, unit: WorkUnit) -> ShardResult:
-        return produce_shard(
-            unit, harvester=self.harvester, store=self.store, meta=self.meta,
+    def produce(self, unit: WorkUnit, hookpoints: list[str]) -> dict[str, ShardResult]:
+        """Write ``unit``'s shard to the cache of each of ``hookpoints`` (those still lacking it)."""
+        return produce_shards(
+            unit, harvester=self.harvester, targets={h: self.targets[h] for h in hookpoints},
             excluded_token_ids=self.excluded, batch_size=self.model_cfg.batch_size,
             compression=self.compression,
         )
@@ -67,7 +72,8 @@ class Producer:
 class ProductionReport:
     """What one cache-filling pass did."""
 
-    manifest: Manifest
+    manifests: dict[str, Manifest]
+    """The complete manifest of each hookpoint's cache."""
     units_produced: int
     tokens_forwarded: int
     seconds: float
@@ -110,8 +116,8 @@ def fill_cache(
     *,
     producers: list,
     units: list[WorkUnit],
-    manifest: Manifest,
-    cache_uri: str,
+    manifests: dict[str, Manifest],
+    cache_uris: dict[str, str],
     s3_options: dict,
     units_per_producer: int,
     make_producer: Callable[[], Any] | None = None,
@@ -119,10 +125,12 @@ def fill_cache(
     max_unit_attempts: int = 3,
     restart_timeout_s: float = 600.0,
     log_every_s: float = 30.0,
-    on_commit: Callable[[Manifest, list], None] | None = None,
+    on_commit: Callable[[dict[str, Manifest], list], None] | None = None,
 ) -> ProductionReport:
     """Hand ``units`` to ``producers`` (at most ``units_per_producer`` queued at each, which
-    bounds memory) and commit each finished shard to the manifest; mark the cache complete.
+    bounds memory) and commit each finished shard to its cache's manifest; mark the caches
+    complete. ``manifests`` and ``cache_uris`` are keyed by hookpoint: one forward pass of a unit
+    writes its shard to every cache whose manifest lacks it.
 
     A unit whose producer died, or whose task raised, goes back on the queue and is redone (its
     shard name is deterministic, so a shard written before the death is overwritten, and the
@@ -132,13 +140,16 @@ def fill_cache(
     ``max_unit_attempts`` times, or running out of producers, stops the fill with
     ``ProducerFailed`` naming the unit and the cause; what was committed stays committed, so a
     rerun resumes. The replacements are killed on the way out, whatever the outcome; the caller
-    owns ``producers``. ``on_commit(manifest, producers)`` runs after each commit (progress, tests).
+    owns ``producers``. ``on_commit(manifests, producers)`` runs after each unit's commits
+    (progress, tests; an exception it raises stops the fill).
     Progress (shards, rows cached, tokens/s, ETA) goes to a tqdm bar and, every ``log_every_s``,
     to the log.
     """
-    store = open_store(cache_uri, s3_options=s3_options)
-    done = {s.name for s in manifest.shards}
-    todo = [u for u in units if u.shard_name not in done]
+    manifests = dict(manifests)
+    stores = {h: open_store(uri, s3_options=s3_options) for h, uri in cache_uris.items()}
+    done = {h: {s.name for s in m.shards} for h, m in manifests.items()}
+    needs = {u.shard_name: [h for h in manifests if u.shard_name not in done[h]] for u in units}
+    todo = [u for u in units if needs[u.shard_name]]
     start, forwarded = time.perf_counter(), 0
     producers = list(producers)
     pending: dict = {}
@@ -153,7 +164,7 @@ def fill_cache(
         while queue or pending:
             while queue and idle:
                 actor, unit = idle.pop(), queue.pop()
-                ref = actor.produce.remote(unit)
+                ref = actor.produce.remote(unit, needs[unit.shard_name])
                 pending[ref], busy[ref] = unit, actor
             if not pending:
                 raise ProducerFailed(f"no producer left to run {len(queue)} work units (all died; "
@@ -162,7 +173,7 @@ def fill_cache(
             ref = ready[0]
             unit, actor = pending.pop(ref), busy.pop(ref)
             try:
-                result: ShardResult = ray.get(ref)
+                results: dict[str, ShardResult] = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
                 attempts[unit.shard_name] += 1
                 cause = f"{type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
@@ -189,24 +200,27 @@ def fill_cache(
                                     len(replacements), max_replacements)
                 continue
             idle.append(actor)
-            manifest = manifest.with_shard(result.entry, result.stats)
-            commit_manifest(store, manifest)
-            forwarded += result.tokens_forwarded
+            for hookpoint, result in results.items():
+                manifests[hookpoint] = manifests[hookpoint].with_shard(result.entry, result.stats)
+                commit_manifest(stores[hookpoint], manifests[hookpoint])
+            forwarded += next(iter(results.values())).tokens_forwarded
             progress.update(1)
             elapsed = time.perf_counter() - start
             rate = forwarded / elapsed
             progress.set_postfix(tokens=forwarded, tokens_per_s=f"{rate:.0f}")
             if time.monotonic() >= next_log or not queue and not pending:  # for logs that are not a terminal
                 left = sum(u.tokens.size for u in queue) + sum(u.tokens.size for u in pending.values())
-                log.info("cache: %d of %d shards, %d rows cached, %.0f tokens/s, ETA %.0f s",
-                         len(manifest.shards), len(units), manifest.rows, rate, left / rate if rate else float("nan"))
+                log.info("cache: %d of %d units, %d rows cached per hookpoint, %.0f tokens/s, ETA %.0f s",
+                         len(units) - len(queue) - len(pending), len(units),
+                         min(m.rows for m in manifests.values()), rate, left / rate if rate else float("nan"))
                 next_log = time.monotonic() + log_every_s
             if on_commit is not None:
-                on_commit(manifest, producers)
+                on_commit(manifests, producers)
     finally:
         progress.close()
         for actor in replacements:
             ray.kill(actor)
-    manifest.complete = True
-    commit_manifest(store, manifest)
-    return ProductionReport(manifest, len(todo), forwarded, time.perf_counter() - start)
+    for hookpoint, manifest in manifests.items():
+        manifest.complete = True
+        commit_manifest(stores[hookpoint], manifest)
+    return ProductionReport(manifests, len(todo), forwarded, time.perf_counter() - start)

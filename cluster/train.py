@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import ray.train
 import torch
 from omegaconf import OmegaConf
@@ -21,8 +23,8 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from activation_cache.manifest import Manifest, ShardEntry, load_manifest
-from activation_cache.reader import ActivationReader, read_shard
-from activation_cache.store import open_store
+from activation_cache.reader import ActivationReader, TailingAborted, read_shard
+from activation_cache.store import ObjectNotFound, ObjectStore, open_store
 from cluster.config import JobConfig, to_dict
 from trainer.architectures import build_sae
 from trainer.dictionary import dictionary_files
@@ -35,23 +37,37 @@ from trainer.schedules import k_at, lr_at, sparsity_coefficient_at
 log = logging.getLogger(__name__)
 
 
+ABORT_KEY = "producers-failed.txt"
+"""Written into the run folder when the cache fill fails under a training that tails it; the
+workers' readers find it and stop with its text."""
+
+
 @dataclass(frozen=True)
 class TrainPlan:
-    """Where a training run reads from and writes to."""
+    """Where one dictionary's training reads from and writes to."""
 
     cache_uri: str
     run_uri: str
     run_name: str
     hookpoint: str
     wandb_dir: str
+    label: str
+    """The wandb run's and Ray Train's name: the run name, with the hookpoint when a job trains several."""
+    expected_shards: dict[str, int] | None = None
+    """{shard name: rows} of the complete cache when training may start before the cache is
+    complete (``cluster.train_while_caching``); None trains on a complete cache only."""
 
 
 def split_holdout(shards: list[ShardEntry], fraction: float) -> tuple[list[ShardEntry], list[ShardEntry]]:
     """(training shards, held-out shards): the last ``ceil(fraction * n)`` shards by name
     (at least one) are held out, the same split on every rank and every run of this cache."""
     ordered = sorted(shards, key=lambda s: s.name)
-    n_holdout = max(1, math.ceil(fraction * len(ordered)))
+    n_holdout = holdout_count(len(ordered), fraction)
     return ordered[:-n_holdout], ordered[-n_holdout:]
+
+
+def holdout_count(n_shards: int, fraction: float) -> int:
+    return max(1, math.ceil(fraction * n_shards))
 
 
 def input_scale(manifest: Manifest, normalize: bool) -> float:
@@ -96,6 +112,100 @@ def _job_from_dict(raw: dict) -> JobConfig:
     return job
 
 
+def _abort_reason(run: ObjectStore) -> str | None:
+    try:
+        return run.get_bytes(ABORT_KEY).decode()
+    except ObjectNotFound:
+        return None
+
+
+@dataclass
+class _Source:
+    """What a worker trains on: its reader, the step count, the input scale, b_dec's start, the
+    held-out shard names and the d_model."""
+
+    reader: ActivationReader
+    steps: int
+    scale: float
+    mean: np.ndarray
+    holdout: list[str]
+    d_model: int
+    rows_at_start: int
+    """Rows committed when training started (all of them unless the cache was still being written)."""
+
+
+def _complete_source(job: JobConfig, cache: ObjectStore, manifest: Manifest, rank: int, world_size: int) -> _Source:
+    train_shards, holdout_shards = split_holdout(manifest.shards, job.train.holdout_fraction)
+    reader = ActivationReader(
+        cache, train_shards, rank=rank, world_size=world_size,
+        batch_size=job.train.batch_size // world_size, seed=job.train.seed,
+        shuffle_buffer_rows=job.train.shuffle_buffer_rows, read_threads=job.train.read_threads,
+        prefetch_bytes=job.train.prefetch_mb << 20,
+    )
+    return _Source(
+        reader, _steps(reader, job.train.epochs, job.train.max_tokens, job.train.batch_size),
+        input_scale(manifest, job.sae.normalize_activations), manifest.stats.mean(),
+        [s.name for s in holdout_shards], manifest.d_model, manifest.rows,
+    )
+
+
+def _tailing_source(job: JobConfig, plan: TrainPlan, cache: ObjectStore, rank: int, world_size: int) -> _Source:
+    """A reader of a cache still being written. The shard names and row counts are known ahead
+    (``plan.expected_shards``), so the holdout split and the step count are fixed before any
+    shard exists: epoch 0 deals the training shards out round-robin in unit order (so every
+    rank's shards come in as production goes) and stops at the fewest batches any rank can
+    make; later epochs are planned over the complete cache. The normalisation statistics are
+    the manifest's once ``train.normalization_rows`` rows are committed, taken by rank 0 and
+    broadcast, so every rank starts from the same scale and b_dec."""
+    assert plan.expected_shards is not None
+    names = sorted(plan.expected_shards)
+    n_holdout = holdout_count(len(names), job.train.holdout_fraction)
+    train_names, holdout = names[:-n_holdout], names[-n_holdout:]
+    position = {name: i for i, name in enumerate(train_names)}
+    run = open_store(plan.run_uri, s3_options=job.cache.s3_options())
+    local_batch = job.train.batch_size // world_size
+    reader = ActivationReader(
+        cache, rank=rank, world_size=world_size, batch_size=local_batch, seed=job.train.seed,
+        shuffle_buffer_rows=job.train.shuffle_buffer_rows, read_threads=job.train.read_threads,
+        prefetch_bytes=job.train.prefetch_mb << 20, follow=True, follow_timeout_s=job.train.follow_timeout_s,
+        shard_filter=lambda entry: entry.name in position,
+        shard_rank=lambda name: position[name] % world_size, abort=partial(_abort_reason, run),
+    )
+    rows = [plan.expected_shards[n] for n in train_names]
+    first_epoch = min(sum(rows[r::world_size]) for r in range(world_size)) // local_batch
+    later_epochs = (sum(rows) // world_size) // local_batch
+    steps = first_epoch + (job.train.epochs - 1) * later_epochs
+    if job.train.max_tokens is not None:
+        steps = min(steps, job.train.max_tokens // job.train.batch_size)
+    stats: list = [None]
+    if rank == 0:
+        needed = min(job.train.normalization_rows, sum(rows))
+        manifest = _wait_for_manifest(cache, lambda m: m.rows >= needed, f"{needed} rows (train.normalization_rows)",
+                                      job.train.follow_timeout_s, partial(_abort_reason, run))
+        stats = [(input_scale(manifest, job.sae.normalize_activations), manifest.stats.mean(), manifest.d_model,
+                  manifest.rows)]
+    if world_size > 1:
+        torch.distributed.broadcast_object_list(stats, src=0)
+    scale, mean, d_model, rows_at_start = stats[0]
+    return _Source(reader, steps, scale, mean, holdout, d_model, rows_at_start)
+
+
+def _wait_for_manifest(cache: ObjectStore, ready, what: str, timeout_s: float, abort) -> Manifest:
+    """The committed manifest once ``ready(manifest)`` holds (polling every second); ``what``
+    names the wait in the TimeoutError."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reason = abort()
+        if reason:
+            raise TailingAborted(f"cache {cache.uri}: {reason}")
+        manifest = load_manifest(cache)
+        if manifest is not None and ready(manifest):
+            return manifest
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"cache {cache.uri}: still no {what} after {timeout_s:.0f} s (are the producers running?)")
+        time.sleep(1.0)
+
+
 def _worker_loop(config: dict) -> None:
     job, plan = _job_from_dict(config["job"]), TrainPlan(**config["plan"])
     logging.basicConfig(level=job.logging.level)
@@ -106,30 +216,26 @@ def _worker_loop(config: dict) -> None:
 
     cache = open_store(plan.cache_uri, s3_options=job.cache.s3_options())
     manifest = load_manifest(cache)
-    assert manifest is not None and manifest.complete, f"cache {plan.cache_uri} is not complete"
-    train_shards, holdout_shards = split_holdout(manifest.shards, job.train.holdout_fraction)
-    reader = ActivationReader(
-        cache, train_shards, rank=rank, world_size=world_size,
-        batch_size=job.train.batch_size // world_size, seed=job.train.seed,
-        shuffle_buffer_rows=job.train.shuffle_buffer_rows, read_threads=job.train.read_threads,
-        prefetch_bytes=job.train.prefetch_mb << 20,
-    )
-    scale = input_scale(manifest, job.sae.normalize_activations)
-    sae = _build_sae(job, manifest.d_model)
-    sae.init_b_dec(torch.tensor(manifest.stats.mean(), dtype=torch.float32)[None] * scale, method="mean")
-    steps = _steps(reader, job.train.epochs, job.train.max_tokens, job.train.batch_size)
+    if manifest is not None and manifest.complete:
+        source = _complete_source(job, cache, manifest, rank, world_size)
+    elif plan.expected_shards is not None:
+        source = _tailing_source(job, plan, cache, rank, world_size)
+    else:
+        raise RuntimeError(f"cache {plan.cache_uri} is not complete")
+    sae = _build_sae(job, source.d_model)
+    sae.init_b_dec(torch.tensor(source.mean, dtype=torch.float32)[None] * source.scale, method="mean")
     lr = job.train.learning_rate(job.sae.n_latents)
     engine = wrap_in_deepspeed(
         sae, train_cfg=job.train, lr=lr, world_size=world_size,
-        lr_multiplier=lambda step: lr_at(step, base_lr=1.0, **_lr_schedule(job.train, steps)),
+        lr_multiplier=lambda step: lr_at(step, base_lr=1.0, **_lr_schedule(job.train, source.steps)),
     )
     logger = make_logger(
         rank=rank, wandb_mode=job.logging.wandb_mode, project=job.logging.project,
-        run_name=plan.run_name, config=to_dict(job), dir=plan.wandb_dir,
+        run_name=plan.label, config=to_dict(job), dir=plan.wandb_dir,
     )
     tracker = DeadLatentTracker(job.sae.n_latents)
     summary = train(
-        engine, iter(reader), scale=scale, max_steps=steps, logger=logger,
+        engine, iter(source.reader), scale=source.scale, max_steps=source.steps, logger=logger,
         log_every=job.train.log_every_steps, dead_tracker=tracker,
         dead_after_tokens=job.train.dead_after_tokens, world_size=world_size,
         schedule=_step_schedule(job, sae),
@@ -138,23 +244,32 @@ def _worker_loop(config: dict) -> None:
     # threshold) are kept equal across ranks by the loop and come from the module.
     state = {**engine.module.state_dict(), **master_weights(engine)}
     if rank == 0:
-        final = _build_sae(job, manifest.d_model)
+        final = _build_sae(job, source.d_model)
         final.load_state_dict(state)
-        _finish(job, plan, final, manifest, holdout_shards, scale, summary, logger)
+        summary_metrics = {"train_tokens": summary.tokens, "train_steps": summary.steps,
+                           "cache_rows_at_train_start": source.rows_at_start}
+        _finish(job, plan, final, source.holdout, source.scale, summary_metrics, logger)
     logger.finish()
     shutdown_engine(engine)
 
 
-def _finish(job, plan, sae, manifest, holdout_shards, scale, summary, logger) -> None:
-    """Rank 0: evaluate on every held-out row and write the dictionary."""
+def _finish(job, plan, sae, holdout_names, scale, summary: dict, logger) -> None:
+    """Rank 0: evaluate on every held-out row and write the dictionary (training on a cache still
+    being written may end before the held-out shards, produced last, are committed: wait)."""
     cache = open_store(plan.cache_uri, s3_options=job.cache.s3_options())
-    holdout = (read_shard(cache, entry).activations for entry in holdout_shards)
+    run = open_store(plan.run_uri, s3_options=job.cache.s3_options())
+    manifest = _wait_for_manifest(
+        cache, lambda m: set(holdout_names) <= {s.name for s in m.shards}, "held-out shards",
+        job.train.follow_timeout_s, partial(_abort_reason, run),
+    )
+    entries = {s.name: s for s in manifest.shards}
+    holdout = (read_shard(cache, entries[name]).activations for name in holdout_names)
     firing = DeadLatentTracker(sae.n_latents)  # held-out firing frequencies, for sparsity.safetensors
     metrics = evaluate(sae, holdout, scale=scale, dead_tracker=firing)
-    metrics.update(train_tokens=summary.tokens, train_steps=summary.steps)
+    metrics.update(summary)
     frequencies = firing.frequencies()
     metrics["dense_fraction"] = dense_fraction(frequencies)
-    logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=summary.steps)
+    logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=summary["train_steps"])
     counts, edges = firing_histogram(frequencies, bins=torch.linspace(-10, 0, 41))
     metrics["firing_histogram"] = {"log10_frequency_edges": edges.tolist(), "latents": counts.long().tolist()}
     files = dictionary_files(
@@ -162,7 +277,6 @@ def _finish(job, plan, sae, manifest, holdout_shards, scale, summary, logger) ->
         extra_metadata={"cache_key": manifest.cache_key, "run_name": plan.run_name},
         sparsity=frequencies, eval_metrics=metrics,
     )
-    run = open_store(plan.run_uri, s3_options=job.cache.s3_options())
     for name, data in files.items():
         run.put_bytes(f"dictionary/{plan.hookpoint}/{name}", data)
 
@@ -178,7 +292,7 @@ def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict:
             resources_per_worker={"CPU": job.cluster.train_worker_num_cpus},
         ),
         torch_config=TorchConfig(backend="gloo"),
-        run_config=RunConfig(name=plan.run_name, storage_path=str(storage)),
+        run_config=RunConfig(name=plan.label, storage_path=str(storage)),
     )
     trainer.fit()
     run = open_store(plan.run_uri, s3_options=job.cache.s3_options())

@@ -129,6 +129,12 @@ class TrainConfig:
     """Metrics are logged every this many optimizer steps."""
     holdout_fraction: float = 0.1
     """Fraction of the cache's shards held out for evaluation (at least one shard)."""
+    normalization_rows: int = 16384
+    """Training on a cache still being written (``cluster.train_while_caching``) starts once this
+    many rows are committed (or all of them): the normalisation factor and b_dec come from them."""
+    follow_timeout_s: float = 1800.0
+    """Training on a cache still being written stops with a TimeoutError after this long
+    without a new shard."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -168,6 +174,10 @@ class TrainConfig:
             raise ValueError(f"train.log_every_steps={self.log_every_steps} must be positive")
         if not 0 < self.holdout_fraction < 1:
             raise ValueError(f"train.holdout_fraction={self.holdout_fraction} must be in (0, 1)")
+        if self.normalization_rows <= 0:
+            raise ValueError(f"train.normalization_rows={self.normalization_rows} must be positive")
+        if not self.follow_timeout_s > 0:
+            raise ValueError(f"train.follow_timeout_s={self.follow_timeout_s} must be positive")
 
     def learning_rate(self, n_latents: int) -> float:
         """The configured lr, or the width-scaled default."""

@@ -15,7 +15,13 @@ from activation_cache.hooking import (
     load_tokenizer,
     resolve_model_source,
 )
-from activation_cache.producing import produce_shard, split_units
+from activation_cache.producing import (
+    ShardTarget,
+    produce_shard,
+    produce_shards,
+    split_units,
+    unit_rows,
+)
 from activation_cache.reader import read_shard
 from activation_cache.schema import ShardMeta
 from activation_cache.store import LocalStore
@@ -94,12 +100,16 @@ def test_a_device_map_placed_model_harvests_the_same_activations(tiny_model_dir)
 
 def test_describe_model_resolves_without_loading_weights(tiny_model_dir):
     source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
-    assert describe_model(source, "resid_post.mid") == ("model.layers.2", 32)
-    assert describe_model(source, "model.layers.3.mlp")[0] == "model.layers.3.mlp"
+    assert describe_model(source, ["resid_post.mid"]) == (["model.layers.2"], 32)
+    assert describe_model(source, ["model.layers.3.mlp", "mlp_in.1"])[0] == ["model.layers.3.mlp", "model.layers.1.mlp:input"]
     with pytest.raises(ValueError, match=r"layer 9 out of range, model has 4 layers"):
-        describe_model(source, "resid_post.9")
+        describe_model(source, ["resid_post.9"])
     with pytest.raises(ValueError, match=r"hookpoint 'blocks.2.hook_resid_post': no such module"):
-        describe_model(source, "blocks.2.hook_resid_post")
+        describe_model(source, ["blocks.2.hook_resid_post"])
+    with pytest.raises(ValueError, match=r"hookpoints 'resid_post.2' and 'model.layers.2' both name model.layers.2"):
+        describe_model(source, ["resid_post.2", "model.layers.2"])
+    with pytest.raises(ValueError, match=r"model.hookpoints=\['mlp_out.1', 'mlp_out.1'\]: 'mlp_out.1' is listed twice"):
+        ModelConfig(hookpoints=["mlp_out.1", "mlp_out.1"])
 
 
 def test_bad_model_paths_fail_fast(tmp_path):
@@ -143,3 +153,33 @@ def test_produced_shard_excludes_special_tokens_and_keeps_provenance(tmp_path, t
     np.testing.assert_array_equal(shard.token_ids, tokens[shard.sequence_ids, shard.positions])
     expected = harvester(torch.from_numpy(tokens[4:8]))[:, 1:].reshape(-1, 32)
     torch.testing.assert_close(shard.activations, expected)
+
+
+def test_one_forward_pass_writes_a_shard_per_hookpoint(tmp_path, tiny_model_dir, tiny_corpus_dir):
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
+    tokenizer = load_tokenizer(source)
+    tokens = pack_sequences(DataConfig(source=str(tiny_corpus_dir), context_length=16, max_tokens=160), tokenizer)
+    unit = split_units(tokens, 4)[1]
+    model = load_model(source)
+    harvester = MultiHarvester(model, ["resid_post.1", "mlp_out.2"])
+    forwards = []
+    model.model.embed_tokens.register_forward_hook(lambda *args: forwards.append(1))
+    excluded = frozenset(tokenizer.all_special_ids)
+    targets = {
+        h: ShardTarget(LocalStore(tmp_path / h), ShardMeta(model="tiny", revision=source.revision, hookpoint=h,
+                                                           d_model=32, dtype="float32", cache_key=h))
+        for h in harvester.hookpoints
+    }
+    results = produce_shards(unit, harvester=harvester, targets=targets, excluded_token_ids=excluded, batch_size=4)
+    assert len(forwards) == 1, "both hookpoints come from one forward pass"
+    assert list(results) == ["model.layers.1", "model.layers.2.mlp"]
+    assert {r.entry.rows for r in results.values()} == {unit_rows(unit, excluded)} == {4 * 15}
+    ids = torch.from_numpy(unit.tokens)
+    for hookpoint, result in results.items():
+        shard = read_shard(targets[hookpoint].store, result.entry)
+        assert shard.meta.hookpoint == hookpoint
+        np.testing.assert_array_equal(shard.token_ids, unit.tokens[:, 1:].reshape(-1))
+        expected = ActivationHarvester(model, hookpoint)(ids)[:, 1:].reshape(-1, 32)
+        torch.testing.assert_close(shard.activations, expected)
+    resid, mlp = (read_shard(targets[h].store, r.entry).activations for h, r in results.items())
+    assert not torch.allclose(resid, mlp), "each cache holds its own hookpoint's activations"

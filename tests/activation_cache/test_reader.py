@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from activation_cache.manifest import ActivationStats, Manifest, ShardEntry, commit_manifest
-from activation_cache.reader import ActivationReader
+from activation_cache.reader import ActivationReader, TailingAborted
 from activation_cache.s3 import S3Store
 from activation_cache.schema import ShardMeta, decode_shard, encode_shard, sha256_hex
 from activation_cache.store import LocalStore, ObjectStore
@@ -201,6 +201,35 @@ def test_tailing_gives_up_with_a_named_cause_when_nothing_comes(tmp_path):
     reader = _reader(store, follow=True, poll_seconds=0.01, follow_timeout_s=0.2)
     with pytest.raises(TimeoutError, match=r"no new shard for 0 s and the manifest is not complete"):
         list(reader.epoch(0))
+
+
+def test_tailing_deals_shards_to_the_rank_it_is_told(tmp_path):
+    store = LocalStore(tmp_path)
+    thread = _write_slowly(CacheWriter(store), ROWS, delay=0.02)
+    starts = np.cumsum([0, *ROWS])
+    for rank in (0, 1):
+        # Shard i goes to rank i % 2, whatever its name hashes to.
+        reader = _reader(store, rank, 2, follow=True, poll_seconds=0.01, drop_last=False,
+                         shard_rank=lambda name: int(name[-11:-6]) % 2)
+        expected = [row for i in range(rank, len(ROWS), 2) for row in range(starts[i], starts[i + 1])]
+        assert sorted(_ids(list(reader.epoch(0)))) == expected
+    thread.join()
+
+
+def test_tailing_stops_with_the_reason_abort_gives(tmp_path):
+    store = LocalStore(tmp_path)
+    writer = CacheWriter(store)
+    writer.add(0, 40)
+    writer.add(1, 40)  # more than twice the shuffle buffer: batches come before the cache completes
+    reason: list[str] = []
+    reader = _reader(store, follow=True, poll_seconds=0.01, follow_timeout_s=30,
+                     abort=lambda: reason[0] if reason else None)
+    batches = reader.epoch(0)
+    assert len(next(batches)) == 16, "committed rows are read while nothing is wrong"
+    reason.append("filling the cache failed: ProducerFailed: work unit shards/unit-000002.arrow failed 3 times")
+    with pytest.raises(TailingAborted, match=r"stopped reading a cache still being written: filling the cache failed: "
+                                             r"ProducerFailed: work unit shards/unit-000002.arrow"):
+        list(batches)
 
 
 def test_several_readers_share_one_cache(tmp_path):

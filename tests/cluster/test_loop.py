@@ -3,21 +3,26 @@ real S3 endpoint: text -> producers -> cache -> DeepSpeed trainers -> dictionary
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
+import threading
+import time
 from collections import Counter
 
 import pytest
 import ray
 import torch
 
-from activation_cache.manifest import load_manifest
+from activation_cache.manifest import ActivationStats, commit_manifest, load_manifest
 from activation_cache.reader import read_shard
 from activation_cache.store import open_store
 from cluster.cli import main as saeforge
 from cluster.config import compose_job
-from cluster.driver import absolute_uri, build_cache, plan_cache, run_job
-from cluster.train import input_scale, split_holdout
+from cluster.driver import absolute_uri, build_caches, expected_shards, plan_caches, run_job
+from cluster.errors import ProducerFailed
+from cluster.train import TrainPlan, input_scale, split_holdout, train_dictionary
 from trainer.dictionary import load_dictionary
 
 pytestmark = pytest.mark.integration
@@ -104,7 +109,7 @@ def _check_dictionary(result, tmp_path, s3_options: dict) -> None:
 
 def test_loop_on_local_directory(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir):
     job = _job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir)
-    result = run_job(job)
+    [result] = run_job(job).hookpoints
     assert not result.cache_reused
     assert result.tokens_cached == SEQUENCES * (CONTEXT - 1)
     _check_cache(result.cache_uri, {})
@@ -113,8 +118,8 @@ def test_loop_on_local_directory(ray_cluster, tmp_path, tiny_model_dir, tiny_cor
 
     # A second job on the same inputs reuses the cache; this one trains a BatchTopK SAE, which
     # is saved as the JumpReLU SAELens runs at inference.
-    again = run_job(_job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir,
-                         "run.name=tiny2", "sae=batchtopk"))
+    [again] = run_job(_job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir,
+                           "run.name=tiny2", "sae=batchtopk")).hookpoints
     assert again.cache_reused and again.cache_uri == result.cache_uri
     target = tmp_path / "pulled-batchtopk"
     assert saeforge(["pull", again.dictionary_uri, str(target)]) == 0
@@ -129,7 +134,7 @@ def test_loop_on_local_directory(ray_cluster, tmp_path, tiny_model_dir, tiny_cor
 def test_loop_on_s3(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir, s3_server, s3_bucket_uri):
     job = _job(s3_bucket_uri, tmp_path, tiny_model_dir, tiny_corpus_dir,
                f"cache.s3_endpoint_url={s3_server.endpoint_url}", "cache.dtype=bfloat16")
-    result = run_job(job)
+    [result] = run_job(job).hookpoints
     assert result.cache_uri.startswith(s3_bucket_uri)
     options = {"endpoint_url": s3_server.endpoint_url}
     _check_cache(result.cache_uri, options)
@@ -142,14 +147,105 @@ def test_a_killed_producer_loses_and_duplicates_nothing(ray_cluster, tmp_path, t
     replaced; the units it held are redone and the cache holds every token exactly once."""
     job = _job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir,
                "cluster.num_producers=2", "cluster.units_per_producer=2")
-    plan = plan_cache(job, open_store(absolute_uri(job.cache.uri)))
+    [plan] = plan_caches(job, open_store(absolute_uri(job.cache.uri)))
     killed = []
 
-    def kill_one(manifest, producers) -> None:
+    def kill_one(manifests, producers) -> None:
         if not killed:  # after the first commit: both producers hold queued units
             killed.append(producers[0])
             ray.kill(producers[0], no_restart=for_good)
 
-    manifest, reused, _ = build_cache(job, plan, on_commit=kill_one)
-    assert killed and not reused and manifest.complete
+    report = build_caches(job, [plan], on_commit=kill_one)
+    assert killed and not report.reused[plan.hookpoint] and report.manifests[plan.hookpoint].complete
     _check_cache(plan.uri, {})
+
+
+def _overlap_job(uri: str, tmp_path, model_dir, corpus_dir, *extra: str):
+    # Producers and trainer workers share the 2-CPU test cluster.
+    return _job(uri, tmp_path, model_dir, corpus_dir, "cluster.train_while_caching=true",
+                "cluster.num_producers=1", "cluster.producer_num_cpus=0.5", "cluster.train_worker_num_cpus=0.5",
+                "train.epochs=2", *extra)
+
+
+def test_several_hookpoints_fill_their_caches_from_one_pass_while_training(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir):
+    job = _overlap_job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir,
+                       "model.hookpoints=[resid_post.1,mlp_out.2]")
+    result = run_job(job)
+    assert [h.hookpoint for h in result.hookpoints] == ["model.layers.1", "model.layers.2.mlp"]
+    first, second = result.hookpoints
+    assert first.cache_uri != second.cache_uri
+    for hp in result.hookpoints:
+        _check_cache(hp.cache_uri, {})
+        manifest = load_manifest(open_store(hp.cache_uri))
+        assert manifest.hookpoint == hp.hookpoint
+        target = tmp_path / "pulled" / hp.hookpoint
+        assert saeforge(["pull", hp.dictionary_uri, str(target)]) == 0
+        assert json.loads((target / "cfg.json").read_text())["metadata"]["hook_name"] == hp.hookpoint
+        assert hp.eval["fvu"] < 0.9
+    # Same units, same tokens, different activations: one forward pass fed both caches.
+    a, b = (open_store(h.cache_uri) for h in result.hookpoints)
+    entry = load_manifest(a).shards[3]
+    shard_a, shard_b = read_shard(a, entry), read_shard(b, next(e for e in load_manifest(b).shards if e.name == entry.name))
+    assert (shard_a.sequence_ids == shard_b.sequence_ids).all() and (shard_a.token_ids == shard_b.token_ids).all()
+    assert not torch.allclose(shard_a.activations, shard_b.activations)
+
+
+def _copy_slowly(source, target, entries, *, until_rows: int, then_wait_for, delay_s: float) -> threading.Thread:
+    """Commit ``entries`` of ``source`` into ``target`` as producers would: ``until_rows`` rows
+    at once, the rest only after ``then_wait_for`` exists, one every ``delay_s``."""
+    manifest = dataclasses.replace(load_manifest(source), shards=[], stats=ActivationStats(), complete=False)
+
+    def run() -> None:
+        nonlocal manifest
+        for entry in entries:
+            if manifest.rows >= until_rows:
+                deadline = time.monotonic() + 180
+                while not then_wait_for.exists() and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                time.sleep(delay_s)
+            target.put_bytes(entry.name, source.get_bytes(entry.name))
+            stats = ActivationStats.of(read_shard(source, entry).activations.numpy())
+            manifest = manifest.with_shard(entry, stats)
+            commit_manifest(target, manifest)
+        manifest.complete = True
+        commit_manifest(target, manifest)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_training_starts_on_the_shards_committed_so_far(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir):
+    """Training on a cache still being written starts once train.normalization_rows are
+    committed, tails the rest as it comes, and takes as many steps as on the complete cache."""
+    job = _job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir, "train.epochs=2",
+               "train.normalization_rows=200", "cluster.train_while_caching=true")
+    [plan] = plan_caches(job, open_store(absolute_uri(job.cache.uri)))
+    complete = build_caches(job, [plan]).manifests[plan.hookpoint]
+    growing_uri = absolute_uri(str(tmp_path / "growing"))
+    wandb_dir = tmp_path / "outputs" / "tailing"
+    writer = _copy_slowly(open_store(plan.uri), open_store(growing_uri), complete.shards, until_rows=200,
+                          then_wait_for=wandb_dir, delay_s=0.3)
+    train_plan = TrainPlan(cache_uri=growing_uri, run_uri=absolute_uri(str(tmp_path / "runs" / "tailing")),
+                           run_name="tailing", hookpoint=plan.hookpoint, wandb_dir=str(wandb_dir), label="tailing",
+                           expected_shards=expected_shards(job, plan))
+    evaluation = train_dictionary(job, train_plan)
+    writer.join()
+    assert 200 <= evaluation["cache_rows_at_train_start"] < complete.rows
+    # 10 training shards of 4 * 31 rows dealt to 2 ranks of 32-row batches: 19 steps an epoch,
+    # as on the complete cache.
+    assert evaluation["train_steps"] == 2 * (5 * 124 // 32) == 38
+    assert evaluation["fvu"] < 0.9
+
+
+def test_a_failing_fill_stops_the_training_that_tails_it(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # the config and tokenizer load; the weights do not
+    job = _overlap_job(str(tmp_path / "store"), tmp_path, broken, tiny_corpus_dir, "cluster.producer_replacements=1",
+                       "train.follow_timeout_s=600")
+    started = time.monotonic()
+    with pytest.raises(ProducerFailed, match=r"no producer left to run \d+ work units"):
+        run_job(job)
+    assert time.monotonic() - started < 300, "stopped by the fill's failure, not by the reader's timeout"
