@@ -97,10 +97,6 @@ class TrainConfig:
     """Passes over the training shards of the cache."""
     max_tokens: int | None = None
     """Stop after this many training tokens (all ranks together); ``None`` means all epochs."""
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage for data parallelism (optimizer state / gradients partitioned)."""
-    precision: str = "fp32"
-    """Compute precision; bf16 keeps fp32 master weights."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value before each step; 0 disables clipping."""
     lr_warmup_steps: int = 20
@@ -127,6 +123,8 @@ class TrainConfig:
     """A latent that has not fired for this many tokens counts as dead."""
     log_every_steps: int = 10
     """Metrics are logged every this many optimizer steps."""
+    histogram_every_steps: int = 100
+    """The firing-frequency histogram (log10) is logged every this many steps; 0 never."""
     holdout_fraction: float = 0.1
     """Fraction of the cache's shards held out for evaluation (at least one shard)."""
     normalization_rows: int = 16384
@@ -145,10 +143,6 @@ class TrainConfig:
             raise ValueError(f"train.epochs={self.epochs} must be positive")
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ValueError(f"train.max_tokens={self.max_tokens} must be positive or null")
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"train.zero_stage={self.zero_stage} must be 0, 1 or 2")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"train.precision={self.precision!r}: expected 'fp32' or 'bf16'")
         if not self.max_grad_norm >= 0:
             raise ValueError(f"train.max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables)")
         if self.lr_warmup_steps < 0 or self.sparsity_warmup_steps < 0 or self.k_anneal_steps < 0:
@@ -172,6 +166,8 @@ class TrainConfig:
             raise ValueError(f"train.dead_after_tokens={self.dead_after_tokens} must be positive")
         if self.log_every_steps <= 0:
             raise ValueError(f"train.log_every_steps={self.log_every_steps} must be positive")
+        if self.histogram_every_steps < 0:
+            raise ValueError(f"train.histogram_every_steps={self.histogram_every_steps} must be >= 0 (0: never)")
         if not 0 < self.holdout_fraction < 1:
             raise ValueError(f"train.holdout_fraction={self.holdout_fraction} must be in (0, 1)")
         if self.normalization_rows <= 0:
@@ -182,3 +178,66 @@ class TrainConfig:
     def learning_rate(self, n_latents: int) -> float:
         """The configured lr, or the width-scaled default."""
         return self.lr if self.lr is not None else 2e-4 / (n_latents / 2**14) ** 0.5
+
+
+@dataclass
+class DeepSpeedConfig:
+    """How the DeepSpeed engine spreads the SAE over the ranks (the ``deepspeed`` config group).
+
+    Defaults are DeepSpeed's own where it has one. The bucket sizes are in elements, not bytes.
+    """
+
+    zero_stage: int = 2
+    """ZeRO stage over the data-parallel ranks: 0 replicates everything, 1 partitions the Adam
+    state, 2 also the gradients, 3 also the parameters (gathered layer by layer when used)."""
+    precision: str = "fp32"
+    """``fp32``, or ``bf16``: parameters, activations and gradients in bf16 over fp32 master
+    weights and Adam state kept by the optimizer."""
+    reduce_bucket_size: int = 500_000_000
+    """ZeRO 1-3: gradient elements reduced across data-parallel ranks in one collective; larger
+    buckets mean fewer, bigger messages and more memory for the bucket."""
+    allgather_bucket_size: int = 500_000_000
+    """ZeRO 1-2: parameter elements all-gathered in one collective after the optimizer step."""
+    overlap_comm: bool | None = None
+    """Overlap the gradient reduction with the backward pass (costs bucket memory);
+    ``None``: DeepSpeed's default, on for ZeRO 3 and off for 1 and 2."""
+    contiguous_gradients: bool = True
+    """ZeRO 2-3: copy gradients into one contiguous buffer as they are produced, which avoids
+    memory fragmentation during backward."""
+    stage3_prefetch_bucket_size: int = 50_000_000
+    """ZeRO 3: parameter elements fetched ahead of the module that needs them; 0 fetches on demand."""
+    stage3_param_persistence_threshold: int = 100_000
+    """ZeRO 3: parameters with fewer elements than this stay whole on every rank (not
+    partitioned); small ones cost more in communication than they save in memory."""
+    stage3_max_live_parameters: int = 1_000_000_000
+    """ZeRO 3: parameter elements each rank may hold gathered at once before releasing some."""
+    feature_parallel: int = 1
+    """Ranks the latent dimension is split across (``trainer.feature_parallel``); the ranks form
+    a (data x feature) grid of ``cluster.num_train_workers / feature_parallel`` data-parallel
+    replicas. Must divide ``cluster.num_train_workers`` and ``sae.n_latents``; 1 turns it off."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"deepspeed.precision={self.precision!r}: expected 'fp32' or 'bf16'")
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"deepspeed.{name}={getattr(self, name)} must be positive")
+        for name in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_live_parameters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"deepspeed.{name}={getattr(self, name)} must be >= 0")
+        if self.feature_parallel <= 0:
+            raise ValueError(f"deepspeed.feature_parallel={self.feature_parallel} must be positive")
+
+    def check_clipping(self, *, max_grad_norm: float) -> None:
+        """Refuse gradient clipping where DeepSpeed would clip by a wrong norm: with bf16 and no
+        ZeRO, its optimizer (FP16_UnfusedOptimizer) takes the norm over gradient tensors, which
+        lack the marks that make each feature slice count on every rank, so it counts the first
+        slice only (``trainer.engine``)."""
+        if max_grad_norm > 0 and self.feature_parallel > 1 and self.zero_stage == 0 and self.precision == "bf16":
+            raise ValueError(
+                f"deepspeed.zero_stage=0 with deepspeed.precision='bf16' and deepspeed.feature_parallel="
+                f"{self.feature_parallel} cannot clip gradients (train.max_grad_norm={max_grad_norm}): "
+                "use zero_stage >= 1, fp32 or max_grad_norm=0"
+            )

@@ -12,9 +12,12 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from torch import nn
+from torch.distributed import ProcessGroup
 
-from trainer.config import TrainConfig
+from trainer.config import DeepSpeedConfig, TrainConfig
+from trainer.feature_parallel import FeatureParallelTopKSAE, ParallelGrid
 
 log = logging.getLogger(__name__)
 
@@ -22,67 +25,193 @@ log = logging.getLogger(__name__)
 _OWNS_GROUP_ATTR = "_saeforge_owns_process_group"
 
 
-def deepspeed_config(*, train_cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict for ``train_cfg`` on ``world_size`` data-parallel ranks."""
+def distributed_backend() -> str:
+    """The torch.distributed backend for this machine: ``nccl`` where CUDA is available, else
+    ``gloo``; ``gloo`` too where DeepSpeed is told to run on the CPU (``DS_ACCELERATOR=cpu``)."""
+    if os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available():
+        return "gloo"
+    return "nccl"
+
+
+def deepspeed_config(
+    *, train_cfg: TrainConfig, deepspeed_cfg: DeepSpeedConfig, world_size: int
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``world_size`` ranks in all, of which
+    ``world_size / deepspeed_cfg.feature_parallel`` are data-parallel replicas."""
     if world_size <= 0:
         raise ValueError(f"world_size={world_size} must be positive")
-    if train_cfg.batch_size % world_size != 0:
+    if world_size % deepspeed_cfg.feature_parallel:
         raise ValueError(
-            f"train.batch_size={train_cfg.batch_size} is not divisible by world_size={world_size}"
+            f"world_size={world_size} is not divisible by deepspeed.feature_parallel={deepspeed_cfg.feature_parallel}"
+        )
+    data_parallel = world_size // deepspeed_cfg.feature_parallel
+    if train_cfg.batch_size % data_parallel != 0:
+        raise ValueError(
+            f"train.batch_size={train_cfg.batch_size} is not divisible by the {data_parallel} data-parallel ranks"
         )
     config: dict[str, Any] = {
+        # DeepSpeed counts data-parallel ranks only: with an mpu its world size is the data group's.
         "train_batch_size": train_cfg.batch_size,
-        "train_micro_batch_size_per_gpu": train_cfg.batch_size // world_size,
+        "train_micro_batch_size_per_gpu": train_cfg.batch_size // data_parallel,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": train_cfg.max_grad_norm,
-        "zero_optimization": {"stage": train_cfg.zero_stage},
+        "zero_optimization": _zero_section(deepspeed_cfg),
         # ZeRO refuses optimizers it has not tested unless told; torch's fused Adam is the client
         # optimizer because DeepSpeed's fused and CPU Adams JIT-compile for 60-100 s on first use.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
-    if train_cfg.precision == "bf16":
+    if deepspeed_cfg.precision == "bf16":
         config["bf16"] = {"enabled": True}
     return config
+
+
+def _zero_section(cfg: DeepSpeedConfig) -> dict[str, Any]:
+    section: dict[str, Any] = {
+        "stage": cfg.zero_stage,
+        "reduce_bucket_size": cfg.reduce_bucket_size,
+        "allgather_bucket_size": cfg.allgather_bucket_size,
+        "contiguous_gradients": cfg.contiguous_gradients,
+    }
+    if cfg.overlap_comm is not None:
+        section["overlap_comm"] = cfg.overlap_comm
+    if cfg.zero_stage == 3:
+        section.update(
+            stage3_prefetch_bucket_size=cfg.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=cfg.stage3_param_persistence_threshold,
+            stage3_max_live_parameters=cfg.stage3_max_live_parameters,
+        )
+    return section
 
 
 def wrap_in_deepspeed(
     model: nn.Module,
     *,
     train_cfg: TrainConfig,
+    deepspeed_cfg: DeepSpeedConfig,
     lr: float,
     world_size: int,
+    grid: ParallelGrid | None = None,
     lr_multiplier: Callable[[int], float] | None = None,
 ) -> deepspeed.DeepSpeedEngine:
-    """Wrap ``model`` in a DeepSpeed engine with torch Adam for data-parallel training.
+    """Wrap ``model`` in a DeepSpeed engine with torch Adam.
 
     Preconditions: every rank calls this with the same arguments, after anything that changes
     the weights (``init_b_dec``): DeepSpeed copies them into its master weights here and
-    broadcasts rank 0's to the other ranks.
+    broadcasts the first data-parallel rank's to the others.
     An existing torch.distributed process group (Ray Train makes one) is reused and left alone;
-    otherwise one is made with gloo from the ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` /
-    ``MASTER_PORT`` environment, or, for ``world_size=1`` without it, on a free local port.
-    ``train_cfg.batch_size`` is the global batch: each rank feeds ``batch_size // world_size`` rows.
+    otherwise one is made with ``distributed_backend()`` from the ``RANK`` / ``WORLD_SIZE`` /
+    ``MASTER_ADDR`` / ``MASTER_PORT`` environment, or, for ``world_size=1`` without it, on a free
+    local port. ``train_cfg.batch_size`` is the global batch: each data-parallel replica feeds
+    ``batch_size / data_parallel`` rows, and every rank of one feature group the same rows.
     ``lr_multiplier(step)`` scales ``lr`` at each optimizer step (warmup and decay); the engine
     steps it, and it is saved with the engine's checkpoints.
+
+    Feature parallelism (``deepspeed_cfg.feature_parallel > 1``): ``model`` is this rank's
+    ``FeatureParallelTopKSAE`` on ``grid.feature_group`` (from ``build_grid``, which needs the
+    process group first); DeepSpeed's data parallelism and ZeRO partitioning then run over
+    ``grid.data_group`` only, and gradient clipping uses the norm of the whole dictionary.
     """
     if not lr > 0:
         raise ValueError(f"lr={lr} must be positive")
-    config = deepspeed_config(train_cfg=train_cfg, world_size=world_size)
+    config = deepspeed_config(train_cfg=train_cfg, deepspeed_cfg=deepspeed_cfg, world_size=world_size)
+    deepspeed_cfg.check_clipping(max_grad_norm=train_cfg.max_grad_norm)
+    _check_grid(model, deepspeed_cfg=deepspeed_cfg, world_size=world_size, grid=grid)
     _skip_shm_comm_build()
     owns_group = _ensure_process_group(world_size)
+    mpu = None
+    if grid is not None and grid.feature_parallel > 1:
+        assert isinstance(model, FeatureParallelTopKSAE)  # _check_grid
+        mpu = _GridMPU(grid)
+        for param in model.sliced_parameters():
+            # DeepSpeed's gradient-norm code (runtime/utils.py is_model_parallel_parameter) counts
+            # marked parameters on every model-parallel rank and the others on its first only.
+            param.model_parallel = True
     # fused: one multi-tensor kernel per step instead of torch's per-parameter loop (on CPU since
     # torch 2.4); 12 against 93 ms per step for a 16,384 x 768 SAE here (benchmarks/RESULTS.md).
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier) if lr_multiplier else None
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, mpu=mpu
+    )
     setattr(engine, _OWNS_GROUP_ATTR, owns_group)
     log.info(
-        "DeepSpeed engine: ZeRO stage %d, %s, %d ranks x %d rows",
-        train_cfg.zero_stage, train_cfg.precision, world_size, config["train_micro_batch_size_per_gpu"],
+        "DeepSpeed engine: ZeRO stage %d, %s, %d data x %d feature ranks, %d rows per replica",
+        deepspeed_cfg.zero_stage, deepspeed_cfg.precision, world_size // deepspeed_cfg.feature_parallel,
+        deepspeed_cfg.feature_parallel, config["train_micro_batch_size_per_gpu"],
     )
     return engine
+
+
+def _check_grid(
+    model: nn.Module, *, deepspeed_cfg: DeepSpeedConfig, world_size: int, grid: ParallelGrid | None
+) -> None:
+    feature_parallel = deepspeed_cfg.feature_parallel
+    if grid is None:
+        if feature_parallel > 1:
+            raise ValueError(
+                f"deepspeed.feature_parallel={feature_parallel} needs grid= (build_grid) and a FeatureParallelTopKSAE"
+            )
+        return
+    if (grid.data_parallel, grid.feature_parallel) != (world_size // feature_parallel, feature_parallel):
+        raise ValueError(
+            f"grid of {grid.data_parallel} data x {grid.feature_parallel} feature ranks, but world_size="
+            f"{world_size} with deepspeed.feature_parallel={feature_parallel}"
+        )
+    if feature_parallel == 1:
+        return
+    if not isinstance(model, FeatureParallelTopKSAE):
+        raise ValueError(
+            f"deepspeed.feature_parallel={feature_parallel} needs a FeatureParallelTopKSAE, got {type(model).__name__}"
+        )
+    if model.group is not grid.feature_group:
+        raise ValueError("the FeatureParallelTopKSAE's group is not grid.feature_group: build it with group=grid.feature_group")
+
+
+class _GridMPU:
+    """A ``ParallelGrid`` as DeepSpeed's ``mpu`` argument (Megatron's parallel-state interface):
+    the feature group is its model-parallel (tensor-parallel) group, the data group its
+    data-parallel group; no pipeline stages. DeepSpeed reduces gradients, partitions ZeRO state
+    and broadcasts initial weights within the data group, and sums gradient norms over the
+    model-parallel group (runtime/utils.py ``clip_grad_norm_``, ZeRO's ``get_grad_norm_direct``)."""
+
+    def __init__(self, grid: ParallelGrid) -> None:
+        self._grid = grid
+
+    def get_model_parallel_rank(self) -> int:
+        return self._grid.feature_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._grid.feature_parallel
+
+    def get_model_parallel_group(self) -> ProcessGroup:
+        return self._grid.feature_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return dist.get_global_rank(self._grid.feature_group, 0)
+
+    def get_data_parallel_rank(self) -> int:
+        return self._grid.data_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._grid.data_parallel
+
+    def get_data_parallel_group(self) -> ProcessGroup:
+        return self._grid.data_group
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self._grid.data_group)
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
 
 
 def shutdown_engine(engine: deepspeed.DeepSpeedEngine) -> None:
@@ -90,6 +219,9 @@ def shutdown_engine(engine: deepspeed.DeepSpeedEngine) -> None:
     ``engine.destroy()``, a barrier, then destroy the process group only if
     ``wrap_in_deepspeed`` created it (a group made by Ray Train belongs to Ray Train)."""
     engine.destroy()
+    # DeepSpeed keeps the mpu of the last engine given one at module level (utils/groups.py) and
+    # consults it for every later engine in this process, grid or not.
+    deepspeed.utils.groups.mpu = None
     if not dist.is_initialized():
         return
     dist.barrier()
@@ -101,10 +233,13 @@ def shutdown_engine(engine: deepspeed.DeepSpeedEngine) -> None:
 
 
 def master_weights(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
-    """The module's parameters in full fp32 (CPU), from the optimizer's master copy under bf16.
+    """The module's parameters in full fp32 (CPU), from the optimizer's master copy.
 
-    Export from these, not from ``engine.module``, whose bf16 parameters have lost the low bits.
-    A collective under ZeRO 1 and 2 (the master copy is partitioned): every rank must call it.
+    Export from these, not from ``engine.module``: its bf16 parameters have lost the low bits,
+    and under ZeRO 3 it holds only empty placeholders outside the forward and backward passes.
+    A collective over the data-parallel group under ZeRO 1-3 (the master copy is partitioned):
+    every rank must call it. With feature parallelism each rank gets its own slice
+    (``FeatureParallelTopKSAE.full_state_dict`` assembles the dictionary from them).
     """
     unfused_masters = _unfused_master_copies(engine.optimizer)
     weights = {}
@@ -119,9 +254,10 @@ def master_weights(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]
 def _unfused_master_copies(optimizer: Any) -> dict[int, torch.Tensor]:
     # ZeRO stage 0 with bf16 runs FP16_UnfusedOptimizer, which keeps fp32 copies in fp32_groups
     # beside the low-precision fp16_groups and has no _hp_mapping for safe_get_full_fp32_param.
-    lows_by_group = getattr(optimizer, "fp16_groups", [])
-    highs_by_group = getattr(optimizer, "fp32_groups", [])
-    pairs = zip(lows_by_group, highs_by_group, strict=True)
+    # (ZeRO 3's optimizer has attributes of the same names holding partitions.)
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return {}
+    pairs = zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True)
     return {id(low): high for lows, highs in pairs for low, high in zip(lows, highs, strict=True)}
 
 
@@ -135,12 +271,12 @@ def _ensure_process_group(world_size: int) -> bool:
         os.environ.setdefault("LOCAL_RANK", "0")
         port = _free_port()
         deepspeed.init_distributed(
-            dist_backend="gloo", auto_mpi_discovery=False,
+            dist_backend=distributed_backend(), auto_mpi_discovery=False,
             init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
         )
         created = True
     else:
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=distributed_backend(), auto_mpi_discovery=False)
         created = True
     if dist.get_world_size() != world_size:
         raise ValueError(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal, Protocol
 
+from torch import Tensor
+
 log = logging.getLogger(__name__)
 
 
@@ -13,6 +15,10 @@ class MetricLogger(Protocol):
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Record ``metrics`` at optimizer step ``step``."""
+        ...
+
+    def log_histogram(self, name: str, values: Tensor, step: int) -> None:
+        """Record the distribution of ``values`` (e.g. log10 firing frequencies) at ``step``."""
         ...
 
     def finish(self) -> None:
@@ -24,6 +30,9 @@ class NullLogger:
     """Drops everything: the logger of every rank but 0, and of runs without wandb."""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_histogram(self, name: str, values: Tensor, step: int) -> None:
         pass
 
     def finish(self) -> None:
@@ -47,13 +56,19 @@ class WandbLogger:
             raise ValueError(f"wandb mode={mode!r}: expected 'offline', 'online' or 'disabled'")
         import wandb  # lazily: importing wandb costs about a second and most ranks never need it
 
+        self._wandb = wandb
+        # create_new: a sweep holds one run per dictionary open at once in this process.
         self._run = wandb.init(
-            project=project, name=run_name, config=config, dir=dir, mode=mode, group=group
+            project=project, name=run_name, config=config, dir=dir, mode=mode, group=group, reinit="create_new"
         )
-        log.info("wandb run %s (%s) in %s", run_name, mode, dir)
+        where = self._run.url if mode == "online" else self._run.dir
+        log.info("wandb run %s (%s): %s", run_name, mode, where)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)
+
+    def log_histogram(self, name: str, values: Tensor, step: int) -> None:
+        self._run.log({name: self._wandb.Histogram(values.detach().float().cpu().numpy(), num_bins=64)}, step=step)
 
     def finish(self) -> None:
         self._run.finish()

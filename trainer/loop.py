@@ -74,19 +74,104 @@ class StepSchedule:
             module.k = self.k(step)
 
 
+class DictionaryTrainer:
+    """One dictionary's training, one batch at a time: what ``train`` loops over, and what a
+    sweep steps in lockstep, several dictionaries on each batch read once.
+
+    ``world_size`` is the number of data-parallel ranks (distinct batches per step) and
+    ``data_group`` their process group (``None``: the default group); the ranks of a feature
+    group see the same batch and the same selected latents, so firing counts are summed over the
+    data group only. Every rank must call ``step`` the same number of times: the steps hold
+    collectives. ``state_dict`` / ``load_state_dict`` carry the loop's own state (step, tokens,
+    dead-latent counters) for a checkpoint; the engine carries the rest. Every
+    ``histogram_every`` steps (0: never) the firing-frequency histogram goes to the logger.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        scale: float,
+        max_steps: int,
+        logger: MetricLogger,
+        log_every: int,
+        dead_tracker: DeadLatentTracker,
+        dead_after_tokens: int,
+        world_size: int,
+        schedule: StepSchedule | None = None,
+        target_scale: float | None = None,
+        data_group: Any = None,
+        histogram_every: int = 0,
+    ) -> None:
+        for name, value in (("max_steps", max_steps), ("log_every", log_every), ("world_size", world_size)):
+            if value <= 0:
+                raise ValueError(f"{name}={value} must be positive")
+        if not scale > 0:
+            raise ValueError(f"scale={scale} must be positive")
+        self.engine, self.scale, self.target_scale = engine, scale, target_scale
+        self.max_steps, self.logger, self.log_every = max_steps, logger, log_every
+        self.dead_tracker, self.dead_after_tokens = dead_tracker, dead_after_tokens
+        self.world_size, self.data_group = world_size, data_group
+        self.schedule = schedule or StepSchedule()
+        self.histogram_every = histogram_every
+        self.wants_dead_mask = "dead_mask" in inspect.signature(engine.module.forward).parameters
+        self.steps_done = 0
+        self.tokens = 0
+        self.metrics: dict[str, float] = {}
+        self._window = _MetricWindow(engine.device)
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.max_steps
+
+    def step(self, batch: Tensor | tuple[Tensor, Tensor]) -> None:
+        """One optimizer step on this rank's ``batch`` of raw activations (or ``(x, target)``)."""
+        if self.done:
+            raise RuntimeError(f"max_steps={self.max_steps} already taken")
+        engine, step = self.engine, self.steps_done + 1
+        x, target = batch if isinstance(batch, tuple) else (batch, None)
+        self.schedule.apply(engine.module, step - 1)
+        forward_kwargs: dict[str, Any] = {}
+        if self.wants_dead_mask:
+            forward_kwargs["dead_mask"] = self.dead_tracker.dead_mask(self.dead_after_tokens).to(engine.device)
+        if target is not None:
+            forward_kwargs["target"] = _scaled(target, engine, self.target_scale or self.scale)
+        out = train_step(engine, x, scale=self.scale, step=step, world_size=_ranks(), **forward_kwargs)
+        global_tokens = x.shape[0] * self.world_size
+        _update_dead_latents(self.dead_tracker, out, self.world_size, self.data_group)
+        _average_buffers(engine.module, self.world_size, self.data_group)
+        self.steps_done, self.tokens = step, self.tokens + global_tokens
+        self._window.add(out, tokens=global_tokens)
+        if step % self.log_every == 0 or step == self.max_steps:
+            self.metrics = _window_metrics(engine, self._window, self.dead_tracker, self.dead_after_tokens)
+            self.metrics["tokens"] = float(self.tokens)
+            self.logger.log(self.metrics, step=step)
+            _log_progress(step, self.max_steps, self.metrics)
+            self._window = _MetricWindow(engine.device)
+        if self.histogram_every and (step % self.histogram_every == 0 or step == self.max_steps):
+            # Latents that never fired sit at -10, left of every real frequency.
+            frequencies = self.dead_tracker.frequencies().clamp_min(1e-10)
+            self.logger.log_histogram("firing_log10_frequency", frequencies.log10(), step=step)
+
+    def summary(self) -> TrainSummary:
+        return TrainSummary(steps=self.steps_done, tokens=self.tokens, final_metrics=self.metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's position and dead-latent counters (tensors and JSON-able values)."""
+        return {"steps_done": self.steps_done, "tokens": self.tokens, "dead_tracker": self.dead_tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_done, self.tokens = int(state["steps_done"]), int(state["tokens"])
+        self.dead_tracker.load_state_dict(state["dead_tracker"])
+        self._window = _MetricWindow(self.engine.device)
+
+
 def train(
     engine: Any,
     batches: Iterator[Tensor | tuple[Tensor, Tensor]],
     *,
-    scale: float,
     max_steps: int,
-    logger: MetricLogger,
-    log_every: int,
-    dead_tracker: DeadLatentTracker,
-    dead_after_tokens: int,
-    world_size: int,
-    schedule: StepSchedule | None = None,
-    target_scale: float | None = None,
+    **options: Any,
 ) -> TrainSummary:
     """Run ``max_steps`` optimizer steps of ``engine`` (a DeepSpeed engine around an SAE).
 
@@ -95,40 +180,20 @@ def train(
     that stops early leaves the others waiting. The SAE sees ``x * scale``. A batch may be an
     ``(x, target)`` pair (transcoders); the target is scaled by ``target_scale`` (default ``scale``).
     Architectures whose forward takes ``dead_mask`` (AuxK) get the tracker's dead latents each step.
+    ``options`` are ``DictionaryTrainer``'s.
     """
-    for name, value in (("max_steps", max_steps), ("log_every", log_every), ("world_size", world_size)):
-        if value <= 0:
-            raise ValueError(f"{name}={value} must be positive")
-    if not scale > 0:
-        raise ValueError(f"scale={scale} must be positive")
-    window = _MetricWindow(engine.device)
-    tokens = 0
-    metrics: dict[str, float] = {}
-    schedule = schedule or StepSchedule()
-    wants_dead_mask = "dead_mask" in inspect.signature(engine.module.forward).parameters
-    for step in range(1, max_steps + 1):
+    trainer = DictionaryTrainer(engine, max_steps=max_steps, **options)
+    while not trainer.done:
         batch = next(batches, None)
         if batch is None:
-            raise ValueError(f"batches ran out at step {step} of max_steps={max_steps}")
-        x, target = batch if isinstance(batch, tuple) else (batch, None)
-        schedule.apply(engine.module, step - 1)
-        forward_kwargs: dict[str, Any] = {}
-        if wants_dead_mask:
-            forward_kwargs["dead_mask"] = dead_tracker.dead_mask(dead_after_tokens).to(engine.device)
-        if target is not None:
-            forward_kwargs["target"] = _scaled(target, engine, target_scale or scale)
-        out = train_step(engine, x, scale=scale, step=step, world_size=world_size, **forward_kwargs)
-        _update_dead_latents(dead_tracker, out, world_size)
-        _average_buffers(engine.module, world_size)
-        tokens += x.shape[0] * world_size
-        window.add(out, tokens=x.shape[0] * world_size)
-        if step % log_every == 0 or step == max_steps:
-            metrics = _window_metrics(engine, window, dead_tracker, dead_after_tokens, world_size)
-            metrics["tokens"] = float(tokens)
-            logger.log(metrics, step=step)
-            _log_progress(step, max_steps, metrics)
-            window = _MetricWindow(engine.device)
-    return TrainSummary(steps=max_steps, tokens=tokens, final_metrics=metrics)
+            raise ValueError(f"batches ran out at step {trainer.steps_done + 1} of max_steps={max_steps}")
+        trainer.step(batch)
+    return trainer.summary()
+
+
+def _ranks() -> int:
+    """All ranks of the job (data x feature), 1 without a process group."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _log_progress(step: int, max_steps: int, metrics: dict[str, float]) -> None:
@@ -170,21 +235,21 @@ def _raise_unless_finite(loss: Tensor, *, step: int, world_size: int) -> None:
         raise NonFiniteLossError(step, loss.item(), int(n_bad.item()), world_size)
 
 
-def _average_buffers(module: nn.Module, world_size: int) -> None:
+def _average_buffers(module: nn.Module, world_size: int, group: Any) -> None:
     # Running statistics in buffers (BatchTopK's inference threshold) are updated from each
     # rank's own batch; averaging keeps one value on every rank, as the saved dictionary needs.
     if world_size == 1:
         return
     for buffer in module.buffers():
         if buffer.is_floating_point():
-            dist.all_reduce(buffer)
+            dist.all_reduce(buffer, group=group)
             buffer /= world_size
 
 
-def _update_dead_latents(tracker: DeadLatentTracker, out: ForwardOutput, world_size: int) -> None:
+def _update_dead_latents(tracker: DeadLatentTracker, out: ForwardOutput, world_size: int, group: Any) -> None:
     counts = output_fire_counts(out.latent_acts, out.latent_indices, tracker.n_latents)
     if world_size > 1:
-        dist.all_reduce(counts)  # summed, so every rank's tracker holds the global counts
+        dist.all_reduce(counts, group=group)  # summed, so every rank's tracker holds the global counts
     tracker.update_counts(counts, n_tokens=out.latent_acts.shape[0] * world_size)
 
 
@@ -209,17 +274,15 @@ class _MetricWindow:
 
 
 def _window_metrics(
-    engine: Any,
-    window: _MetricWindow,
-    tracker: DeadLatentTracker,
-    dead_after_tokens: int,
-    world_size: int,
+    engine: Any, window: _MetricWindow, tracker: DeadLatentTracker, dead_after_tokens: int
 ) -> dict[str, float]:
-    """Figures averaged over the window's steps and over ranks."""
+    """Figures averaged over the window's steps and over all ranks (the ranks of a feature group
+    hold the same figures, so averaging over them too changes nothing)."""
     sums = window.sums.clone()
-    if world_size > 1:
+    ranks = _ranks()
+    if ranks > 1:
         dist.all_reduce(sums)
-    loss, mse, fvu, l0, sparsity_loss, aux_loss = (sums / (window.steps * world_size)).tolist()
+    loss, mse, fvu, l0, sparsity_loss, aux_loss = (sums / (window.steps * ranks)).tolist()
     elapsed_s = max(time.perf_counter() - window.start_s, 1e-9)
     return {
         "loss": loss,

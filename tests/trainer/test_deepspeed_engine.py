@@ -2,30 +2,112 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
 
-from trainer.config import TrainConfig
-from trainer.engine import deepspeed_config, master_weights, shutdown_engine, wrap_in_deepspeed
+from trainer.config import DeepSpeedConfig, TrainConfig
+from trainer.engine import (
+    deepspeed_config,
+    distributed_backend,
+    master_weights,
+    shutdown_engine,
+    wrap_in_deepspeed,
+)
+from trainer.feature_parallel import ParallelGrid
 from trainer.sae import TopKSAE
 
 
 def test_config_splits_the_global_batch_over_ranks() -> None:
-    config = deepspeed_config(train_cfg=TrainConfig(batch_size=96, zero_stage=1), world_size=4)
+    config = deepspeed_config(
+        train_cfg=TrainConfig(batch_size=96), deepspeed_cfg=DeepSpeedConfig(zero_stage=1), world_size=4
+    )
     assert config["train_batch_size"] == 96
     assert config["train_micro_batch_size_per_gpu"] == 24
-    assert config["zero_optimization"] == {"stage": 1}
+    assert config["zero_optimization"]["stage"] == 1
     assert config["gradient_clipping"] == 1.0
     assert config["wall_clock_breakdown"] is False
     assert "bf16" not in config
-    bf16 = deepspeed_config(train_cfg=TrainConfig(batch_size=8, precision="bf16"), world_size=1)
+    bf16 = deepspeed_config(
+        train_cfg=TrainConfig(batch_size=8), deepspeed_cfg=DeepSpeedConfig(precision="bf16"), world_size=1
+    )
     assert bf16["bf16"] == {"enabled": True}
 
 
+def test_config_maps_the_deepspeed_group_into_zero_optimization() -> None:
+    zero2 = DeepSpeedConfig(reduce_bucket_size=1000, allgather_bucket_size=2000, contiguous_gradients=False)
+    section = deepspeed_config(train_cfg=TrainConfig(batch_size=8), deepspeed_cfg=zero2, world_size=2)[
+        "zero_optimization"
+    ]
+    assert section == {
+        "stage": 2, "reduce_bucket_size": 1000, "allgather_bucket_size": 2000, "contiguous_gradients": False,
+    }  # overlap_comm left to DeepSpeed's per-stage default; no ZeRO-3 keys below stage 3
+    zero3 = DeepSpeedConfig(
+        zero_stage=3, overlap_comm=False, stage3_prefetch_bucket_size=10,
+        stage3_param_persistence_threshold=0, stage3_max_live_parameters=30,
+    )
+    section = deepspeed_config(train_cfg=TrainConfig(batch_size=8), deepspeed_cfg=zero3, world_size=2)[
+        "zero_optimization"
+    ]
+    assert section["stage"] == 3
+    assert section["overlap_comm"] is False
+    assert (
+        section["stage3_prefetch_bucket_size"], section["stage3_param_persistence_threshold"],
+        section["stage3_max_live_parameters"],
+    ) == (10, 0, 30)
+
+
+def test_feature_parallel_ranks_share_a_micro_batch() -> None:
+    # 4 ranks as 2 data x 2 feature: DeepSpeed sees 2 data-parallel replicas.
+    config = deepspeed_config(
+        train_cfg=TrainConfig(batch_size=96), deepspeed_cfg=DeepSpeedConfig(feature_parallel=2), world_size=4
+    )
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (96, 48)
+    with pytest.raises(ValueError, match="world_size=3 is not divisible by deepspeed.feature_parallel=2"):
+        deepspeed_config(train_cfg=TrainConfig(), deepspeed_cfg=DeepSpeedConfig(feature_parallel=2), world_size=3)
+
+
 def test_indivisible_batch_names_both_values() -> None:
-    with pytest.raises(ValueError, match="train.batch_size=100 is not divisible by world_size=3"):
-        deepspeed_config(train_cfg=TrainConfig(batch_size=100), world_size=3)
+    with pytest.raises(ValueError, match="train.batch_size=100 is not divisible by the 3 data-parallel ranks"):
+        deepspeed_config(train_cfg=TrainConfig(batch_size=100), deepspeed_cfg=DeepSpeedConfig(), world_size=3)
+
+
+@pytest.mark.parametrize(
+    ("deepspeed_cfg", "world_size", "grid", "message"),
+    [
+        (DeepSpeedConfig(feature_parallel=2), 2, None, "deepspeed.feature_parallel=2 needs grid="),
+        (
+            DeepSpeedConfig(feature_parallel=2), 4, ParallelGrid(1, 2, 0, 0, None, None),
+            "grid of 1 data x 2 feature ranks, but world_size=4 with deepspeed.feature_parallel=2",
+        ),
+        (
+            DeepSpeedConfig(feature_parallel=2), 2, ParallelGrid(1, 2, 0, 0, None, None),
+            "deepspeed.feature_parallel=2 needs a FeatureParallelTopKSAE, got TopKSAE",
+        ),
+        (
+            DeepSpeedConfig(zero_stage=0, precision="bf16", feature_parallel=2), 2, None,
+            "deepspeed.zero_stage=0 with deepspeed.precision='bf16' and deepspeed.feature_parallel=2 cannot clip",
+        ),
+    ],
+)
+def test_feature_parallel_preconditions_are_checked_before_any_process_group(
+    deepspeed_cfg: DeepSpeedConfig, world_size: int, grid: ParallelGrid | None, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        wrap_in_deepspeed(
+            TopKSAE(8, 32, 2), train_cfg=TrainConfig(batch_size=8), deepspeed_cfg=deepspeed_cfg,
+            lr=1e-2, world_size=world_size, grid=grid,
+        )
+    assert not dist.is_initialized()
+
+
+def test_backend_follows_the_hardware(monkeypatch) -> None:
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    assert distributed_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert distributed_backend() == "gloo"
 
 
 @pytest.mark.integration
@@ -33,8 +115,10 @@ def test_indivisible_batch_names_both_values() -> None:
 def test_decoder_rows_stay_unit_norm_through_deepspeed_steps(zero_stage: int, precision: str) -> None:
     sae = TopKSAE(16, 64, 4, seed=0)
     initial_w_dec = sae.W_dec.detach().clone()
-    train_cfg = TrainConfig(batch_size=32, zero_stage=zero_stage, precision=precision)
-    engine = wrap_in_deepspeed(sae, train_cfg=train_cfg, lr=0.05, world_size=1)
+    deepspeed_cfg = DeepSpeedConfig(zero_stage=zero_stage, precision=precision)
+    engine = wrap_in_deepspeed(
+        sae, train_cfg=TrainConfig(batch_size=32), deepspeed_cfg=deepspeed_cfg, lr=0.05, world_size=1
+    )
     try:
         generator = torch.Generator().manual_seed(11)
         for _ in range(10):

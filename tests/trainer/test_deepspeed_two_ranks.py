@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.config import TrainConfig
+from trainer.config import DeepSpeedConfig, TrainConfig
 from trainer.engine import master_weights, shutdown_engine, wrap_in_deepspeed
 from trainer.loop import train
 from trainer.metrics import DeadLatentTracker
@@ -50,8 +50,10 @@ def _train_one_stage(rank: int, zero_stage: int) -> dict[str, object]:
     local = GLOBAL_BATCH // WORLD_SIZE
     batches = (batch[rank * local : (rank + 1) * local] for batch in _global_batches())
     sae = TopKSAE(D_IN, N_LATENTS, K, seed=SAE_SEED)
-    train_cfg = TrainConfig(batch_size=GLOBAL_BATCH, zero_stage=zero_stage)
-    engine = wrap_in_deepspeed(sae, train_cfg=train_cfg, lr=LR, world_size=WORLD_SIZE)
+    engine = wrap_in_deepspeed(
+        sae, train_cfg=TrainConfig(batch_size=GLOBAL_BATCH), deepspeed_cfg=DeepSpeedConfig(zero_stage=zero_stage),
+        lr=LR, world_size=WORLD_SIZE,
+    )
     logger = _LossLogger()
     tracker = DeadLatentTracker(N_LATENTS)
     summary = train(

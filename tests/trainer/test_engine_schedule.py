@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import TrainConfig
+from trainer.config import DeepSpeedConfig, TrainConfig
 from trainer.engine import shutdown_engine, wrap_in_deepspeed
 from trainer.sae import TopKSAE
 
@@ -14,7 +14,8 @@ from trainer.sae import TopKSAE
 def test_lr_multiplier_sets_the_lr_each_step(stage):
     sae = TopKSAE(8, 32, 4, seed=0)
     engine = wrap_in_deepspeed(
-        sae, train_cfg=TrainConfig(batch_size=16, zero_stage=stage), lr=1e-2, world_size=1,
+        sae, train_cfg=TrainConfig(batch_size=16), deepspeed_cfg=DeepSpeedConfig(zero_stage=stage),
+        lr=1e-2, world_size=1,
         lr_multiplier=lambda step: min(1.0, (step + 1) / 4),
     )
     try:

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from trainer.config import TrainConfig
+from trainer.config import DeepSpeedConfig, TrainConfig
 from trainer.dictionary import dictionary_files, load_dictionary
 from trainer.engine import shutdown_engine, wrap_in_deepspeed
 from trainer.loggers import NullLogger, make_logger
@@ -39,8 +39,10 @@ def engine_factory():
     engines = []
 
     def make(sae: TopKSAE, *, batch_size: int, lr: float, zero_stage: int = 2):
-        train_cfg = TrainConfig(batch_size=batch_size, zero_stage=zero_stage)
-        engine = wrap_in_deepspeed(sae, train_cfg=train_cfg, lr=lr, world_size=1)
+        engine = wrap_in_deepspeed(
+            sae, train_cfg=TrainConfig(batch_size=batch_size), deepspeed_cfg=DeepSpeedConfig(zero_stage=zero_stage),
+            lr=lr, world_size=1,
+        )
         engines.append(engine)
         return engine
 
