@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
     for hp in result.hookpoints:
         ev = hp.eval
         lines += [
-            f"hookpoint        {hp.hookpoint}",
+            f"hookpoint        {hp.hookpoint}" + (f"  (sweep variant {hp.variant})" if hp.variant else ""),
             f"cache            {hp.cache_uri} ({'reused' if hp.cache_reused else 'built'})",
             f"tokens cached    {hp.tokens_cached:,}",
             f"tokens trained   {ev.get('train_tokens', 0):,}",

@@ -18,7 +18,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from activation_cache.config import CacheConfig, DataConfig, ModelConfig
-from trainer.config import SAEConfig, TrainConfig
+from cluster.sweep import SweepConfig, variants
+from trainer.config import DeepSpeedConfig, SAEConfig, TrainConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -52,9 +53,13 @@ class ClusterConfig:
     unit_max_attempts: int = 3
     """Attempts at one work unit before the cache fill stops with that unit named."""
     num_train_workers: int = 2
-    """Ray Train workers, one DeepSpeed engine (one data-parallel rank) each."""
+    """Ray Train workers, one DeepSpeed engine each: ``num_train_workers / deepspeed.feature_parallel``
+    data-parallel replicas of ``deepspeed.feature_parallel`` ranks each."""
     train_worker_num_cpus: float = 1.0
     """CPUs Ray reserves for each trainer worker."""
+    train_max_failures: int = 2
+    """Times Ray Train starts a new worker group after a worker died (killed, out of memory, node
+    lost); each new group resumes from the newest complete checkpoint (``run.checkpoint_every_steps``)."""
     train_while_caching: bool = False
     """Start training while the producers still fill the cache: the trainer tails the shards as
     they are committed (the cluster must hold producers and trainer workers at once, else the
@@ -79,6 +84,8 @@ class ClusterConfig:
                 f"cluster.producer_max_restarts={self.producer_max_restarts} and "
                 f"cluster.producer_replacements={self.producer_replacements} must be >= 0"
             )
+        if self.train_max_failures < 0:
+            raise ValueError(f"cluster.train_max_failures={self.train_max_failures} must be >= 0")
         if self.unit_max_attempts <= 0:
             raise ValueError(f"cluster.unit_max_attempts={self.unit_max_attempts} must be positive")
         if self.units_per_producer <= 0:
@@ -115,6 +122,21 @@ class RunConfig:
     """Run name; ``None`` makes one from the time and the cache key."""
     uri: str | None = None
     """Where runs are written (``<uri>/<name>/dictionary/...``); ``None``: ``<cache.uri>/runs``."""
+    checkpoint_every_steps: int = 200
+    """Write a checkpoint (weights, optimizer, scheduler, dead-latent counters, RNG, reader position)
+    to ``<run>/checkpoints/`` every this many steps; 0 never. A run started again under the same
+    name (or ``resume=<name>``) continues from the newest complete one."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every_steps < 0:
+            raise ValueError(f"run.checkpoint_every_steps={self.checkpoint_every_steps} must be >= 0 (0: never)")
+        if self.keep_checkpoints < 2:
+            raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints} must be at least 2 (a damaged newest "
+                             "checkpoint must leave a good one)")
+        if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
+            raise ValueError(f"run.name={self.name!r}: expected a non-empty name without '/'")
 
 
 @dataclass
@@ -125,17 +147,49 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    resume: str | None = None
+    """Continue the run of this name from its newest complete checkpoint (``run.name`` is set to
+    it); the job stops with an error if the run has no complete checkpoint."""
 
     def __post_init__(self) -> None:
-        if self.train.batch_size % self.cluster.num_train_workers:
+        if self.resume is not None:
+            if self.run.name not in (None, self.resume):
+                raise ValueError(f"resume={self.resume!r} and run.name={self.run.name!r}: give one of them")
+            self.run.name = self.resume
+            RunConfig.__post_init__(self.run)
+        for variant in variants(self.sae, self.train.lr, self.sweep):
+            self._check_grid(variant.sae, f"sweep variant {variant.name}: " if variant.name else "")
+
+    def _check_grid(self, sae: SAEConfig, where: str) -> None:
+        workers, feature_parallel = self.cluster.num_train_workers, self.deepspeed.feature_parallel
+        if workers % feature_parallel:
             raise ValueError(
-                f"train.batch_size={self.train.batch_size} must be divisible by "
-                f"cluster.num_train_workers={self.cluster.num_train_workers}"
+                where + f"deepspeed.feature_parallel={feature_parallel} must divide cluster.num_train_workers={workers}"
             )
+        if sae.n_latents % feature_parallel:
+            raise ValueError(
+                where + f"deepspeed.feature_parallel={feature_parallel} must divide sae.n_latents={sae.n_latents}"
+            )
+        data_parallel = workers // feature_parallel
+        if self.train.batch_size % data_parallel:
+            split = f" / deepspeed.feature_parallel={feature_parallel}" if feature_parallel > 1 else ""
+            raise ValueError(
+                where + f"train.batch_size={self.train.batch_size} must be divisible by "
+                f"cluster.num_train_workers={workers}{split} (the data-parallel ranks)"
+            )
+        if feature_parallel > 1 and (sae.architecture != "topk" or sae.auxk_coefficient != 0):
+            raise ValueError(
+                where + f"deepspeed.feature_parallel={feature_parallel} needs sae.architecture='topk' with "
+                f"sae.auxk_coefficient=0 (the sharded SAE has no AuxK), got sae.architecture="
+                f"{sae.architecture!r} with sae.auxk_coefficient={sae.auxk_coefficient}"
+            )
+        self.deepspeed.check_clipping(max_grad_norm=self.train.max_grad_norm)
 
 
 def register_configs() -> None:
@@ -144,7 +198,7 @@ def register_configs() -> None:
     cs.store(name="job_schema", node=JobConfig)
     for group, schema in [
         ("model", ModelConfig), ("data", DataConfig), ("sae", SAEConfig), ("train", TrainConfig),
-        ("cache", CacheConfig), ("cluster", ClusterConfig), ("logging", LoggingConfig),
+        ("deepspeed", DeepSpeedConfig), ("cache", CacheConfig), ("cluster", ClusterConfig), ("logging", LoggingConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=schema)
 

@@ -28,7 +28,9 @@ from activation_cache.text import check_source, excluded_token_ids, pack_sequenc
 from cluster.config import JobConfig
 from cluster.errors import JobFailed
 from cluster.producer import fill_cache, producer_factory
-from cluster.train import ABORT_KEY, TrainPlan, train_dictionary
+from cluster.sweep import variants
+from cluster.train import ABORT_KEY, TrainPlan, dictionary_uri, train_dictionary
+from trainer.checkpoint import CHECKPOINTS_DIR, newest_complete_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,14 @@ class HookpointResult:
     tokens_cached: int
     dictionary_uri: str
     eval: dict
+    variant: str = ""
+    """The sweep variant ('' when the job is not a sweep)."""
 
 
 @dataclass
 class JobResult:
-    """What ``saeforge train`` reports at the end: one entry per hookpoint, in the order given."""
+    """What ``saeforge train`` reports at the end: one entry per hookpoint (per hookpoint and
+    variant for a sweep), in the order given."""
 
     hookpoints: list[HookpointResult]
     producer_tokens_per_second: float
@@ -207,6 +212,7 @@ def _train_plans(job: JobConfig, plans: list[CachePlan], root: ObjectStore, run_
         TrainPlan(
             cache_uri=p.uri, run_uri=join_uri(runs_root, run_name), run_name=run_name, hookpoint=p.hookpoint,
             label=f"{run_name}-{p.hookpoint}" if several else run_name,
+            checkpoint_uri=join_uri(runs_root, run_name, "hookpoints", p.hookpoint) if several else join_uri(runs_root, run_name),
             wandb_dir=str(Path(job.logging.dir).resolve() / run_name / (p.hookpoint if several else "")),
             expected_shards=expected_shards(job, p) if job.cluster.train_while_caching else None,
         )
@@ -214,7 +220,9 @@ def _train_plans(job: JobConfig, plans: list[CachePlan], root: ObjectStore, run_
     ]
 
 
-def _train_while_caching(job: JobConfig, plans: list[CachePlan], train_plans: list[TrainPlan]) -> tuple[CacheReport, list[dict]]:
+def _train_while_caching(
+    job: JobConfig, plans: list[CachePlan], train_plans: list[TrainPlan]
+) -> tuple[CacheReport, list[dict[str, dict]]]:
     """Fill the caches in a thread while the dictionaries train on the shards already committed.
 
     A fill that fails writes the reason to the run folder, where the trainer's tailing readers
@@ -254,6 +262,13 @@ def _train_while_caching(job: JobConfig, plans: list[CachePlan], train_plans: li
     return outcome["report"], evals
 
 
+def _check_resumable(job: JobConfig, train_plans: list[TrainPlan]) -> None:
+    for plan in train_plans:
+        store = open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options())
+        if newest_complete_checkpoint(store.list(f"{CHECKPOINTS_DIR}/"), store.get_bytes) is None:
+            raise ValueError(f"resume={job.resume!r}: no complete checkpoint under {plan.checkpoint_uri}/{CHECKPOINTS_DIR}/")
+
+
 def run_job(job: JobConfig) -> JobResult:
     """``saeforge train``: fill (or reuse) each hookpoint's cache, train, write and evaluate the
     dictionaries."""
@@ -264,6 +279,8 @@ def run_job(job: JobConfig) -> JobResult:
     _check_shard_count(job, plans[0])
     run_name = job.run.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{plans[0].key[:8]}"
     train_plans = _train_plans(job, plans, root, run_name)
+    if job.resume is not None:
+        _check_resumable(job, train_plans)
     _init_ray(job)
     if job.cluster.train_while_caching:
         report, evals = _train_while_caching(job, plans, train_plans)
@@ -275,9 +292,10 @@ def run_job(job: JobConfig) -> JobResult:
             HookpointResult(
                 hookpoint=p.hookpoint, cache_uri=p.uri, cache_reused=report.reused[p.hookpoint],
                 tokens_cached=report.manifests[p.hookpoint].rows,
-                dictionary_uri=join_uri(t.run_uri, "dictionary", p.hookpoint), eval=e,
+                dictionary_uri=dictionary_uri(job, t, variant), eval=by_variant[variant.name], variant=variant.name,
             )
-            for p, t, e in zip(plans, train_plans, evals, strict=True)
+            for p, t, by_variant in zip(plans, train_plans, evals, strict=True)
+            for variant in variants(job.sae, job.train.lr, job.sweep)
         ],
         producer_tokens_per_second=report.producer_tokens_per_second, seconds=time.perf_counter() - start,
     )

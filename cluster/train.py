@@ -7,6 +7,7 @@ object-store folder; the driver reads the evaluation back from there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -14,23 +15,41 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray.train
 import torch
 from omegaconf import OmegaConf
-from ray.train import RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from activation_cache.manifest import Manifest, ShardEntry, load_manifest
 from activation_cache.reader import ActivationReader, TailingAborted, read_shard
-from activation_cache.store import ObjectNotFound, ObjectStore, open_store
+from activation_cache.store import ObjectNotFound, ObjectStore, join_uri, open_store
 from cluster.config import JobConfig, to_dict
+from cluster.sweep import Variant, variants
 from trainer.architectures import build_sae
+from trainer.checkpoint import (
+    CHECKPOINTS_DIR,
+    complete_marker,
+    complete_marker_key,
+    decode_state,
+    encode_state,
+    gather_rank_files,
+    load_rank_state,
+    newest_complete_checkpoint,
+    parse_complete_marker,
+    rank_file_key,
+    save_rank_state,
+    superseded_checkpoint_keys,
+)
+from trainer.config import SAEConfig
 from trainer.dictionary import dictionary_files
-from trainer.engine import master_weights, shutdown_engine, wrap_in_deepspeed
+from trainer.engine import distributed_backend, master_weights, shutdown_engine, wrap_in_deepspeed
+from trainer.feature_parallel import FeatureParallelTopKSAE, ParallelGrid, build_grid
 from trainer.loggers import make_logger
-from trainer.loop import StepSchedule, evaluate, train
+from trainer.loop import DictionaryTrainer, StepSchedule, evaluate
 from trainer.metrics import DeadLatentTracker, dense_fraction, firing_histogram
 from trainer.schedules import k_at, lr_at, sparsity_coefficient_at
 
@@ -53,6 +72,9 @@ class TrainPlan:
     wandb_dir: str
     label: str
     """The wandb run's and Ray Train's name: the run name, with the hookpoint when a job trains several."""
+    checkpoint_uri: str
+    """Root of this training's ``checkpoints/``: the run, or the hookpoint's folder of a
+    job that trains several."""
     expected_shards: dict[str, int] | None = None
     """{shard name: rows} of the complete cache when training may start before the cache is
     complete (``cluster.train_while_caching``); None trains on a complete cache only."""
@@ -80,10 +102,10 @@ def _steps(reader: ActivationReader, epochs: int, max_tokens: int | None, global
     return steps if max_tokens is None else min(steps, max_tokens // global_batch)
 
 
-def _build_sae(job: JobConfig, d_model: int) -> torch.nn.Module:
+def _build_sae(sae_cfg: SAEConfig, seed: int, d_model: int) -> torch.nn.Module:
     return build_sae(
-        job.sae.architecture, d_in=d_model, n_latents=job.sae.n_latents, k=job.sae.k,
-        seed=job.train.seed, **job.sae.build_options(),
+        sae_cfg.architecture, d_in=d_model, n_latents=sae_cfg.n_latents, k=sae_cfg.k,
+        seed=seed, **sae_cfg.build_options(),
     )
 
 
@@ -96,13 +118,13 @@ def _lr_schedule(train_cfg, total_steps: int) -> dict:
     }
 
 
-def _step_schedule(job: JobConfig, sae: torch.nn.Module) -> StepSchedule:
+def _step_schedule(job: JobConfig, sae_cfg: SAEConfig, sae: torch.nn.Module) -> StepSchedule:
     sparsity = k = None
     if hasattr(sae, "sparsity_coefficient") and job.train.sparsity_warmup_steps:
         final, warmup = sae.sparsity_coefficient, job.train.sparsity_warmup_steps
         sparsity = partial(sparsity_coefficient_at, final=final, warmup_steps=warmup)
-    if job.sae.k_start is not None and job.train.k_anneal_steps:
-        k = partial(k_at, k_start=job.sae.k_start, k_final=job.sae.k, anneal_steps=job.train.k_anneal_steps)
+    if sae_cfg.k_start is not None and job.train.k_anneal_steps:
+        k = partial(k_at, k_start=sae_cfg.k_start, k_final=sae_cfg.k, anneal_steps=job.train.k_anneal_steps)
     return StepSchedule(sparsity_coefficient=sparsity, k=k)
 
 
@@ -149,14 +171,17 @@ def _complete_source(job: JobConfig, cache: ObjectStore, manifest: Manifest, ran
     )
 
 
-def _tailing_source(job: JobConfig, plan: TrainPlan, cache: ObjectStore, rank: int, world_size: int) -> _Source:
+def _tailing_source(
+    job: JobConfig, plan: TrainPlan, cache: ObjectStore, rank: int, world_size: int, *, global_rank: int
+) -> _Source:
     """A reader of a cache still being written. The shard names and row counts are known ahead
     (``plan.expected_shards``), so the holdout split and the step count are fixed before any
     shard exists: epoch 0 deals the training shards out round-robin in unit order (so every
     rank's shards come in as production goes) and stops at the fewest batches any rank can
     make; later epochs are planned over the complete cache. The normalisation statistics are
     the manifest's once ``train.normalization_rows`` rows are committed, taken by rank 0 and
-    broadcast, so every rank starts from the same scale and b_dec."""
+    broadcast, so every rank starts from the same scale and b_dec. ``rank`` and ``world_size``
+    are the data-parallel ones (the reader's); ``global_rank`` is the one in the process group."""
     assert plan.expected_shards is not None
     names = sorted(plan.expected_shards)
     n_holdout = holdout_count(len(names), job.train.holdout_fraction)
@@ -178,13 +203,13 @@ def _tailing_source(job: JobConfig, plan: TrainPlan, cache: ObjectStore, rank: i
     if job.train.max_tokens is not None:
         steps = min(steps, job.train.max_tokens // job.train.batch_size)
     stats: list = [None]
-    if rank == 0:
+    if global_rank == 0:
         needed = min(job.train.normalization_rows, sum(rows))
         manifest = _wait_for_manifest(cache, lambda m: m.rows >= needed, f"{needed} rows (train.normalization_rows)",
                                       job.train.follow_timeout_s, partial(_abort_reason, run))
         stats = [(input_scale(manifest, job.sae.normalize_activations), manifest.stats.mean(), manifest.d_model,
                   manifest.rows)]
-    if world_size > 1:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.broadcast_object_list(stats, src=0)
     scale, mean, d_model, rows_at_start = stats[0]
     return _Source(reader, steps, scale, mean, holdout, d_model, rows_at_start)
@@ -206,6 +231,52 @@ def _wait_for_manifest(cache: ObjectStore, ready, what: str, timeout_s: float, a
         time.sleep(1.0)
 
 
+@dataclass
+class _Dictionary:
+    """One dictionary this worker trains (one variant of a sweep), with its engine and logger."""
+
+    variant: Variant
+    engine: Any
+    trainer: DictionaryTrainer
+    logger: Any
+    uri: str
+    """Where its dictionary goes (``dictionary_uri``)."""
+
+
+def _start_dictionary(
+    job: JobConfig, plan: TrainPlan, variant: Variant, source: _Source, rank: int, world_size: int,
+    grid: ParallelGrid | None,
+) -> _Dictionary:
+    if grid is not None:
+        sae = FeatureParallelTopKSAE(source.d_model, variant.sae.n_latents, variant.sae.k,
+                                     group=grid.feature_group, seed=job.train.seed)
+    else:
+        sae = _build_sae(variant.sae, job.train.seed, source.d_model)
+    sae.init_b_dec(torch.tensor(source.mean, dtype=torch.float32)[None] * source.scale, method="mean")
+    lr = variant.lr if variant.lr is not None else job.train.learning_rate(variant.sae.n_latents)
+    engine = wrap_in_deepspeed(
+        sae, train_cfg=job.train, deepspeed_cfg=job.deepspeed, lr=lr, world_size=world_size, grid=grid,
+        lr_multiplier=lambda step: lr_at(step, base_lr=1.0, **_lr_schedule(job.train, source.steps)),
+    )
+    name = f"{plan.label}-{variant.name}" if variant.name else plan.label
+    config = to_dict(job)
+    if variant.name:
+        config.update(sae=dataclasses.asdict(variant.sae), variant=variant.name)
+        config["train"]["lr"] = lr
+    logger = make_logger(
+        rank=rank, wandb_mode=job.logging.wandb_mode, project=job.logging.project, run_name=name,
+        config=config, dir=plan.wandb_dir, group=plan.label if variant.name else None,
+    )
+    trainer = DictionaryTrainer(
+        engine, scale=source.scale, max_steps=source.steps, logger=logger,
+        log_every=job.train.log_every_steps, dead_tracker=DeadLatentTracker(variant.sae.n_latents),
+        dead_after_tokens=job.train.dead_after_tokens,
+        world_size=grid.data_parallel if grid else world_size, data_group=grid.data_group if grid else None,
+        schedule=_step_schedule(job, variant.sae, sae), histogram_every=job.train.histogram_every_steps,
+    )
+    return _Dictionary(variant, engine, trainer, logger, dictionary_uri(job, plan, variant))
+
+
 def _worker_loop(config: dict) -> None:
     job, plan = _job_from_dict(config["job"]), TrainPlan(**config["plan"])
     logging.basicConfig(level=job.logging.level)
@@ -214,53 +285,121 @@ def _worker_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(job.cluster.train_worker_num_cpus)))
     torch.manual_seed(job.train.seed)
 
+    # A (data x feature) grid: the ranks of a feature group hold slices of one SAE and read the
+    # same batches; the data ranks read disjoint ones.
+    fp = job.deepspeed.feature_parallel
+    grid = build_grid(data_parallel=world_size // fp, feature_parallel=fp) if fp > 1 else None
+    data_rank, data_parallel = (grid.data_rank, grid.data_parallel) if grid else (rank, world_size)
     cache = open_store(plan.cache_uri, s3_options=job.cache.s3_options())
     manifest = load_manifest(cache)
-    if manifest is not None and manifest.complete:
-        source = _complete_source(job, cache, manifest, rank, world_size)
-    elif plan.expected_shards is not None:
-        source = _tailing_source(job, plan, cache, rank, world_size)
+    if plan.expected_shards is not None:  # also once complete: a restarted run resumes a tailing reader
+        source = _tailing_source(job, plan, cache, data_rank, data_parallel, global_rank=rank)
+    elif manifest is not None and manifest.complete:
+        source = _complete_source(job, cache, manifest, data_rank, data_parallel)
     else:
         raise RuntimeError(f"cache {plan.cache_uri} is not complete")
-    sae = _build_sae(job, source.d_model)
-    sae.init_b_dec(torch.tensor(source.mean, dtype=torch.float32)[None] * source.scale, method="mean")
-    lr = job.train.learning_rate(job.sae.n_latents)
-    engine = wrap_in_deepspeed(
-        sae, train_cfg=job.train, lr=lr, world_size=world_size,
-        lr_multiplier=lambda step: lr_at(step, base_lr=1.0, **_lr_schedule(job.train, source.steps)),
-    )
-    logger = make_logger(
-        rank=rank, wandb_mode=job.logging.wandb_mode, project=job.logging.project,
-        run_name=plan.label, config=to_dict(job), dir=plan.wandb_dir,
-    )
-    tracker = DeadLatentTracker(job.sae.n_latents)
-    summary = train(
-        engine, iter(source.reader), scale=source.scale, max_steps=source.steps, logger=logger,
-        log_every=job.train.log_every_steps, dead_tracker=tracker,
-        dead_after_tokens=job.train.dead_after_tokens, world_size=world_size,
-        schedule=_step_schedule(job, sae),
-    )
+    dictionaries = [
+        _start_dictionary(job, plan, variant, source, rank, world_size, grid)
+        for variant in variants(job.sae, job.train.lr, job.sweep)
+    ]
+    checkpoints = open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options())
+    done = _restore_checkpoint(checkpoints, dictionaries, source, rank, world_size)
+    # One read of each batch feeds every dictionary of a sweep, in lockstep.
+    batches = iter(source.reader)
+    every = job.run.checkpoint_every_steps
+    for step in range(done + 1, source.steps + 1):
+        batch = next(batches)
+        for dictionary in dictionaries:
+            dictionary.trainer.step(batch)
+        if every and step % every == 0 and step < source.steps:
+            _save_checkpoint(checkpoints, step, dictionaries, source, rank, keep=job.run.keep_checkpoints)
+    for dictionary in dictionaries:
+        _finish_dictionary(job, plan, dictionary, source, rank, resumed_from=done)
+
+
+def _save_checkpoint(store: ObjectStore, step: int, dictionaries: list[_Dictionary], source: _Source, rank: int, *, keep: int) -> None:
+    """Every rank writes its state (each dictionary's engine and loop, the reader's position, the
+    input scale, which a tailing run took from the rows committed when it started);
+    after all have, rank 0 writes the marker that makes the checkpoint complete, then drops
+    the checkpoints beyond the newest ``keep``."""
+    engines = {
+        d.variant.name: _bytes_tensor(save_rank_state(d.engine, extra={"loop": d.trainer.state_dict()}))
+        for d in dictionaries
+    }
+    data = encode_state({"dictionaries": engines, "reader": source.reader.state_dict(), "scale": source.scale,
+                         "rows_at_start": source.rows_at_start})
+    store.put_bytes(rank_file_key(step, rank), data)
+    files = gather_rank_files(step, data)  # also the barrier: every rank's file is written
+    if rank == 0:
+        store.put_bytes(*complete_marker(step, files))
+        for key in superseded_checkpoint_keys(store.list(f"{CHECKPOINTS_DIR}/"), keep=keep):
+            store.delete(key)
+        log.info("checkpoint at step %d: %s", step, store.uri)
+
+
+def _restore_checkpoint(store: ObjectStore, dictionaries: list[_Dictionary], source: _Source, rank: int, world_size: int) -> int:
+    """Load the newest complete checkpoint, if any, into every dictionary and the reader;
+    return the steps it had taken (0 without one). Rank 0 picks the checkpoint (verifying every
+    file) and broadcasts its step, so all ranks load the same one."""
+    step = torch.tensor([-1], dtype=torch.int64)
+    if rank == 0:
+        found = newest_complete_checkpoint(store.list(f"{CHECKPOINTS_DIR}/"), store.get_bytes)
+        step[0] = found.step if found is not None else -1
+    if world_size > 1:
+        torch.distributed.broadcast(step, src=0)
+    if step.item() < 0:
+        return 0
+    checkpoint = parse_complete_marker(int(step.item()), store.get_bytes(complete_marker_key(int(step.item()))))
+    if checkpoint.world_size != world_size:
+        raise ValueError(f"checkpoint at step {checkpoint.step} in {store.uri} was written by {checkpoint.world_size} "
+                         f"ranks, this run has {world_size}: resume with cluster.num_train_workers={checkpoint.world_size}")
+    state = decode_state(checkpoint.read_rank_state(rank, store.get_bytes))
+    for dictionary in dictionaries:
+        saved = state["dictionaries"].get(dictionary.variant.name)
+        if saved is None:
+            raise ValueError(f"checkpoint at step {checkpoint.step} in {store.uri} has no dictionary "
+                             f"{dictionary.variant.name or '(single)'}: not the same sweep")
+        extra = load_rank_state(dictionary.engine, saved.numpy().tobytes())
+        dictionary.trainer.load_state_dict(extra["loop"])
+        dictionary.trainer.scale = state["scale"]
+    source.reader.load_state_dict(state["reader"])
+    source.scale, source.rows_at_start = state["scale"], state["rows_at_start"]
+    log.info("resumed from the checkpoint at step %d in %s", checkpoint.step, store.uri)
+    return checkpoint.step
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _finish_dictionary(
+    job: JobConfig, plan: TrainPlan, dictionary: _Dictionary, source: _Source, rank: int, *, resumed_from: int
+) -> None:
     # master_weights is a collective under ZeRO: every rank takes part. Buffers (BatchTopK's
     # threshold) are kept equal across ranks by the loop and come from the module.
-    state = {**engine.module.state_dict(), **master_weights(engine)}
+    engine = dictionary.engine
+    if isinstance(engine.module, FeatureParallelTopKSAE):  # slices gathered to rank 0 of each feature group
+        state = engine.module.full_state_dict(master_weights(engine))
+    else:
+        state = {**engine.module.state_dict(), **master_weights(engine)}
     if rank == 0:
-        final = _build_sae(job, source.d_model)
+        final = _build_sae(dictionary.variant.sae, job.train.seed, source.d_model)
         final.load_state_dict(state)
+        summary = dictionary.trainer.summary()
         summary_metrics = {"train_tokens": summary.tokens, "train_steps": summary.steps,
-                           "cache_rows_at_train_start": source.rows_at_start}
-        _finish(job, plan, final, source.holdout, source.scale, summary_metrics, logger)
-    logger.finish()
+                           "cache_rows_at_train_start": source.rows_at_start, "resumed_from_step": resumed_from}
+        _finish(job, plan, final, dictionary.uri, source.holdout, source.scale, summary_metrics, dictionary.logger)
+    dictionary.logger.finish()
     shutdown_engine(engine)
 
 
-def _finish(job, plan, sae, holdout_names, scale, summary: dict, logger) -> None:
+def _finish(job, plan, sae, uri: str, holdout_names, scale, summary: dict, logger) -> None:
     """Rank 0: evaluate on every held-out row and write the dictionary (training on a cache still
     being written may end before the held-out shards, produced last, are committed: wait)."""
     cache = open_store(plan.cache_uri, s3_options=job.cache.s3_options())
-    run = open_store(plan.run_uri, s3_options=job.cache.s3_options())
     manifest = _wait_for_manifest(
         cache, lambda m: set(holdout_names) <= {s.name for s in m.shards}, "held-out shards",
-        job.train.follow_timeout_s, partial(_abort_reason, run),
+        job.train.follow_timeout_s, partial(_abort_reason, open_store(plan.run_uri, s3_options=job.cache.s3_options())),
     )
     entries = {s.name: s for s in manifest.shards}
     holdout = (read_shard(cache, entries[name]).activations for name in holdout_names)
@@ -277,23 +416,39 @@ def _finish(job, plan, sae, holdout_names, scale, summary: dict, logger) -> None
         extra_metadata={"cache_key": manifest.cache_key, "run_name": plan.run_name},
         sparsity=frequencies, eval_metrics=metrics,
     )
+    folder = open_store(uri, s3_options=job.cache.s3_options())
     for name, data in files.items():
-        run.put_bytes(f"dictionary/{plan.hookpoint}/{name}", data)
+        folder.put_bytes(name, data)
 
 
-def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict:
-    """Run the Ray Train job; return the held-out evaluation of the written dictionary."""
+def dictionary_uri(job: JobConfig, plan: TrainPlan, variant: Variant) -> str:
+    """Where the dictionary of ``variant`` (of ``plan``'s hookpoint) is written."""
+    run_uri = join_uri(plan.run_uri, "sweep", variant.name) if variant.name else plan.run_uri
+    return join_uri(run_uri, "dictionary", plan.hookpoint)
+
+
+def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
+    """Run the Ray Train job; return the held-out evaluation of each written dictionary, by
+    variant name ('' for a job that is not a sweep)."""
     storage = Path(job.logging.dir).resolve() / "ray_train"
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"job": to_dict(job), "plan": plan.__dict__},
         scaling_config=ScalingConfig(
-            num_workers=job.cluster.num_train_workers, use_gpu=False,
+            num_workers=job.cluster.num_train_workers, use_gpu=distributed_backend() == "nccl",
             resources_per_worker={"CPU": job.cluster.train_worker_num_cpus},
         ),
-        torch_config=TorchConfig(backend="gloo"),
-        run_config=RunConfig(name=plan.label, storage_path=str(storage)),
+        torch_config=TorchConfig(backend=distributed_backend()),
+        run_config=RunConfig(
+            name=plan.label, storage_path=str(storage),
+            # A worker that dies takes the group down; Ray Train starts a new one, which resumes
+            # from the newest complete checkpoint.
+            failure_config=FailureConfig(max_failures=job.cluster.train_max_failures),
+        ),
     )
     trainer.fit()
-    run = open_store(plan.run_uri, s3_options=job.cache.s3_options())
-    return json.loads(run.get_bytes(f"dictionary/{plan.hookpoint}/eval.json"))
+    evals = {}
+    for variant in variants(job.sae, job.train.lr, job.sweep):
+        folder = open_store(dictionary_uri(job, plan, variant), s3_options=job.cache.s3_options())
+        evals[variant.name] = json.loads(folder.get_bytes("eval.json"))
+    return evals

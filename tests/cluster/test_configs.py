@@ -13,6 +13,12 @@ from cluster.config import CONF_DIR, JobConfig, compose_job
 REQUIRED = {"model/local": ["model.name_or_path=/models/llama"], "data/text_files": ["data.source=/data/text"]}
 
 
+# The groups JobConfig's cross-field checks read beside ``deepspeed``: its options are composed
+# with every combination of these, the other groups' with each other (the full product would
+# compose four times as many configs, about two minutes here, for no more coverage).
+DEEPSPEED_PARTNERS = ("sae", "cluster", "train")
+
+
 def _options() -> dict[str, list[str]]:
     return {
         group.name: sorted(p.stem for p in group.glob("*.yaml"))
@@ -21,13 +27,19 @@ def _options() -> dict[str, list[str]]:
     }
 
 
+def _combinations(groups: list[str]) -> list[dict[str, str]]:
+    options = _options()
+    return [dict(zip(groups, combo, strict=True)) for combo in itertools.product(*(options[g] for g in groups))]
+
+
 def test_conf_has_the_documented_groups():
-    assert {"model", "data", "sae", "cache", "cluster", "logging", "train"} <= set(_options())
+    assert {"model", "data", "sae", "cache", "cluster", "logging", "train", "deepspeed"} <= set(_options())
 
 
 @pytest.mark.parametrize(
     "choice",
-    [dict(zip(_options(), combo, strict=True)) for combo in itertools.product(*_options().values())],
+    _combinations([g for g in _options() if g != "deepspeed"])
+    + _combinations(["deepspeed", *DEEPSPEED_PARTNERS]),
     ids=lambda c: ",".join(f"{g}={o}" for g, o in c.items()),
 )
 def test_every_combination_composes(choice):
@@ -43,6 +55,16 @@ def test_command_line_overrides_reach_the_dataclasses():
     assert (job.sae.n_latents, job.cache.uri, job.train.lr) == (8192, "s3://bucket/prefix", 1e-3)
 
 
+def test_deepspeed_group_defaults_to_zero2_and_takes_a_feature_parallel_grid():
+    assert (compose_job([]).deepspeed.zero_stage, compose_job([]).deepspeed.precision) == (2, "fp32")
+    job = compose_job([
+        "deepspeed=zero3", "deepspeed.precision=bf16", "deepspeed.feature_parallel=2",
+        "cluster.num_train_workers=4", "sae.auxk_coefficient=0", "deepspeed.stage3_param_persistence_threshold=0",
+    ])
+    assert (job.deepspeed.zero_stage, job.deepspeed.precision, job.deepspeed.feature_parallel) == (3, "bf16", 2)
+    assert job.deepspeed.stage3_param_persistence_threshold == 0
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -51,6 +73,12 @@ def test_command_line_overrides_reach_the_dataclasses():
         ("sae.architecture=relu", "sae.architecture='relu': expected one of ['topk', 'batchtopk'"),
         ("train.lr=-0.1", "train.lr=-0.1 must be positive"),
         ("train.batch_size=1023", "train.batch_size=1023 must be divisible by cluster.num_train_workers=2"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage=4 must be 0, 1, 2 or 3"),
+        ("deepspeed.precision=fp16", "deepspeed.precision='fp16': expected 'fp32' or 'bf16'"),
+        ("deepspeed.reduce_bucket_size=0", "deepspeed.reduce_bucket_size=0 must be positive"),
+        ("deepspeed.feature_parallel=3", "deepspeed.feature_parallel=3 must divide cluster.num_train_workers=2"),
+        ("deepspeed.feature_parallel=2", "deepspeed.feature_parallel=2 needs sae.architecture='topk' with sae.auxk_coefficient=0"),
+        ("deepspeed=zero4", "deepspeed/zero4"),
         ("cache.uri=gs://bucket/x", "cache.uri='gs://bucket/x': unknown scheme 'gs'"),
         ("cache.uri=s3:///x", "cache.uri='s3:///x': missing bucket"),
         ("cache.dtype=int8", "cache.dtype='int8': expected one of"),
@@ -65,5 +93,29 @@ def test_command_line_overrides_reach_the_dataclasses():
 def test_bad_values_fail_with_one_line_naming_the_value(override, message):
     with pytest.raises(ValueError) as info:
         compose_job([override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["cluster.num_train_workers=4", "deepspeed.feature_parallel=2", "sae.auxk_coefficient=0", "sae.n_latents=4607"],
+            "deepspeed.feature_parallel=2 must divide sae.n_latents=4607",
+        ),
+        (
+            ["cluster.num_train_workers=4", "deepspeed.feature_parallel=2", "sae.auxk_coefficient=0", "train.batch_size=1023"],
+            "train.batch_size=1023 must be divisible by cluster.num_train_workers=4 / deepspeed.feature_parallel=2",
+        ),
+        (
+            ["deepspeed=zero0", "deepspeed.precision=bf16", "deepspeed.feature_parallel=2", "sae.auxk_coefficient=0"],
+            "deepspeed.zero_stage=0 with deepspeed.precision='bf16' and deepspeed.feature_parallel=2 cannot clip",
+        ),
+    ],
+)
+def test_bad_feature_parallel_layouts_fail_with_one_line(overrides, message):
+    with pytest.raises(ValueError) as info:
+        compose_job(overrides)
     assert message in str(info.value)
     assert "\n" not in str(info.value)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import threading
 import time
@@ -14,45 +13,19 @@ from collections import Counter
 import pytest
 import ray
 import torch
+from tiny_job import CONTEXT, PER_SHARD, SEQUENCES
+from tiny_job import tiny_job as _job
 
 from activation_cache.manifest import ActivationStats, commit_manifest, load_manifest
 from activation_cache.reader import read_shard
 from activation_cache.store import open_store
 from cluster.cli import main as saeforge
-from cluster.config import compose_job
 from cluster.driver import absolute_uri, build_caches, expected_shards, plan_caches, run_job
 from cluster.errors import ProducerFailed
 from cluster.train import TrainPlan, input_scale, split_holdout, train_dictionary
 from trainer.dictionary import load_dictionary
 
 pytestmark = pytest.mark.integration
-
-CONTEXT, SEQUENCES, PER_SHARD = 32, 48, 4
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    # Ray workers inherit the environment the local cluster starts with, as they would on a
-    # real node; credentials are never passed through the job's config or runtime_env.
-    saved = dict(os.environ)
-    os.environ.update(s3_server.env())
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})
-    yield
-    ray.shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def _job(uri: str, tmp_path, model_dir, corpus_dir, *extra: str):
-    return compose_job([
-        "model=local", f"model.name_or_path={model_dir}", "model.hookpoint=resid_post.2", "model.batch_size=4",
-        "data=text_files", f"data.source={corpus_dir}", f"data.context_length={CONTEXT}",
-        f"data.max_tokens={CONTEXT * SEQUENCES}", f"cache.uri={uri}", f"cache.sequences_per_shard={PER_SHARD}",
-        "sae.n_latents=128", "sae.k=8", "train.batch_size=64", "train.epochs=4", "train.lr=3e-3",
-        "train.shuffle_buffer_rows=256", f"logging.dir={tmp_path / 'outputs'}", "run.name=tiny",
-        "cluster.object_store_memory_bytes=209715200", *extra,
-    ])
 
 
 def _check_cache(cache_uri: str, s3_options: dict) -> None:
@@ -226,10 +199,11 @@ def test_training_starts_on_the_shards_committed_so_far(ray_cluster, tmp_path, t
     wandb_dir = tmp_path / "outputs" / "tailing"
     writer = _copy_slowly(open_store(plan.uri), open_store(growing_uri), complete.shards, until_rows=200,
                           then_wait_for=wandb_dir, delay_s=0.3)
-    train_plan = TrainPlan(cache_uri=growing_uri, run_uri=absolute_uri(str(tmp_path / "runs" / "tailing")),
-                           run_name="tailing", hookpoint=plan.hookpoint, wandb_dir=str(wandb_dir), label="tailing",
+    run_uri = absolute_uri(str(tmp_path / "runs" / "tailing"))
+    train_plan = TrainPlan(cache_uri=growing_uri, run_uri=run_uri, run_name="tailing", hookpoint=plan.hookpoint,
+                           wandb_dir=str(wandb_dir), label="tailing", checkpoint_uri=run_uri,
                            expected_shards=expected_shards(job, plan))
-    evaluation = train_dictionary(job, train_plan)
+    [evaluation] = train_dictionary(job, train_plan).values()
     writer.join()
     assert 200 <= evaluation["cache_rows_at_train_start"] < complete.rows
     # 10 training shards of 4 * 31 rows dealt to 2 ranks of 32-row batches: 19 steps an epoch,
