@@ -88,6 +88,16 @@ def test_deepspeed_group_defaults_to_zero2_and_takes_a_feature_parallel_grid():
         ("sae.n_latents=many", "sae.n_latents=many"),
         ("sae.bogus=1", "sae.bogus"),
         ("model=nonexistent", "model/nonexistent"),
+        ("sweep.k=[16,5000]", "sweep variant k5000: sae.k=5000 must be in [1, sae.n_latents=4608]"),
+        ("sweep.k=[16,16]", "sweep.k=[16, 16]: a value is listed twice"),
+        ("sweep.lr=[0.001,-1]", "sweep.lr=[0.001, -1.0]: every value must be positive"),
+        ("run.keep_checkpoints=1", "run.keep_checkpoints=1 must be at least 2"),
+        ("run.checkpoint_every_steps=-5", "run.checkpoint_every_steps=-5 must be >= 0"),
+        ("run.name=a/b", "run.name='a/b': expected a non-empty name without '/'"),
+        ("cluster.train_max_failures=-1", "cluster.train_max_failures=-1 must be >= 0"),
+        ("train.histogram_every_steps=-1", "train.histogram_every_steps=-1 must be >= 0"),
+        ("train.normalization_rows=0", "train.normalization_rows=0 must be positive"),
+        ("model.hookpoints=[mlp_out.1,mlp_out.1]", "'mlp_out.1' is listed twice"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_value(override, message):
@@ -112,9 +122,14 @@ def test_bad_values_fail_with_one_line_naming_the_value(override, message):
             ["deepspeed=zero0", "deepspeed.precision=bf16", "deepspeed.feature_parallel=2", "sae.auxk_coefficient=0"],
             "deepspeed.zero_stage=0 with deepspeed.precision='bf16' and deepspeed.feature_parallel=2 cannot clip",
         ),
+        (
+            ["deepspeed.feature_parallel=2", "sae.auxk_coefficient=0", "sweep.n_latents=[4096,4097]"],
+            "sweep variant n4097: deepspeed.feature_parallel=2 must divide sae.n_latents=4097",
+        ),
+        (["resume=run-a", "run.name=run-b"], "resume='run-a' and run.name='run-b': give one of them"),
     ],
 )
-def test_bad_feature_parallel_layouts_fail_with_one_line(overrides, message):
+def test_bad_layouts_fail_with_one_line(overrides, message):
     with pytest.raises(ValueError) as info:
         compose_job(overrides)
     assert message in str(info.value)

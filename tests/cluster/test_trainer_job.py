@@ -109,3 +109,11 @@ def test_a_feature_parallel_dictionary_equals_the_single_rank_one(ray_cluster, t
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(first[name], second[name], rtol=1e-4, atol=1e-5)
     assert abs(split.eval["fvu"] - whole.eval["fvu"]) < 1e-4
+
+
+def test_resume_refuses_a_run_without_a_checkpoint_before_anything_starts(tmp_path, tiny_model_dir, tiny_corpus_dir):
+    job = tiny_job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir, "run.name=null", "resume=nowhere")
+    assert job.run.name == "nowhere"
+    with pytest.raises(ValueError, match=r"resume='nowhere': no complete checkpoint under file://.*/runs/nowhere/checkpoints/"):
+        run_job(job)
+    assert not (tmp_path / "store" / "caches").exists() or not any((tmp_path / "store" / "caches").iterdir())
