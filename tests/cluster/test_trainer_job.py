@@ -117,3 +117,18 @@ def test_resume_refuses_a_run_without_a_checkpoint_before_anything_starts(tmp_pa
     with pytest.raises(ValueError, match=r"resume='nowhere': no complete checkpoint under file://.*/runs/nowhere/checkpoints/"):
         run_job(job)
     assert not (tmp_path / "store" / "caches").exists() or not any((tmp_path / "store" / "caches").iterdir())
+
+
+def test_a_feature_parallel_run_started_again_resumes_to_the_same_weights(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir):
+    """The checkpoint of a (data x feature) run holds each rank's slice and optimizer partition: a
+    second start of the run (``resume=``) continues from the newest one and writes the same
+    dictionary, bit for bit."""
+    store = str(tmp_path / "store")
+    common = ("sae.auxk_coefficient=0", "train.epochs=3", "logging.wandb_mode=disabled", "deepspeed.feature_parallel=2",
+              "cluster.num_train_workers=2", "run.checkpoint_every_steps=20", "run.name=fp")
+    [first] = run_job(tiny_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, *common)).hookpoints
+    first_weights = _weights(first.dictionary_uri)
+    [again] = run_job(tiny_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, *common[:-1], "run.name=null", "resume=fp")).hookpoints
+    assert again.eval["resumed_from_step"] == 40 and again.eval["train_steps"] == first.eval["train_steps"] == 57
+    for name, tensor in _weights(again.dictionary_uri).items():
+        assert torch.equal(tensor, first_weights[name]), f"{name} differs"
