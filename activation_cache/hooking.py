@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,3 +226,43 @@ def describe_model(source: ModelSource, hookpoints: list[str]) -> tuple[list[str
         if name in canonical[:i]:
             raise ValueError(f"hookpoints {hookpoints[canonical.index(name)]!r} and {hookpoints[i]!r} both name {name}")
     return canonical, int(config.hidden_size)
+
+
+@contextmanager
+def spliced(model: nn.Module, hookpoint: str, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[str]:
+    """While active, every forward pass of ``model`` runs to the logits with the activations at
+    ``hookpoint`` (the module's output, or its input for ``:input``, as ``MultiHarvester``
+    reads them) replaced by ``replace(acts)``; yields the canonical hookpoint.
+
+    ``replace`` takes the (batch, seq, d) activations and returns a tensor of the same shape,
+    which is cast to the activations' dtype and device (an fp32 SAE may splice into a bf16
+    model). A decoder layer's tuple output keeps its other members. The hook is removed on exit.
+    """
+    canonical = resolve_hookpoint(model, hookpoint)
+    module = dict(model.named_modules())[canonical.removesuffix(INPUT_SUFFIX)]
+
+    def replaced(acts: torch.Tensor) -> torch.Tensor:
+        new = replace(acts)
+        if new.shape != acts.shape:
+            raise ValueError(f"hookpoint {canonical}: replacement shape {tuple(new.shape)} but activations {tuple(acts.shape)}")
+        return new.to(dtype=acts.dtype, device=acts.device)
+
+    if canonical.endswith(INPUT_SUFFIX):
+        def pre_hook(module, args, kwargs):
+            if args:
+                return (replaced(args[0]), *args[1:]), kwargs
+            name = next(iter(kwargs))  # the first keyword argument, as MultiHarvester reads it
+            return args, {**kwargs, name: replaced(kwargs[name])}
+
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (replaced(output[0]), *output[1:])
+            return replaced(output)
+
+        handle = module.register_forward_hook(hook)
+    try:
+        yield canonical
+    finally:
+        handle.remove()

@@ -8,14 +8,24 @@ import os
 import sys
 from pathlib import Path
 
+from cluster.jobs import add_job_commands
+
 log = logging.getLogger("saeforge")
 
 
 def _train(args: argparse.Namespace) -> int:
     from cluster.config import compose_job
-    from cluster.driver import run_job
 
     job = compose_job(args.overrides)
+    if args.cfg == "job":  # Hydra's convention: print the resolved config and stop
+        from omegaconf import OmegaConf
+
+        from cluster.config import to_dict
+
+        sys.stdout.write(OmegaConf.to_yaml(to_dict(job)))
+        return 0
+    from cluster.driver import run_job
+
     logging.basicConfig(level=job.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_MODE", job.logging.wandb_mode)
     result = run_job(job)
@@ -39,10 +49,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from cluster.pull import pull_dictionary
+    from cluster.pull import pull
 
-    cfg = pull_dictionary(args.uri, Path(args.target), s3_options={"endpoint_url": args.endpoint_url})
-    sys.stdout.write(f"pulled {cfg['architecture']} dictionary d_in={cfg['d_in']} d_sae={cfg['d_sae']} to {args.target}\n")
+    pulled = pull(args.uri, Path(args.target), s3_options={"endpoint_url": args.endpoint_url})
+    for folder, (_, cfg) in pulled.items():
+        where = Path(args.target) / folder
+        sys.stdout.write(f"pulled {cfg['architecture']} dictionary d_in={cfg['d_in']} d_sae={cfg['d_sae']} to {where}\n")
     return 0
 
 
@@ -79,18 +91,41 @@ def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("--workers", type=int, default=8, help="shards read at once (default: 8)")
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from cluster.evaluation import evaluate_stored, format_table
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    evaluation = evaluate_stored(args.uri, s3_options={"endpoint_url": args.endpoint_url}, text=args.text,
+                                 model=args.model, max_tokens=args.max_tokens)
+    sys.stdout.write(format_table(evaluation) + f"\nwritten to       {args.uri}/eval.json\n")
+    return 0
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    command = sub.add_parser("eval", help="splice a dictionary into its model on held-out text; add the figures to its eval.json")
+    command.add_argument("uri", help="dictionary URI: s3://bucket/.../dictionary/<hookpoint> or a local path")
+    command.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    command.add_argument("--max-tokens", type=int, default=None, help="tokens evaluated (default: the run's eval.max_tokens)")
+    command.add_argument("--text", default=None, help="evaluate on this text source instead of the run's held-out text")
+    command.add_argument("--model", default=None, help="model directory or packaged:... (default: the run's model)")
+    command.set_defaults(func=_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeforge", description="Train sparse autoencoders on a Ray cluster.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fill (or reuse) the activation cache and train a dictionary")
     train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. sae.n_latents=8192 cache.uri=s3://bucket/prefix")
+    train.add_argument("--cfg", choices=["job"], default=None, help="print the resolved job config and exit")
     train.set_defaults(func=_train)
-    pull = sub.add_parser("pull", help="copy a dictionary from the object store and verify it")
-    pull.add_argument("uri", help="dictionary URI: s3://bucket/.../dictionary/<hookpoint> or a local path")
+    pull = sub.add_parser("pull", help="copy a run's dictionaries (or one) from the object store, verified")
+    pull.add_argument("uri", help="a run (s3://bucket/.../runs/<run>) or one dictionary (.../dictionary/<hookpoint>), or a local path")
     pull.add_argument("target", help="local directory to write into")
     pull.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
     pull.set_defaults(func=_pull)
     _add_cache_parser(sub)
+    _add_eval_parser(sub)
+    add_job_commands(sub)  # submit, status, logs, stop, list
     return parser
 
 

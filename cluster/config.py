@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from activation_cache.config import CacheConfig, DataConfig, ModelConfig
+from cluster.evaluation import EvalConfig
 from cluster.sweep import SweepConfig, variants
 from trainer.config import DeepSpeedConfig, SAEConfig, TrainConfig
 
@@ -153,6 +154,9 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The spliced evaluation of every trained dictionary (held-out text through the model with
+    the dictionary's reconstruction substituted)."""
     resume: str | None = None
     """Continue the run of this name from its newest complete checkpoint (``run.name`` is set to
     it); the job stops with an error if the run has no complete checkpoint."""
@@ -199,6 +203,7 @@ def register_configs() -> None:
     for group, schema in [
         ("model", ModelConfig), ("data", DataConfig), ("sae", SAEConfig), ("train", TrainConfig),
         ("deepspeed", DeepSpeedConfig), ("cache", CacheConfig), ("cluster", ClusterConfig), ("logging", LoggingConfig),
+        ("eval", EvalConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=schema)
 

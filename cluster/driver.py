@@ -6,6 +6,7 @@ checked before Ray starts or a model loads.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -25,8 +26,9 @@ from activation_cache.producing import split_units, unit_rows
 from activation_cache.schema import ShardMeta, sha256_hex
 from activation_cache.store import ObjectStore, join_uri, open_store
 from activation_cache.text import check_source, excluded_token_ids, pack_sequences
-from cluster.config import JobConfig
+from cluster.config import JobConfig, to_dict
 from cluster.errors import JobFailed
+from cluster.evaluation import RUN_CONFIG_FILE, evaluate_in_ray
 from cluster.producer import fill_cache, producer_factory
 from cluster.sweep import variants
 from cluster.train import ABORT_KEY, TrainPlan, dictionary_uri, train_dictionary
@@ -281,12 +283,21 @@ def run_job(job: JobConfig) -> JobResult:
     train_plans = _train_plans(job, plans, root, run_name)
     if job.resume is not None:
         _check_resumable(job, train_plans)
+    # The resolved config beside the run's outputs (``saeforge eval`` rebuilds the held-out text
+    # from it); credentials are never part of it.
+    run_store = open_store(train_plans[0].run_uri, s3_options=job.cache.s3_options())
+    run_store.put_bytes(RUN_CONFIG_FILE, json.dumps(to_dict(job), indent=1, sort_keys=True).encode())
     _init_ray(job)
     if job.cluster.train_while_caching:
         report, evals = _train_while_caching(job, plans, train_plans)
     else:
         report = build_caches(job, plans)
         evals = [train_dictionary(job, p) for p in train_plans]
+    if job.eval.enabled:  # one Ray task loads the model once for every hookpoint and variant
+        uris = [dictionary_uri(job, t, v) for t in train_plans for v in variants(job.sae, job.train.lr, job.sweep)]
+        merged = iter(evaluate_in_ray(job, uris, tokens=plans[0].tokens,
+                                      excluded_token_ids=plans[0].excluded_token_ids, eval_cfg=job.eval))
+        evals = [{v.name: next(merged) for v in variants(job.sae, job.train.lr, job.sweep)} for _ in train_plans]
     return JobResult(
         hookpoints=[
             HookpointResult(

@@ -1,32 +1,96 @@
-"""``saeforge pull``: copy a dictionary out of the object store and verify it loads."""
+"""``saeforge pull``: copy dictionaries out of the object store, verified, all or nothing.
+
+``uri`` is one dictionary (``<run>/dictionary/<hookpoint>``), a run (every hookpoint's dictionary,
+and every sweep variant's: ``<run>/sweep/<variant>/dictionary/<hookpoint>``) or anything between.
+Each dictionary folder lands in ``target`` at its path below ``uri``. Every file is checked
+against the folder's ``checksums.json`` and every dictionary must load (weights matching
+cfg.json) before anything is moved into ``target``; on any failure ``target`` is left as it was.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
 
-from activation_cache.store import open_store
+from torch import nn
+
+from activation_cache.schema import sha256_hex
+from activation_cache.store import ObjectStore, open_store
+from cluster.train import CHECKSUMS_FILE
 from trainer.dictionary import load_dictionary
 
-DICTIONARY_FILES = ("sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "eval.json")
-REQUIRED_FILES = ("sae_weights.safetensors", "cfg.json")
+DICTIONARY_MARKER = "cfg.json"
 
 
-def pull_dictionary(uri: str, target: Path, *, s3_options: dict | None = None) -> dict:
-    """Copy the dictionary at ``uri`` into ``target`` and return its cfg.json.
+def safe_relative_path(key: str, uri: str) -> PurePosixPath:
+    """``key`` as a path that stays below the target directory, or a one-line refusal."""
+    # Checked on the raw parts: PurePosixPath would fold "a//b" and "a/./b" into "a/b".
+    if any(part in ("", ".", "..") for part in key.split("/")) or "\\" in key or "\x00" in key:
+        raise ValueError(f"{uri}: object key {key!r} would escape the target directory: refused")
+    return PurePosixPath(key)
 
-    Only the known dictionary files are copied (names fixed here, so nothing can land outside
-    ``target``); the weights are verified to load and to match cfg.json before any file is written.
-    """
+
+def find_dictionaries(store: ObjectStore) -> dict[PurePosixPath, list[str]]:
+    """{folder below the store's root: its keys} for every dictionary folder (one holding cfg.json)."""
+    keys = [safe_relative_path(key, store.uri) for key in store.list()]
+    folders = {key.parent for key in keys if key.name == DICTIONARY_MARKER}
+    found: dict[PurePosixPath, list[str]] = {}
+    for folder in sorted(folders, key=str):
+        found[folder] = [str(k) for k in keys if k.parent == folder]
+    return found
+
+
+def _fetch_verified(store: ObjectStore, folder: PurePosixPath, keys: list[str]) -> dict[str, bytes]:
+    prefix = "" if str(folder) == "." else f"{folder}/"
+    where = f"{store.uri}/{prefix}".rstrip("/")
+    if f"{prefix}{CHECKSUMS_FILE}" not in keys:
+        raise FileNotFoundError(f"{where}: no {CHECKSUMS_FILE} (a dictionary still being written, or not one)")
+    sums = json.loads(store.get_bytes(f"{prefix}{CHECKSUMS_FILE}"))
+    files = {}
+    for name, expected in sums.items():
+        safe_relative_path(name, where)
+        data = store.get_bytes(f"{prefix}{name}")
+        if len(data) != expected["size_bytes"] or sha256_hex(data) != expected["sha256"]:
+            raise ValueError(f"{where}/{name}: {len(data)} bytes with sha256 {sha256_hex(data)[:12]}…, "
+                             f"checksums.json says {expected['size_bytes']} bytes, {expected['sha256'][:12]}…")
+        files[name] = data
+    files[CHECKSUMS_FILE] = json.dumps(sums, indent=1).encode()
+    return files
+
+
+def pull(uri: str, target: Path, *, s3_options: dict | None = None) -> dict[str, tuple[nn.Module, dict]]:
+    """Copy every dictionary at or below ``uri`` into ``target``; return ``{folder: (SAE, cfg)}``
+    with each folder relative to ``target`` (``"."`` when ``uri`` is one dictionary).
+
+    Nothing is written into ``target`` until every file has matched its checksum and every
+    dictionary has loaded; the folders are then moved into place one rename each."""
     store = open_store(uri, s3_options=s3_options)
-    present = set(store.list())
-    missing = [name for name in REQUIRED_FILES if name not in present]
-    if missing:
-        raise FileNotFoundError(f"{uri}: not a dictionary (missing {', '.join(missing)})")
-    files = {name: store.get_bytes(name) for name in DICTIONARY_FILES if name in present}
-    _, cfg = load_dictionary(files)
+    found = find_dictionaries(store)
+    if not found:
+        raise FileNotFoundError(f"{uri}: no dictionary here (no {DICTIONARY_MARKER} at or below it)")
+    fetched = {folder: _fetch_verified(store, folder, keys) for folder, keys in found.items()}
+    loaded = {str(folder): load_dictionary(files) for folder, files in fetched.items()}
     target.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        tmp = target / f".{name}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(target / name)
-    return cfg
+    staging = Path(tempfile.mkdtemp(prefix=".saeforge-pull-", dir=target))
+    try:
+        for folder, files in fetched.items():
+            for name, data in files.items():
+                path = staging / folder / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+        for folder in fetched:
+            final = target / folder
+            if str(folder) == ".":
+                for path in (staging / folder).iterdir():
+                    if not path.name.startswith(".saeforge-pull-"):
+                        path.replace(target / path.name)
+                continue
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                shutil.rmtree(final)
+            (staging / folder).replace(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return loaded

@@ -26,8 +26,16 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from activation_cache.manifest import Manifest, ShardEntry, load_manifest
 from activation_cache.reader import ActivationReader, TailingAborted, read_shard
+from activation_cache.schema import sha256_hex
 from activation_cache.store import ObjectNotFound, ObjectStore, join_uri, open_store
 from cluster.config import JobConfig, to_dict
+from cluster.report import (
+    FEATURES_FILE,
+    REPORT_FILE,
+    TRAINING_CURVES_FILE,
+    report_artifact_name,
+    report_with_model,
+)
 from cluster.sweep import Variant, variants
 from trainer.architectures import build_sae
 from trainer.checkpoint import (
@@ -55,6 +63,9 @@ from trainer.schedules import k_at, lr_at, sparsity_coefficient_at
 
 log = logging.getLogger(__name__)
 
+
+CHECKSUMS_FILE = "checksums.json"
+"""The last file of a dictionary folder: every other file's size and sha256."""
 
 ABORT_KEY = "producers-failed.txt"
 """Written into the run folder when the cache fill fails under a training that tails it; the
@@ -388,12 +399,15 @@ def _finish_dictionary(
         summary = dictionary.trainer.summary()
         summary_metrics = {"train_tokens": summary.tokens, "train_steps": summary.steps,
                            "cache_rows_at_train_start": source.rows_at_start, "resumed_from_step": resumed_from}
-        _finish(job, plan, final, dictionary.uri, source.holdout, source.scale, summary_metrics, dictionary.logger)
+        _finish(job, plan, final, dictionary.uri, source.holdout, source.scale, summary_metrics, dictionary.logger,
+                curves=dictionary.trainer.history,
+                artifact=report_artifact_name(plan.run_name, dictionary.variant.name, plan.hookpoint))
     dictionary.logger.finish()
     shutdown_engine(engine)
 
 
-def _finish(job, plan, sae, uri: str, holdout_names, scale, summary: dict, logger) -> None:
+def _finish(job, plan, sae, uri: str, holdout_names, scale, summary: dict, logger, *, curves: list[dict],
+            artifact: str) -> None:
     """Rank 0: evaluate on every held-out row and write the dictionary (training on a cache still
     being written may end before the held-out shards, produced last, are committed: wait)."""
     cache = open_store(plan.cache_uri, s3_options=job.cache.s3_options())
@@ -416,9 +430,24 @@ def _finish(job, plan, sae, uri: str, holdout_names, scale, summary: dict, logge
         extra_metadata={"cache_key": manifest.cache_key, "run_name": plan.run_name},
         sparsity=frequencies, eval_metrics=metrics,
     )
-    folder = open_store(uri, s3_options=job.cache.s3_options())
+    files[TRAINING_CURVES_FILE] = json.dumps(curves).encode()
+    try:  # the report never costs the trained dictionary
+        files.update(report_with_model(
+            files, holdout=(read_shard(cache, entries[name]) for name in holdout_names), model=job.model))
+    except Exception:
+        log.exception("dictionary %s: the report failed; written without it", uri)
+    write_dictionary(open_store(uri, s3_options=job.cache.s3_options()), files)
+    if REPORT_FILE in files:
+        logger.log_artifact(artifact, {n: files[n] for n in (REPORT_FILE, FEATURES_FILE)})
+
+
+def write_dictionary(folder: ObjectStore, files: dict[str, bytes]) -> None:
+    """Write a dictionary's files, then ``checksums.json`` (each file's size and sha256), last:
+    ``saeforge pull`` takes a folder without it for one still being written."""
     for name, data in files.items():
         folder.put_bytes(name, data)
+    sums = {name: {"size_bytes": len(data), "sha256": sha256_hex(data)} for name, data in sorted(files.items())}
+    folder.put_bytes(CHECKSUMS_FILE, json.dumps(sums, indent=1).encode())
 
 
 def dictionary_uri(job: JobConfig, plan: TrainPlan, variant: Variant) -> str:

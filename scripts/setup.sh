@@ -10,10 +10,31 @@ EXTRAS="${SAEFORGE_EXTRAS:-test}"
 STAMP="$VENV/.saeforge-installed"
 PYTHON="${PYTHON:-python3}"
 
+# The report test opens the dictionary report in Debian's chromium (tests/cluster/test_report.py).
+# A system package, so it is checked on every call, not only when the environment changes.
+chromium_missing=""
+if [[ ",$EXTRAS," == *",test,"* ]] && ! command -v chromium >/dev/null 2>&1; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing Debian's chromium for the report test (apt-get, under a minute)"
+        apt_install=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+                     chromium fonts-liberation)
+        apt_log="$(mktemp)"
+        if ! { "${apt_install[@]}" || { apt-get update -q && "${apt_install[@]}"; }; } >"$apt_log" 2>&1; then
+            echo "setup: apt-get could not install chromium ($(tail -n 1 "$apt_log")): the report test skips (fails with CI=true)"
+        fi
+        rm -f "$apt_log"
+    else
+        chromium_missing=1
+    fi
+fi
+
 inputs_hash() { cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16; }
 want="$(inputs_hash)-$EXTRAS"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
     exit 0
+fi
+if [[ -n "$chromium_missing" ]]; then
+    echo "setup: chromium is missing and needs root with apt-get to install: the report test skips (fails with CI=true)"
 fi
 
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"

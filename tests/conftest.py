@@ -42,5 +42,17 @@ def s3_bucket_uri(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     return f"s3://{bucket}/prefix"
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for the test: tiny matmuls gain nothing from a second one on a busy
+    2-core machine, only synchronisation."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # The tiny random Llama + tokenizer fixtures live beside this file.
 pytest_plugins = ["tiny_model"]

@@ -21,6 +21,10 @@ class MetricLogger(Protocol):
         """Record the distribution of ``values`` (e.g. log10 firing frequencies) at ``step``."""
         ...
 
+    def log_artifact(self, name: str, files: dict[str, bytes], *, type: str = "report") -> None:
+        """Upload ``files`` (name -> bytes) as a new version of artifact ``name``."""
+        ...
+
     def finish(self) -> None:
         """Flush and close; no ``log`` after this."""
         ...
@@ -33,6 +37,9 @@ class NullLogger:
         pass
 
     def log_histogram(self, name: str, values: Tensor, step: int) -> None:
+        pass
+
+    def log_artifact(self, name: str, files: dict[str, bytes], *, type: str = "report") -> None:
         pass
 
     def finish(self) -> None:
@@ -69,6 +76,13 @@ class WandbLogger:
 
     def log_histogram(self, name: str, values: Tensor, step: int) -> None:
         self._run.log({name: self._wandb.Histogram(values.detach().float().cpu().numpy(), num_bins=64)}, step=step)
+
+    def log_artifact(self, name: str, files: dict[str, bytes], *, type: str = "report") -> None:
+        artifact = self._wandb.Artifact(name, type=type)
+        for file_name, data in sorted(files.items()):
+            with artifact.new_file(file_name, mode="wb") as f:
+                f.write(data)
+        self._run.log_artifact(artifact)
 
     def finish(self) -> None:
         self._run.finish()

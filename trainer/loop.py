@@ -118,6 +118,8 @@ class DictionaryTrainer:
         self.steps_done = 0
         self.tokens = 0
         self.metrics: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        """Every logged window's metrics with its step: the training curves of the report."""
         self._window = _MetricWindow(engine.device)
 
     @property
@@ -145,6 +147,7 @@ class DictionaryTrainer:
         if step % self.log_every == 0 or step == self.max_steps:
             self.metrics = _window_metrics(engine, self._window, self.dead_tracker, self.dead_after_tokens)
             self.metrics["tokens"] = float(self.tokens)
+            self.history.append({"step": step, **self.metrics})
             self.logger.log(self.metrics, step=step)
             _log_progress(step, self.max_steps, self.metrics)
             self._window = _MetricWindow(engine.device)
@@ -158,11 +161,13 @@ class DictionaryTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's position and dead-latent counters (tensors and JSON-able values)."""
-        return {"steps_done": self.steps_done, "tokens": self.tokens, "dead_tracker": self.dead_tracker.state_dict()}
+        return {"steps_done": self.steps_done, "tokens": self.tokens, "dead_tracker": self.dead_tracker.state_dict(),
+                "history": [dict(entry) for entry in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps_done, self.tokens = int(state["steps_done"]), int(state["tokens"])
         self.dead_tracker.load_state_dict(state["dead_tracker"])
+        self.history = [dict(entry) for entry in state.get("history", [])]
         self._window = _MetricWindow(self.engine.device)
 
 

@@ -31,5 +31,15 @@ def test_pull_refuses_a_folder_that_is_not_a_dictionary(capsys, tmp_path):
     (tmp_path / "src" / "cfg.json").write_text("{}")
     code = saeforge(["pull", str(tmp_path / "src"), str(tmp_path / "dst")])
     assert code == 2
-    assert "not a dictionary (missing sae_weights.safetensors)" in capsys.readouterr().err
+    assert "no checksums.json (a dictionary still being written, or not one)" in capsys.readouterr().err
     assert not (tmp_path / "dst").exists()
+
+
+def test_train_cfg_job_prints_the_resolved_config_and_starts_nothing(capsys):
+    import yaml
+
+    assert saeforge(["train", "--cfg", "job", "experiment=laptop", "sweep.k=[16,32]", "hookpoints=mid_layer"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["sae"]["n_latents"] == 4096 and printed["sweep"]["k"] == [16, 32]
+    assert printed["model"]["hookpoints"] == ["resid_post.mid", "attn_out.mid", "mlp_out.mid"]
+    assert printed["deepspeed"]["zero_stage"] == 2 and printed["run"]["checkpoint_every_steps"] == 200

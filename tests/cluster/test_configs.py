@@ -11,6 +11,8 @@ from cluster.config import CONF_DIR, JobConfig, compose_job
 
 # Groups whose options need a value only a user can give (a path); they are given one here.
 REQUIRED = {"model/local": ["model.name_or_path=/models/llama"], "data/text_files": ["data.source=/data/text"]}
+for _preset in ("gpu_node", "multi_node"):  # presets for a user's own model
+    REQUIRED[f"experiment/{_preset}"] = ["model=local", "model.name_or_path=/models/llama"]
 
 
 # The groups JobConfig's cross-field checks read beside ``deepspeed``: its options are composed
@@ -32,20 +34,54 @@ def _combinations(groups: list[str]) -> list[dict[str, str]]:
     return [dict(zip(groups, combo, strict=True)) for combo in itertools.product(*(options[g] for g in groups))]
 
 
+# Pairs that cannot work, and the refusal they get.
+REFUSED = {
+    # The multi-node preset splits its latents over 8 ranks in bf16; DeepSpeed's stage-0 bf16
+    # optimizer cannot take the norm of a split dictionary.
+    frozenset({"experiment=multi_node", "deepspeed=zero0"}): "deepspeed.zero_stage=0 with deepspeed.precision='bf16'",
+    # The multi-node preset's 1M latents split 8 ways need the plain TopK SAE.
+    **{frozenset({"experiment=multi_node", f"sae={arch}"}): "needs sae.architecture='topk'"
+       for arch in ("batchtopk", "jumprelu", "matryoshka", "relu_l1")},
+}
+
+# Groups composed with each other group's options in turn (pairs), not in the full product: the
+# presets override several groups at once, and hookpoints only meet the model's layers.
+PAIRWISE = ("experiment", "hookpoints", "eval")
+
+
+def _pairs(group: str) -> list[dict[str, str]]:
+    options = _options()
+    pairs = []
+    for other in options:
+        if other != group:
+            pairs += [{group: a, other: b} for a in options[group] for b in options[other]]
+    return pairs
+
+
 def test_conf_has_the_documented_groups():
-    assert {"model", "data", "sae", "cache", "cluster", "logging", "train", "deepspeed"} <= set(_options())
+    assert {"model", "hookpoints", "data", "sae", "cache", "cluster", "logging", "train", "deepspeed",
+            "experiment", "eval"} <= set(_options())
+    assert set(_options()["experiment"]) == {"laptop", "gpu_node", "multi_node"}
 
 
 @pytest.mark.parametrize(
     "choice",
-    _combinations([g for g in _options() if g != "deepspeed"])
-    + _combinations(["deepspeed", *DEEPSPEED_PARTNERS]),
+    _combinations([g for g in _options() if g not in ("deepspeed", *PAIRWISE)])
+    + _combinations(["deepspeed", *DEEPSPEED_PARTNERS])
+    + [pair for group in PAIRWISE for pair in _pairs(group)],
     ids=lambda c: ",".join(f"{g}={o}" for g, o in c.items()),
 )
 def test_every_combination_composes(choice):
     overrides = [f"{group}={option}" for group, option in choice.items()]
     for group, option in choice.items():
-        overrides += REQUIRED.get(f"{group}/{option}", [])
+        overrides += [o for o in REQUIRED.get(f"{group}/{option}", []) if o.split("=")[0] not in choice]
+    if "model" in choice and choice["model"] != "local" and "experiment" in choice:
+        overrides = [o for o in overrides if o != "model.name_or_path=/models/llama"]
+    refusal = REFUSED.get(frozenset(overrides[:2]))
+    if refusal:  # a combination that cannot work is refused in one line, before anything starts
+        with pytest.raises(ValueError, match=refusal):
+            compose_job(overrides)
+        return
     job = compose_job(overrides)
     assert isinstance(job, JobConfig)
 

@@ -50,11 +50,16 @@ def _check_dictionary(result, tmp_path, s3_options: dict) -> None:
         argv += ["--endpoint-url", s3_options["endpoint_url"]]
     assert saeforge(argv) == 0
     files = {p.name: p.read_bytes() for p in target.iterdir()}
-    assert {"sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "eval.json"} <= set(files)
+    assert {"sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "eval.json", "checksums.json",
+            "training_curves.json", "report.html"} <= set(files)
     sae, cfg = load_dictionary(files)
     assert (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (32, 128, 8)
     evaluation = json.loads(files["eval.json"])
     assert {"fvu", "l0", "dead_fraction"} <= set(evaluation)
+    lm = evaluation["lm"]  # spliced into the model on the held-out text
+    assert lm["n_tokens"] > 0 and lm["kl_divergence"] >= 0 and lm["ablated_ce"] > 0
+    assert evaluation["unexplained"]["worst_contexts"], "the contexts the SAE explains worst"
+    assert b'id="evaluation"' in files["report.html"] and b"spliced LM: ce_recovered" in files["report.html"]
     assert evaluation["fvu"] < 1.0 and evaluation["l0"] <= 8
     assert sum(evaluation["firing_histogram"]["latents"]) == 128
     assert 0 <= evaluation["dense_fraction"] <= 1

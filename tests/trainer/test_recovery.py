@@ -19,14 +19,8 @@ DATA_SEED = 20_241_124  # hashed inside SparseFeatureData, so it can never equal
 BATCH, DEAD_AFTER_TOKENS = 256, 2560
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: a second thread only adds synchronisation (and contends with other jobs).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def data() -> SparseFeatureData:

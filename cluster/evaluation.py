@@ -1,0 +1,456 @@
+"""The spliced evaluation of a trained dictionary: the SAE's reconstruction substituted into the
+real model on held-out text (``eval.json``'s ``lm`` and ``unexplained`` sections).
+
+Three forward passes per batch: clean, with the hookpoint's activations replaced by the SAE's
+reconstruction, and with them zero-ablated. Only the positions the cache keeps are replaced (BOS
+and the other excluded tokens keep their activations: the SAE never saw them) and only those
+are scored. The math is ``trainer.evaluation``'s; here are the model, the text, the object
+store and Ray. ``evaluate_in_ray`` runs it as a Ray task after training; ``evaluate_stored``
+runs it without Ray for ``saeforge eval``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import ray
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from activation_cache.config import DataConfig, ModelConfig
+from activation_cache.hooking import (
+    load_model,
+    load_tokenizer,
+    resolve_hookpoint,
+    resolve_model_source,
+    spliced,
+)
+from activation_cache.producing import split_units
+from activation_cache.schema import sha256_hex
+from activation_cache.store import ObjectNotFound, ObjectStore, open_store
+from activation_cache.text import excluded_token_ids, pack_sequences
+from trainer.dictionary import CONFIG_FILE, EVAL_FILE, WEIGHTS_FILE, load_dictionary
+from trainer.evaluation import (
+    ReconstructionErrorStats,
+    SplicedLossStats,
+    scored_positions,
+    spliced_positions,
+)
+from trainer.loggers import MetricLogger, NullLogger, make_logger
+
+if TYPE_CHECKING:
+    from cluster.config import JobConfig
+
+# cluster.config and cluster.train are imported where used: cluster.config imports EvalConfig
+# from here for JobConfig.eval, and cluster.train imports cluster.config.
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "config.json"
+"""The run's resolved job config, ``<run>/config.json``, written by the driver at job start."""
+
+
+@dataclass
+class EvalConfig:
+    """The spliced evaluation run on every trained dictionary (and by ``saeforge eval``)."""
+
+    enabled: bool = True
+    """Run it after each training; off leaves ``eval.json`` with the reconstruction figures only."""
+    max_tokens: int = 16384
+    """Held-out tokens evaluated (whole sequences, at least one): three model forwards each."""
+    batch_size: int = 4
+    """Sequences per forward pass; each holds three (batch, context, vocab) fp32 logits at once."""
+    worst_contexts: int = 20
+    """Tokens of largest reconstruction error listed with their context."""
+    context_tokens: int = 16
+    """Tokens shown before a worst token (and a quarter as many after it)."""
+    histogram_bins: int = 40
+    """Bins of the error-norm histogram."""
+    num_cpus: float = 1.0
+    """CPUs Ray reserves for the evaluation task (its torch thread count follows)."""
+    num_gpus: float = 0.0
+    """GPUs Ray gives the evaluation task (the model runs on the first if any)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "batch_size", "histogram_bins", "context_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"eval.{name}={getattr(self, name)} must be positive")
+        if self.worst_contexts < 0:
+            raise ValueError(f"eval.worst_contexts={self.worst_contexts} must be >= 0")
+        if self.num_cpus <= 0 or self.num_gpus < 0:
+            raise ValueError(f"eval.num_cpus={self.num_cpus} must be positive and eval.num_gpus={self.num_gpus} >= 0")
+
+
+@dataclass(frozen=True)
+class EvalText:
+    """The sequences a dictionary is evaluated on."""
+
+    tokens: np.ndarray
+    """Token ids (n_sequences, context_length)."""
+    sequence_ids: np.ndarray
+    """(n_sequences,) each sequence's index in the job's packed token stream (the cache's ``sequence_id``)."""
+    excluded_token_ids: frozenset[int]
+    """Tokens whose activations are neither replaced nor scored."""
+    source: str
+    """Where the text came from, for the report."""
+
+
+class SplicedEval(NamedTuple):
+    """One dictionary's spliced evaluation."""
+
+    lm: dict[str, Any]
+    """Cross-entropies, loss recovered, KL, delta LM loss (``SplicedLossStats.result``)."""
+    unexplained: dict[str, Any]
+    """Error-norm and per-token FVU summaries, histogram, worst contexts."""
+    error_norms: Tensor
+    """(n_tokens,) every evaluated token's reconstruction-error norm (for a histogram)."""
+
+
+def held_out_text(
+    tokens: np.ndarray, *, sequences_per_shard: int, holdout_fraction: float, max_tokens: int,
+    excluded: frozenset[int], source: str,
+) -> EvalText:
+    """The sequences of the held-out work units (the last ``ceil(holdout_fraction * n_units)``,
+    the shards ``cluster.train.split_holdout`` holds out), the first ``max_tokens // context``
+    of them (at least one)."""
+    from cluster.train import holdout_count
+
+    units = split_units(tokens, sequences_per_shard)
+    held = units[-holdout_count(len(units), holdout_fraction):]
+    rows = np.concatenate([u.tokens for u in held])
+    ids = np.concatenate([np.arange(u.first_sequence_id, u.first_sequence_id + len(u.tokens)) for u in held])
+    n = max(1, max_tokens // tokens.shape[1])
+    return EvalText(rows[:n], ids[:n], excluded, f"held-out units of {source}")
+
+
+def load_sae(files: dict[str, bytes]) -> tuple[nn.Module, dict]:
+    """The dictionary (acting on raw activations) in eval mode, and its cfg.json; transcoders are refused."""
+    sae, cfg = load_dictionary(files)
+    if "hook_name_out" in cfg.get("metadata", {}):
+        raise ValueError(f"cfg.json architecture={cfg['architecture']!r} is a transcoder: the spliced evaluation "
+                         "replaces one hookpoint's activations with their own reconstruction")
+    return sae.eval(), cfg
+
+
+class _Splice:
+    """The replacement at the hookpoint: the SAE's reconstruction at the spliced positions
+    (their errors recorded), or zeros there."""
+
+    def __init__(self, sae: nn.Module, errors: ReconstructionErrorStats) -> None:
+        self.sae, self.errors = sae, errors
+        self.param = next(sae.parameters())
+        self.mask = self.sequences = self.positions = None
+
+    def batch(self, mask: Tensor, sequence_ids: Tensor) -> None:
+        self.mask = mask
+        self.sequences = sequence_ids[:, None].expand_as(mask)[mask]
+        self.positions = torch.arange(mask.shape[1]).expand_as(mask)[mask]
+
+    def _rows(self, acts: Tensor) -> tuple[Tensor, Tensor]:
+        if acts.shape[-1] != self.sae.d_in:
+            raise ValueError(f"dictionary d_in={self.sae.d_in} but the hookpoint's activations have d={acts.shape[-1]}")
+        flat = acts.reshape(-1, acts.shape[-1])
+        return flat, self.mask.reshape(-1).to(flat.device)
+
+    def reconstruct(self, acts: Tensor) -> Tensor:
+        flat, keep = self._rows(acts)
+        x = flat[keep].to(device=self.param.device, dtype=self.param.dtype)
+        if x.shape[0] == 0:
+            return acts
+        x_hat = self.sae(x).reconstruction
+        self.errors.update(x.float(), x_hat.float(), sequences=self.sequences, positions=self.positions)
+        out = flat.clone()
+        out[keep] = x_hat.to(device=out.device, dtype=out.dtype)
+        return out.view_as(acts)
+
+    def ablate(self, acts: Tensor) -> Tensor:
+        flat, keep = self._rows(acts)
+        out = flat.clone()
+        out[keep] = 0
+        return out.view_as(acts)
+
+
+@torch.inference_mode()
+def evaluate_spliced(
+    sae: nn.Module, model: nn.Module, hookpoint: str, text: EvalText, tokenizer: Any, *, cfg: EvalConfig,
+) -> SplicedEval:
+    """Splice ``sae`` (acting on raw activations) into ``model`` at ``hookpoint`` and evaluate it
+    on ``text``: clean / spliced / zero-ablated next-token losses and the per-token error."""
+    hookpoint = resolve_hookpoint(model, hookpoint)
+    device = model.get_input_embeddings().weight.device
+    sae = sae.to(device)
+    losses, errors = SplicedLossStats(), ReconstructionErrorStats()
+    splice = _Splice(sae, errors)
+    starts = range(0, len(text.tokens), cfg.batch_size)
+    for lo in tqdm(starts, desc=f"eval {hookpoint}", unit="batch", disable=None, file=sys.stderr):
+        ids = torch.from_numpy(text.tokens[lo: lo + cfg.batch_size])
+        splice.batch(spliced_positions(ids, text.excluded_token_ids), torch.from_numpy(text.sequence_ids[lo: lo + cfg.batch_size]))
+        ids = ids.to(device)
+        clean = model(input_ids=ids, use_cache=False).logits
+        with spliced(model, hookpoint, splice.reconstruct):
+            replaced = model(input_ids=ids, use_cache=False).logits
+        with spliced(model, hookpoint, splice.ablate):
+            ablated = model(input_ids=ids, use_cache=False).logits
+        losses.update(clean_logits=clean, spliced_logits=replaced, ablated_logits=ablated, token_ids=ids,
+                      mask=scored_positions(ids, text.excluded_token_ids))
+    unexplained = errors.result(histogram_bins=cfg.histogram_bins, n_worst=cfg.worst_contexts)
+    worst = unexplained.pop("worst_tokens")
+    unexplained["worst_contexts"] = [_with_context(entry, text, tokenizer, cfg.context_tokens) for entry in worst]
+    lm = {**losses.result(), "text": text.source}
+    return SplicedEval(lm, unexplained, errors.error_norms())
+
+
+def _with_context(entry: dict, text: EvalText, tokenizer: Any, before: int) -> dict:
+    """``entry`` with the decoded token and a window of text around it, the token in [[ ]]."""
+    row = int(np.flatnonzero(text.sequence_ids == entry["sequence"])[0])
+    ids, position = text.tokens[row].tolist(), entry["position"]
+    prefix = tokenizer.decode(ids[max(0, position - before): position])
+    token = tokenizer.decode(ids[position: position + 1])
+    suffix = tokenizer.decode(ids[position + 1: position + 1 + max(1, before // 4)])
+    return {**entry, "token": token, "context": f"{prefix}[[{token}]]{suffix}"}
+
+
+# --------------------------------------------------------------------------- stored dictionaries
+
+
+def _json_safe(value: Any) -> Any:
+    # JSON has no NaN or infinity (CE recovered is NaN when ablating changes nothing).
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def store_evaluation(folder: ObjectStore, result: SplicedEval) -> dict:
+    """Merge ``lm`` and ``unexplained`` into the folder's ``eval.json`` (the reconstruction
+    figures stay), written atomically; ``checksums.json``, if the folder has one, is rewritten
+    after it with the new file's checksum. Returns the merged evaluation."""
+    from cluster.report import FEATURES_FILE, REPORT_FILE, TRAINING_CURVES_FILE, render_report
+    from cluster.train import CHECKSUMS_FILE
+
+    try:
+        merged = json.loads(folder.get_bytes(EVAL_FILE))
+    except ObjectNotFound:
+        merged = {}
+    merged.update(lm=result.lm, unexplained=result.unexplained)
+    data = json.dumps(_json_safe(merged), indent=2, sort_keys=True, allow_nan=False).encode()
+    folder.put_bytes(EVAL_FILE, data)
+    written = {EVAL_FILE: data}
+    if folder.exists(FEATURES_FILE):  # the report, drawn again with the new sections
+        have = {n: folder.get_bytes(n) for n in (CONFIG_FILE, TRAINING_CURVES_FILE, FEATURES_FILE) if folder.exists(n)}
+        written[REPORT_FILE] = render_report({**have, EVAL_FILE: data})[REPORT_FILE]
+        folder.put_bytes(REPORT_FILE, written[REPORT_FILE])
+    if folder.exists(CHECKSUMS_FILE):
+        sums = json.loads(folder.get_bytes(CHECKSUMS_FILE))
+        sums.update({name: {"size_bytes": len(body), "sha256": sha256_hex(body)} for name, body in written.items()})
+        folder.put_bytes(CHECKSUMS_FILE, json.dumps(sums, indent=1).encode())
+    return json.loads(data)
+
+
+def _read_dictionary(folder: ObjectStore) -> dict[str, bytes]:
+    try:
+        return {name: folder.get_bytes(name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    except ObjectNotFound:
+        raise FileNotFoundError(f"{folder.uri}: not a dictionary (needs {CONFIG_FILE} and {WEIGHTS_FILE})") from None
+
+
+def _log_evaluation(logger: MetricLogger, result: SplicedEval) -> None:
+    figures = {f"eval/lm/{k}": v for k, v in result.lm.items() if isinstance(v, int | float)}
+    for section in ("error_norm", "token_fvu"):
+        figures.update({f"eval/unexplained/{section}_{k}": v for k, v in result.unexplained[section].items()})
+    logger.log(figures, step=0)
+    logger.log_histogram("eval/error_norm", result.error_norms, step=0)
+
+
+def evaluate_uris(
+    uris: list[str], *, model_cfg: ModelConfig, text: EvalText, cfg: EvalConfig, s3_options: dict | None = None,
+    make_run_logger: Callable[[str, dict], MetricLogger] | None = None,
+) -> list[dict]:
+    """Load the model once and evaluate each dictionary at ``uris`` on ``text``; store each
+    result in its ``eval.json`` and return the merged evaluations, in order.
+    ``make_run_logger(uri, cfg_json)`` gives each dictionary's metric logger (default: none)."""
+    source = resolve_model_source(model_cfg)
+    model = load_model(source, dtype=model_cfg.dtype, device_map=model_cfg.device_map)
+    tokenizer = load_tokenizer(source)
+    merged = []
+    for uri in uris:
+        folder = open_store(uri, s3_options=s3_options)
+        sae, sae_cfg = load_sae(_read_dictionary(folder))
+        result = evaluate_spliced(sae, model, sae_cfg["metadata"]["hook_name"], text, tokenizer, cfg=cfg)
+        logger = make_run_logger(uri, sae_cfg) if make_run_logger else NullLogger()
+        try:
+            _log_evaluation(logger, result)
+        finally:
+            logger.finish()
+        merged.append(store_evaluation(folder, result))
+        log.info("%s: CE clean %.4f spliced %.4f ablated %.4f, recovered %.4f", uri, result.lm["clean_ce"],
+                 result.lm["spliced_ce"], result.lm["ablated_ce"], result.lm["ce_recovered"])
+    return merged
+
+
+# --------------------------------------------------------------------------- after training, in Ray
+
+
+def _wandb_name(uri: str, sae_cfg: dict) -> str:
+    _, variant = split_dictionary_uri(uri)
+    meta = sae_cfg["metadata"]
+    return "-".join(filter(None, (meta.get("run_name"), variant, meta["hook_name"], "eval")))
+
+
+def _evaluate_task(
+    uris: list[str], model_cfg: ModelConfig, text: EvalText, cfg: EvalConfig, s3_options: dict,
+    wandb: dict,
+) -> list[dict]:
+    torch.set_num_threads(max(1, int(cfg.num_cpus)))
+
+    def run_logger(uri: str, sae_cfg: dict) -> MetricLogger:
+        run_name = sae_cfg["metadata"].get("run_name", "")
+        return make_logger(rank=0, wandb_mode=wandb["mode"], project=wandb["project"],
+                           run_name=_wandb_name(uri, sae_cfg), config={"dictionary": uri, "eval": dataclasses.asdict(cfg)},
+                           dir=str(Path(wandb["dir"]) / run_name / "eval"), group=run_name or None)
+
+    return evaluate_uris(uris, model_cfg=model_cfg, text=text, cfg=cfg, s3_options=s3_options,
+                         make_run_logger=run_logger)
+
+
+def evaluate_in_ray(
+    job: JobConfig, dictionary_uris: list[str], *, tokens: np.ndarray, excluded_token_ids: frozenset[int],
+    eval_cfg: EvalConfig,
+) -> list[dict]:
+    """The spliced evaluation of the job's trained dictionaries, as one Ray task (one model
+    load) with ``eval_cfg.num_cpus`` / ``num_gpus``, on the held-out units of ``tokens`` (the
+    job's packed text); each result is merged into the dictionary's ``eval.json`` and logged to
+    a wandb run ``<run>-<hookpoint>-eval`` in the run's group. Returns the merged evaluations,
+    in the order of ``dictionary_uris``."""
+    text = held_out_text(
+        tokens, sequences_per_shard=job.cache.sequences_per_shard, holdout_fraction=job.train.holdout_fraction,
+        max_tokens=eval_cfg.max_tokens, excluded=frozenset(excluded_token_ids), source=job.data.source,
+    )
+    wandb = {"mode": job.logging.wandb_mode, "project": job.logging.project, "dir": str(Path(job.logging.dir).resolve())}
+    task = ray.remote(num_cpus=eval_cfg.num_cpus, num_gpus=eval_cfg.num_gpus, max_retries=0)(_evaluate_task)
+    return ray.get(task.remote(list(dictionary_uris), job.model, text, eval_cfg, job.cache.s3_options(), wandb))
+
+
+# --------------------------------------------------------------------------- saeforge eval
+
+
+def split_dictionary_uri(uri: str) -> tuple[str | None, str]:
+    """(run folder, sweep variant) of ``<run>/dictionary/<hookpoint>`` or
+    ``<run>/sweep/<variant>/dictionary/<hookpoint>``; (None, '') for any other place."""
+    parts = uri.rstrip("/").split("/")
+    if len(parts) < 3 or parts[-2] != "dictionary":
+        return None, ""
+    run, variant = parts[:-2], ""
+    if len(run) >= 3 and run[-2] == "sweep":
+        run, variant = run[:-2], run[-1]
+    return "/".join(run) or None, variant
+
+
+def _run_config(run_uri: str | None, s3_options: dict | None) -> tuple[JobConfig, dict] | None:
+    """The job config and the raw ``eval`` section of ``<run>/config.json``; None if absent."""
+    from cluster.config import JobConfig
+
+    if run_uri is None:
+        return None
+    try:
+        raw = json.loads(open_store(run_uri, s3_options=s3_options).get_bytes(RUN_CONFIG_FILE))
+    except ObjectNotFound:
+        return None
+    eval_raw = raw.pop("eval", None) or {}
+    try:
+        job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), raw))
+    except OmegaConfBaseException as err:
+        raise ValueError(f"{run_uri}/{RUN_CONFIG_FILE}: not a job config this saeforge reads ({err})".splitlines()[0]) from None
+    assert isinstance(job, JobConfig)
+    return job, eval_raw
+
+
+def _eval_config(raw: dict, max_tokens: int | None) -> EvalConfig:
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), raw))
+    assert isinstance(cfg, EvalConfig)
+    return cfg if max_tokens is None else dataclasses.replace(cfg, max_tokens=max_tokens)
+
+
+def _text_source(data: DataConfig, source: str, max_tokens: int, tokenizer: Any) -> EvalText:
+    """All of ``source`` (up to ``max_tokens``, at least one sequence), packed as the job packs its text."""
+    data = dataclasses.replace(data, source=source, max_tokens=max(max_tokens, data.context_length))
+    tokens = pack_sequences(data, tokenizer)
+    return EvalText(tokens, np.arange(len(tokens)), excluded_token_ids(data, tokenizer), source)
+
+
+def evaluate_stored(
+    uri: str, *, s3_options: dict | None = None, text: str | None = None, model: str | None = None,
+    max_tokens: int | None = None,
+) -> dict:
+    """``saeforge eval``: evaluate the dictionary at ``uri`` spliced into its model, without Ray,
+    and merge the result into its ``eval.json``; return the merged evaluation.
+
+    The model, the text and the exclusions come from the run's ``config.json`` (two folders up,
+    or four for a sweep variant): the job's held-out units. ``text`` evaluates on that source
+    instead (all of it, up to ``max_tokens``), ``model`` overrides the model (a directory or
+    ``packaged:...``); without a run config, ``text`` is needed and the model is ``model`` or
+    cfg.json's ``model_name``.
+    """
+    sae_cfg = json.loads(_read_dictionary(open_store(uri, s3_options=s3_options))[CONFIG_FILE])
+    run_uri, _ = split_dictionary_uri(uri)
+    found = _run_config(run_uri, s3_options)
+    if found is None and text is None:
+        raise FileNotFoundError(f"{uri}: no run config ({run_uri or 'not under <run>/dictionary/'}"
+                                f"{'/' + RUN_CONFIG_FILE if run_uri else ''}): give the text with --text")
+    job, eval_raw = found if found is not None else (None, {})
+    cfg = _eval_config(eval_raw, max_tokens)
+    model_cfg = job.model if job is not None else ModelConfig(name_or_path=sae_cfg["metadata"]["model_name"])
+    if model is not None:
+        model_cfg = dataclasses.replace(model_cfg, name_or_path=model, gguf_file=None)
+    tokenizer = load_tokenizer(resolve_model_source(model_cfg))
+    data = job.data if job is not None else DataConfig()
+    if text is not None:
+        eval_text = _text_source(data, text, cfg.max_tokens, tokenizer)
+    else:
+        assert job is not None
+        eval_text = held_out_text(
+            pack_sequences(job.data, tokenizer), sequences_per_shard=job.cache.sequences_per_shard,
+            holdout_fraction=job.train.holdout_fraction, max_tokens=cfg.max_tokens,
+            excluded=excluded_token_ids(job.data, tokenizer), source=job.data.source,
+        )
+    [merged] = evaluate_uris([uri], model_cfg=model_cfg, text=eval_text, cfg=cfg, s3_options=s3_options)
+    return merged
+
+
+def format_table(evaluation: dict) -> str:
+    """A few lines for the terminal: the spliced losses and the worst contexts."""
+    lm, unexplained = evaluation["lm"], evaluation["unexplained"]
+
+    def figure(value: float | None, spec: str = ".4f") -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [
+        f"text             {lm['text']} ({lm['n_tokens']:,} tokens scored)",
+        f"CE clean         {figure(lm['clean_ce'])}",
+        f"CE spliced       {figure(lm['spliced_ce'])}   (delta {figure(lm['delta_lm_loss'], '+.4f')})",
+        f"CE zero-ablated  {figure(lm['ablated_ce'])}",
+        f"CE recovered     {figure(lm['ce_recovered'])}",
+        f"KL to clean      {figure(lm['kl_divergence'])}",
+        "error norm       " + "  ".join(f"{k} {figure(unexplained['error_norm'].get(k), '.4g')}"
+                                        for k in ("mean", "p50", "p90", "p99", "max")),
+    ]
+    if "fvu" in evaluation:
+        lines.insert(1, f"held-out FVU     {figure(evaluation['fvu'])}")
+    for entry in unexplained["worst_contexts"][:5]:
+        lines.append(f"worst  {entry['error_norm']:9.4g}  {entry['context']!r}")
+    return "\n".join(lines)

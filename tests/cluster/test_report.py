@@ -1,0 +1,420 @@
+"""The dictionary report: its feature statistics on a tiny real model's activations, its escaping
+of untrusted tokens, and the page opened in a real headless browser (Debian's chromium)."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from activation_cache.config import DataConfig, ModelConfig
+from activation_cache.hooking import (
+    ActivationHarvester,
+    load_model,
+    load_tokenizer,
+    resolve_model_source,
+)
+from activation_cache.producing import produce_shard, split_units
+from activation_cache.reader import read_shard
+from activation_cache.schema import DecodedShard, ShardMeta
+from activation_cache.store import LocalStore
+from activation_cache.text import pack_sequences
+from cluster.report import (
+    FEATURES_FILE,
+    REPORT_FILE,
+    TRAINING_CURVES_FILE,
+    FeatureSample,
+    ReportOptions,
+    build_report,
+    feature_cards,
+    load_unembedding,
+    logit_tokens,
+    render_report,
+    report_artifact_name,
+    report_with_model,
+    sample_features,
+    scan_top_activations,
+    sparsity_frequencies,
+    svg_line_chart,
+    token_decoder,
+    unembedding_of,
+)
+from trainer.architectures import ReLUSAE
+from trainer.dictionary import EVAL_FILE, SPARSITY_FILE, dictionary_files, load_dictionary
+from trainer.loop import evaluate
+from trainer.metrics import DeadLatentTracker, firing_histogram
+from trainer.sae import TopKSAE
+
+SECTIONS = ("summary", "training-curves", "firing-histogram", "evaluation", "unexplained", "features")
+HOOKPOINT = "model.layers.1"
+# eval.json's "unexplained", in the shape cluster/evaluation.py's spliced evaluation writes it.
+UNEXPLAINED = {
+    "n_tokens": 496,
+    "error_norm": {"mean": 0.21, "p50": 0.19, "p90": 0.35, "p99": 0.61, "max": 0.73},
+    "token_fvu": {"mean": 0.17, "p50": 0.12, "p90": 0.41, "p99": 0.95, "max": 1.4},
+    "error_norm_histogram": {"edges": [0.0, 0.25, 0.5, 0.75], "tokens": [300, 180, 16]},
+    "worst_contexts": [
+        {"sequence": 41, "position": 7, "error_norm": 0.73, "fvu": 1.4, "token": " York",
+         "context": "summer by this sun of[[ York]]; and"},
+        {"sequence": 44, "position": 3, "error_norm": 0.7, "fvu": 1.3, "token": "<b>", "context": "a [[b]] <b>[[<b>]]</b>"},
+    ],
+}
+
+
+@dataclass
+class TinyDictionary:
+    files: dict[str, bytes]
+    holdout: list[DecodedShard]
+    model_dir: Path
+
+
+@pytest.fixture(scope="module")
+def tiny_dictionary(tiny_model_dir, tiny_corpus_dir, tmp_path_factory) -> TinyDictionary:
+    """The tiny Llama's layer-1 activations (BOS excluded) as real shards, 2 of 6 held out, and
+    the dictionary of a TopK SAE trained on the other 4 for 80 steps, with its training curves."""
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
+    tokenizer = load_tokenizer(source)
+    tokens = pack_sequences(DataConfig(source=str(tiny_corpus_dir), context_length=32, max_tokens=32 * 48), tokenizer)
+    harvester = ActivationHarvester(load_model(source), "resid_post.1")
+    meta = ShardMeta(model="tiny", revision=source.revision, hookpoint=HOOKPOINT, d_model=32, dtype="float32", cache_key="k")
+    store = LocalStore(tmp_path_factory.mktemp("cache"))
+    shards = [
+        read_shard(store, produce_shard(unit, harvester=harvester, store=store, meta=meta, batch_size=8,
+                                        excluded_token_ids=frozenset(tokenizer.all_special_ids)).entry)
+        for unit in split_units(tokens, 8)
+    ]
+    train, holdout = torch.cat([s.activations for s in shards[:-2]]), shards[-2:]
+    sae, curves = _train_topk(train)
+    firing = DeadLatentTracker(sae.n_latents)
+    metrics = evaluate(sae, (s.activations for s in holdout), scale=1.0, dead_tracker=firing)
+    counts, edges = firing_histogram(firing.frequencies(), bins=torch.linspace(-10, 0, 41))
+    metrics["firing_histogram"] = {"log10_frequency_edges": edges.tolist(), "latents": counts.long().tolist()}
+    metrics["lm"] = {"clean_ce": 5.52, "spliced_ce": 5.91, "ablated_ce": 9.13, "ce_recovered": 0.892, "text": "corpus"}
+    metrics["unexplained"] = UNEXPLAINED
+    files = dictionary_files(sae, hookpoint=HOOKPOINT, model_name="tiny", scale=1.0, extra_metadata={"run_name": "tiny"},
+                             sparsity=firing.frequencies(), eval_metrics=metrics)
+    files[TRAINING_CURVES_FILE] = json.dumps(curves).encode()
+    return TinyDictionary(files, holdout, tiny_model_dir)
+
+
+def _train_topk(x: torch.Tensor) -> tuple[TopKSAE, list[dict]]:
+    torch.manual_seed(0)
+    sae = TopKSAE(32, 64, 4, seed=0)
+    sae.init_b_dec(x, method="mean")
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    curves = []
+    for step in range(1, 81):
+        out = sae(x[torch.randint(0, len(x), (256,))])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            curves.append({"step": step, "loss": out.loss.item(), "fvu": out.fvu.item(), "l0": 4.0,
+                           "dead_fraction": 0.0, "lr": 3e-3, "tokens_per_second": 1e4, "tokens": 256 * step})
+    return sae, curves
+
+
+def _decoder(model_dir: Path):
+    return token_decoder(load_tokenizer(resolve_model_source(ModelConfig(name_or_path=str(model_dir)))))
+
+
+def _dense_activations(sae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(rows, n_latents) activations the plain way: the whole encoder output at once."""
+    with torch.no_grad():
+        encoded = sae.encode(x)
+    if isinstance(encoded, tuple):
+        acts, indices = encoded
+        return torch.zeros(len(x), sae.n_latents).scatter_(1, indices, acts)
+    return encoded
+
+
+def _relu_dictionary(files: dict[str, bytes]) -> dict[str, bytes]:
+    sae = ReLUSAE(32, 64, seed=3, decoder_init_norm=1.0)
+    frequencies = torch.full((64,), 0.2)
+    return dictionary_files(sae, hookpoint=HOOKPOINT, model_name="tiny", scale=1.0, extra_metadata={},
+                            sparsity=frequencies, eval_metrics=json.loads(files[EVAL_FILE]))
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_contexts_are_each_features_largest_held_out_activations_in_their_sequences(tiny_dictionary, architecture):
+    files = tiny_dictionary.files if architecture == "topk" else _relu_dictionary(tiny_dictionary.files)
+    sae, _ = load_dictionary(files)
+    frequencies = sparsity_frequencies(files[SPARSITY_FILE])
+    decode = _decoder(tiny_dictionary.model_dir)
+    features = sample_features(frequencies, sae.n_latents, 9, seed=1)
+    scan = scan_top_activations(sae, tiny_dictionary.holdout, [f for f, _ in features], n_examples=5, max_tokens=10**9)
+    cards = feature_cards(features, frequencies, scan, None, decode=decode, before=3, after=2)
+
+    holdout = tiny_dictionary.holdout
+    dense = _dense_activations(sae, torch.cat([s.activations for s in holdout]))
+    sequence_ids, positions, token_ids = (np.concatenate([getattr(s, name) for s in holdout])
+                                          for name in ("sequence_ids", "positions", "token_ids"))
+    assert scan.rows == len(dense)
+    assert len(cards) == 9
+    for card in cards:
+        column = dense[:, card.index]
+        expected = column.topk(5).values
+        torch.testing.assert_close(torch.tensor([c.activation for c in card.contexts]), expected[expected > 0])
+        assert card.fired == int((column > 0).sum())
+        for context in card.contexts:
+            row = np.flatnonzero((sequence_ids == context.sequence_id) & (positions == context.position)).item()
+            assert column[row].item() == pytest.approx(context.activation)
+            near = np.flatnonzero((sequence_ids == context.sequence_id) & (abs(positions - context.position) <= 3)
+                                  & (positions - context.position <= 2))
+            near = near[np.argsort(positions[near])]
+            assert context.tokens == decode(token_ids[near].tolist())
+            assert context.tokens[context.hit] == decode([int(token_ids[row])])[0]
+            assert context.more_before == bool(positions[sequence_ids == context.sequence_id].min() < context.position - 3)
+
+
+def test_the_scan_stops_after_max_tokens(tiny_dictionary):
+    sae, _ = load_dictionary(tiny_dictionary.files)
+    consumed = []
+
+    def shards():
+        for shard in tiny_dictionary.holdout:
+            consumed.append(shard)
+            yield shard
+
+    scan = scan_top_activations(sae, shards(), [0, 1, 2], n_examples=4, max_tokens=50)
+    assert scan.rows == 50 and len(scan.token_ids) == 50
+    assert int(scan.row_ids.max()) < 50
+    assert len(consumed) == 1, "a shard after the limit is never read"
+
+
+def test_the_sample_mixes_frequent_median_and_rare_live_latents():
+    frequencies = torch.cat([torch.logspace(-6, -1, 300, dtype=torch.float64), torch.zeros(50, dtype=torch.float64)])
+    frequencies = frequencies[torch.randperm(350, generator=torch.Generator().manual_seed(0))]
+    sample = sample_features(frequencies, 350, 24, seed=0)
+    assert sample == sample_features(frequencies, 350, 24, seed=0)
+    assert sample != sample_features(frequencies, 350, 24, seed=1)
+    bands = [band for _, band in sample]
+    assert bands == ["frequent"] * 8 + ["median"] * 8 + ["rare"] * 8
+    shown = [frequencies[i].item() for i, _ in sample]
+    assert shown == sorted(shown, reverse=True) and min(shown) > 0, "live latents only, most frequent first"
+    ranked = frequencies.argsort(descending=True).tolist()[:300]
+    assert all(ranked.index(i) < 100 for i, band in sample if band == "frequent")
+    assert all(ranked.index(i) >= 200 for i, band in sample if band == "rare")
+    assert [b for _, b in sample_features(None, 350, 5, seed=0)] == ["random"] * 5
+
+
+def test_promoted_tokens_are_those_whose_unembedding_the_decoder_row_points_along():
+    generator = torch.Generator().manual_seed(0)
+    W_dec = torch.randn(6, 16, generator=generator)
+    W_U = 0.01 * torch.randn(100, 16, generator=generator)
+    W_U[42] = 3 * W_dec[4]
+    W_U[7] = -2 * W_dec[4]
+    (promoted, top), (suppressed, bottom) = logit_tokens(W_dec, W_U, [4], 3)[0]
+    assert promoted[0] == 42 and suppressed[0] == 7
+    assert top == sorted(top, reverse=True) and bottom == sorted(bottom)
+    assert top[0] == pytest.approx((W_U[42] @ W_dec[4]).item())
+
+
+def test_the_unembedding_read_from_safetensors_equals_the_loaded_models(tiny_dictionary):
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_dictionary.model_dir)))
+    read, note = load_unembedding(source)
+    loaded, _ = unembedding_of(load_model(source))
+    torch.testing.assert_close(read, loaded, rtol=0, atol=0)
+    assert "final norm (LlamaRMSNorm) is folded" in note
+
+
+class _GemmaStyleNorm(torch.nn.Module):
+    """An RMSNorm that scales by 1 + weight, as Gemma's does."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+class _ToyLM(torch.nn.Module):
+    def __init__(self, norm: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.norm = norm
+        self.lm_head = torch.nn.Linear(8, 20, bias=False)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "gemma"])
+def test_the_final_norms_gain_is_folded_into_the_unembedding_whatever_its_convention(norm):
+    torch.manual_seed(0)
+    if norm == "layernorm":
+        module = torch.nn.LayerNorm(8)
+        torch.nn.init.normal_(module.weight)
+        torch.nn.init.normal_(module.bias)
+        gain = module.weight
+    else:
+        module = _GemmaStyleNorm(8)
+        gain = 1 + module.weight
+    model = _ToyLM(module)
+    W_U, note = unembedding_of(model)
+    torch.testing.assert_close(W_U, (model.lm_head.weight * gain).detach(), rtol=1e-5, atol=1e-5)
+    assert f"final norm ({type(module).__name__}) is folded" in note
+
+
+def test_tokens_and_metadata_are_escaped_and_no_script_can_run(tiny_dictionary):
+    hostile = '<script>alert("t")</script><img src=x onerror=alert(1)>&amp;'
+    page = build_report(tiny_dictionary.files, holdout=tiny_dictionary.holdout,
+                        decode=lambda ids: [hostile] * len(ids), options=ReportOptions(n_features=3))[REPORT_FILE].decode()
+    assert "<script" not in page and "<img" not in page
+    assert html.escape(hostile) in page
+    assert "default-src 'none'" in page, "a Content-Security-Policy that forbids scripts"
+
+
+def test_a_report_without_curves_sparsity_or_model_still_has_its_sections(tiny_dictionary):
+    files = {k: v for k, v in tiny_dictionary.files.items() if k not in (SPARSITY_FILE, TRAINING_CURVES_FILE)}
+    evaluation = json.loads(files[EVAL_FILE])
+    for key in ("firing_histogram", "lm", "unexplained"):
+        evaluation.pop(key)
+    files[EVAL_FILE] = json.dumps(evaluation).encode()
+    page = build_report(files, holdout=tiny_dictionary.holdout, options=ReportOptions(n_features=4))[REPORT_FILE].decode()
+    for section in set(SECTIONS) - {"unexplained"}:
+        assert f'id="{section}"' in page
+    assert 'id="unexplained"' not in page
+    assert "No training curves were recorded" in page and "has no firing histogram" in page
+    assert "Promoted tokens are unavailable: no unembedding was given" in page
+    assert page.count('class="band">random<') == 4
+    assert re.search(r'<mark class="tok hit"[^>]*>⟨\d+⟩</mark>', page), "tokens shown as ids without a decoder"
+
+
+def test_the_page_is_redrawn_from_the_files_when_eval_json_changes(tiny_dictionary):
+    files = {k: v for k, v in tiny_dictionary.files.items() if k != EVAL_FILE}
+    report = build_report(files, holdout=tiny_dictionary.holdout, decode=_decoder(tiny_dictionary.model_dir),
+                          options=ReportOptions(n_features=4))
+    sample = FeatureSample.from_json(report[FEATURES_FILE])
+    assert sample.to_json() == report[FEATURES_FILE] and len(sample.cards) == 4
+    assert 'id="unexplained"' not in report[REPORT_FILE].decode()
+
+    later = {**files, **report, EVAL_FILE: tiny_dictionary.files[EVAL_FILE]}  # the spliced evaluation landed
+    page = render_report(later)[REPORT_FILE].decode()
+    features = re.search(r'<section id="features">.*?</section>', report[REPORT_FILE].decode(), re.S).group(0)
+    assert features in page, "the feature cards come back unchanged from report_features.json"
+    unexplained = re.search(r'<section id="unexplained">.*?</section>', page, re.S).group(0)
+    assert "<svg" in unexplained, "the error-norm histogram is drawn"
+    assert '<mark class="tok hit"> York</mark>' in unexplained
+    assert '<mark class="tok hit">&lt;b&gt;</mark>' in unexplained and "<b>" not in unexplained
+    assert ">ce_recovered<" in page and ">0.892<" in page
+
+
+def test_the_same_inputs_give_the_same_report(tiny_dictionary):
+    decode = _decoder(tiny_dictionary.model_dir)
+    first, second = (build_report(tiny_dictionary.files, holdout=tiny_dictionary.holdout, decode=decode)
+                     for _ in range(2))
+    assert first == second
+
+
+def test_report_artifact_names_are_ones_wandb_accepts():
+    assert report_artifact_name("run 1", "", "model.layers.15:input") == "report-run_1-model.layers.15_input"
+
+
+def test_a_loss_spanning_decades_gets_a_log_axis():
+    svg = svg_line_chart([(s, 10 ** (-s / 50)) for s in range(0, 201, 10)], title="loss", x_label="step",
+                         y_label="", log_y=True)
+    assert [html.unescape(t) for t in re.findall(r'text-anchor="end">([^<]+)<', svg)] == ["0.0001", "0.001", "0.01", "0.1", "1"]
+
+
+# --------------------------------------------------------------------------- in a real browser
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        message = ("Debian's chromium is not installed: `make setup` installs it when run as root with apt-get "
+                   "(or: apt-get install chromium)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def _browse(chromium: str, profile: Path, *args: str) -> str:
+    command = [chromium, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--hide-scrollbars",
+               f"--user-data-dir={profile}", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}: {done.stderr[-2000:]}"
+    return done.stdout
+
+
+# Run only in a test copy of the page (the report itself allows no script): measures what the
+# browser laid out and writes it into the DOM, which --dump-dom then prints.
+_LAYOUT_PROBE = """<script>
+const box = e => { const r = e.getBoundingClientRect(); return [r.width, r.height]; };
+const all = q => [...document.querySelectorAll(q)];
+const found = {
+  sections: Object.fromEntries(all("section").map(s => [s.id, box(s)])),
+  svgs: all("svg").map(box), polylines: all("polyline").map(p => p.getTotalLength()),
+  bars: all("rect.bar").map(box), hits: all("mark.hit").map(box),
+  hitColour: getComputedStyle(document.querySelector("mark.hit")).backgroundColor,
+};
+const out = document.createElement("pre"); out.id = "layout"; out.textContent = JSON.stringify(found);
+document.body.appendChild(out);
+</script>"""
+
+
+def _png_size_and_pixels(data: bytes) -> tuple[int, int, bytes]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, size = 8, b"", (0, 0)
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            size = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    return *size, zlib.decompress(idat)
+
+
+def test_the_report_renders_every_section_in_headless_chromium(tiny_dictionary, tmp_path):
+    chromium = _chromium()
+    files = report_with_model(tiny_dictionary.files, holdout=iter(tiny_dictionary.holdout),
+                              model=ModelConfig(name_or_path=str(tiny_dictionary.model_dir)),
+                              options=ReportOptions(n_features=6, n_examples=4))
+    page = files[REPORT_FILE].decode()
+    report = tmp_path / REPORT_FILE
+    report.write_text(page, encoding="utf-8")
+
+    dom = _browse(chromium, tmp_path / "profile", "--dump-dom", report.as_uri())
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in dom
+    curves = len(json.loads(tiny_dictionary.files[TRAINING_CURVES_FILE])[0]) - 2  # all but step and tokens
+    assert dom.count("<svg") == curves + 2, "a chart per training curve, the firing and the error-norm histograms"
+    frequencies = sparsity_frequencies(tiny_dictionary.files[SPARSITY_FILE])
+    rows = sum(len(s.activations) for s in tiny_dictionary.holdout)
+    fired = [round(frequencies[i].item() * rows) for i, _ in sample_features(frequencies, 64, 6, seed=0)]
+    assert dom.count('<mark class="tok hit" title=') == sum(min(n, 4) for n in fired) > 6, "each context's token highlighted"
+    assert dom.count('<article class="feature"') == 6 and 'class="chip"' in dom, "feature cards with promoted tokens"
+
+    probe = tmp_path / "probe.html"
+    probe.write_text(re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page)
+                     .replace("</body>", _LAYOUT_PROBE + "</body>"), encoding="utf-8")
+    probed = _browse(chromium, tmp_path / "profile", "--dump-dom", probe.as_uri())
+    layout = json.loads(html.unescape(re.search(r'<pre id="layout">(.*?)</pre>', probed, re.S).group(1)))
+    assert set(layout["sections"]) == set(SECTIONS)
+    assert all(height > 60 for _, height in layout["sections"].values()), layout["sections"]
+    assert all(w >= 400 and h >= 200 for w, h in layout["svgs"]), "every chart is laid out at its size"
+    assert len(layout["polylines"]) == curves and all(length > 0 for length in layout["polylines"])
+    assert layout["bars"] and all(h > 0 for _, h in layout["bars"])
+    assert all(w > 0 and h > 0 for w, h in layout["hits"]) and layout["hitColour"] == "rgb(255, 209, 102)"
+
+    shot = tmp_path / "report.png"
+    _browse(chromium, tmp_path / "profile", "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri())
+    width, height, pixels = _png_size_and_pixels(shot.read_bytes())
+    assert (width, height) == (1280, 2400)
+    assert len(set(pixels)) > 64, "the screenshot shows content, not a blank page"

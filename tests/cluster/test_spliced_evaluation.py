@@ -1,0 +1,246 @@
+"""The spliced evaluation on a real (tiny, briefly trained) model: dictionaries whose answers are
+known (an exact one, a zero one, a partial one), through ``saeforge eval`` and the Ray task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from tiny_job import tiny_job
+
+from activation_cache.config import DataConfig, ModelConfig
+from activation_cache.hooking import (
+    ActivationHarvester,
+    load_model,
+    load_tokenizer,
+    resolve_model_source,
+    spliced,
+)
+from activation_cache.store import open_store
+from activation_cache.text import excluded_token_ids, pack_sequences
+from cluster.cli import main as saeforge
+from cluster.config import to_dict
+from cluster.evaluation import EvalConfig, evaluate_in_ray, held_out_text, split_dictionary_uri
+from cluster.pull import pull
+from cluster.train import write_dictionary
+from trainer.dictionary import dictionary_files
+from trainer.sae import TopKSAE
+
+HOOKPOINT = "model.layers.1"
+RECONSTRUCTION = {"fvu": 0.25, "l0": 3.0, "dead_fraction": 0.0}
+"""Stand-ins for the figures training writes: ``saeforge eval`` must keep them."""
+
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tiny_corpus_dir, tmp_path_factory) -> Path:
+    """The tiny Llama after 60 steps on the corpus: it predicts the text well (CE about 1.5
+    against log 300 = 5.7), so ablating a layer costs something to recover."""
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
+    model, tokenizer = load_model(source).train(), load_tokenizer(source)
+    ids = torch.from_numpy(pack_sequences(DataConfig(source=str(tiny_corpus_dir), context_length=32, max_tokens=None), tokenizer))
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        batch = ids[torch.randint(0, len(ids), (16,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = tmp_path_factory.mktemp("trained-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _identity_sae(d_model: int, k: int) -> TopKSAE:
+    """Latents +e_i and -e_i: with k = d_model the reconstruction is exact; a smaller k keeps
+    only each token's k largest coordinates."""
+    sae = TopKSAE(d_model, 2 * d_model, k, unit_norm_decoder=False, kernel="dense")
+    eye = torch.eye(d_model)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def _zero_sae(d_model: int) -> TopKSAE:
+    sae = _identity_sae(d_model, 1)
+    with torch.no_grad():
+        sae.W_dec.zero_()
+    return sae
+
+
+def _save(folder: Path, sae: TopKSAE, model_dir: Path) -> str:
+    files = dictionary_files(sae, hookpoint=HOOKPOINT, model_name=str(model_dir), scale=1.0,
+                             extra_metadata={"run_name": "tiny"}, sparsity=None, eval_metrics=RECONSTRUCTION)
+    write_dictionary(open_store(str(folder)), files)
+    return str(folder)
+
+
+def _eval_json(folder: str) -> dict:
+    return json.loads((Path(folder) / "eval.json").read_text())
+
+
+def test_spliced_replaces_the_hookpoint_for_the_whole_forward_then_unhooks(model_dir):
+    model = load_model(resolve_model_source(ModelConfig(name_or_path=str(model_dir))))
+    ids = torch.randint(3, 200, (2, 10))
+    with torch.inference_mode():
+        clean = model(input_ids=ids).logits
+        with spliced(model, "resid_post.1", lambda acts: acts.clone()) as canonical:
+            same = model(input_ids=ids).logits
+        # A zero residual stream stays zero through the later layers and the final norm: logits 0.
+        with spliced(model, "resid_post.3", torch.zeros_like):
+            zeroed = model(input_ids=ids).logits
+        # Zeroing the MLP's input (a pre-hook) is zeroing its output: a bias-free SwiGLU maps 0 to 0.
+        with spliced(model, "mlp_in.1", torch.zeros_like) as mlp_in:
+            no_mlp_input = model(input_ids=ids).logits
+        handle = model.model.layers[1].mlp.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+        no_mlp_output = model(input_ids=ids).logits
+        handle.remove()
+        with pytest.raises(ValueError, match=r"replacement shape \(2, 10, 1\)"):
+            with spliced(model, HOOKPOINT, lambda acts: acts[..., :1]):
+                model(input_ids=ids)
+        after = model(input_ids=ids).logits
+    assert (canonical, mlp_in) == (HOOKPOINT, "model.layers.1.mlp:input")
+    torch.testing.assert_close(same, clean, rtol=0, atol=0)
+    assert torch.count_nonzero(zeroed) == 0
+    torch.testing.assert_close(no_mlp_input, no_mlp_output)
+    assert not torch.allclose(no_mlp_input, clean)
+    torch.testing.assert_close(after, clean, rtol=0, atol=0)  # the hook left with the error
+
+
+def test_an_exact_dictionary_recovers_all_the_loss_and_a_zero_one_none(model_dir, tiny_corpus_dir, tmp_path, capsys):
+    exact = _save(tmp_path / "exact", _identity_sae(32, 32), model_dir)
+    zero = _save(tmp_path / "zero", _zero_sae(32), model_dir)
+    for folder in (exact, zero):
+        assert saeforge(["eval", folder, "--text", str(tiny_corpus_dir), "--max-tokens", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "CE recovered     1.0000" in out and "CE recovered     0.0000" in out
+    exact_eval, zero_eval = _eval_json(exact), _eval_json(zero)
+    for evaluation in (exact_eval, zero_eval):
+        assert {k: evaluation[k] for k in RECONSTRUCTION} == RECONSTRUCTION  # the training figures stay
+        assert evaluation["lm"]["text"] == str(tiny_corpus_dir)
+        assert evaluation["lm"]["clean_ce"] < 2.5 < 5.0 < evaluation["lm"]["ablated_ce"]
+    lm = exact_eval["lm"]
+    assert lm["spliced_ce"] == pytest.approx(lm["clean_ce"], abs=1e-5)
+    assert lm["kl_divergence"] == pytest.approx(0.0, abs=1e-6)
+    assert lm["ce_recovered"] == pytest.approx(1.0, abs=1e-5)
+    assert exact_eval["unexplained"]["error_norm"]["max"] < 1e-5
+    lm = zero_eval["lm"]
+    assert lm["spliced_ce"] == pytest.approx(lm["ablated_ce"], abs=1e-6)
+    assert lm["ce_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert lm["delta_lm_loss"] == pytest.approx(lm["ablated_ce"] - lm["clean_ce"], abs=1e-6)
+    assert lm["kl_divergence"] > 1.0
+    # Same text and tokens for both: 4 sequences of 256 (BOS and EOS excluded, last position unscored).
+    assert zero_eval["lm"]["n_tokens"] == exact_eval["lm"]["n_tokens"]
+
+
+def test_the_worst_contexts_are_the_tokens_of_largest_error(model_dir, tiny_corpus_dir, tmp_path):
+    """A zero dictionary leaves an error equal to the activation: each listed token's error norm
+    must be the norm of the activation at the sequence and position it names."""
+    zero = _save(tmp_path / "zero", _zero_sae(32), model_dir)
+    assert saeforge(["eval", zero, "--text", str(tiny_corpus_dir), "--max-tokens", "512"]) == 0
+    unexplained = _eval_json(zero)["unexplained"]
+    source = resolve_model_source(ModelConfig(name_or_path=str(model_dir)))
+    tokenizer = load_tokenizer(source)
+    data = DataConfig(source=str(tiny_corpus_dir), max_tokens=512)
+    tokens = pack_sequences(data, tokenizer)
+    acts = ActivationHarvester(load_model(source), HOOKPOINT)(torch.from_numpy(tokens))
+    norms = acts.norm(dim=-1)
+    kept = ~np.isin(tokens, list(excluded_token_ids(data, tokenizer)))
+    assert unexplained["n_tokens"] == kept.sum() == sum(unexplained["error_norm_histogram"]["tokens"])
+    assert unexplained["error_norm"]["max"] == pytest.approx(norms[torch.from_numpy(kept)].max().item(), rel=1e-5)
+    worst = unexplained["worst_contexts"]
+    assert len(worst) == EvalConfig().worst_contexts
+    assert [w["error_norm"] for w in worst] == sorted((w["error_norm"] for w in worst), reverse=True)
+    for entry in worst:
+        assert entry["error_norm"] == pytest.approx(norms[entry["sequence"], entry["position"]].item(), rel=1e-5)
+        assert entry["token"] == tokenizer.decode([int(tokens[entry["sequence"], entry["position"]])])
+        assert f"[[{entry['token']}]]" in entry["context"]
+
+
+def test_eval_reads_the_runs_config_and_evaluates_its_held_out_units(model_dir, tiny_corpus_dir, tmp_path):
+    """Without --text: the run's config.json gives the model, the text and its held-out units;
+    the rewritten eval.json stays consistent with checksums.json, so the dictionary still pulls."""
+    job = tiny_job(str(tmp_path / "store"), tmp_path, model_dir, tiny_corpus_dir)
+    run = tmp_path / "runs" / "tiny"
+    open_store(str(run)).put_bytes("config.json", json.dumps(to_dict(job)).encode())
+    partial = _save(run / "sweep" / "k8" / "dictionary" / HOOKPOINT, _identity_sae(32, 8), model_dir)
+    assert saeforge(["eval", partial]) == 0
+    evaluation = _eval_json(partial)
+    lm = evaluation["lm"]
+    assert lm["clean_ce"] < lm["spliced_ce"] < lm["ablated_ce"]
+    assert 0.0 < lm["ce_recovered"] < 1.0 and lm["kl_divergence"] > 0
+    # 48 sequences in 12 units of 4: the last ceil(0.1 * 12) = 2 units are held out.
+    tokenizer = load_tokenizer(resolve_model_source(job.model))
+    tokens = pack_sequences(job.data, tokenizer)
+    held_out = tokens[40:]
+    kept = ~np.isin(held_out, list(excluded_token_ids(job.data, tokenizer)))
+    assert lm["n_tokens"] == kept[:, :-1].sum()
+    assert lm["text"] == f"held-out units of {tiny_corpus_dir}"
+    assert {w["sequence"] for w in evaluation["unexplained"]["worst_contexts"]} <= set(range(40, 48))
+    [(_, (_, cfg))] = pull(partial, tmp_path / "pulled").items()
+    assert json.loads((tmp_path / "pulled" / "eval.json").read_text()) == evaluation
+    assert cfg["metadata"]["hook_name"] == HOOKPOINT
+
+
+def test_held_out_text_takes_the_last_units_and_caps_whole_sequences():
+    tokens = np.arange(10 * 4).reshape(10, 4)  # 10 sequences of 4 tokens, 3 per unit: units 0-2, 3-5, 6-8, 9
+    text = held_out_text(tokens, sequences_per_shard=3, holdout_fraction=0.4, max_tokens=100,
+                         excluded=frozenset(), source="s")
+    assert text.sequence_ids.tolist() == [6, 7, 8, 9]  # ceil(0.4 * 4) = 2 units
+    np.testing.assert_array_equal(text.tokens, tokens[6:])
+    capped = held_out_text(tokens, sequences_per_shard=3, holdout_fraction=0.4, max_tokens=9,
+                           excluded=frozenset(), source="s")
+    assert capped.sequence_ids.tolist() == [6, 7]
+    assert held_out_text(tokens, sequences_per_shard=3, holdout_fraction=0.4, max_tokens=1,
+                         excluded=frozenset(), source="s").sequence_ids.tolist() == [6]
+
+
+def test_the_run_folder_is_found_above_a_dictionary_and_a_sweep_variants_dictionary():
+    assert split_dictionary_uri("s3://b/runs/r/dictionary/model.layers.1") == ("s3://b/runs/r", "")
+    assert split_dictionary_uri("/x/runs/r/sweep/k8/dictionary/model.layers.1:input/") == ("/x/runs/r", "k8")
+    assert split_dictionary_uri("/x/pulled/model.layers.1") == (None, "")
+    assert split_dictionary_uri("dictionary/model.layers.1") == (None, "")
+
+
+def test_eval_without_a_run_config_or_text_says_what_to_give(model_dir, tmp_path, capsys):
+    folder = _save(tmp_path / "run" / "dictionary" / HOOKPOINT, _zero_sae(32), model_dir)
+    assert saeforge(["eval", folder]) == 2
+    err = capsys.readouterr().err
+    assert f"no run config ({tmp_path / 'run'}/config.json): give the text with --text" in err
+    assert saeforge(["eval", str(tmp_path / "nothing")]) == 2
+    assert "not a dictionary (needs cfg.json and sae_weights.safetensors)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def local_ray(monkeypatch):
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=1, object_store_memory=100 * 2**20, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.integration
+def test_evaluate_in_ray_evaluates_each_dictionary_in_one_task(local_ray, model_dir, tiny_corpus_dir, tmp_path):
+    job = tiny_job(str(tmp_path / "store"), tmp_path, model_dir, tiny_corpus_dir, "logging.wandb_mode=disabled")
+    run = tmp_path / "runs" / "tiny"
+    exact = _save(run / "dictionary" / HOOKPOINT, _identity_sae(32, 32), model_dir)
+    zero = _save(run / "sweep" / "zero" / "dictionary" / HOOKPOINT, _zero_sae(32), model_dir)
+    tokenizer = load_tokenizer(resolve_model_source(job.model))
+    tokens = pack_sequences(job.data, tokenizer)
+    evaluations = evaluate_in_ray(job, [exact, zero], tokens=tokens, excluded_token_ids=excluded_token_ids(job.data, tokenizer),
+                                  eval_cfg=EvalConfig(max_tokens=128))
+    assert evaluations == [_eval_json(exact), _eval_json(zero)]
+    assert [e["lm"]["ce_recovered"] for e in evaluations] == [pytest.approx(1.0, abs=1e-5), pytest.approx(0.0, abs=1e-6)]
+    assert evaluations[0]["lm"]["n_tokens"] <= 4 * 31  # 128 tokens: the first 4 held-out sequences
+    assert evaluations[0]["fvu"] == RECONSTRUCTION["fvu"]
