@@ -140,7 +140,7 @@ def test_a_killed_producer_loses_and_duplicates_nothing(ray_cluster, tmp_path, t
 
 def _overlap_job(uri: str, tmp_path, model_dir, corpus_dir, *extra: str):
     # Producers and trainer workers share the 2-CPU test cluster.
-    return _job(uri, tmp_path, model_dir, corpus_dir, "cluster.train_while_caching=true",
+    return _job(uri, tmp_path, model_dir, corpus_dir, "cluster.train_while_caching=true", "eval=off",
                 "cluster.num_producers=1", "cluster.producer_num_cpus=0.5", "cluster.train_worker_num_cpus=0.5",
                 "train.epochs=2", *extra)
 

@@ -49,7 +49,7 @@ def test_a_killed_trainer_worker_resumes_from_its_checkpoint_bit_identical(ray_c
     which resumes from the newest complete checkpoint and ends with exactly the weights of a run
     that was never interrupted."""
     store = str(tmp_path / "store")
-    options = ("train.epochs=40", "run.checkpoint_every_steps=40", "train.log_every_steps=40",
+    options = ("eval=off", "train.epochs=25", "run.checkpoint_every_steps=40", "train.log_every_steps=40",
                "train.histogram_every_steps=0", "logging.wandb_mode=disabled", "cluster.train_max_failures=1")
     [straight] = run_job(tiny_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, "run.name=straight", *options)).hookpoints
     assert straight.eval["resumed_from_step"] == 0
@@ -87,8 +87,10 @@ def test_a_sweep_trains_every_variant_on_the_same_batches(ray_cluster, tmp_path,
         assert weights["W_enc"].shape == (32, int(name[1:].split("-")[0]))
         assert hp.eval["l0"] <= int(name.split("-k")[1]) and hp.eval["fvu"] < 1.0
     assert len({hp.eval["train_tokens"] for hp in by_variant.values()}) == 1
-    runs = list((tmp_path / "outputs" / "sweep").rglob("offline-run-*"))
-    assert len(runs) == 4, "one wandb run per variant"
+    runs = list((tmp_path / "outputs" / "sweep" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 4, "one wandb training run per variant"
+    evaluated = list((tmp_path / "outputs" / "sweep" / "eval" / "wandb").glob("offline-run-*"))
+    assert len(evaluated) == 4 and all("lm" in hp.eval for hp in by_variant.values()), "each variant evaluated"
     # The variant trained in the sweep is the dictionary a job of its own trains: same batches.
     [alone] = run_job(tiny_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, "run.name=alone",
                                "sae.k=4", "sae.n_latents=64")).hookpoints
@@ -99,7 +101,7 @@ def test_a_feature_parallel_dictionary_equals_the_single_rank_one(ray_cluster, t
     """2 ranks each holding half the latents train the dictionary one rank trains alone on the
     same batches (to float tolerance: the partial reconstructions are summed in another order)."""
     store = str(tmp_path / "store")
-    common = ("sae.auxk_coefficient=0", "train.epochs=1", "logging.wandb_mode=disabled")
+    common = ("sae.auxk_coefficient=0", "train.epochs=1", "logging.wandb_mode=disabled", "eval=off")
     [split] = run_job(tiny_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, "run.name=split", *common,
                                "deepspeed.feature_parallel=2", "cluster.num_train_workers=2")).hookpoints
     [whole] = run_job(tiny_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, "run.name=whole", *common,
@@ -124,7 +126,7 @@ def test_a_feature_parallel_run_started_again_resumes_to_the_same_weights(ray_cl
     second start of the run (``resume=``) continues from the newest one and writes the same
     dictionary, bit for bit."""
     store = str(tmp_path / "store")
-    common = ("sae.auxk_coefficient=0", "train.epochs=3", "logging.wandb_mode=disabled", "deepspeed.feature_parallel=2",
+    common = ("eval=off", "sae.auxk_coefficient=0", "train.epochs=3", "logging.wandb_mode=disabled", "deepspeed.feature_parallel=2",
               "cluster.num_train_workers=2", "run.checkpoint_every_steps=20", "run.name=fp")
     [first] = run_job(tiny_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, *common)).hookpoints
     first_weights = _weights(first.dictionary_uri)
