@@ -40,6 +40,9 @@ def _train(args: argparse.Namespace) -> int:
             f"held-out FVU     {ev['fvu']:.4f}",
             f"held-out L0      {ev['l0']:.1f}",
             f"dead fraction    {ev['dead_fraction']:.4f}",
+            *([f"CE recovered     {ev['lm']['ce_recovered']:.4f}  (clean {ev['lm']['clean_ce']:.3f}, spliced "
+               f"{ev['lm']['spliced_ce']:.3f}, ablated {ev['lm']['ablated_ce']:.3f}; KL {ev['lm']['kl_divergence']:.4f})"]
+              if "lm" in ev else []),
             f"dictionary       {hp.dictionary_uri}",
             "",
         ]
