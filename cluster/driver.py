@@ -112,7 +112,8 @@ def plan_caches(job: JobConfig, root: ObjectStore) -> list[CachePlan]:
     return plans
 
 
-def _check_shard_count(job: JobConfig, plan: CachePlan) -> None:
+def check_shard_count(job: JobConfig, plan: CachePlan) -> None:
+    """Refuse, in one line, a job whose cache would leave a trainer worker without a training shard."""
     n_units = math.ceil(len(plan.tokens) / job.cache.sequences_per_shard)
     n_holdout = max(1, math.ceil(job.train.holdout_fraction * n_units))
     if n_units - n_holdout < job.cluster.num_train_workers:
@@ -278,7 +279,7 @@ def run_job(job: JobConfig) -> JobResult:
     root = open_store(absolute_uri(job.cache.uri), s3_options=job.cache.s3_options())
     root.list("caches/")  # fails fast on a missing bucket or bad credentials
     plans = plan_caches(job, root)
-    _check_shard_count(job, plans[0])
+    check_shard_count(job, plans[0])
     run_name = job.run.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{plans[0].key[:8]}"
     train_plans = _train_plans(job, plans, root, run_name)
     if job.resume is not None:
