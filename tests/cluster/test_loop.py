@@ -117,6 +117,20 @@ def test_loop_on_s3(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir, s3_s
     options = {"endpoint_url": s3_server.endpoint_url}
     _check_cache(result.cache_uri, options)
     _check_dictionary(result, tmp_path, options)
+    _assert_no_secret_anywhere(s3_bucket_uri, options, tmp_path, secrets=(s3_server.access_key, s3_server.secret_key))
+
+
+def _assert_no_secret_anywhere(bucket_uri: str, options: dict, tmp_path, *, secrets: tuple[str, ...]) -> None:
+    """The credentials the job ran with are in no object it wrote (manifest, shards' metadata,
+    config.json, cfg.json, eval.json, the report, checkpoints) and in no local file (wandb runs,
+    Ray Train's state, the pulled dictionary)."""
+    store = open_store(bucket_uri, s3_options=options)
+    blobs = {f"{bucket_uri}/{key}": store.get_bytes(key) for key in store.list()}
+    blobs.update({str(path): path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()})
+    assert any(key.endswith("/config.json") for key in blobs) and any(key.endswith("report.html") for key in blobs)
+    for secret in secrets:
+        leaked = [name for name, data in blobs.items() if secret.encode() in data]
+        assert not leaked, f"a credential was written to {leaked[:3]}"
 
 
 @pytest.mark.parametrize("for_good", [False, True], ids=["restarted", "replaced"])
