@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.results import write_block  # noqa: E402
+from trainer.engine import free_port  # noqa: E402
 
 GIB = 2**30
 
@@ -85,11 +85,6 @@ def _worker(rank: int, port: int, args: dict, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _gemm_rate(batch: int, d: int) -> float:
     """fp32 flops/s of one thread on ``(batch, d) @ (d, 4096)``, median of 10."""
@@ -109,7 +104,7 @@ def run_width(n_latents: int, args: argparse.Namespace) -> dict:
     config = {"d_model": args.d_model, "n_latents": n_latents, "k": args.k, "batch": args.batch,
               "steps": args.steps if n_latents < 2**19 else args.steps_large, "zero_stage": args.zero_stage}
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_worker, args=(_free_port(), config, out), nprocs=2, start_method="spawn")
+        mp.start_processes(_worker, args=(free_port(), config, out), nprocs=2, start_method="spawn")
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
     return {"n_latents": n_latents, "steps": config["steps"], "ranks": ranks}
 

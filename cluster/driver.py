@@ -31,7 +31,7 @@ from cluster.errors import JobFailed
 from cluster.evaluation import RUN_CONFIG_FILE, evaluate_in_ray
 from cluster.producer import fill_cache, producer_factory
 from cluster.sweep import variants
-from cluster.train import ABORT_KEY, TrainPlan, dictionary_uri, train_dictionary
+from cluster.train import ABORT_KEY, TrainPlan, dictionary_uri, holdout_count, train_dictionary
 from trainer.checkpoint import CHECKPOINTS_DIR, newest_complete_checkpoint
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def plan_caches(job: JobConfig, root: ObjectStore) -> list[CachePlan]:
 def check_shard_count(job: JobConfig, plan: CachePlan) -> None:
     """Refuse, in one line, a job whose cache would leave a trainer worker without a training shard."""
     n_units = math.ceil(len(plan.tokens) / job.cache.sequences_per_shard)
-    n_holdout = max(1, math.ceil(job.train.holdout_fraction * n_units))
+    n_holdout = holdout_count(n_units, job.train.holdout_fraction)
     if n_units - n_holdout < job.cluster.num_train_workers:
         raise ValueError(
             f"the cache would hold {n_units} shards ({n_holdout} held out) but "
@@ -211,13 +211,15 @@ def expected_shards(job: JobConfig, plan: CachePlan) -> dict[str, int]:
 def _train_plans(job: JobConfig, plans: list[CachePlan], root: ObjectStore, run_name: str) -> list[TrainPlan]:
     runs_root = absolute_uri(job.run.uri) if job.run.uri else join_uri(root.uri, "runs")
     several = len(plans) > 1
+    # The caches of one job share their tokens and exclusions, so their shards have the same rows.
+    expected = expected_shards(job, plans[0]) if job.cluster.train_while_caching else None
     return [
         TrainPlan(
             cache_uri=p.uri, run_uri=join_uri(runs_root, run_name), run_name=run_name, hookpoint=p.hookpoint,
             label=f"{run_name}-{p.hookpoint}" if several else run_name,
             checkpoint_uri=join_uri(runs_root, run_name, "hookpoints", p.hookpoint) if several else join_uri(runs_root, run_name),
             wandb_dir=str(Path(job.logging.dir).resolve() / run_name / (p.hookpoint if several else "")),
-            expected_shards=expected_shards(job, p) if job.cluster.train_while_caching else None,
+            expected_shards=expected,
         )
         for p in plans
     ]

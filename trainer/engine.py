@@ -269,7 +269,7 @@ def _ensure_process_group(world_size: int) -> bool:
     elif world_size == 1 and not _has_rendezvous_env():
         # deepspeed.initialize asserts LOCAL_RANK is set, as every launcher does.
         os.environ.setdefault("LOCAL_RANK", "0")
-        port = _free_port()
+        port = free_port()
         deepspeed.init_distributed(
             dist_backend=distributed_backend(), auto_mpi_discovery=False,
             init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
@@ -300,7 +300,8 @@ def _has_rendezvous_env() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

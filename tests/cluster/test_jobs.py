@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from ranks import free_port
 from tiny_job import CONTEXT, PER_SHARD, SEQUENCES
 
 from cluster import jobs
@@ -33,11 +33,6 @@ SMOLLM2 = jobs.JobShape(tokens=131_072, rows=130_558, train_rows=114_239, d_mode
                         layers_run=16, n_layers=30, model_parameters=134_515_008,
                         non_embedding_parameters=30 * 3_540_096)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _plan_scale():
@@ -118,7 +113,7 @@ def test_runtime_env_ships_the_project_and_no_credentials(monkeypatch):
 
 
 def test_submit_refuses_a_bad_config_and_a_relative_store_before_contacting_a_cluster(capsys):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     assert saeforge(["submit", "--address", dead, "sae.k=0", "cache.uri=/tmp/x"]) == 2
     assert capsys.readouterr().err.strip() == "saeforge submit: error: sae.k=0 must be in [1, sae.n_latents=4608]"
     assert saeforge(["submit", "--address", dead, "cache.uri=store"]) == 2
@@ -127,7 +122,7 @@ def test_submit_refuses_a_bad_config_and_a_relative_store_before_contacting_a_cl
 
 
 def test_an_unreachable_cluster_is_one_line_naming_the_address(capsys, monkeypatch):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")  # --address wins over the environment
     assert saeforge(["status", "--address", dead, "raysubmit_x"]) == 2
@@ -208,7 +203,7 @@ def ray_head(monkeypatch) -> Iterator[_Head]:
     # a short dir in /tmp, not pytest's tmp_path. Its ray_current_cluster file stays in it too,
     # so ray.init() elsewhere never finds this cluster.
     temp_dir = tempfile.mkdtemp(prefix="sf-ray-", dir="/tmp")
-    ports = {name: _free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port")}
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port")}
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     # Token authentication off on both sides (Ray 2.60 turns it on where a token exists).
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled",

@@ -12,7 +12,6 @@ import os
 import pickle
 import random
 import re
-import socket
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import free_port
 from safetensors.torch import load_file, save_file
 
 import trainer.checkpoint as checkpoint_module
@@ -419,14 +419,9 @@ def _worker(rank: int, phase: str, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _spawn(phase: str, out_dir: Path) -> None:
-    mp.spawn(_worker, args=(phase, _free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(phase, free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
 
 
 @pytest.fixture(scope="module")

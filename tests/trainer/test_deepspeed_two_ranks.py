@@ -8,13 +8,13 @@ plain torch Adam and the same gradient clipping (what data parallelism promises)
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import free_port
 
 from trainer.config import DeepSpeedConfig, TrainConfig
 from trainer.engine import master_weights, shutdown_engine, wrap_in_deepspeed
@@ -88,11 +88,6 @@ def _worker(rank: int, ports: tuple[int, int], out_dir: str) -> None:
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _single_process_reference() -> dict[str, torch.Tensor]:
     sae = TopKSAE(D_IN, N_LATENTS, K, seed=SAE_SEED)
@@ -108,7 +103,7 @@ def _single_process_reference() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict[str, object]]:
     out_dir = tmp_path_factory.mktemp("two_ranks")
-    mp.spawn(_worker, args=((_free_port(), _free_port()), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=((free_port(), free_port()), str(out_dir)), nprocs=WORLD_SIZE, join=True)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
 

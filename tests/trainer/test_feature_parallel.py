@@ -9,14 +9,12 @@ weights, the gathered dictionary, firing counts and the normalisation factor.
 
 from __future__ import annotations
 
-import multiprocessing
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import free_port, run_ranks
 
 from trainer.feature_parallel import (
     FeatureParallelTopKSAE,
@@ -145,11 +143,6 @@ def _worker(rank: int, world_size: int, data_parallel: int, port: int, out_dir: 
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module", params=sorted(GRIDS))
 def run(request, tmp_path_factory) -> tuple[tuple[int, int], list[dict[str, object]]]:
@@ -157,14 +150,9 @@ def run(request, tmp_path_factory) -> tuple[tuple[int, int], list[dict[str, obje
     data_parallel, feature_parallel = GRIDS[request.param]
     world_size = data_parallel * feature_parallel
     out_dir = tmp_path_factory.mktemp(request.param)
-    # A fork server imports torch once for every rank; with spawn, 4 ranks each importing torch
-    # and torch._dynamo (which torch.optim pulls in) took up to 22 s on 2 busy cores.
-    multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "trainer.feature_parallel"])
-    mp.start_processes(
-        _worker, args=(world_size, data_parallel, _free_port(), str(out_dir)), nprocs=world_size,
-        start_method="forkserver",
-    )
-    return (data_parallel, feature_parallel), [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
+    results = run_ranks(_worker, world_size, data_parallel, free_port(), nprocs=world_size, out_dir=out_dir,
+                        preload=["torch", "torch._dynamo", "trainer.feature_parallel"])
+    return (data_parallel, feature_parallel), results
 
 
 # --------------------------------------------------------------------------- the reference

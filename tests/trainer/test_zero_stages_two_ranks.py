@@ -12,15 +12,13 @@ weights one process reaches on the whole batches.
 from __future__ import annotations
 
 import functools
-import multiprocessing
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import free_port, run_ranks
 
 from trainer.architectures import build_sae
 from trainer.config import DeepSpeedConfig, TrainConfig
@@ -90,21 +88,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict[tuple[str, str], dict[str, object]]]:
     out_dir = tmp_path_factory.mktemp("zero_stages")
-    # A fork server imports torch and deepspeed once for both ranks.
-    multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "trainer.engine"])
-    mp.start_processes(
-        _worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, start_method="forkserver"
-    )
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return run_ranks(_worker, free_port(), nprocs=WORLD_SIZE, out_dir=out_dir,
+                     preload=["torch", "torch._dynamo", "trainer.engine"])
 
 
 @functools.cache
