@@ -6,6 +6,7 @@ gives each test a fresh bucket and points the standard AWS environment variables
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -40,6 +41,23 @@ def s3_bucket_uri(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     bucket = f"saeforge-test-{uuid.uuid4().hex[:16]}"
     S3Store(f"s3://{bucket}").ensure_bucket()
     return f"s3://{bucket}/prefix"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server: S3Server) -> Iterator[None]:
+    """One real local Ray cluster (2 CPUs) per test module."""
+    import ray
+
+    # Ray workers inherit the environment the local cluster starts with, as they would on a
+    # real node; credentials are never passed through the job's config or runtime_env.
+    saved = dict(os.environ)
+    os.environ.update(s3_server.env())
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})
+    yield
+    ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture
