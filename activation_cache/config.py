@@ -116,6 +116,14 @@ class CacheConfig:
     Credentials always come from the standard AWS environment / config files."""
     s3_region: str | None = None
     """S3 region; ``None`` uses AWS_DEFAULT_REGION."""
+    s3_max_attempts: int = 8
+    """Tries of each S3 request, the first included, before the job stops with the failing key
+    named: dropped connections, 5xx and throttling replies are retried with jittered exponential
+    back-off (botocore's "standard" mode), as is a read that breaks off. A full bucket is not retried."""
+    lease_ttl_s: float = 120.0
+    """A job fills a cache only while it holds the cache's writer lease, renewed every quarter of
+    this; another job with the same cache key waits, and takes the lease over once it has not been
+    renewed for this long (at once when its holder's process on the same host is dead)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in CACHE_DTYPES:
@@ -124,6 +132,10 @@ class CacheConfig:
             raise ValueError(f"cache.compression={self.compression!r}: expected 'none', 'lz4' or 'zstd'")
         if self.sequences_per_shard <= 0:
             raise ValueError(f"cache.sequences_per_shard={self.sequences_per_shard} must be positive")
+        if self.s3_max_attempts < 1:
+            raise ValueError(f"cache.s3_max_attempts={self.s3_max_attempts} must be at least 1 (the first try counts)")
+        if not self.lease_ttl_s > 0:
+            raise ValueError(f"cache.lease_ttl_s={self.lease_ttl_s} must be positive (seconds)")
         scheme = self.uri.split("://", 1)[0] if "://" in self.uri else ""
         if scheme not in ("", "file", "s3"):
             raise ValueError(f"cache.uri={self.uri!r}: unknown scheme {scheme!r}, expected s3://, file:// or a path")
@@ -137,4 +149,4 @@ class CacheConfig:
 
     def s3_options(self) -> dict:
         """Keyword arguments for ``open_store`` (no credentials)."""
-        return {"endpoint_url": self.s3_endpoint_url, "region": self.s3_region}
+        return {"endpoint_url": self.s3_endpoint_url, "region": self.s3_region, "max_attempts": self.s3_max_attempts}

@@ -218,9 +218,19 @@ def describe_model(source: ModelSource, hookpoints: list[str]) -> tuple[list[str
     same place (``resid_post.2`` and ``model.layers.2``) are refused."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    except (OSError, ValueError) as err:  # unreadable config.json, no model_type, unknown model_type
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"model.name_or_path={source.model_id!r}: cannot read its config ({first_line})") from None
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except ValueError:  # transformers lists every causal LM class it knows, over several lines
+        raise ValueError(
+            f"model.name_or_path={source.model_id!r}: model_type {config.model_type!r} is not a causal LM "
+            "(expected a model AutoModelForCausalLM loads, e.g. llama, gpt2, mistral)"
+        ) from None
     canonical = [resolve_hookpoint(skeleton, h) for h in hookpoints]
     for i, name in enumerate(canonical):
         if name in canonical[:i]:

@@ -29,11 +29,15 @@ class ShardEntry:
     first_sequence_id: int
     """Sequences ``first_sequence_id .. first_sequence_id + n_sequences - 1`` produced this shard."""
     n_sequences: int
+    nonfinite_rows: int = 0
+    """Rows holding NaN or Inf. They stay in the shard (every token once); the statistics leave
+    them out and the trainer skips their batches (``train.nonfinite``)."""
 
 
 @dataclass
 class ActivationStats:
-    """Running statistics over every committed row, mergeable shard by shard."""
+    """Running statistics over every committed row whose values are all finite (``rows`` counts
+    those), mergeable shard by shard."""
 
     rows: int = 0
     norm_sum: float = 0.0
@@ -42,9 +46,12 @@ class ActivationStats:
 
     @classmethod
     def of(cls, acts: np.ndarray) -> ActivationStats:
+        """Statistics of the finite rows of ``acts`` (n_rows, d_model): one NaN or Inf would make
+        the normalisation scale, taken from these, NaN for the whole cache."""
         acts64 = acts.astype(np.float64)
+        acts64 = acts64[np.isfinite(acts64).all(axis=1)]
         return cls(
-            rows=len(acts),
+            rows=len(acts64),
             norm_sum=float(np.linalg.norm(acts64, axis=1).sum()),
             sum=acts64.sum(0).tolist(),
             sum_sq=(acts64**2).sum(0).tolist(),
@@ -94,6 +101,10 @@ class Manifest:
     @property
     def size_bytes(self) -> int:
         return sum(s.size_bytes for s in self.shards)
+
+    @property
+    def nonfinite_rows(self) -> int:
+        return sum(s.nonfinite_rows for s in self.shards)
 
     def with_shard(self, entry: ShardEntry, stats: ActivationStats) -> Manifest:
         """A copy listing ``entry`` too (replacing an entry of the same name, never duplicating)."""

@@ -6,6 +6,7 @@ with a deterministic name, so a unit that is redone (a producer died) rewrites t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from activation_cache.hooking import ActivationHarvester, MultiHarvester
 from activation_cache.manifest import ActivationStats, ShardEntry
 from activation_cache.schema import ShardMeta, encode_shard, sha256_hex
 from activation_cache.store import ObjectStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,16 +100,26 @@ def produce_shards(
             acts, token_ids[keep], sequence_ids[keep], positions[keep], target.meta, compression=compression
         )
         target.store.put_bytes(unit.shard_name, data)
+        finite = _finite_rows(acts, target.meta.dtype)
         entry = ShardEntry(
             name=unit.shard_name, rows=int(keep.sum()), size_bytes=len(data), sha256=sha256_hex(data),
-            first_sequence_id=unit.first_sequence_id, n_sequences=n_seq,
+            first_sequence_id=unit.first_sequence_id, n_sequences=n_seq, nonfinite_rows=int((~finite).sum()),
         )
-        written[hookpoint] = (entry, ActivationStats.of(acts.numpy()))
+        if entry.nonfinite_rows:
+            log.warning("shard %s of %s: %d of %d rows hold NaN or Inf; kept in the shard, left out of the "
+                        "statistics, skipped in training (train.nonfinite)", unit.shard_name, hookpoint,
+                        entry.nonfinite_rows, entry.rows)
+        written[hookpoint] = (entry, ActivationStats.of((acts[finite] if entry.nonfinite_rows else acts).numpy()))
     total_s = time.perf_counter() - start
     return {
         hookpoint: ShardResult(entry, stats, tokens_forwarded=n_seq * ctx, forward_seconds=forward_s, total_seconds=total_s)
         for hookpoint, (entry, stats) in written.items()
     }
+
+
+def _finite_rows(acts: torch.Tensor, stored_dtype: str) -> torch.Tensor:
+    """(n_rows,) bool: rows finite as stored (a float32 value beyond 65504 is Inf in float16)."""
+    return torch.isfinite(acts.to(getattr(torch, stored_dtype))).all(dim=-1)
 
 
 def produce_shard(

@@ -5,13 +5,20 @@ standard AWS settings (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``AWS_
 ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``, ``~/.aws/config``) unless ``endpoint_url`` /
 ``region`` are given. Credentials never live on the store object: it pickles to its URI and
 options, and each process builds its own client on first use.
+
+Every request is tried up to ``max_attempts`` times (botocore's "standard" retries: dropped
+connections, 5xx, throttling; a GET whose body breaks off is read again here); then the
+operation raises ``StoreError`` naming the object, the operation and the error code. A full
+store (507, quota exceeded) is reported at once, not retried.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import random
 import threading
+import time
 from typing import Any
 from urllib.parse import urlparse
 
@@ -22,10 +29,12 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectionClosedError,
+    HTTPClientError,
     IncompleteReadError,
     ReadTimeoutError,
     ResponseStreamingError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from activation_cache.store import ObjectNotFound, StoreError, _check_key, join_uri
 
@@ -34,6 +43,7 @@ logger = logging.getLogger(__name__)
 _MIN_PART_BYTES = 8 * 2**20
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 _NO_BUCKET_CODES = frozenset({"NoSuchBucket", "NotFound", "404"})
+_CONDITION_FAILED_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 # botocore retries failed requests, but not a response body that breaks off while being read.
 _BODY_READ_ERRORS = (
     ResponseStreamingError,
@@ -41,6 +51,13 @@ _BODY_READ_ERRORS = (
     ReadTimeoutError,
     ConnectionClosedError,
 )
+# What botocore's "standard" mode retries besides 5xx replies (botocore.retries.standard).
+_TRANSIENT_ERRORS = (BotoConnectionError, HTTPClientError)
+# A full store: MinIO's full drives (507), its bucket quota, Ceph RGW's quota (403). Not retried:
+# space does not come back within a request's back-off, so the first refusal is reported at once.
+_FULL_CODES = frozenset({"XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "QuotaExceeded",
+                         "InsufficientStorage", "507"})
+_BODY_RETRY_BASE_S = 0.05  # botocore's back-off base for errors other than throttling
 
 
 class S3Store:
@@ -92,7 +109,8 @@ class S3Store:
         session = boto3.session.Session()
         # "standard": exponential back-off with jitter on throttling, 5xx and connection errors;
         # "adaptive" would add client-side rate limiting, which botocore still calls experimental.
-        config = Config(retries={"max_attempts": self.max_attempts, "mode": "standard"})
+        # total_max_attempts counts the first try; botocore's "max_attempts" would count only retries.
+        config = Config(retries={"total_max_attempts": self.max_attempts, "mode": "standard"})
         client = session.client(
             "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
         )
@@ -120,20 +138,30 @@ class S3Store:
     def _where(self, s3_key: str | None) -> str:
         return f"s3://{self.bucket}/{s3_key}" if s3_key else self.uri
 
-    def _error(self, op: str, s3_key: str | None, exc: Exception) -> StoreError:
+    def _error(self, op: str, s3_key: str | None, exc: Exception, *, attempts: int | None = None) -> StoreError:
+        """One line naming the object, the operation, the error code and the attempts spent."""
         where = self._where(s3_key)
         if isinstance(exc, ClientError):
             error = exc.response.get("Error", {})
             code = str(error.get("Code", "Unknown"))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            metadata = exc.response.get("ResponseMetadata", {})
+            status = metadata.get("HTTPStatusCode")
             if code == "NoSuchBucket":
                 return StoreError(f"{where}: bucket {self.bucket!r} does not exist")
             if code in _NOT_FOUND_CODES and s3_key is not None:
                 return ObjectNotFound(f"{where}: no such object")
             detail = f"{code} (HTTP {status}): {error.get('Message', '')}".rstrip(": ")
+            if code in _FULL_CODES or status == 507:
+                message = f"{where}: {op} refused: bucket {self.bucket!r} is full (free space, then run again): {detail}"
+                return StoreError(self._redact(" ".join(message.split())))
+            attempts = metadata.get("RetryAttempts", 0) + 1
+            spent = f" after {attempts} attempts" if attempts > 1 else ""
         else:
             detail = f"{type(exc).__name__}: {exc}"
-        return StoreError(self._redact(f"{where}: {op} failed: {detail}"))
+            if attempts is None and isinstance(exc, _TRANSIENT_ERRORS):
+                attempts = self.max_attempts  # botocore retried it up to the budget
+            spent = f" after {attempts} attempts" if attempts and attempts > 1 else ""
+        return StoreError(self._redact(" ".join(f"{where}: {op} failed{spent}: {detail}".split())))
 
     def _redact(self, message: str) -> str:
         """Blank out the credentials in use, should a server or library ever echo them."""
@@ -188,7 +216,11 @@ class S3Store:
         )
 
     def get_bytes(self, key: str) -> bytes:
-        s3_key = self._key(key)
+        return self._read_object(self._key(key))[0]
+
+    def _read_object(self, s3_key: str) -> tuple[bytes, str]:
+        """The whole object and its ETag; a body that breaks off is read again (botocore's
+        retries end once the reply's head has arrived)."""
         attempt = 1
         while True:
             try:
@@ -196,12 +228,36 @@ class S3Store:
             except (ClientError, BotoCoreError) as exc:
                 raise self._error("get", s3_key, exc) from exc
             try:
-                return response["Body"].read()
+                return response["Body"].read(), response.get("ETag", "")
             except _BODY_READ_ERRORS as exc:
                 if attempt >= self.max_attempts:
-                    raise self._error("get", s3_key, exc) from exc
+                    raise self._error("get", s3_key, exc, attempts=attempt) from exc
                 logger.warning("%s: read broke off (%s), retrying", self._where(s3_key), exc)
+                # The same jittered exponential back-off botocore gives a failed request.
+                time.sleep(random.random() * min(_BODY_RETRY_BASE_S * 2 ** (attempt - 1), 20.0))
                 attempt += 1
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        return self._read_object(self._key(key))
+
+    def put_if(self, key: str, data: bytes, *, version: str | None) -> str | None:
+        # S3 conditional writes (If-None-Match / If-Match, AWS since 2024; MinIO, SeaweedFS).
+        s3_key = self._key(key)
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=s3_key, Body=data, **condition)["ETag"]
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) not in _CONDITION_FAILED_CODES:
+                raise self._error("conditional put", s3_key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._error("conditional put", s3_key, exc) from exc
+        # A retried request whose first attempt landed fails its own condition: the object then
+        # holds exactly our bytes, and the write did happen.
+        try:
+            stored, etag = self.get_versioned(key)
+        except ObjectNotFound:
+            return None
+        return etag if stored == data else None
 
     def exists(self, key: str) -> bool:
         s3_key = self._key(key)

@@ -11,6 +11,9 @@ a file system, a single PUT on S3).
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -59,6 +62,13 @@ class ObjectStore(Protocol):
     def child(self, prefix: str) -> ObjectStore:
         """A store rooted at ``<uri>/<prefix>``."""
 
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object and an opaque version tag; raises ObjectNotFound if absent."""
+
+    def put_if(self, key: str, data: bytes, *, version: str | None) -> str | None:
+        """Write ``data`` only if ``key`` is still at ``version`` (``None``: only if absent),
+        atomically against other writers; the new version, or None when the condition failed."""
+
 
 def join_uri(uri: str, *parts: str) -> str:
     """``join_uri("s3://b/p", "x", "y") == "s3://b/p/x/y"``."""
@@ -68,6 +78,28 @@ def join_uri(uri: str, *parts: str) -> str:
         if part:
             out = f"{out}/{part}"
     return out
+
+
+def _os_cause(err: OSError) -> str:
+    """``no space left on device (ENOSPC)``: what the file system said, without the path."""
+    if err.errno is None:
+        return str(err)
+    return f"{os.strerror(err.errno).lower()} ({errno.errorcode.get(err.errno, err.errno)})"
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; objects are as readable as any file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial object behind
+        raise
 
 
 def _check_key(key: str) -> str:
@@ -88,19 +120,10 @@ class LocalStore:
         return self.root / _check_key(key)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; objects are as readable as any file
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            _replace_atomically(self._path(key), data)
+        except OSError as err:  # ENOSPC, EDQUOT, EROFS, ...: one line naming the object and the cause
+            raise StoreError(f"{join_uri(self.uri, key)}: cannot write {len(data):,} bytes: {_os_cause(err)}") from err
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -128,8 +151,32 @@ class LocalStore:
     def child(self, prefix: str) -> LocalStore:
         return LocalStore(self.root / _check_key(prefix))
 
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, _content_version(data)
+
+    def put_if(self, key: str, data: bytes, *, version: str | None) -> str | None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Check and replace under an exclusive lock on a side file: every conditional writer of
+        # this key takes it, on this host and (with working NFS locks) across hosts.
+        with open(path.parent / f".{path.name}.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = _content_version(path.read_bytes())
+            except FileNotFoundError:
+                current = None
+            if current != version:
+                return None
+            self.put_bytes(key, data)
+            return _content_version(data)
+
     def __repr__(self) -> str:
         return f"LocalStore({self.uri!r})"
+
+
+def _content_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def open_store(uri: str, *, s3_options: dict | None = None) -> ObjectStore:

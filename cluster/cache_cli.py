@@ -98,6 +98,7 @@ def _inspect_record(store: ObjectStore, cache: CacheListing) -> dict:
         "uri": cache.uri, "cache_key": m.cache_key, "model": m.model, "revision": m.revision,
         "hookpoint": m.hookpoint, "d_model": m.d_model, "dtype": m.dtype, "complete": m.complete,
         "format_version": m.format_version, "shards": len(m.shards), "rows": m.rows,
+        "nonfinite_rows": m.nonfinite_rows, "nonfinite_shards": [s.name for s in m.shards if s.nonfinite_rows],
         "size_bytes": m.size_bytes, "stats": _stats_record(m.stats), "key_inputs": m.key_inputs,
         "schema": None, "schema_error": None, "orphans": list(cache.orphans),
     }
@@ -125,6 +126,8 @@ def _inspect_text(r: dict) -> str:
         f"state        {'complete' if r['complete'] else 'incomplete'}",
         f"shards       {r['shards']:,}",
         f"rows         {r['rows']:,}",
+        f"non-finite   {r['nonfinite_rows']:,} rows with NaN or Inf (in {len(r['nonfinite_shards']):,} shards; "
+        "kept, left out of the statistics, skipped in training)",
         f"size         {human_bytes(r['size_bytes'])} ({r['size_bytes']:,} bytes)",
         "statistics",
         f"  mean norm                 {_number(s['mean_norm'])}",

@@ -12,6 +12,26 @@ from cluster.jobs import add_job_commands
 
 log = logging.getLogger("saeforge")
 
+# botocore logs each request's headers at DEBUG, the Authorization header (and so the access key
+# id) among them: the HTTP libraries log at INFO at most, whatever the job's level.
+_WIRE_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
+
+
+def configure_logging(level: str) -> None:
+    """The logging set-up of the driver and of the trainer workers."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in _WIRE_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))
+
+
+def _skipped_lines(ev: dict) -> list[str]:
+    """The steps training skipped for NaN or Inf (``train.nonfinite``), if any."""
+    batches, losses = ev.get("train_skipped_steps_nonfinite_batch", 0), ev.get("train_skipped_steps_nonfinite_loss", 0)
+    if not batches and not losses:
+        return []
+    return [f"skipped steps    {batches + losses:,} ({batches:,} batches with NaN or Inf, "
+            f"{ev.get('train_nonfinite_rows', 0):,} rows; {losses:,} non-finite losses)"]
+
 
 def _train(args: argparse.Namespace) -> int:
     from cluster.config import compose_job
@@ -26,7 +46,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from cluster.driver import run_job
 
-    logging.basicConfig(level=job.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(job.logging.level)
     os.environ.setdefault("WANDB_MODE", job.logging.wandb_mode)
     result = run_job(job)
     lines = []
@@ -37,6 +57,7 @@ def _train(args: argparse.Namespace) -> int:
             f"cache            {hp.cache_uri} ({'reused' if hp.cache_reused else 'built'})",
             f"tokens cached    {hp.tokens_cached:,}",
             f"tokens trained   {ev.get('train_tokens', 0):,}",
+            *_skipped_lines(ev),
             f"held-out FVU     {ev['fvu']:.4f}",
             f"held-out L0      {ev['l0']:.1f}",
             f"dead fraction    {ev['dead_fraction']:.4f}",
@@ -97,7 +118,7 @@ def _add_cache_parser(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from cluster.evaluation import evaluate_stored, format_table
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("INFO")
     evaluation = evaluate_stored(args.uri, s3_options={"endpoint_url": args.endpoint_url}, text=args.text,
                                  model=args.model, max_tokens=args.max_tokens)
     sys.stdout.write(format_table(evaluation) + f"\nwritten to       {args.uri}/eval.json\n")

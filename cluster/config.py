@@ -217,6 +217,7 @@ def compose_job(overrides: list[str] | None = None, *, config_name: str = "confi
     from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
+    _check_group_options(list(overrides or []))
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             composed = compose(config_name=config_name, overrides=list(overrides or []))
@@ -225,10 +226,70 @@ def compose_job(overrides: list[str] | None = None, *, config_name: str = "confi
             raise ValueError(f"{missing[0]} is required: set it on the command line ({missing[0]}=...)")
         job = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        raise ValueError(": ".join(line for line in lines if not line.startswith(("full_key", "object_type")))) from None
+        raise ValueError(_one_line(err)) from None
     assert isinstance(job, JobConfig)
+    _refuse_unknown_settings(job, "")
     return job
+
+
+def _check_group_options(overrides: list[str]) -> None:
+    """Hydra skips an unknown option of an optional group (``experiment=typo``) without a word."""
+    for override in overrides:
+        group, _, option = override.lstrip("+~").partition("=")
+        if (CONF_DIR / group).is_dir() and option not in ("", "null") and not (CONF_DIR / group / f"{option}.yaml").is_file():
+            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+            raise ValueError(f"{group}={option}: no such option (conf/{group}/{option}.yaml), expected one of {options}")
+
+
+def _one_line(err: Exception) -> str:
+    """Hydra's and OmegaConf's multi-line errors as one line naming the override and what was expected."""
+    import re
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause = err.__cause__ or err.__context__
+    missing_option = re.search(r"Could not find '([^']+)/([^']+)'", str(err))
+    if missing_option:
+        group, option = missing_option.groups()
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        return f"{group}={option}: no such option (conf/{group}/{option}.yaml), expected one of {options}"
+    full_key = getattr(cause, "full_key", None)
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and full_key:
+        section = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+        return f"{full_key}: no such setting, expected one of {_setting_names(section)}"
+    merging = re.match(r"Error merging override (.+)", str(err))
+    if isinstance(cause, ValidationError) and merging:
+        return f"{merging.group(1)}: {str(cause).splitlines()[0]}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return ": ".join(line for line in lines if not line.startswith(("full_key", "object_type", "reference_type")))
+
+
+def _setting_names(section: str) -> list[str]:
+    """The settings of ``section`` (``""``: the top level, ``"sae"``, ...) of JobConfig."""
+    import dataclasses
+
+    schema: type = JobConfig
+    for part in filter(None, section.split(".")):
+        default = next((f.default_factory for f in dataclasses.fields(schema) if f.name == part), None)
+        if not isinstance(default, type) or not dataclasses.is_dataclass(default):
+            return []
+        schema = default
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def _refuse_unknown_settings(node: object, prefix: str) -> None:
+    """A ``+key=value`` override adds a key the schema lacks, which OmegaConf keeps as a stray
+    attribute that nothing reads: a misspelt setting would be ignored without a word."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(node)]  # type: ignore[arg-type]
+    stray = sorted(set(vars(node)) - set(names))
+    if stray:
+        raise ValueError(f"{prefix}{stray[0]}: no such setting, expected one of {names}")
+    for name in names:
+        value = getattr(node, name)
+        if dataclasses.is_dataclass(value):
+            _refuse_unknown_settings(value, f"{prefix}{name}.")
 
 
 def to_dict(job: JobConfig) -> dict:

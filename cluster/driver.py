@@ -20,16 +20,18 @@ import numpy as np
 import ray
 
 from activation_cache.hooking import describe_model, load_tokenizer, resolve_model_source
+from activation_cache.inspection import SHARDS_DIR
 from activation_cache.keys import cache_key
-from activation_cache.manifest import Manifest, load_manifest
+from activation_cache.lease import LeaseClaim
+from activation_cache.manifest import MANIFEST_KEY, Manifest, load_manifest
 from activation_cache.producing import split_units, unit_rows
-from activation_cache.schema import ShardMeta, sha256_hex
+from activation_cache.schema import CorruptShardError, ShardMeta, sha256_hex
 from activation_cache.store import ObjectStore, join_uri, open_store
 from activation_cache.text import check_source, excluded_token_ids, pack_sequences
 from cluster.config import JobConfig, to_dict
 from cluster.errors import JobFailed
 from cluster.evaluation import RUN_CONFIG_FILE, evaluate_in_ray
-from cluster.producer import fill_cache, producer_factory
+from cluster.producer import ProductionReport, fill_cache, producer_factory
 from cluster.sweep import variants
 from cluster.train import ABORT_KEY, TrainPlan, dictionary_uri, holdout_count, train_dictionary
 from trainer.checkpoint import CHECKPOINTS_DIR, newest_complete_checkpoint
@@ -120,7 +122,8 @@ def check_shard_count(job: JobConfig, plan: CachePlan) -> None:
         raise ValueError(
             f"the cache would hold {n_units} shards ({n_holdout} held out) but "
             f"cluster.num_train_workers={job.cluster.num_train_workers} needs one training shard each: "
-            "raise data.max_tokens or lower cache.sequences_per_shard"
+            f"raise data.max_tokens={job.data.max_tokens} or lower "
+            f"cache.sequences_per_shard={job.cache.sequences_per_shard}"
         )
 
 
@@ -136,6 +139,26 @@ def _existing_manifest(store: ObjectStore, plan: CachePlan) -> Manifest:
             f"expects d_model={plan.meta.d_model} dtype={plan.meta.dtype}"
         )
     return manifest
+
+
+def check_existing_caches(job: JobConfig, plans: list[CachePlan]) -> None:
+    """Refuse, before anything is written or Ray starts, a cache already at a plan's key whose
+    manifest is unreadable, disagrees with the model's d_model or the job's dtype, or lists a shard
+    its store lacks. One listing per cache, no shard read: a cache can hold terabytes, and the
+    reader checks each shard's size and checksum as it reads it."""
+    for plan in plans:
+        store = open_store(plan.uri, s3_options=job.cache.s3_options())
+        manifest = _existing_manifest(store, plan)  # a truncated or garbled manifest raises, naming it
+        if not manifest.shards:
+            continue
+        present = set(store.list(SHARDS_DIR))
+        missing = [entry.name for entry in manifest.shards if entry.name not in present]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CorruptShardError(
+                f"shard {missing[0]}{more}: listed in {store.uri}/{MANIFEST_KEY} but missing from the store; "
+                f"`saeforge cache verify {store.uri}` checks every shard, deleting the cache rebuilds it"
+            )
 
 
 def _init_ray(job: JobConfig) -> None:
@@ -161,24 +184,79 @@ class CacheReport:
 
 
 def build_caches(
-    job: JobConfig, plans: list[CachePlan], *,
+    job: JobConfig, plans: list[CachePlan], *, job_name: str = "saeforge",
     on_commit: Callable[[dict[str, Manifest], list], None] | None = None,
 ) -> CacheReport:
     """Complete every hookpoint's cache: reuse complete ones, resume or fill the others, all
     from one forward pass per work unit. ``on_commit`` is called with the manifests and the live
-    producers after each unit is committed (an exception it raises stops the fill)."""
+    producers after each unit is committed, and with no producers while waiting for another job
+    (an exception it raises stops the fill).
+
+    A cache is filled only under its writer lease (``activation_cache.lease``): a cache another
+    job is filling is waited for, and taken over (resumed from its committed shards) if that job
+    dies."""
     s3 = job.cache.s3_options()
-    manifests = {p.hookpoint: _existing_manifest(open_store(p.uri, s3_options=s3), p) for p in plans}
+    stores = {p.hookpoint: open_store(p.uri, s3_options=s3) for p in plans}
+    manifests = {p.hookpoint: _existing_manifest(stores[p.hookpoint], p) for p in plans}
     reused = {h: m.complete for h, m in manifests.items()}
-    todo = [p for p in plans if not manifests[p.hookpoint].complete]
     for plan in plans:
         manifest = manifests[plan.hookpoint]
         if manifest.complete:
             log.info("cache %s is complete (%d rows): reusing it", plan.uri, manifest.rows)
-        elif manifest.shards:
-            log.info("resuming cache %s: %d shards already committed", plan.uri, len(manifest.shards))
-    if not todo:
-        return CacheReport(manifests, reused, 0.0)
+    claims = {
+        p.hookpoint: LeaseClaim(stores[p.hookpoint], job=job_name, ttl_s=job.cache.lease_ttl_s)
+        for p in plans if not manifests[p.hookpoint].complete
+    }
+    by_hookpoint = {p.hookpoint: p for p in plans}
+    tokens_per_second = 0.0
+    while claims:
+        leases = {h: lease for h, claim in claims.items() if (lease := claim.try_acquire()) is not None}
+        if not leases:
+            _wait_for_writers(job, claims, stores, manifests, by_hookpoint, on_commit)
+            continue
+        try:
+            # Read again under the lease: a previous holder may have committed more since.
+            held = {h: _existing_manifest(stores[h], by_hookpoint[h]) for h in leases}
+            todo = [by_hookpoint[h] for h, m in held.items() if not m.complete]
+            manifests.update(held)
+            if todo:
+                report = _fill(job, todo, held, on_commit, before_commit=lambda h, held=leases: held[h].check())
+                manifests.update(report.manifests)
+                tokens_per_second = report.tokens_per_second
+        finally:
+            for lease in leases.values():
+                lease.release()
+        for hookpoint in leases:
+            del claims[hookpoint]
+    return CacheReport(manifests, reused, tokens_per_second)
+
+
+def _wait_for_writers(
+    job: JobConfig, claims: dict[str, LeaseClaim], stores: dict[str, ObjectStore],
+    manifests: dict[str, Manifest], plans: dict[str, CachePlan],
+    on_commit: Callable[[dict[str, Manifest], list], None] | None,
+) -> None:
+    """One wait for the caches other jobs hold: drop the claims on those now complete."""
+    time.sleep(min(job.cache.lease_ttl_s / 4, 5.0))
+    for hookpoint in list(claims):
+        manifests[hookpoint] = _existing_manifest(stores[hookpoint], plans[hookpoint])
+        if manifests[hookpoint].complete:
+            log.info("cache %s was completed by another job: reusing it", stores[hookpoint].uri)
+            del claims[hookpoint]
+    if on_commit is not None:
+        on_commit(manifests, [])
+
+
+def _fill(
+    job: JobConfig, todo: list[CachePlan], manifests: dict[str, Manifest],
+    on_commit: Callable[[dict[str, Manifest], list], None] | None,
+    before_commit: Callable[[str], None],
+) -> ProductionReport:
+    """Producers fill the caches of ``todo`` (this job holds their leases)."""
+    for plan in todo:
+        if manifests[plan.hookpoint].shards:
+            log.info("resuming cache %s: %d shards already committed", plan.uri, len(manifests[plan.hookpoint].shards))
+    s3 = job.cache.s3_options()
     make_producer = producer_factory(
         num_cpus=job.cluster.producer_num_cpus, num_gpus=job.cluster.producer_num_gpus,
         max_restarts=job.cluster.producer_max_restarts, model_cfg=job.model,
@@ -187,18 +265,18 @@ def build_caches(
     )
     producers = [make_producer() for _ in range(job.cluster.num_producers)]
     try:
-        report = fill_cache(
+        return fill_cache(
             producers=producers, units=split_units(todo[0].tokens, job.cache.sequences_per_shard),
             manifests={p.hookpoint: manifests[p.hookpoint] for p in todo},
             cache_uris={p.hookpoint: p.uri for p in todo}, s3_options=s3,
             units_per_producer=job.cluster.units_per_producer, make_producer=make_producer,
             max_replacements=job.cluster.producer_replacements,
             max_unit_attempts=job.cluster.unit_max_attempts, on_commit=on_commit,
+            before_commit=before_commit,
         )
     finally:
         for actor in producers:
             ray.kill(actor)
-    return CacheReport({**manifests, **report.manifests}, reused, report.tokens_per_second)
 
 
 def expected_shards(job: JobConfig, plan: CachePlan) -> dict[str, int]:
@@ -244,7 +322,7 @@ def _train_while_caching(
 
     def fill() -> None:
         try:
-            outcome["report"] = build_caches(job, plans, on_commit=stop_if_training_failed)
+            outcome["report"] = build_caches(job, plans, job_name=train_plans[0].run_name, on_commit=stop_if_training_failed)
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             outcome["error"] = err
             if not training_failed.is_set():
@@ -282,6 +360,7 @@ def run_job(job: JobConfig) -> JobResult:
     root.list("caches/")  # fails fast on a missing bucket or bad credentials
     plans = plan_caches(job, root)
     check_shard_count(job, plans[0])
+    check_existing_caches(job, plans)
     run_name = job.run.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{plans[0].key[:8]}"
     train_plans = _train_plans(job, plans, root, run_name)
     if job.resume is not None:
@@ -294,7 +373,7 @@ def run_job(job: JobConfig) -> JobResult:
     if job.cluster.train_while_caching:
         report, evals = _train_while_caching(job, plans, train_plans)
     else:
-        report = build_caches(job, plans)
+        report = build_caches(job, plans, job_name=run_name)
         evals = [train_dictionary(job, p) for p in train_plans]
     if job.eval.enabled:  # one Ray task loads the model once for every hookpoint and variant
         uris = [dictionary_uri(job, t, v) for t in train_plans for v in variants(job.sae, job.train.lr, job.sweep)]

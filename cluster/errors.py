@@ -9,3 +9,8 @@ class JobFailed(RuntimeError):
 
 class ProducerFailed(JobFailed):
     """Filling the cache stopped: a work unit failed too often, or no producer is left."""
+
+
+class TrainingStopped(JobFailed):
+    """Training stopped for a reason a restarted worker group would meet again at the same step
+    (a damaged shard, NaN or Inf under ``train.nonfinite``): Ray Train does not retry it."""

@@ -408,7 +408,8 @@ def evaluate_stored(
     ``packaged:...``); without a run config, ``text`` is needed and the model is ``model`` or
     cfg.json's ``model_name``.
     """
-    sae_cfg = json.loads(_read_dictionary(open_store(uri, s3_options=s3_options))[CONFIG_FILE])
+    # Loading checks the weights against cfg.json: a mismatch fails here, before the model loads.
+    _, sae_cfg = load_sae(_read_dictionary(open_store(uri, s3_options=s3_options)))
     run_uri, _ = split_dictionary_uri(uri)
     found = _run_config(run_uri, s3_options)
     if found is None and text is None:

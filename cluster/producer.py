@@ -97,6 +97,14 @@ def producer_factory(
     return lambda: actor_cls.remote(num_threads=threads, **producer_kwargs)
 
 
+def _one_line_cause(err: Exception) -> str:
+    """``StoreError: s3://b/k: put failed ...``: what the task raised (a RayTaskError's own first
+    line is only ``ray::Producer.produce() (pid=...)``), or what killed the actor."""
+    cause = getattr(err, "cause", None) if isinstance(err, ray.exceptions.RayTaskError) else None
+    shown = cause if isinstance(cause, BaseException) else err
+    return f"{type(shown).__name__}: {next(iter(str(shown).strip().splitlines()), '')}"
+
+
 def _alive(actor: Any, timeout_s: float) -> bool:
     """Whether ``actor`` answers, waiting out a restart (Ray reports a restarting actor as
     unavailable); False once it is dead for good or has not come back within ``timeout_s``."""
@@ -126,6 +134,7 @@ def fill_cache(
     restart_timeout_s: float = 600.0,
     log_every_s: float = 30.0,
     on_commit: Callable[[dict[str, Manifest], list], None] | None = None,
+    before_commit: Callable[[str], None] | None = None,
 ) -> ProductionReport:
     """Hand ``units`` to ``producers`` (at most ``units_per_producer`` queued at each, which
     bounds memory) and commit each finished shard to its cache's manifest; mark the caches
@@ -141,7 +150,8 @@ def fill_cache(
     ``ProducerFailed`` naming the unit and the cause; what was committed stays committed, so a
     rerun resumes. The replacements are killed on the way out, whatever the outcome; the caller
     owns ``producers``. ``on_commit(manifests, producers)`` runs after each unit's commits
-    (progress, tests; an exception it raises stops the fill).
+    (progress, tests; an exception it raises stops the fill). ``before_commit(hookpoint)`` runs
+    before each manifest write (the writer lease's check: an exception stops the fill uncommitted).
     Progress (shards, rows cached, tokens/s, ETA) goes to a tqdm bar and, every ``log_every_s``,
     to the log.
     """
@@ -176,7 +186,7 @@ def fill_cache(
                 results: dict[str, ShardResult] = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
                 attempts[unit.shard_name] += 1
-                cause = f"{type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
+                cause = _one_line_cause(err)
                 if attempts[unit.shard_name] >= max_unit_attempts:
                     raise ProducerFailed(
                         f"work unit {unit.shard_name} failed {attempts[unit.shard_name]} times; last cause {cause}"
@@ -202,6 +212,8 @@ def fill_cache(
             idle.append(actor)
             for hookpoint, result in results.items():
                 manifests[hookpoint] = manifests[hookpoint].with_shard(result.entry, result.stats)
+                if before_commit is not None:
+                    before_commit(hookpoint)
                 commit_manifest(stores[hookpoint], manifests[hookpoint])
             forwarded += next(iter(results.values())).tokens_forwarded
             progress.update(1)
@@ -222,5 +234,7 @@ def fill_cache(
             ray.kill(actor)
     for hookpoint, manifest in manifests.items():
         manifest.complete = True
+        if before_commit is not None:
+            before_commit(hookpoint)
         commit_manifest(stores[hookpoint], manifest)
     return ProductionReport(manifests, len(todo), forwarded, time.perf_counter() - start)

@@ -21,14 +21,15 @@ import numpy as np
 import ray.train
 import torch
 from omegaconf import OmegaConf
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from activation_cache.manifest import Manifest, ShardEntry, load_manifest
 from activation_cache.reader import ActivationReader, TailingAborted, read_shard
-from activation_cache.schema import sha256_hex
+from activation_cache.schema import CorruptShardError, sha256_hex
 from activation_cache.store import ObjectNotFound, ObjectStore, join_uri, open_store
 from cluster.config import JobConfig, to_dict
+from cluster.errors import TrainingStopped
 from cluster.report import (
     FEATURES_FILE,
     REPORT_FILE,
@@ -57,7 +58,7 @@ from trainer.dictionary import dictionary_files
 from trainer.engine import distributed_backend, master_weights, shutdown_engine, wrap_in_deepspeed
 from trainer.feature_parallel import FeatureParallelTopKSAE, ParallelGrid, build_grid
 from trainer.loggers import make_logger
-from trainer.loop import DictionaryTrainer, StepSchedule, evaluate
+from trainer.loop import DictionaryTrainer, NonFiniteError, StepSchedule, evaluate
 from trainer.metrics import DeadLatentTracker, dense_fraction, firing_histogram
 from trainer.schedules import k_at, lr_at, sparsity_coefficient_at
 
@@ -68,6 +69,10 @@ CHECKSUMS_FILE = "checksums.json"
 """The last file of a dictionary folder: every other file's size and sha256."""
 
 ABORT_KEY = "producers-failed.txt"
+FAILED_KEY = "training-failed.json"
+"""Beside the checkpoints: why a worker stopped for good (a restarted group stops at once)."""
+# A restarted group would meet these again at the same step.
+_PERMANENT_FAILURES = (CorruptShardError, NonFiniteError)
 """Written into the run folder when the cache fill fails under a training that tails it; the
 workers' readers find it and stop with its text."""
 
@@ -284,13 +289,16 @@ def _start_dictionary(
         dead_after_tokens=job.train.dead_after_tokens,
         world_size=grid.data_parallel if grid else world_size, data_group=grid.data_group if grid else None,
         schedule=_step_schedule(job, variant.sae, sae), histogram_every=job.train.histogram_every_steps,
+        nonfinite=job.train.nonfinite, max_skipped_steps=job.train.max_skipped_steps,
     )
     return _Dictionary(variant, engine, trainer, logger, dictionary_uri(job, plan, variant))
 
 
 def _worker_loop(config: dict) -> None:
     job, plan = _job_from_dict(config["job"]), TrainPlan(**config["plan"])
-    logging.basicConfig(level=job.logging.level)
+    from cluster.cli import configure_logging
+
+    configure_logging(job.logging.level)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(job.cluster.train_worker_num_cpus)))
@@ -301,6 +309,10 @@ def _worker_loop(config: dict) -> None:
     fp = job.deepspeed.feature_parallel
     grid = build_grid(data_parallel=world_size // fp, feature_parallel=fp) if fp > 1 else None
     data_rank, data_parallel = (grid.data_rank, grid.data_parallel) if grid else (rank, world_size)
+    checkpoints = open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options())
+    stopped = _permanent_failure(checkpoints)
+    if stopped is not None:
+        raise TrainingStopped(stopped["message"])
     cache = open_store(plan.cache_uri, s3_options=job.cache.s3_options())
     manifest = load_manifest(cache)
     if plan.expected_shards is not None:  # also once complete: a restarted run resumes a tailing reader
@@ -313,7 +325,16 @@ def _worker_loop(config: dict) -> None:
         _start_dictionary(job, plan, variant, source, rank, world_size, grid)
         for variant in variants(job.sae, job.train.lr, job.sweep)
     ]
-    checkpoints = open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options())
+    try:
+        _train_from(checkpoints, job, plan, dictionaries, source, rank, world_size)
+    except _PERMANENT_FAILURES as err:
+        _record_permanent_failure(checkpoints, err)
+        raise
+
+
+def _train_from(checkpoints: ObjectStore, job: JobConfig, plan: TrainPlan, dictionaries: list[_Dictionary],
+                source: _Source, rank: int, world_size: int) -> None:
+    """Resume from the newest complete checkpoint (if any), train to the end, write the dictionaries."""
     done = _restore_checkpoint(checkpoints, dictionaries, source, rank, world_size)
     # One read of each batch feeds every dictionary of a sweep, in lockstep.
     batches = iter(source.reader)
@@ -398,7 +419,8 @@ def _finish_dictionary(
         final.load_state_dict(state)
         summary = dictionary.trainer.summary()
         summary_metrics = {"train_tokens": summary.tokens, "train_steps": summary.steps,
-                           "cache_rows_at_train_start": source.rows_at_start, "resumed_from_step": resumed_from}
+                           "cache_rows_at_train_start": source.rows_at_start, "resumed_from_step": resumed_from,
+                           **{f"train_{k}": int(v) for k, v in summary.nonfinite.metrics().items()}}
         _finish(job, plan, final, dictionary.uri, source.holdout, source.scale, summary_metrics, dictionary.logger,
                 curves=dictionary.trainer.history,
                 artifact=report_artifact_name(plan.run_name, dictionary.variant.name, plan.hookpoint))
@@ -456,6 +478,34 @@ def dictionary_uri(job: JobConfig, plan: TrainPlan, variant: Variant) -> str:
     return join_uri(run_uri, "dictionary", plan.hookpoint)
 
 
+def _record_permanent_failure(store: ObjectStore, err: Exception) -> None:
+    """Leave the reason where a restarted worker group finds it before doing any work."""
+    store.put_bytes(FAILED_KEY, json.dumps({"error": type(err).__name__, "message": str(err)}).encode())
+
+
+def _permanent_failure(store: ObjectStore) -> dict | None:
+    try:
+        return json.loads(store.get_bytes(FAILED_KEY))
+    except ObjectNotFound:
+        return None
+
+
+def _raise_if_stopped_for_good(err: WorkerGroupError, plan: TrainPlan, store: ObjectStore) -> None:
+    """A worker stopped for a reason a restart would meet again: stop with that one line rather
+    than Ray Train's tracebacks of every worker."""
+    failures = list(err.worker_failures.values())
+    if not any(isinstance(e, (*_PERMANENT_FAILURES, TrainingStopped)) for e in failures):
+        return
+    reason = _permanent_failure(store) or {"error": type(failures[0]).__name__, "message": str(failures[0])}
+    if reason["error"] == CorruptShardError.__name__:
+        # Each shard's bytes are checked before any row is used: nothing of it was trained on.
+        raise CorruptShardError(
+            f"cache {plan.cache_uri}: {reason['message']} (training stopped, no dictionary written; "
+            f"`saeforge cache verify {plan.cache_uri}` checks every shard)"
+        ) from None
+    raise TrainingStopped(f"training {plan.label} stopped: {reason['message']} (no dictionary written)") from None
+
+
 def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
     """Run the Ray Train job; return the held-out evaluation of each written dictionary, by
     variant name ('' for a job that is not a sweep)."""
@@ -475,7 +525,13 @@ def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
             failure_config=FailureConfig(max_failures=job.cluster.train_max_failures),
         ),
     )
-    trainer.fit()
+    checkpoints = open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options())
+    checkpoints.delete(FAILED_KEY)  # the reason an earlier attempt of this run stopped
+    try:
+        trainer.fit()
+    except WorkerGroupError as err:
+        _raise_if_stopped_for_good(err, plan, checkpoints)
+        raise
     evals = {}
     for variant in variants(job.sae, job.train.lr, job.sweep):
         folder = open_store(dictionary_uri(job, plan, variant), s3_options=job.cache.s3_options())

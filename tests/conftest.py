@@ -44,17 +44,17 @@ def s3_bucket_uri(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_server: S3Server) -> Iterator[None]:
-    """One real local Ray cluster (2 CPUs) per test module."""
+def ray_cluster(s3_server: S3Server) -> Iterator[str]:
+    """One real local Ray cluster (2 CPUs) per test module; yields its session directory (its logs)."""
     import ray
 
     # Ray workers inherit the environment the local cluster starts with, as they would on a
     # real node; credentials are never passed through the job's config or runtime_env.
     saved = dict(os.environ)
     os.environ.update(s3_server.env())
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})
-    yield
+    context = ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
+                       runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})
+    yield context.address_info["session_dir"]
     ray.shutdown()
     os.environ.clear()
     os.environ.update(saved)

@@ -5,14 +5,115 @@ from __future__ import annotations
 CONTEXT, SEQUENCES, PER_SHARD = 32, 48, 4
 
 
-def tiny_job(uri: str, tmp_path, model_dir, corpus_dir, *extra: str):
-    from cluster.config import compose_job
-
-    return compose_job([
+def tiny_overrides(uri, tmp_path, model_dir, corpus_dir, *extra: str) -> list[str]:
+    """The tiny job as command-line overrides (``saeforge train <these>``)."""
+    return [
         "model=local", f"model.name_or_path={model_dir}", "model.hookpoint=resid_post.2", "model.batch_size=4",
         "data=text_files", f"data.source={corpus_dir}", f"data.context_length={CONTEXT}",
         f"data.max_tokens={CONTEXT * SEQUENCES}", f"cache.uri={uri}", f"cache.sequences_per_shard={PER_SHARD}",
         "sae.n_latents=128", "sae.k=8", "train.batch_size=64", "train.epochs=4", "train.lr=3e-3",
-        "train.shuffle_buffer_rows=256", f"logging.dir={tmp_path / 'outputs'}", "run.name=tiny",
-        "cluster.object_store_memory_bytes=209715200", *extra,
-    ])
+        "train.shuffle_buffer_rows=256", f"logging.dir={tmp_path / 'outputs'}", "run.name=tiny", *extra,
+    ]
+
+
+def tiny_job(uri: str, tmp_path, model_dir, corpus_dir, *extra: str):
+    from cluster.config import compose_job
+
+    return compose_job(
+        tiny_overrides(uri, tmp_path, model_dir, corpus_dir, "cluster.object_store_memory_bytes=209715200", *extra)
+    )
+
+
+def check_tiny_cache(cache_uri: str, s3_options: dict) -> None:
+    """The tiny job's cache is complete and holds every token (but BOS) of every sequence exactly once."""
+    from collections import Counter
+
+    from activation_cache.manifest import load_manifest
+    from activation_cache.reader import read_shard
+    from activation_cache.store import open_store
+
+    store = open_store(cache_uri, s3_options=s3_options)
+    manifest = load_manifest(store)
+    assert manifest.complete
+    assert len(manifest.shards) == SEQUENCES // PER_SHARD
+    # BOS (position 0) is excluded, every other token of every sequence is cached exactly once.
+    assert manifest.rows == SEQUENCES * (CONTEXT - 1)
+    seen = Counter()
+    for entry in manifest.shards:
+        shard = read_shard(store, entry)
+        seen.update(zip(shard.sequence_ids.tolist(), shard.positions.tolist(), strict=True))
+    assert set(seen.values()) == {1}
+    assert set(seen) == {(s, p) for s in range(SEQUENCES) for p in range(1, CONTEXT)}
+
+
+def dictionary_weights(dictionary_uri: str) -> dict:
+    """The tensors of a written dictionary's ``sae_weights.safetensors``, by name."""
+    from safetensors.torch import load
+
+    from activation_cache.store import open_store
+
+    return load(open_store(dictionary_uri).get_bytes("sae_weights.safetensors"))
+
+
+def assert_same_weights(a: str, b: str) -> None:
+    """The dictionaries at ``a`` and ``b`` hold bit-identical tensors."""
+    import torch
+
+    first, second = dictionary_weights(a), dictionary_weights(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs"
+
+
+def check_tiny_dictionary(dictionary_uri: str, cache_uri: str, target, s3_options: dict) -> None:
+    """Pull the tiny job's dictionary into ``target`` and check it: its files, its evaluation, its
+    held-out FVU recomputed from the raw cache, and that SAELens loads it with the same outputs."""
+    import json
+
+    import torch
+
+    from activation_cache.manifest import load_manifest
+    from activation_cache.reader import read_shard
+    from activation_cache.store import open_store
+    from cluster.cli import main as saeforge
+    from cluster.train import input_scale, split_holdout
+    from trainer.dictionary import load_dictionary
+
+    argv = ["pull", dictionary_uri, str(target)]
+    if s3_options.get("endpoint_url"):
+        argv += ["--endpoint-url", s3_options["endpoint_url"]]
+    assert saeforge(argv) == 0
+    files = {p.name: p.read_bytes() for p in target.iterdir()}
+    assert {"sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "eval.json", "checksums.json",
+            "training_curves.json", "report.html"} <= set(files)
+    sae, cfg = load_dictionary(files)
+    assert (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (32, 128, 8)
+    evaluation = json.loads(files["eval.json"])
+    assert {"fvu", "l0", "dead_fraction"} <= set(evaluation)
+    lm = evaluation["lm"]  # spliced into the model on the held-out text
+    assert lm["n_tokens"] > 0 and lm["kl_divergence"] >= 0 and lm["ablated_ce"] > 0
+    assert evaluation["unexplained"]["worst_contexts"], "the contexts the SAE explains worst"
+    assert b'id="evaluation"' in files["report.html"] and b"spliced LM: ce_recovered" in files["report.html"]
+    assert evaluation["fvu"] < 1.0 and evaluation["l0"] <= 8
+    assert sum(evaluation["firing_histogram"]["latents"]) == 128
+    assert 0 <= evaluation["dense_fraction"] <= 1
+
+    # Independently of the trainer's own figure: the saved dictionary, applied to RAW held-out
+    # activations, reconstructs them better than their mean does.
+    store = open_store(cache_uri, s3_options=s3_options)
+    manifest = load_manifest(store)
+    _, holdout = split_holdout(manifest.shards, 0.1)
+    x = torch.cat([read_shard(store, e).activations for e in holdout])
+    with torch.no_grad():
+        recon = sae(x).reconstruction
+    fvu = ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert fvu < 0.9, f"held-out FVU {fvu:.3f} of the pulled dictionary"
+    assert abs(fvu.item() - evaluation["fvu"]) < 1e-3, "eval.json must describe the saved dictionary on raw activations"
+    assert input_scale(manifest, True) != 1.0, "the test must exercise the normalisation fold"
+
+    # The pulled folder loads in SAELens and computes the same reconstruction.
+    from sae_lens import SAE
+
+    saelens_sae = SAE.load_from_disk(str(target), device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(saelens_sae(x), recon, rtol=1e-4, atol=1e-4)

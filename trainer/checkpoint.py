@@ -211,9 +211,12 @@ def save_rank_state(engine: Any, *, extra: Mapping[str, Any]) -> bytes:
     (the caller's state: reader position, the loop's step, tokens and dead-latent counters;
     anything ``flatten_state`` takes).
 
-    Every rank calls it at the same step, between optimizer steps (under ZeRO 3 it holds a
+    Every rank calls it at the same step, between optimizer steps (with several ranks it holds a
     collective). It does not change the training: a run that saves continues exactly as one that
     does not.
+
+    A state whose module, optimizer or scheduler holds a NaN or Inf is refused on every rank
+    (``NonFiniteStateError`` naming the tensor), so it never becomes the newest complete checkpoint.
     """
     optimizer = engine.optimizer
     stage = int(engine.zero_optimization_stage())
@@ -230,6 +233,7 @@ def save_rank_state(engine: Any, *, extra: Mapping[str, Any]) -> bytes:
             "rng": _rng_state(),
             "extra": dict(extra),
         }
+        _refuse_non_finite({key: state[key] for key in ("module", "optimizer", "lr_scheduler")})
         return encode_state(state)
     finally:
         if stage == 3:
@@ -272,6 +276,48 @@ def load_rank_state(engine: Any, data: bytes) -> dict[str, Any]:
         setattr(engine, name, int(state["engine"][name]))
     _set_rng_state(state["rng"])
     return state["extra"]
+
+
+class NonFiniteStateError(ValueError):
+    """``save_rank_state`` refused a state holding NaN or Inf in its weights, optimizer or scheduler."""
+
+
+def _refuse_non_finite(state: Mapping[str, Any]) -> None:
+    """Raise ``NonFiniteStateError`` on every rank if any rank's ``state`` holds a floating-point
+    tensor with NaN or Inf (agreed, so no rank is left waiting in the checkpoint's barrier)."""
+    found = _first_non_finite(state, ())
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n_bad = torch.tensor([0 if found is None else 1], dtype=torch.int64, device=_collective_device())
+    if world_size > 1:
+        dist.all_reduce(n_bad)
+    if found is not None:
+        path, tensor = found
+        n_values = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteStateError(
+            f"rank {rank}: {_path_text(path)} holds {n_values} NaN or Inf values of {tensor.numel()}: "
+            "refusing to checkpoint a non-finite state (expected every weight and optimizer value finite)"
+        )
+    if n_bad.item():
+        raise NonFiniteStateError(
+            f"rank {rank}: {n_bad.item()} of {world_size} ranks hold NaN or Inf in their weights or "
+            "optimizer state: refusing to checkpoint a non-finite state"
+        )
+
+
+def _first_non_finite(obj: Any, path: tuple) -> tuple[tuple, Tensor] | None:
+    if isinstance(obj, Tensor):
+        return (path, obj) if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_non_finite(value, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _collective_device() -> torch.device:
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
 _RANK_STATE_PARTS = ("identity", "module", "optimizer", "lr_scheduler", "engine", "rng", "extra")
@@ -482,7 +528,7 @@ def gather_rank_files(step: int, data: bytes) -> list[RankFile]:
     own = RankFile.of(rank_file_key(step, dist.get_rank() if dist.is_initialized() else 0), data)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [own]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = _collective_device()
     packed = torch.tensor([own.size_bytes, *bytes.fromhex(own.sha256)], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, packed)

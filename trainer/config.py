@@ -11,6 +11,7 @@ from dataclasses import dataclass
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "relu_l1", "relu_l1_unitnorm")
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
 PENALISED = ("jumprelu", "relu_l1", "relu_l1_unitnorm")
+NONFINITE_POLICIES = ("skip", "stop")
 
 
 @dataclass
@@ -133,6 +134,15 @@ class TrainConfig:
     follow_timeout_s: float = 1800.0
     """Training on a cache still being written stops with a TimeoutError after this long
     without a new shard."""
+    nonfinite: str = "skip"
+    """A step whose batch holds NaN or Inf (on any rank), or whose loss is not finite: ``skip``
+    it (no change to weights, optimizer, schedule or dead-latent counters; counted and logged)
+    or ``stop`` training with an error naming the step. ``skip`` by default: a cache keeps the
+    rare non-finite row a model produced, and a multi-hour run should not die on it;
+    ``train.max_skipped_steps`` stops a run that skips more than a few."""
+    max_skipped_steps: int = 100
+    """With ``nonfinite=skip``: training stops with an error once more steps than this were
+    skipped (a diverging run or a badly poisoned cache, not a stray row)."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -174,6 +184,10 @@ class TrainConfig:
             raise ValueError(f"train.normalization_rows={self.normalization_rows} must be positive")
         if not self.follow_timeout_s > 0:
             raise ValueError(f"train.follow_timeout_s={self.follow_timeout_s} must be positive")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"train.nonfinite={self.nonfinite!r}: expected one of {list(NONFINITE_POLICIES)}")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"train.max_skipped_steps={self.max_skipped_steps} must be >= 0")
 
     def learning_rate(self, n_latents: int) -> float:
         """The configured lr, or the width-scaled default."""

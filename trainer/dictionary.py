@@ -173,7 +173,10 @@ def load_dictionary(files: dict[str, bytes]) -> tuple[nn.Module, dict[str, Any]]
             raise ValueError(f"dictionary has no {name} (files: {sorted(files)})")
     cfg = json.loads(files[CONFIG_FILE])
     _check_config(cfg)
-    weights = load_safetensors(files[WEIGHTS_FILE])
+    try:
+        weights = load_safetensors(files[WEIGHTS_FILE])
+    except Exception as err:  # safetensors raises its own SafetensorError; it never unpickles
+        raise ValueError(f"{WEIGHTS_FILE}: not a safetensors file ({err})") from None
     architecture = cfg["architecture"]
     _check_weights(
         weights, d_in=cfg["d_in"], d_sae=cfg["d_sae"],

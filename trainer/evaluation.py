@@ -77,6 +77,8 @@ class SplicedLossStats:
 
     def __init__(self) -> None:
         self.n_tokens = 0
+        self.n_nonfinite = 0
+        """Scored tokens left out because one of their figures was NaN or Inf."""
         # fp64 sums: tens of thousands of per-token losses of similar size.
         self._sums = torch.zeros(4, dtype=torch.float64)  # clean CE, spliced CE, ablated CE, KL
 
@@ -93,20 +95,25 @@ class SplicedLossStats:
         clean = next_token_log_probs(clean_logits, mask)
         spliced = next_token_log_probs(spliced_logits.to(clean.device), mask)
         ablated = next_token_log_probs(ablated_logits.to(clean.device), mask)
-        terms = torch.stack([
-            cross_entropy(clean, targets).double().sum(), cross_entropy(spliced, targets).double().sum(),
-            cross_entropy(ablated, targets).double().sum(), kl_divergence(clean, spliced).double().sum(),
+        per_token = torch.stack([
+            cross_entropy(clean, targets).double(), cross_entropy(spliced, targets).double(),
+            cross_entropy(ablated, targets).double(), kl_divergence(clean, spliced).double(),
         ])
-        self._sums += terms.cpu()
-        self.n_tokens += int(targets.numel())
+        # A token with a NaN or Inf figure (non-finite activations) would make every mean NaN.
+        finite = torch.isfinite(per_token).all(dim=0)
+        self._sums += per_token[:, finite].sum(dim=1).cpu()
+        self.n_tokens += int(finite.sum())
+        self.n_nonfinite += int((~finite).sum())
 
     def result(self) -> dict[str, float]:
         """``clean_ce``, ``spliced_ce``, ``ablated_ce`` (mean next-token cross-entropy, nats),
         ``ce_recovered`` = (ablated - spliced) / (ablated - clean) (1: as good as the clean model,
         0: no better than zeros; NaN when ablating changes nothing), ``kl_divergence`` (mean
-        KL(clean || spliced) per token), ``delta_lm_loss`` = spliced - clean, ``n_tokens``."""
+        KL(clean || spliced) per token), ``delta_lm_loss`` = spliced - clean, ``n_tokens``,
+        ``nonfinite_tokens_skipped`` (scored tokens with a NaN or Inf figure, left out)."""
         if self.n_tokens == 0:
-            raise ValueError("no tokens were scored: every position was masked out")
+            raise ValueError(f"no tokens were scored: every position was masked out or non-finite "
+                             f"({self.n_nonfinite} non-finite)")
         clean, spliced, ablated, kl = (self._sums / self.n_tokens).tolist()
         gap = ablated - clean
         return {
@@ -117,6 +124,7 @@ class SplicedLossStats:
             "kl_divergence": kl,
             "delta_lm_loss": spliced - clean,
             "n_tokens": self.n_tokens,
+            "nonfinite_tokens_skipped": self.n_nonfinite,
         }
 
 
@@ -146,15 +154,22 @@ class ReconstructionErrorStats:
         self.n_tokens = 0
         self._mean: Tensor | None = None
         self._m2 = 0.0
+        self.n_nonfinite = 0
+        """Tokens left out because their activation or reconstruction holds NaN or Inf."""
 
     @torch.no_grad()
     def update(self, x: Tensor, reconstruction: Tensor, *, sequences: Tensor, positions: Tensor) -> None:
         """Add a batch: raw activations and their reconstructions (N, d), and where each token
-        is (its sequence index and position, each (N,))."""
+        is (its sequence index and position, each (N,)). Tokens with NaN or Inf are counted, not kept."""
         if x.shape != reconstruction.shape or x.ndim != 2:
             raise ValueError(f"x {tuple(x.shape)} and reconstruction {tuple(reconstruction.shape)} must be the same (N, d)")
         if sequences.shape != (x.shape[0],) or positions.shape != (x.shape[0],):
             raise ValueError(f"sequences {tuple(sequences.shape)} and positions {tuple(positions.shape)} must be ({x.shape[0]},)")
+        finite = torch.isfinite(x).all(dim=-1) & torch.isfinite(reconstruction).all(dim=-1)
+        if not finite.all():
+            self.n_nonfinite += int((~finite).sum())
+            x, reconstruction = x[finite], reconstruction[finite]
+            sequences, positions = sequences[finite.to(sequences.device)], positions[finite.to(positions.device)]
         if x.shape[0] == 0:
             return
         x64 = x.double()
@@ -181,9 +196,10 @@ class ReconstructionErrorStats:
         """``error_norm`` and ``token_fvu`` summaries (mean, p50, p90, p99, max),
         ``error_norm_histogram`` (``edges``, ``tokens`` per bin, ``histogram_bins`` equal bins
         from 0 to the largest norm), ``worst_tokens``: the ``n_worst`` tokens of largest error,
-        largest first, each ``{sequence, position, error_norm, fvu}``; ``n_tokens``."""
+        largest first, each ``{sequence, position, error_norm, fvu}``; ``n_tokens``;
+        ``nonfinite_tokens_skipped`` (tokens with NaN or Inf, left out)."""
         if self.n_tokens == 0:
-            raise ValueError("no tokens were evaluated: the batches were empty")
+            raise ValueError(f"no tokens were evaluated: the batches were empty or non-finite ({self.n_nonfinite} non-finite)")
         if histogram_bins <= 0 or n_worst < 0:
             raise ValueError(f"histogram_bins={histogram_bins} must be positive and n_worst={n_worst} >= 0")
         squared = torch.cat(self._squared_errors)
@@ -202,6 +218,7 @@ class ReconstructionErrorStats:
         counts, edges = torch.histogram(norms, bins=histogram_bins, range=(0.0, upper))
         return {
             "n_tokens": self.n_tokens,
+            "nonfinite_tokens_skipped": self.n_nonfinite,
             "error_norm": _summary(norms),
             "token_fvu": _summary(token_fvu),
             "error_norm_histogram": {"edges": edges.tolist(), "tokens": counts.long().tolist()},

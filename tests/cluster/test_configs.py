@@ -118,6 +118,7 @@ def test_deepspeed_group_defaults_to_zero2_and_takes_a_feature_parallel_grid():
         ("cache.uri=gs://bucket/x", "cache.uri='gs://bucket/x': unknown scheme 'gs'"),
         ("cache.uri=s3:///x", "cache.uri='s3:///x': missing bucket"),
         ("cache.dtype=int8", "cache.dtype='int8': expected one of"),
+        ("cache.s3_max_attempts=0", "cache.s3_max_attempts=0 must be at least 1"),
         ("data.context_length=1", "data.context_length=1 must be at least 2"),
         ("cluster.num_producers=0", "cluster.num_producers=0 must be positive"),
         ("logging.wandb_mode=loud", "logging.wandb_mode='loud': expected offline, online or disabled"),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from ranks import free_port
-from tiny_job import CONTEXT, PER_SHARD, SEQUENCES
+from tiny_job import tiny_overrides
 
 from cluster import jobs
 from cluster.cli import main as saeforge
@@ -135,13 +135,7 @@ def test_an_unreachable_cluster_is_one_line_naming_the_address(capsys, monkeypat
 
 def _tiny_overrides(tmp_path: Path, model_dir: Path, corpus_dir: Path) -> list[str]:
     # tests/tiny_job.py's job, as command-line overrides, with a local-directory store
-    return [
-        "model=local", f"model.name_or_path={model_dir}", "model.hookpoint=resid_post.2", "model.batch_size=4",
-        "data=text_files", f"data.source={corpus_dir}", f"data.context_length={CONTEXT}",
-        f"data.max_tokens={CONTEXT * SEQUENCES}", f"cache.uri={tmp_path / 'store'}", f"cache.sequences_per_shard={PER_SHARD}",
-        "sae.n_latents=128", "sae.k=8", "train.batch_size=64", "train.epochs=4", "train.lr=3e-3",
-        "train.shuffle_buffer_rows=256", f"logging.dir={tmp_path / 'outputs'}", "run.name=tiny", "logging.wandb_mode=disabled",
-    ]
+    return tiny_overrides(tmp_path / "store", tmp_path, model_dir, corpus_dir, "logging.wandb_mode=disabled")
 
 
 def test_dry_run_prints_the_estimate_of_the_tiny_job(capsys, tmp_path, tiny_model_dir, tiny_corpus_dir):

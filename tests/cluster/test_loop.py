@@ -1,5 +1,6 @@
-"""The whole loop at tiny size on a real local Ray cluster, with a local directory and with a
-real S3 endpoint: text -> producers -> cache -> DeepSpeed trainers -> dictionary -> pull."""
+"""The whole loop at tiny size on a real local Ray cluster: text -> producers -> cache -> DeepSpeed
+trainers -> dictionary -> pull. The same loop on a real S3 endpoint runs in
+tests/faults/test_security.py, which also greps everything it writes for the credentials."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ import json
 import shutil
 import threading
 import time
-from collections import Counter
 
 import pytest
-import ray
 import torch
-from tiny_job import CONTEXT, PER_SHARD, SEQUENCES
+from tiny_job import CONTEXT, SEQUENCES, check_tiny_cache, check_tiny_dictionary
 from tiny_job import tiny_job as _job
 
 from activation_cache.manifest import ActivationStats, commit_manifest, load_manifest
@@ -22,67 +21,9 @@ from activation_cache.store import open_store
 from cluster.cli import main as saeforge
 from cluster.driver import absolute_uri, build_caches, expected_shards, plan_caches, run_job
 from cluster.errors import ProducerFailed
-from cluster.train import TrainPlan, input_scale, split_holdout, train_dictionary
-from trainer.dictionary import load_dictionary
+from cluster.train import TrainPlan, train_dictionary
 
 pytestmark = pytest.mark.integration
-
-
-def _check_cache(cache_uri: str, s3_options: dict) -> None:
-    store = open_store(cache_uri, s3_options=s3_options)
-    manifest = load_manifest(store)
-    assert manifest.complete
-    assert len(manifest.shards) == SEQUENCES // PER_SHARD
-    # BOS (position 0) is excluded, every other token of every sequence is cached exactly once.
-    assert manifest.rows == SEQUENCES * (CONTEXT - 1)
-    seen = Counter()
-    for entry in manifest.shards:
-        shard = read_shard(store, entry)
-        seen.update(zip(shard.sequence_ids.tolist(), shard.positions.tolist(), strict=True))
-    assert set(seen.values()) == {1}
-    assert set(seen) == {(s, p) for s in range(SEQUENCES) for p in range(1, CONTEXT)}
-
-
-def _check_dictionary(result, tmp_path, s3_options: dict) -> None:
-    target = tmp_path / "pulled"
-    argv = ["pull", result.dictionary_uri, str(target)]
-    if s3_options.get("endpoint_url"):
-        argv += ["--endpoint-url", s3_options["endpoint_url"]]
-    assert saeforge(argv) == 0
-    files = {p.name: p.read_bytes() for p in target.iterdir()}
-    assert {"sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "eval.json", "checksums.json",
-            "training_curves.json", "report.html"} <= set(files)
-    sae, cfg = load_dictionary(files)
-    assert (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (32, 128, 8)
-    evaluation = json.loads(files["eval.json"])
-    assert {"fvu", "l0", "dead_fraction"} <= set(evaluation)
-    lm = evaluation["lm"]  # spliced into the model on the held-out text
-    assert lm["n_tokens"] > 0 and lm["kl_divergence"] >= 0 and lm["ablated_ce"] > 0
-    assert evaluation["unexplained"]["worst_contexts"], "the contexts the SAE explains worst"
-    assert b'id="evaluation"' in files["report.html"] and b"spliced LM: ce_recovered" in files["report.html"]
-    assert evaluation["fvu"] < 1.0 and evaluation["l0"] <= 8
-    assert sum(evaluation["firing_histogram"]["latents"]) == 128
-    assert 0 <= evaluation["dense_fraction"] <= 1
-
-    # Independently of the trainer's own figure: the saved dictionary, applied to RAW held-out
-    # activations, reconstructs them better than their mean does.
-    store = open_store(result.cache_uri, s3_options=s3_options)
-    manifest = load_manifest(store)
-    _, holdout = split_holdout(manifest.shards, 0.1)
-    x = torch.cat([read_shard(store, e).activations for e in holdout])
-    with torch.no_grad():
-        recon = sae(x).reconstruction
-    fvu = ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-    assert fvu < 0.9, f"held-out FVU {fvu:.3f} of the pulled dictionary"
-    assert abs(fvu.item() - evaluation["fvu"]) < 1e-3, "eval.json must describe the saved dictionary on raw activations"
-    assert input_scale(manifest, True) != 1.0, "the test must exercise the normalisation fold"
-
-    # The pulled folder loads in SAELens and computes the same reconstruction.
-    from sae_lens import SAE
-
-    saelens_sae = SAE.load_from_disk(str(target), device="cpu")
-    with torch.no_grad():
-        torch.testing.assert_close(saelens_sae(x), recon, rtol=1e-4, atol=1e-4)
 
 
 def test_loop_on_local_directory(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir):
@@ -90,8 +31,8 @@ def test_loop_on_local_directory(ray_cluster, tmp_path, tiny_model_dir, tiny_cor
     [result] = run_job(job).hookpoints
     assert not result.cache_reused
     assert result.tokens_cached == SEQUENCES * (CONTEXT - 1)
-    _check_cache(result.cache_uri, {})
-    _check_dictionary(result, tmp_path, {})
+    check_tiny_cache(result.cache_uri, {})
+    check_tiny_dictionary(result.dictionary_uri, result.cache_uri, tmp_path / "pulled", {})
     assert list((tmp_path / "outputs" / "tiny").rglob("offline-run-*")), "wandb offline run files"
 
     # A second job on the same inputs reuses the cache; this one trains a BatchTopK SAE, which
@@ -109,49 +50,6 @@ def test_loop_on_local_directory(ray_cluster, tmp_path, tiny_model_dir, tiny_cor
     assert again.eval["fvu"] < 0.9
 
 
-def test_loop_on_s3(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir, s3_server, s3_bucket_uri):
-    job = _job(s3_bucket_uri, tmp_path, tiny_model_dir, tiny_corpus_dir,
-               f"cache.s3_endpoint_url={s3_server.endpoint_url}", "cache.dtype=bfloat16")
-    [result] = run_job(job).hookpoints
-    assert result.cache_uri.startswith(s3_bucket_uri)
-    options = {"endpoint_url": s3_server.endpoint_url}
-    _check_cache(result.cache_uri, options)
-    _check_dictionary(result, tmp_path, options)
-    _assert_no_secret_anywhere(s3_bucket_uri, options, tmp_path, secrets=(s3_server.access_key, s3_server.secret_key))
-
-
-def _assert_no_secret_anywhere(bucket_uri: str, options: dict, tmp_path, *, secrets: tuple[str, ...]) -> None:
-    """The credentials the job ran with are in no object it wrote (manifest, shards' metadata,
-    config.json, cfg.json, eval.json, the report, checkpoints) and in no local file (wandb runs,
-    Ray Train's state, the pulled dictionary)."""
-    store = open_store(bucket_uri, s3_options=options)
-    blobs = {f"{bucket_uri}/{key}": store.get_bytes(key) for key in store.list()}
-    blobs.update({str(path): path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()})
-    assert any(key.endswith("/config.json") for key in blobs) and any(key.endswith("report.html") for key in blobs)
-    for secret in secrets:
-        leaked = [name for name, data in blobs.items() if secret.encode() in data]
-        assert not leaked, f"a credential was written to {leaked[:3]}"
-
-
-@pytest.mark.parametrize("for_good", [False, True], ids=["restarted", "replaced"])
-def test_a_killed_producer_loses_and_duplicates_nothing(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir, for_good):
-    """A producer killed mid-cache (``ray.kill``) is restarted by Ray, or, killed for good,
-    replaced; the units it held are redone and the cache holds every token exactly once."""
-    job = _job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir,
-               "cluster.num_producers=2", "cluster.units_per_producer=2")
-    [plan] = plan_caches(job, open_store(absolute_uri(job.cache.uri)))
-    killed = []
-
-    def kill_one(manifests, producers) -> None:
-        if not killed:  # after the first commit: both producers hold queued units
-            killed.append(producers[0])
-            ray.kill(producers[0], no_restart=for_good)
-
-    report = build_caches(job, [plan], on_commit=kill_one)
-    assert killed and not report.reused[plan.hookpoint] and report.manifests[plan.hookpoint].complete
-    _check_cache(plan.uri, {})
-
-
 def _overlap_job(uri: str, tmp_path, model_dir, corpus_dir, *extra: str):
     # Producers and trainer workers share the 2-CPU test cluster.
     return _job(uri, tmp_path, model_dir, corpus_dir, "cluster.train_while_caching=true", "eval=off",
@@ -167,7 +65,7 @@ def test_several_hookpoints_fill_their_caches_from_one_pass_while_training(ray_c
     first, second = result.hookpoints
     assert first.cache_uri != second.cache_uri
     for hp in result.hookpoints:
-        _check_cache(hp.cache_uri, {})
+        check_tiny_cache(hp.cache_uri, {})
         manifest = load_manifest(open_store(hp.cache_uri))
         assert manifest.hookpoint == hp.hookpoint
         target = tmp_path / "pulled" / hp.hookpoint
@@ -236,8 +134,8 @@ def test_a_failing_fill_stops_the_training_that_tails_it(ray_cluster, tmp_path, 
     shutil.copytree(tiny_model_dir, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # the config and tokenizer load; the weights do not
-    job = _overlap_job(str(tmp_path / "store"), tmp_path, broken, tiny_corpus_dir, "cluster.producer_replacements=1",
-                       "train.follow_timeout_s=600")
+    job = _overlap_job(str(tmp_path / "store"), tmp_path, broken, tiny_corpus_dir, "cluster.producer_replacements=0",
+                       "cluster.producer_max_restarts=0", "train.follow_timeout_s=600")
     started = time.monotonic()
     with pytest.raises(ProducerFailed, match=r"no producer left to run \d+ work units"):
         run_job(job)

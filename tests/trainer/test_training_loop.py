@@ -95,7 +95,8 @@ def test_logged_metrics_and_cadence(engine_factory) -> None:
     assert [step for step, _ in logger.records] == [3, 6, 7]  # and always the last step
     assert set(logger.records[0][1]) == {
         "loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss", "dead_fraction", "dense_fraction",
-        "tokens_per_second", "lr", "tokens",
+        "tokens_per_second", "lr", "tokens", "skipped_steps_nonfinite_batch", "skipped_steps_nonfinite_loss",
+        "nonfinite_rows",
     }
     assert logger.records[0][1]["lr"] == 1e-3
     assert logger.records[-1][1]["tokens"] == 7 * 16 == summary.tokens
@@ -107,7 +108,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step(engine_factory) -> None
     engine = engine_factory(sae, batch_size=4, lr=1e-2, zero_stage=1)
     good = torch.randn(4, 8)
     bad = good.clone()
-    bad[2, 3] = float("nan")
+    bad[2, 3] = 1e20  # finite, but its square is not in fp32: the loss is Inf
     batches = iter([good, good, bad, good])
     weights_after_two_steps: dict[str, torch.Tensor] = {}
 
@@ -118,7 +119,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step(engine_factory) -> None
     with pytest.raises(NonFiniteLossError, match="step 3: non-finite loss on 1 of 1 ranks") as caught:
         train(
             engine, batches, scale=1.0, max_steps=4, logger=SnapshotLogger(), log_every=2,
-            dead_tracker=DeadLatentTracker(32), dead_after_tokens=100, world_size=1,
+            dead_tracker=DeadLatentTracker(32), dead_after_tokens=100, world_size=1, nonfinite="stop",
         )
     assert caught.value.step == 3
     for name, value in engine.module.state_dict().items():

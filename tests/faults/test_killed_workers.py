@@ -1,0 +1,96 @@
+"""Processes killed mid-job on a real local Ray cluster: a producer actor killed while filling
+the cache (the cache still holds every token exactly once), a Ray Train worker killed while
+training (the job resumes from its newest checkpoint and ends with the weights of a run that was
+never interrupted)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from tiny_job import assert_same_weights, check_tiny_cache, tiny_job
+
+from activation_cache.store import open_store
+from cluster.driver import absolute_uri, build_caches, plan_caches, run_job
+from trainer.checkpoint import CHECKPOINTS_DIR, COMPLETE_FILE
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("for_good", [False, True], ids=["restarted", "replaced"])
+def test_a_killed_producer_loses_and_duplicates_nothing(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir, for_good):
+    """A producer killed mid-cache (``ray.kill``) is restarted by Ray, or, killed for good,
+    replaced; the units it held are redone and the cache holds every token exactly once."""
+    job = tiny_job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir,
+                   "cluster.num_producers=2", "cluster.units_per_producer=2")
+    [plan] = plan_caches(job, open_store(absolute_uri(job.cache.uri)))
+    killed = []
+
+    def kill_one(manifests, producers) -> None:
+        if not killed:  # after the first commit: both producers hold queued units
+            killed.append(producers[0])
+            ray.kill(producers[0], no_restart=for_good)
+
+    report = build_caches(job, [plan], on_commit=kill_one)
+    assert killed and not report.reused[plan.hookpoint] and report.manifests[plan.hookpoint].complete
+    check_tiny_cache(plan.uri, {})
+
+
+def _parent_pid(pid: int) -> int:
+    # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ")".
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _train_worker_pids() -> list[int]:
+    """Processes of Ray Train workers of this test's Ray cluster (Ray titles them
+    ``ray::RayTrainWorker...``; the cluster's processes descend from this one): never those of
+    another Ray cluster on the machine."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if not cmdline.read_bytes().startswith(b"ray::RayTrainWorker"):
+                continue
+            pid = ancestor = int(cmdline.parent.name)
+            while ancestor > 1 and ancestor != os.getpid():
+                ancestor = _parent_pid(ancestor)
+        except OSError:  # the process ended while we looked
+            continue
+        if ancestor == os.getpid():
+            pids.append(pid)
+    return sorted(pids)
+
+
+def test_a_killed_trainer_worker_resumes_from_its_checkpoint_bit_identical(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir):
+    """SIGKILL one Ray Train worker after the first checkpoint: Ray Train starts a new group,
+    which resumes from the newest complete checkpoint and ends with exactly the weights of a run
+    that was never interrupted."""
+    store = str(tmp_path / "store")
+    options = ("eval=off", "train.epochs=25", "run.checkpoint_every_steps=40", "train.log_every_steps=40",
+               "train.histogram_every_steps=0", "logging.wandb_mode=disabled", "cluster.train_max_failures=1")
+    [straight] = run_job(tiny_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, "run.name=straight", *options)).hookpoints
+    assert straight.eval["resumed_from_step"] == 0
+
+    job = tiny_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, "run.name=killed", *options)
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=run_job(job)), daemon=True)
+    runner.start()
+    checkpoints = open_store(straight.cache_uri.split("/caches/")[0] + "/runs/killed")
+    deadline = time.monotonic() + 300
+    while not any(k.endswith(COMPLETE_FILE) for k in checkpoints.list(f"{CHECKPOINTS_DIR}/")):
+        assert time.monotonic() < deadline and runner.is_alive(), "no checkpoint was written"
+        time.sleep(0.05)
+    pids = _train_worker_pids()
+    assert pids, "the trainer workers are running"
+    os.kill(pids[-1], signal.SIGKILL)
+    runner.join(timeout=600)
+    [killed] = outcome["result"].hookpoints
+    assert killed.eval["resumed_from_step"] >= 40, "the second worker group resumed from a checkpoint"
+    assert killed.eval["train_steps"] == straight.eval["train_steps"]
+    assert_same_weights(killed.dictionary_uri, straight.dictionary_uri)
+    kept = {k.split("/")[1] for k in checkpoints.list(f"{CHECKPOINTS_DIR}/")}
+    assert len(kept) <= 2, f"run.keep_checkpoints=2 keeps two checkpoints, found {sorted(kept)}"
