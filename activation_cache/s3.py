@@ -36,7 +36,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from activation_cache.store import ObjectNotFound, StoreError, _check_key, join_uri
+from activation_cache.store import ObjectNotFound, StoreError, StoreFull, _check_key, join_uri
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class S3Store:
             detail = f"{code} (HTTP {status}): {error.get('Message', '')}".rstrip(": ")
             if code in _FULL_CODES or status == 507:
                 message = f"{where}: {op} refused: bucket {self.bucket!r} is full (free space, then run again): {detail}"
-                return StoreError(self._redact(" ".join(message.split())))
+                return StoreFull(self._redact(" ".join(message.split())))
             attempts = metadata.get("RetryAttempts", 0) + 1
             spent = f" after {attempts} attempts" if attempts > 1 else ""
         else:

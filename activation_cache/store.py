@@ -38,6 +38,11 @@ class ObjectNotFound(StoreError, FileNotFoundError):
     """The key does not exist in the store."""
 
 
+class StoreFull(StoreError):
+    """The store has no room for a write (a full disk or quota, a full bucket): retrying the same
+    write cannot help until space is freed."""
+
+
 @runtime_checkable
 class ObjectStore(Protocol):
     """A flat key -> bytes store rooted at ``uri``."""
@@ -123,7 +128,8 @@ class LocalStore:
         try:
             _replace_atomically(self._path(key), data)
         except OSError as err:  # ENOSPC, EDQUOT, EROFS, ...: one line naming the object and the cause
-            raise StoreError(f"{join_uri(self.uri, key)}: cannot write {len(data):,} bytes: {_os_cause(err)}") from err
+            error = StoreFull if err.errno in (errno.ENOSPC, errno.EDQUOT) else StoreError
+            raise error(f"{join_uri(self.uri, key)}: cannot write {len(data):,} bytes: {_os_cause(err)}") from err
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)

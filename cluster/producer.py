@@ -23,7 +23,7 @@ from activation_cache.hooking import MultiHarvester, load_model, resolve_model_s
 from activation_cache.manifest import Manifest, commit_manifest
 from activation_cache.producing import ShardResult, ShardTarget, WorkUnit, produce_shards
 from activation_cache.schema import ShardMeta
-from activation_cache.store import open_store
+from activation_cache.store import StoreFull, open_store
 from cluster.errors import ProducerFailed
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def fill_cache(
     manifest commits each unit once): every (sequence_id, position) ends up in the cache exactly
     once. A producer that Ray restarts keeps its slots; one dead for good is replaced by
     ``make_producer()``, at most ``max_replacements`` times. A unit that fails
-    ``max_unit_attempts`` times, or running out of producers, stops the fill with
+    ``max_unit_attempts`` times (once, when the store is full), or running out of producers, stops the fill with
     ``ProducerFailed`` naming the unit and the cause; what was committed stays committed, so a
     rerun resumes. The replacements are killed on the way out, whatever the outcome; the caller
     owns ``producers``. ``on_commit(manifests, producers)`` runs after each unit's commits
@@ -187,6 +187,8 @@ def fill_cache(
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
                 attempts[unit.shard_name] += 1
                 cause = _one_line_cause(err)
+                if isinstance(getattr(err, "cause", None), StoreFull):  # no retry can help until space is freed
+                    raise ProducerFailed(f"work unit {unit.shard_name}: {cause}") from err
                 if attempts[unit.shard_name] >= max_unit_attempts:
                     raise ProducerFailed(
                         f"work unit {unit.shard_name} failed {attempts[unit.shard_name]} times; last cause {cause}"

@@ -94,6 +94,7 @@ def test_a_full_disk_stops_the_fill_in_one_line_and_the_cache_resumes(tmp_path, 
     assert error is not None, "a cache larger than the disk was filled without an error"
     assert "\n" not in error, f"the error is not one line: {error!r}"
     assert re.search(r"/shards/unit-\d{6}\.arrow: cannot write [\d,]+ bytes: no space left on device", error), error
+    assert re.match(r"ProducerFailed: work unit shards/unit-\d{6}\.arrow: StoreFull: ", error), "stopped at once, not retried"
 
     # What the failure left: the manifest lists only shards that are whole and verify; no
     # temporary file of the failed write stayed behind.

@@ -176,9 +176,10 @@ def test_a_full_bucket_then_a_failing_key_stop_the_job_naming_the_key_and_the_ca
         full = re.search(rf"(s3://\S+): put refused: bucket '{bucket}' is full \(free space, then run again\): "
                          r"XMinioStorageFull \(HTTP 507\): Storage backend has reached its minimum free drive", message)
         assert full and "\n" not in message, message
-        # Not retried by the store (s3_max_attempts=3): one request per try of the unit at most.
+        # Retried neither by the store (s3_max_attempts=3) nor by the fill (unit_max_attempts=2).
         refused = proxy.faulted["storage_full", "PUT", "/" + full.group(1).removeprefix("s3://")]
-        assert 1 <= refused <= 2, dict(proxy.faulted)
+        assert refused == 1, dict(proxy.faulted)
+        assert "failed 2 times" not in message
         first = _assert_only_whole_verified_shards_visible(plan.uri)
         assert 1 <= len(first) < UNITS
 
