@@ -458,6 +458,9 @@ def scan_top_activations(
             for start in range(0, take, chunk_rows):
                 x = shard.activations[start : min(take, start + chunk_rows)]
                 acts = _feature_activations(sae(x.to(device=param.device, dtype=param.dtype)), index.to(param.device))
+                # A row with NaN or Inf (a cache keeps them, counted) must not rank first: topk puts NaN on top.
+                finite = torch.isfinite(x).all(dim=-1).to(acts.device)[:, None] & ~acts.isnan()
+                acts = acts.masked_fill(~finite, -math.inf)
                 fired += (acts > 0).sum(dim=0)
                 candidates = torch.cat([values, acts])
                 ids = torch.arange(rows + start, rows + start + len(acts))[:, None].expand(-1, len(index))

@@ -3,6 +3,7 @@ of untrusted tokens, and the page opened in a real headless browser (Debian's ch
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import os
@@ -191,6 +192,19 @@ def test_the_scan_stops_after_max_tokens(tiny_dictionary):
     assert scan.rows == 50 and len(scan.token_ids) == 50
     assert int(scan.row_ids.max()) < 50
     assert len(consumed) == 1, "a shard after the limit is never read"
+
+
+def test_rows_with_nan_or_inf_are_never_top_examples(tiny_dictionary):
+    sae, _ = load_dictionary(tiny_dictionary.files)
+    shard = tiny_dictionary.holdout[0]
+    poisoned = shard.activations.clone()
+    poisoned[3, 0], poisoned[7, 5] = float("nan"), float("inf")
+    clean = scan_top_activations(sae, [shard], range(sae.n_latents), n_examples=4, max_tokens=10_000)
+    scan = scan_top_activations(sae, [dataclasses.replace(shard, activations=poisoned)], range(sae.n_latents),
+                                n_examples=4, max_tokens=10_000)
+    assert not torch.isnan(scan.values).any()
+    assert not ({3, 7} & set(scan.row_ids.flatten().tolist())), "a non-finite row was ranked"
+    assert (scan.fired <= clean.fired).all()
 
 
 def test_the_sample_mixes_frequent_median_and_rare_live_latents():
