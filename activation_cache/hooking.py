@@ -212,10 +212,10 @@ class ActivationHarvester(MultiHarvester):
         return int(self.model.config.hidden_size)
 
 
-def describe_model(source: ModelSource, hookpoints: list[str]) -> tuple[list[str], int]:
-    """(canonical hookpoints, d_model) from the model's config alone: the skeleton is built on
-    the meta device, so no weights load and bad hookpoints fail in seconds. Two names for the
-    same place (``resid_post.2`` and ``model.layers.2``) are refused."""
+def describe_model(source: ModelSource, hookpoints: list[str]) -> tuple[list[str], list[int]]:
+    """(canonical hookpoints, the width of each) from the model's config alone: the skeleton is
+    built on the meta device, so no weights load and bad hookpoints fail in seconds. Two names
+    for the same place (``resid_post.2`` and ``model.layers.2``) are refused."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -235,7 +235,25 @@ def describe_model(source: ModelSource, hookpoints: list[str]) -> tuple[list[str
     for i, name in enumerate(canonical):
         if name in canonical[:i]:
             raise ValueError(f"hookpoints {hookpoints[canonical.index(name)]!r} and {hookpoints[i]!r} both name {name}")
-    return canonical, int(config.hidden_size)
+    modules = dict(skeleton.named_modules())
+    widths = [
+        hookpoint_width(modules[name.removesuffix(INPUT_SUFFIX)], name.endswith(INPUT_SUFFIX), int(config.hidden_size))
+        for name in canonical
+    ]
+    return canonical, widths
+
+
+def hookpoint_width(module: nn.Module, is_input: bool, hidden_size: int) -> int:
+    """The last dimension of what a hookpoint on ``module`` captures: a linear layer's own
+    in/out features (``mlp.down_proj:input`` holds the MLP's intermediate_size neurons), an
+    embedding's dimension, else the residual width (layers, blocks, norms)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features if is_input else module.out_features
+    if type(module).__name__ == "Conv1D":  # GPT-2's transposed linear: weight is (in, out)
+        return int(module.weight.shape[0] if is_input else module.weight.shape[1])
+    if isinstance(module, nn.Embedding) and not is_input:
+        return module.embedding_dim
+    return hidden_size
 
 
 @contextmanager

@@ -93,7 +93,7 @@ def plan_caches(job: JobConfig, root: ObjectStore) -> list[CachePlan]:
     weights load)."""
     check_source(job.data.source, job.data.text_column)
     source = resolve_model_source(job.model)
-    hookpoints, d_model = describe_model(source, job.model.all_hookpoints)
+    hookpoints, widths = describe_model(source, job.model.all_hookpoints)
     tokenizer = load_tokenizer(source)
     tokens = pack_sequences(job.data, tokenizer)
     excluded = excluded_token_ids(job.data, tokenizer)
@@ -105,7 +105,7 @@ def plan_caches(job: JobConfig, root: ObjectStore) -> list[CachePlan]:
         "sequences_per_shard": job.cache.sequences_per_shard, "format": 1,
     }
     plans = []
-    for hookpoint in hookpoints:
+    for hookpoint, d_model in zip(hookpoints, widths, strict=True):
         key_inputs = {**shared, "hookpoint": hookpoint}
         key = cache_key(key_inputs)
         meta = ShardMeta(model=source.model_id, revision=source.revision, hookpoint=hookpoint,

@@ -100,7 +100,7 @@ def test_a_device_map_placed_model_harvests_the_same_activations(tiny_model_dir)
 
 def test_describe_model_resolves_without_loading_weights(tiny_model_dir):
     source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
-    assert describe_model(source, ["resid_post.mid"]) == (["model.layers.2"], 32)
+    assert describe_model(source, ["resid_post.mid"]) == (["model.layers.2"], [32])
     assert describe_model(source, ["model.layers.3.mlp", "mlp_in.1"])[0] == ["model.layers.3.mlp", "model.layers.1.mlp:input"]
     with pytest.raises(ValueError, match=r"layer 9 out of range, model has 4 layers"):
         describe_model(source, ["resid_post.9"])
@@ -110,6 +110,31 @@ def test_describe_model_resolves_without_loading_weights(tiny_model_dir):
         describe_model(source, ["resid_post.2", "model.layers.2"])
     with pytest.raises(ValueError, match=r"model.hookpoints=\['mlp_out.1', 'mlp_out.1'\]: 'mlp_out.1' is listed twice"):
         ModelConfig(hookpoints=["mlp_out.1", "mlp_out.1"])
+
+
+def test_each_hookpoint_gets_the_width_it_captures(tiny_model_dir):
+    """A cache's d_model is what the hookpoint holds: the MLP's neurons at down_proj's input are
+    intermediate_size wide, not the residual's width."""
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
+    names = ["resid_post.1", "model.layers.1.mlp.down_proj:input", "model.layers.0.mlp.up_proj",
+             "model.embed_tokens", "mlp_in.2", "model.layers.2.self_attn.o_proj:input"]
+    canonical, widths = describe_model(source, names)
+    captured = MultiHarvester(load_model(source), canonical).harvest(torch.tensor([[1, 2, 3]]))
+    assert widths == [captured[name].shape[-1] for name in canonical]
+    assert widths[1] == widths[2] == 64 != widths[0] == 32
+
+
+def test_gpt2_conv1d_widths_match_what_is_captured():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from activation_cache.hooking import hookpoint_width
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=2, n_head=2, n_inner=40))
+    names = ["transformer.h.0.mlp.c_proj:input", "transformer.h.0.mlp.c_fc", "transformer.h.1", "transformer.wte"]
+    captured = MultiHarvester(model, names).harvest(torch.tensor([[1, 2, 3]]))
+    modules = dict(model.named_modules())
+    widths = [hookpoint_width(modules[n.removesuffix(":input")], n.endswith(":input"), 24) for n in names]
+    assert widths == [captured[n].shape[-1] for n in names] == [40, 40, 24, 24]
 
 
 def test_bad_model_paths_fail_fast(tmp_path):
