@@ -103,6 +103,7 @@ class JobShape:
     train_rows: int
     """Rows per hookpoint outside the held-out shards."""
     d_model: int
+    """The model's residual width (the forward pass's cost)."""
     n_hookpoints: int
     layers_run: int
     """Decoder layers a forward pass runs (up to the deepest hookpoint)."""
@@ -111,6 +112,12 @@ class JobShape:
     non_embedding_parameters: int
     caches_complete: int = 0
     """Hookpoints whose cache is already complete: reused, their producers skipped."""
+    hookpoint_widths: tuple[int, ...] = ()
+    """What each hookpoint captures (``mlp.down_proj:input``: intermediate_size); empty: d_model each."""
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return self.hookpoint_widths or (self.d_model,) * self.n_hookpoints
 
 
 class CostEstimate(NamedTuple):
@@ -161,7 +168,7 @@ def estimate_cost(job: JobConfig, shape: JobShape) -> CostEstimate:
     """The job's size, memory, work and an ETA from the measured rates (pure arithmetic)."""
     from cluster.sweep import variants
 
-    d = shape.d_model
+    d, widths = shape.d_model, shape.widths
     dictionaries = variants(job.sae, job.train.lr, job.sweep)
     produce = shape.caches_complete < shape.n_hookpoints
     tokens = shape.tokens if produce else 0
@@ -171,17 +178,20 @@ def estimate_cost(job: JobConfig, shape: JobShape) -> CostEstimate:
     trained = shape.train_rows * job.train.epochs
     if job.train.max_tokens is not None:
         trained = min(trained, job.train.max_tokens)
-    memory = [_worker_bytes(job, v.sae.n_latents, v.sae.k, d) for v in dictionaries]
-    trainer_flops = shape.n_hookpoints * sum(trained * trainer_flops_per_token(d_model=d, n_latents=v.sae.n_latents)
-                                             for v in dictionaries)
+    # The hookpoints train one after another, a sweep's variants at once: the widest hookpoint's
+    # variants together are the peak.
+    memory = max(([_worker_bytes(job, v.sae.n_latents, v.sae.k, w) for v in dictionaries] for w in widths),
+                 key=lambda parts: sum(state + working for state, working in parts))
+    trainer_flops = sum(trained * trainer_flops_per_token(d_model=w, n_latents=v.sae.n_latents)
+                        for w in widths for v in dictionaries)
     producer_cpus = job.cluster.num_producers * job.cluster.producer_num_cpus
     trainer_rate = job.cluster.num_train_workers * job.cluster.train_worker_num_cpus * TRAINER_FLOPS_PER_CPU
     if job.deepspeed.precision == "bf16":
         trainer_rate *= BF16_TRAINER_SPEEDUP
     return CostEstimate(
         tokens=tokens,
-        activation_bytes=shape.n_hookpoints * shape.rows * d * DTYPE_BYTES[job.cache.dtype],
-        sae_parameters=shape.n_hookpoints * sum(2 * v.sae.n_latents * d + v.sae.n_latents + d for v in dictionaries),
+        activation_bytes=shape.rows * sum(widths) * DTYPE_BYTES[job.cache.dtype],
+        sae_parameters=sum(2 * v.sae.n_latents * w + v.sae.n_latents + w for w in widths for v in dictionaries),
         dictionaries=shape.n_hookpoints * len(dictionaries),
         state_bytes_per_worker=sum(state for state, _ in memory),
         working_bytes_per_worker=sum(working for _, working in memory),
@@ -224,14 +234,16 @@ def _eta(job: JobConfig, est: CostEstimate) -> str:
 
 def format_estimate(job: JobConfig, shape: JobShape, est: CostEstimate) -> str:
     """The estimate as a small aligned table."""
-    d, hookpoints = shape.d_model, shape.n_hookpoints
+    hookpoints = shape.n_hookpoints
     per = f" per hookpoint x {hookpoints}" if hookpoints > 1 else ""
+    widths = (f"d_model {shape.widths[0]}{per}" if len(set(shape.widths)) == 1
+              else "(" + " + ".join(str(w) for w in shape.widths) + ") values, one width per hookpoint")
     f, dp = job.deepspeed.feature_parallel, job.cluster.num_train_workers // job.deepspeed.feature_parallel
     grid = f"ZeRO {job.deepspeed.zero_stage}, {job.deepspeed.precision}, {dp} data-parallel" + (f" x {f} feature-parallel" if f > 1 else "")
     rows = [
         ("tokens", f"{shape.tokens:,} forwarded, {shape.rows:,} activation rows{per}"
                    + ("" if est.tokens else " (cached already)")),
-        ("activation cache", f"{_bytes(est.activation_bytes)} ({shape.rows:,} rows x d_model {d} x {job.cache.dtype}{per})"),
+        ("activation cache", f"{_bytes(est.activation_bytes)} ({shape.rows:,} rows x {widths} x {job.cache.dtype})"),
         ("SAE parameters", f"{est.sae_parameters:,} in {est.dictionaries} dictionar{'y' if est.dictionaries == 1 else 'ies'} (2 n d + n + d each)"),
         ("memory per worker", f"{_bytes(est.state_bytes_per_worker)} weights, gradients, Adam ({grid}) "
                               f"+ {_bytes(est.working_bytes_per_worker)} per step"),
@@ -251,9 +263,9 @@ def format_estimate(job: JobConfig, shape: JobShape, est: CostEstimate) -> str:
 _LAYER_INDEX = re.compile(r"\.(\d+)(?=[.:]|$)")
 
 
-def _model_parameters(job: JobConfig) -> tuple[int, int, int]:
-    """(all parameters, non-embedding parameters, decoder layers) from a skeleton built on the
-    meta device: no weights load."""
+def _model_parameters(job: JobConfig) -> tuple[int, int, int, int]:
+    """(all parameters, non-embedding parameters, decoder layers, residual width) from a
+    skeleton built on the meta device: no weights load."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -267,7 +279,7 @@ def _model_parameters(job: JobConfig) -> tuple[int, int, int]:
     embeddings = skeleton.get_input_embeddings().weight
     head = skeleton.get_output_embeddings()
     embedding = embeddings.numel() + (head.weight.numel() if head is not None and head.weight is not embeddings else 0)
-    return total, total - embedding, int(config.num_hidden_layers)
+    return total, total - embedding, int(config.num_hidden_layers), int(embeddings.shape[1])
 
 
 def _cache_complete(job: JobConfig, cache_uri: str) -> bool:
@@ -295,12 +307,12 @@ def describe_job(job: JobConfig) -> JobShape:
     shards = expected_shards(job, plans[0])
     names = sorted(shards)
     held_out = holdout_count(len(names), job.train.holdout_fraction)
-    total, non_embedding, n_layers = _model_parameters(job)
+    total, non_embedding, n_layers, d_model = _model_parameters(job)
     indices = [_LAYER_INDEX.search(p.hookpoint) for p in plans]
     layers_run = n_layers if any(i is None for i in indices) else max(int(i.group(1)) for i in indices) + 1
     return JobShape(
         tokens=int(plans[0].tokens.size), rows=sum(shards.values()), train_rows=sum(shards[n] for n in names[:-held_out]),
-        d_model=plans[0].meta.d_model, n_hookpoints=len(plans), layers_run=min(layers_run, n_layers), n_layers=n_layers,
+        d_model=d_model, n_hookpoints=len(plans), hookpoint_widths=tuple(p.meta.d_model for p in plans), layers_run=min(layers_run, n_layers), n_layers=n_layers,
         model_parameters=total, non_embedding_parameters=non_embedding,
         caches_complete=sum(_cache_complete(job, p.uri) for p in plans),
     )

@@ -77,6 +77,20 @@ def test_estimate_of_a_sweep_over_hookpoints_with_a_reused_cache():
     assert gpu.producer_seconds is None, "no GPU rate was measured: no producer ETA"
 
 
+def test_estimate_counts_each_hookpoint_at_its_own_width():
+    """The MLP neurons (down_proj's input, 1,536 wide in SmolLM2) next to the residual stream."""
+    job = compose_job(["sae.n_latents=8192", "train.epochs=1"])
+    both = jobs.estimate_cost(job, replace(SMOLLM2, n_hookpoints=2, hookpoint_widths=(576, 1536)))
+    residual, neurons = (jobs.estimate_cost(job, replace(SMOLLM2, d_model=w)) for w in (576, 1536))
+    assert both.activation_bytes == 130_558 * (576 + 1536) * 4
+    assert both.sae_parameters == residual.sae_parameters + neurons.sae_parameters
+    assert both.trainer_flops == residual.trainer_flops + neurons.trainer_flops
+    # trained one after the other: the wider dictionary is the peak
+    assert both.state_bytes_per_worker == neurons.state_bytes_per_worker
+    assert both.working_bytes_per_worker == neurons.working_bytes_per_worker
+    assert both.producer_flops == residual.producer_flops, "the forward pass runs at the residual width"
+
+
 @pytest.mark.parametrize(("workers", "feature_parallel", "stage"), [(8, 1, 1), (8, 2, 2), (8, 8, 1), (64, 8, 3), (2, 1, 0), (4, 4, 3)])
 def test_memory_per_worker_is_the_plan_scale_model(workers, feature_parallel, stage):
     n, d, k, rank_batch = 65536, 768, 64, 512
