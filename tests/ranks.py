@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from trainer.engine import free_port
 
-__all__ = ["free_port", "run_ranks"]
+__all__ = ["free_port", "run_grid", "run_ranks"]
 
 
 def run_ranks(worker: Callable, *args: object, nprocs: int, out_dir: Path, preload: list[str]) -> list:
@@ -23,3 +23,12 @@ def run_ranks(worker: Callable, *args: object, nprocs: int, out_dir: Path, prelo
     multiprocessing.set_forkserver_preload(preload)
     mp.start_processes(worker, args=(*args, str(out_dir)), nprocs=nprocs, start_method="forkserver")
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(nprocs)]
+
+
+def run_grid(worker: Callable, grid: tuple[int, int], *, out_dir: Path, preload: list[str]) -> tuple[tuple[int, int], list]:
+    """``(grid, per-rank results)`` of ``worker(rank, world_size, data_parallel, port, out_dir)``
+    on a ``(data_parallel, feature_parallel)`` grid of ranks."""
+    data_parallel, feature_parallel = grid
+    world_size = data_parallel * feature_parallel
+    results = run_ranks(worker, world_size, data_parallel, free_port(), nprocs=world_size, out_dir=out_dir, preload=preload)
+    return grid, results

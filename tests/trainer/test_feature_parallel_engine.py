@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from ranks import free_port, run_ranks
+from ranks import run_grid
 
 from trainer.config import DeepSpeedConfig, TrainConfig
 from trainer.engine import master_weights, shutdown_engine, wrap_in_deepspeed
@@ -142,12 +142,8 @@ def _worker(rank: int, world_size: int, data_parallel: int, port: int, out_dir: 
 @pytest.fixture(scope="module", params=sorted(GRIDS))
 def run(request, tmp_path_factory) -> tuple[tuple[int, int], list[dict[str, object]]]:
     """``((data_parallel, feature_parallel), per-rank results)`` of one spawned configuration."""
-    data_parallel, feature_parallel = GRIDS[request.param]
-    world_size = data_parallel * feature_parallel
-    out_dir = tmp_path_factory.mktemp(request.param)
-    results = run_ranks(_worker, world_size, data_parallel, free_port(), nprocs=world_size, out_dir=out_dir,
-                        preload=["torch", "torch._dynamo", "trainer.engine"])
-    return (data_parallel, feature_parallel), results
+    return run_grid(_worker, GRIDS[request.param], out_dir=tmp_path_factory.mktemp(request.param),
+                    preload=["torch", "torch._dynamo", "trainer.engine"])
 
 
 # --------------------------------------------------------------------------- the reference
