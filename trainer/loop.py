@@ -350,24 +350,6 @@ def _scaled(x: Tensor, engine: Any, scale: float) -> Tensor:
     return (x.to(device=engine.device, dtype=torch.float32) * scale).to(dtype)
 
 
-def train_step(
-    engine: Any, x: Tensor, *, scale: float, step: int, world_size: int, **forward_kwargs: Any
-) -> ForwardOutput:
-    """Forward on ``x * scale``, check the loss is finite on every rank, backward, optimizer step.
-    ``forward_kwargs`` (``dead_mask``, a scaled ``target``) go to the SAE's forward."""
-    out: ForwardOutput = engine(_scaled(x, engine, scale), **forward_kwargs)
-    _raise_unless_finite(out.loss, step=step, world_size=world_size)
-    engine.backward(out.loss)
-    engine.step()
-    return out
-
-
-def _raise_unless_finite(loss: Tensor, *, step: int, world_size: int) -> None:
-    n_bad_ranks = _count_bad_ranks(loss, world_size)
-    if n_bad_ranks:
-        raise NonFiniteLossError(step, loss.item(), n_bad_ranks, world_size)
-
-
 def _count_bad_ranks(loss: Tensor, world_size: int) -> int:
     """Ranks whose ``loss`` is not finite, agreed across all ``world_size`` ranks: a rank that
     stopped or skipped alone would leave the others blocked in backward's gradient all-reduce."""

@@ -304,13 +304,15 @@ def _local_batch(rank: int) -> torch.Tensor:
 
 
 def _train(engine, tracker, rank: int, steps: int) -> None:
-    from trainer.loop import train_step
     from trainer.metrics import output_fire_counts
 
+    dtype = next(engine.module.parameters()).dtype  # bf16 engines take bf16 inputs
     for _ in range(steps):
         x = _local_batch(rank)
         dead_mask = tracker.dead_mask(DEAD_AFTER_TOKENS)
-        out = train_step(engine, x, scale=1.0, step=engine.global_steps + 1, world_size=WORLD_SIZE, dead_mask=dead_mask)
+        out = engine(x.to(dtype), dead_mask=dead_mask)
+        engine.backward(out.loss)
+        engine.step()
         counts = output_fire_counts(out.latent_acts.detach(), out.latent_indices, tracker.n_latents)
         dist.all_reduce(counts)
         tracker.update_counts(counts, n_tokens=GLOBAL_BATCH)
