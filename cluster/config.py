@@ -237,8 +237,12 @@ def _check_group_options(overrides: list[str]) -> None:
     for override in overrides:
         group, _, option = override.lstrip("+~").partition("=")
         if (CONF_DIR / group).is_dir() and option not in ("", "null") and not (CONF_DIR / group / f"{option}.yaml").is_file():
-            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-            raise ValueError(f"{group}={option}: no such option (conf/{group}/{option}.yaml), expected one of {options}")
+            raise ValueError(_no_such_option(group, option))
+
+
+def _no_such_option(group: str, option: str) -> str:
+    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    return f"{group}={option}: no such option (conf/{group}/{option}.yaml), expected one of {options}"
 
 
 def _one_line(err: Exception) -> str:
@@ -250,9 +254,7 @@ def _one_line(err: Exception) -> str:
     cause = err.__cause__ or err.__context__
     missing_option = re.search(r"Could not find '([^']+)/([^']+)'", str(err))
     if missing_option:
-        group, option = missing_option.groups()
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        return f"{group}={option}: no such option (conf/{group}/{option}.yaml), expected one of {options}"
+        return _no_such_option(*missing_option.groups())
     full_key = getattr(cause, "full_key", None)
     if isinstance(cause, ConfigAttributeError | ConfigKeyError) and full_key:
         section = full_key.rsplit(".", 1)[0] if "." in full_key else ""
