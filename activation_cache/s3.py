@@ -36,7 +36,13 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from activation_cache.store import ObjectNotFound, StoreError, StoreFull, _check_key, join_uri
+from activation_cache.store_protocol import (
+    ObjectNotFound,
+    StoreError,
+    StoreFull,
+    check_key,
+    join_uri,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +138,7 @@ class S3Store:
     # -- keys and errors --------------------------------------------------------------------
 
     def _key(self, key: str) -> str:
-        key = _check_key(key)
+        key = check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _where(self, s3_key: str | None) -> str:
@@ -301,7 +307,7 @@ class S3Store:
 
     def child(self, prefix: str) -> S3Store:
         store = S3Store(
-            join_uri(self.uri, _check_key(prefix)),
+            join_uri(self.uri, check_key(prefix)),
             endpoint_url=self.endpoint_url,
             region=self.region,
             max_attempts=self.max_attempts,

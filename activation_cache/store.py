@@ -1,7 +1,8 @@
 """Object-store access behind one small protocol with ``str`` keys.
 
 Two implementations: a local directory (the embedded default, used by tests and the default
-run) and S3 (``activation_cache.s3``, the only module that imports boto3). URIs:
+run) and S3 (``activation_cache.s3``, the only module that imports boto3); the protocol, its
+errors and the key rules they share are ``activation_cache.store_protocol``'s. URIs:
 ``file:///abs/path``, plain paths (absolute or relative), and ``s3://bucket/prefix``.
 
 Keys are ``/``-separated paths relative to the store's root. Every ``put`` is atomic: a reader
@@ -17,8 +18,16 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 from urllib.parse import urlparse
+
+from activation_cache.store_protocol import (  # noqa: F401 - the store's public names, re-exported
+    ObjectNotFound,
+    ObjectStore,
+    StoreError,
+    StoreFull,
+    check_key,
+    join_uri,
+)
 
 
 def _current_umask() -> int:
@@ -28,61 +37,6 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
-
-
-class StoreError(RuntimeError):
-    """An object-store operation failed; the message names the key and never a credential."""
-
-
-class ObjectNotFound(StoreError, FileNotFoundError):
-    """The key does not exist in the store."""
-
-
-class StoreFull(StoreError):
-    """The store has no room for a write (a full disk or quota, a full bucket): retrying the same
-    write cannot help until space is freed."""
-
-
-@runtime_checkable
-class ObjectStore(Protocol):
-    """A flat key -> bytes store rooted at ``uri``."""
-
-    uri: str
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        """Write ``data`` under ``key`` atomically, replacing any previous object."""
-
-    def get_bytes(self, key: str) -> bytes:
-        """Read the whole object; raises ObjectNotFound if absent."""
-
-    def exists(self, key: str) -> bool:
-        """Whether ``key`` names an object."""
-
-    def list(self, prefix: str = "") -> list[str]:
-        """Keys under ``prefix`` (recursive), sorted."""
-
-    def delete(self, key: str) -> None:
-        """Remove ``key``; a missing key is not an error."""
-
-    def child(self, prefix: str) -> ObjectStore:
-        """A store rooted at ``<uri>/<prefix>``."""
-
-    def get_versioned(self, key: str) -> tuple[bytes, str]:
-        """The object and an opaque version tag; raises ObjectNotFound if absent."""
-
-    def put_if(self, key: str, data: bytes, *, version: str | None) -> str | None:
-        """Write ``data`` only if ``key`` is still at ``version`` (``None``: only if absent),
-        atomically against other writers; the new version, or None when the condition failed."""
-
-
-def join_uri(uri: str, *parts: str) -> str:
-    """``join_uri("s3://b/p", "x", "y") == "s3://b/p/x/y"``."""
-    out = uri.rstrip("/")
-    for part in parts:
-        part = part.strip("/")
-        if part:
-            out = f"{out}/{part}"
-    return out
 
 
 def _os_cause(err: OSError) -> str:
@@ -107,13 +61,6 @@ def _replace_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _check_key(key: str) -> str:
-    parts = key.strip("/").split("/")
-    if not key.strip("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"object key {key!r} must be a relative path without '.' or '..' parts")
-    return "/".join(parts)
-
-
 class LocalStore:
     """A directory on a local (or shared) file system."""
 
@@ -122,7 +69,7 @@ class LocalStore:
         self.uri = f"file://{self.root}"
 
     def _path(self, key: str) -> Path:
-        return self.root / _check_key(key)
+        return self.root / check_key(key)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         try:
@@ -155,7 +102,7 @@ class LocalStore:
         self._path(key).unlink(missing_ok=True)
 
     def child(self, prefix: str) -> LocalStore:
-        return LocalStore(self.root / _check_key(prefix))
+        return LocalStore(self.root / check_key(prefix))
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
         data = self.get_bytes(key)
