@@ -9,19 +9,9 @@ import sys
 from pathlib import Path
 
 from cluster.jobs import add_job_commands
+from cluster.logs import configure_logging
 
 log = logging.getLogger("saeforge")
-
-# botocore logs each request's headers at DEBUG, the Authorization header (and so the access key
-# id) among them: the HTTP libraries log at INFO at most, whatever the job's level.
-_WIRE_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
-
-
-def configure_logging(level: str) -> None:
-    """The logging set-up of the driver and of the trainer workers."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in _WIRE_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 
 def _skipped_lines(ev: dict) -> list[str]:

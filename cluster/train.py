@@ -30,6 +30,7 @@ from activation_cache.schema import CorruptShardError, sha256_hex
 from activation_cache.store import ObjectNotFound, ObjectStore, join_uri, open_store
 from cluster.config import JobConfig, to_dict
 from cluster.errors import TrainingStopped
+from cluster.logs import configure_logging
 from cluster.report import (
     FEATURES_FILE,
     REPORT_FILE,
@@ -296,8 +297,6 @@ def _start_dictionary(
 
 def _worker_loop(config: dict) -> None:
     job, plan = _job_from_dict(config["job"]), TrainPlan(**config["plan"])
-    from cluster.cli import configure_logging
-
     configure_logging(job.logging.level)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
