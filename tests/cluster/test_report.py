@@ -11,6 +11,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,28 +32,29 @@ from activation_cache.reader import read_shard
 from activation_cache.schema import DecodedShard, ShardMeta
 from activation_cache.store import LocalStore
 from activation_cache.text import pack_sequences
-from cluster.report import (
-    FEATURES_FILE,
-    REPORT_FILE,
-    TRAINING_CURVES_FILE,
-    FeatureSample,
-    ReportOptions,
-    build_report,
+from activation_cache.unembedding import load_unembedding, unembedding_of
+from cluster.report import ReportOptions, build_report, report_artifact_name, report_with_model
+from cluster.report_cards import FeatureSample
+from cluster.report_html import render_report
+from cluster.report_scan import (
     feature_cards,
-    load_unembedding,
     logit_tokens,
-    render_report,
-    report_artifact_name,
-    report_with_model,
     sample_features,
     scan_top_activations,
     sparsity_frequencies,
-    svg_line_chart,
     token_decoder,
-    unembedding_of,
 )
+from cluster.report_svg import svg_line_chart
 from trainer.architectures import ReLUSAE
-from trainer.dictionary import EVAL_FILE, SPARSITY_FILE, dictionary_files, load_dictionary
+from trainer.dictionary import dictionary_files, load_dictionary
+from trainer.layout import (
+    CONFIG_FILE,
+    EVAL_FILE,
+    FEATURES_FILE,
+    REPORT_FILE,
+    SPARSITY_FILE,
+    TRAINING_CURVES_FILE,
+)
 from trainer.loop import evaluate
 from trainer.metrics import DeadLatentTracker, firing_histogram
 from trainer.sae import TopKSAE
@@ -331,6 +333,33 @@ def test_the_same_inputs_give_the_same_report(tiny_dictionary):
     first, second = (build_report(tiny_dictionary.files, holdout=tiny_dictionary.holdout, decode=decode)
                      for _ in range(2))
     assert first == second
+
+
+_REDRAW_WITHOUT_TORCH = """
+import sys
+from pathlib import Path
+
+from cluster.report_html import render_report
+from trainer.layout import REPORT_FILE
+
+folder = Path(sys.argv[1])
+page = render_report({p.name: p.read_bytes() for p in folder.iterdir()})[REPORT_FILE]
+(folder / REPORT_FILE).write_bytes(page)
+heavy = sorted(m for m in ("torch", "numpy", "safetensors", "transformers") if m in sys.modules)
+assert not heavy, f"drawing the report imported {heavy}"
+"""
+
+
+def test_the_page_is_redrawn_from_the_files_alone_without_importing_torch(tiny_dictionary, tmp_path):
+    report = build_report(tiny_dictionary.files, holdout=tiny_dictionary.holdout,
+                          decode=_decoder(tiny_dictionary.model_dir), options=ReportOptions(n_features=4))
+    for name in (CONFIG_FILE, EVAL_FILE, TRAINING_CURVES_FILE):
+        (tmp_path / name).write_bytes(tiny_dictionary.files[name])
+    (tmp_path / FEATURES_FILE).write_bytes(report[FEATURES_FILE])
+    done = subprocess.run([sys.executable, "-c", _REDRAW_WITHOUT_TORCH, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / REPORT_FILE).read_bytes() == report[REPORT_FILE], "the same page as the one built with torch"
 
 
 def test_report_artifact_names_are_ones_wandb_accepts():
