@@ -31,6 +31,10 @@ WORKDIR /opt/saeforge
 # scripts/setup.sh keeps a torch it finds in the venv, so a GPU build goes in first.
 RUN python3 -m venv "$VENV" && if [ -n "$TORCH_SPEC" ]; then "$VENV/bin/pip" install --no-cache-dir $TORCH_SPEC; fi
 
+# pip extras the set-up installs (scripts/setup.sh): none, the runtime alone. A node runs jobs,
+# never the tests: the test extra would add pytest, SAELens, SeaweedFS and Debian's chromium.
+ARG SAEFORGE_EXTRAS=""
+
 # What the set-up installs from (editable: the three packages and conf/ stay here), then the code.
 COPY pyproject.toml constraints.txt README.md Makefile ./
 COPY scripts ./scripts
@@ -38,7 +42,8 @@ COPY trainer ./trainer
 COPY activation_cache ./activation_cache
 COPY cluster ./cluster
 COPY conf ./conf
-RUN bash scripts/setup.sh && rm -rf /root/.cache/pip
+# Set even when empty: scripts/setup.sh installs the test extra only where the variable is unset.
+RUN SAEFORGE_EXTRAS="${SAEFORGE_EXTRAS}" bash scripts/setup.sh && rm -rf /root/.cache/pip
 
 # 6379: the GCS (workers join here); 8265: dashboard and Jobs API (`saeforge submit --address`);
 # 10001: Ray Client (`cluster.address=ray://head:10001`).

