@@ -242,8 +242,9 @@ def store_evaluation(folder: ObjectStore, result: SplicedEval) -> dict:
     """Merge ``lm`` and ``unexplained`` into the folder's ``eval.json`` (the reconstruction
     figures stay), written atomically; ``checksums.json``, if the folder has one, is rewritten
     after it with the new file's checksum. Returns the merged evaluation."""
-    from cluster.report import FEATURES_FILE, REPORT_FILE, TRAINING_CURVES_FILE, render_report
+    from cluster.report_html import render_report
     from cluster.train import CHECKSUMS_FILE
+    from trainer.layout import FEATURES_FILE, REPORT_FILE, TRAINING_CURVES_FILE
 
     try:
         merged = json.loads(folder.get_bytes(EVAL_FILE))

@@ -31,13 +31,7 @@ from activation_cache.store import ObjectNotFound, ObjectStore, join_uri, open_s
 from cluster.config import JobConfig, to_dict
 from cluster.errors import TrainingStopped
 from cluster.logs import configure_logging
-from cluster.report import (
-    FEATURES_FILE,
-    REPORT_FILE,
-    TRAINING_CURVES_FILE,
-    report_artifact_name,
-    report_with_model,
-)
+from cluster.report import report_artifact_name, report_with_model
 from cluster.sweep import Variant, variants
 from trainer.architectures import build_sae
 from trainer.checkpoint import (
@@ -58,6 +52,7 @@ from trainer.config import SAEConfig
 from trainer.dictionary import dictionary_files
 from trainer.engine import distributed_backend, master_weights, shutdown_engine, wrap_in_deepspeed
 from trainer.feature_parallel import FeatureParallelTopKSAE, ParallelGrid, build_grid
+from trainer.layout import FEATURES_FILE, REPORT_FILE, TRAINING_CURVES_FILE
 from trainer.loggers import make_logger
 from trainer.loop import DictionaryTrainer, NonFiniteError, StepSchedule, evaluate
 from trainer.metrics import DeadLatentTracker, dense_fraction, firing_histogram
