@@ -18,7 +18,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from activation_cache.config import CacheConfig, DataConfig, ModelConfig
-from cluster.evaluation import EvalConfig
 from cluster.sweep import SweepConfig, variants
 from trainer.config import DeepSpeedConfig, SAEConfig, TrainConfig
 
@@ -138,6 +137,38 @@ class RunConfig:
                              "checkpoint must leave a good one)")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise ValueError(f"run.name={self.name!r}: expected a non-empty name without '/'")
+
+
+@dataclass
+class EvalConfig:
+    """The spliced evaluation run on every trained dictionary (and by ``saeforge eval``)."""
+
+    enabled: bool = True
+    """Run it after each training; off leaves ``eval.json`` with the reconstruction figures only."""
+    max_tokens: int = 4096
+    """Held-out tokens evaluated (whole sequences, at least one): three full model forwards each
+    (raise it, and ``num_cpus`` / ``num_gpus``, for tighter CE figures on a real cluster)."""
+    batch_size: int = 4
+    """Sequences per forward pass; each holds three (batch, context, vocab) fp32 logits at once."""
+    worst_contexts: int = 20
+    """Tokens of largest reconstruction error listed with their context."""
+    context_tokens: int = 16
+    """Tokens shown before a worst token (and a quarter as many after it)."""
+    histogram_bins: int = 40
+    """Bins of the error-norm histogram."""
+    num_cpus: float = 1.0
+    """CPUs Ray reserves for the evaluation task (its torch thread count follows)."""
+    num_gpus: float = 0.0
+    """GPUs Ray gives the evaluation task (the model runs on the first if any)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "batch_size", "histogram_bins", "context_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"eval.{name}={getattr(self, name)} must be positive")
+        if self.worst_contexts < 0:
+            raise ValueError(f"eval.worst_contexts={self.worst_contexts} must be >= 0")
+        if self.num_cpus <= 0 or self.num_gpus < 0:
+            raise ValueError(f"eval.num_cpus={self.num_cpus} must be positive and eval.num_gpus={self.num_gpus} >= 0")
 
 
 @dataclass
@@ -292,6 +323,19 @@ def _refuse_unknown_settings(node: object, prefix: str) -> None:
         value = getattr(node, name)
         if dataclasses.is_dataclass(value):
             _refuse_unknown_settings(value, f"{prefix}{name}.")
+
+
+def job_from_dict(raw: dict, *, where: str) -> JobConfig:
+    """The JobConfig of a plain dict ``to_dict`` made (a run's ``config.json``, a trainer worker's
+    config); a ValueError naming ``where`` for one this saeforge cannot read."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), raw))
+    except OmegaConfBaseException as err:
+        raise ValueError(f"{where}: not a job config this saeforge reads ({err})".splitlines()[0]) from None
+    assert isinstance(job, JobConfig)
+    return job
 
 
 def to_dict(job: JobConfig) -> dict:

@@ -6,7 +6,6 @@ checked before Ray starts or a model loads.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,17 +23,25 @@ from activation_cache.inspection import SHARDS_DIR
 from activation_cache.keys import cache_key
 from activation_cache.lease import LeaseClaim
 from activation_cache.manifest import MANIFEST_KEY, Manifest, load_manifest
+from activation_cache.plan import holdout_count
 from activation_cache.producing import split_units, unit_rows
 from activation_cache.schema import CorruptShardError, ShardMeta, sha256_hex
 from activation_cache.store import ObjectStore, join_uri, open_store
 from activation_cache.text import check_source, excluded_token_ids, pack_sequences
 from cluster.config import JobConfig, to_dict
 from cluster.errors import JobFailed
-from cluster.evaluation import RUN_CONFIG_FILE, evaluate_in_ray
+from cluster.evaluation import evaluate_in_ray
 from cluster.producer import ProductionReport, fill_cache, producer_factory
 from cluster.sweep import variants
-from cluster.train import ABORT_KEY, TrainPlan, dictionary_uri, holdout_count, train_dictionary
-from trainer.checkpoint import CHECKPOINTS_DIR, newest_complete_checkpoint
+from cluster.train import TrainPlan, dictionary_uri, train_dictionary
+from trainer.checkpoint import newest_complete_checkpoint
+from trainer.layout import (
+    CHECKPOINTS_DIR,
+    PRODUCERS_FAILED_FILE,
+    RUN_CONFIG_FILE,
+    checkpoint_root,
+    run_config_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +302,7 @@ def _train_plans(job: JobConfig, plans: list[CachePlan], root: ObjectStore, run_
         TrainPlan(
             cache_uri=p.uri, run_uri=join_uri(runs_root, run_name), run_name=run_name, hookpoint=p.hookpoint,
             label=f"{run_name}-{p.hookpoint}" if several else run_name,
-            checkpoint_uri=join_uri(runs_root, run_name, "hookpoints", p.hookpoint) if several else join_uri(runs_root, run_name),
+            checkpoint_uri=checkpoint_root(join_uri(runs_root, run_name), p.hookpoint, several_hookpoints=several),
             wandb_dir=str(Path(job.logging.dir).resolve() / run_name / (p.hookpoint if several else "")),
             expected_shards=expected,
         )
@@ -312,7 +319,7 @@ def _train_while_caching(
     find it and stop; the job then stops with the fill's error. A training that fails stops
     the fill at its next commit (what was committed stays: a rerun resumes)."""
     run = open_store(train_plans[0].run_uri, s3_options=job.cache.s3_options())
-    run.delete(ABORT_KEY)  # a reason left by an earlier attempt of this run
+    run.delete(PRODUCERS_FAILED_FILE)  # a reason left by an earlier attempt of this run
     training_failed = threading.Event()
     outcome: dict = {}
 
@@ -327,7 +334,7 @@ def _train_while_caching(
             outcome["error"] = err
             if not training_failed.is_set():
                 outcome["aborted"] = True
-                run.put_bytes(ABORT_KEY, f"filling the cache failed: {err}".encode())
+                run.put_bytes(PRODUCERS_FAILED_FILE, f"filling the cache failed: {err}".encode())
 
     filler = threading.Thread(target=fill, name="saeforge-fill", daemon=True)
     filler.start()
@@ -368,7 +375,7 @@ def run_job(job: JobConfig) -> JobResult:
     # The resolved config beside the run's outputs (``saeforge eval`` rebuilds the held-out text
     # from it); credentials are never part of it.
     run_store = open_store(train_plans[0].run_uri, s3_options=job.cache.s3_options())
-    run_store.put_bytes(RUN_CONFIG_FILE, json.dumps(to_dict(job), indent=1, sort_keys=True).encode())
+    run_store.put_bytes(RUN_CONFIG_FILE, run_config_json(to_dict(job)))
     _init_ray(job)
     if job.cluster.train_while_caching:
         report, evals = _train_while_caching(job, plans, train_plans)
@@ -376,7 +383,7 @@ def run_job(job: JobConfig) -> JobResult:
         report = build_caches(job, plans, job_name=run_name)
         evals = [train_dictionary(job, p) for p in train_plans]
     if job.eval.enabled:  # one Ray task loads the model once for every hookpoint and variant
-        uris = [dictionary_uri(job, t, v) for t in train_plans for v in variants(job.sae, job.train.lr, job.sweep)]
+        uris = [dictionary_uri(t, v) for t in train_plans for v in variants(job.sae, job.train.lr, job.sweep)]
         merged = iter(evaluate_in_ray(job, uris, tokens=plans[0].tokens,
                                       excluded_token_ids=plans[0].excluded_token_ids, eval_cfg=job.eval))
         evals = [{v.name: next(merged) for v in variants(job.sae, job.train.lr, job.sweep)} for _ in train_plans]
@@ -385,7 +392,7 @@ def run_job(job: JobConfig) -> JobResult:
             HookpointResult(
                 hookpoint=p.hookpoint, cache_uri=p.uri, cache_reused=report.reused[p.hookpoint],
                 tokens_cached=report.manifests[p.hookpoint].rows,
-                dictionary_uri=dictionary_uri(job, t, variant), eval=by_variant[variant.name], variant=variant.name,
+                dictionary_uri=dictionary_uri(t, variant), eval=by_variant[variant.name], variant=variant.name,
             )
             for p, t, by_variant in zip(plans, train_plans, evals, strict=True)
             for variant in variants(job.sae, job.train.lr, job.sweep)

@@ -265,9 +265,9 @@ def _cache_complete(job: JobConfig, cache_uri: str) -> bool:
 def describe_job(job: JobConfig) -> JobShape:
     """Plan the job's caches as the driver will (same tokens, same cache keys), without loading
     weights; raises what the driver would raise for bad text, model files or shard counts."""
+    from activation_cache.plan import holdout_count
     from activation_cache.store import open_store
     from cluster.driver import absolute_uri, check_shard_count, expected_shards, plan_caches
-    from cluster.train import holdout_count
 
     plans = plan_caches(job, open_store(absolute_uri(job.cache.uri), s3_options=job.cache.s3_options()))
     check_shard_count(job, plans[0])

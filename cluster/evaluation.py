@@ -14,18 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -37,62 +35,34 @@ from activation_cache.hooking import (
     resolve_model_source,
     spliced,
 )
+from activation_cache.plan import holdout_count
 from activation_cache.producing import split_units
-from activation_cache.schema import sha256_hex
 from activation_cache.store import ObjectNotFound, ObjectStore, open_store
 from activation_cache.text import excluded_token_ids, pack_sequences
-from trainer.dictionary import CONFIG_FILE, EVAL_FILE, WEIGHTS_FILE, load_dictionary
+from cluster.config import EvalConfig, JobConfig, job_from_dict
+from trainer.dictionary import load_dictionary
 from trainer.evaluation import (
     ReconstructionErrorStats,
     SplicedLossStats,
     scored_positions,
     spliced_positions,
 )
+from trainer.layout import (
+    CONFIG_FILE,
+    EVAL_FILE,
+    FEATURES_FILE,
+    REPORT_FILE,
+    RUN_CONFIG_FILE,
+    TRAINING_CURVES_FILE,
+    WEIGHTS_FILE,
+    merged_eval,
+    read_run_config,
+    rewrite_files,
+    split_dictionary_uri,
+)
 from trainer.loggers import MetricLogger, NullLogger, make_logger
 
-if TYPE_CHECKING:
-    from cluster.config import JobConfig
-
-# cluster.config and cluster.train are imported where used: cluster.config imports EvalConfig
-# from here for JobConfig.eval, and cluster.train imports cluster.config.
-
 log = logging.getLogger(__name__)
-
-RUN_CONFIG_FILE = "config.json"
-"""The run's resolved job config, ``<run>/config.json``, written by the driver at job start."""
-
-
-@dataclass
-class EvalConfig:
-    """The spliced evaluation run on every trained dictionary (and by ``saeforge eval``)."""
-
-    enabled: bool = True
-    """Run it after each training; off leaves ``eval.json`` with the reconstruction figures only."""
-    max_tokens: int = 4096
-    """Held-out tokens evaluated (whole sequences, at least one): three full model forwards each
-    (SmolLM2-135M on one CPU here: about 210 tokens/s, so 4,096 take 1 minute; raise it, and
-    ``num_cpus`` / ``num_gpus``, for tighter CE figures on a real cluster)."""
-    batch_size: int = 4
-    """Sequences per forward pass; each holds three (batch, context, vocab) fp32 logits at once."""
-    worst_contexts: int = 20
-    """Tokens of largest reconstruction error listed with their context."""
-    context_tokens: int = 16
-    """Tokens shown before a worst token (and a quarter as many after it)."""
-    histogram_bins: int = 40
-    """Bins of the error-norm histogram."""
-    num_cpus: float = 1.0
-    """CPUs Ray reserves for the evaluation task (its torch thread count follows)."""
-    num_gpus: float = 0.0
-    """GPUs Ray gives the evaluation task (the model runs on the first if any)."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_tokens", "batch_size", "histogram_bins", "context_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"eval.{name}={getattr(self, name)} must be positive")
-        if self.worst_contexts < 0:
-            raise ValueError(f"eval.worst_contexts={self.worst_contexts} must be >= 0")
-        if self.num_cpus <= 0 or self.num_gpus < 0:
-            raise ValueError(f"eval.num_cpus={self.num_cpus} must be positive and eval.num_gpus={self.num_gpus} >= 0")
 
 
 @dataclass(frozen=True)
@@ -125,10 +95,8 @@ def held_out_text(
     excluded: frozenset[int], source: str,
 ) -> EvalText:
     """The sequences of the held-out work units (the last ``ceil(holdout_fraction * n_units)``,
-    the shards ``cluster.train.split_holdout`` holds out), the first ``max_tokens // context``
+    the shards ``activation_cache.plan.split_holdout`` holds out), the first ``max_tokens // context``
     of them (at least one)."""
-    from cluster.train import holdout_count
-
     units = split_units(tokens, sequences_per_shard)
     held = units[-holdout_count(len(units), holdout_fraction):]
     rows = np.concatenate([u.tokens for u in held])
@@ -227,41 +195,18 @@ def _with_context(entry: dict, text: EvalText, tokenizer: Any, before: int) -> d
 # --------------------------------------------------------------------------- stored dictionaries
 
 
-def _json_safe(value: Any) -> Any:
-    # JSON has no NaN or infinity (CE recovered is NaN when ablating changes nothing).
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def store_evaluation(folder: ObjectStore, result: SplicedEval) -> dict:
     """Merge ``lm`` and ``unexplained`` into the folder's ``eval.json`` (the reconstruction
     figures stay), written atomically; ``checksums.json``, if the folder has one, is rewritten
     after it with the new file's checksum. Returns the merged evaluation."""
     from cluster.report_html import render_report
-    from cluster.train import CHECKSUMS_FILE
-    from trainer.layout import FEATURES_FILE, REPORT_FILE, TRAINING_CURVES_FILE
 
-    try:
-        merged = json.loads(folder.get_bytes(EVAL_FILE))
-    except ObjectNotFound:
-        merged = {}
-    merged.update(lm=result.lm, unexplained=result.unexplained)
-    data = json.dumps(_json_safe(merged), indent=2, sort_keys=True, allow_nan=False).encode()
-    folder.put_bytes(EVAL_FILE, data)
+    data = merged_eval(folder, {"lm": result.lm, "unexplained": result.unexplained})
     written = {EVAL_FILE: data}
     if folder.exists(FEATURES_FILE):  # the report, drawn again with the new sections
         have = {n: folder.get_bytes(n) for n in (CONFIG_FILE, TRAINING_CURVES_FILE, FEATURES_FILE) if folder.exists(n)}
         written[REPORT_FILE] = render_report({**have, EVAL_FILE: data})[REPORT_FILE]
-        folder.put_bytes(REPORT_FILE, written[REPORT_FILE])
-    if folder.exists(CHECKSUMS_FILE):
-        sums = json.loads(folder.get_bytes(CHECKSUMS_FILE))
-        sums.update({name: {"size_bytes": len(body), "sha256": sha256_hex(body)} for name, body in written.items()})
-        folder.put_bytes(CHECKSUMS_FILE, json.dumps(sums, indent=1).encode())
+    rewrite_files(folder, written)
     return json.loads(data)
 
 
@@ -352,35 +297,15 @@ def evaluate_in_ray(
 # --------------------------------------------------------------------------- saeforge eval
 
 
-def split_dictionary_uri(uri: str) -> tuple[str | None, str]:
-    """(run folder, sweep variant) of ``<run>/dictionary/<hookpoint>`` or
-    ``<run>/sweep/<variant>/dictionary/<hookpoint>``; (None, '') for any other place."""
-    parts = uri.rstrip("/").split("/")
-    if len(parts) < 3 or parts[-2] != "dictionary":
-        return None, ""
-    run, variant = parts[:-2], ""
-    if len(run) >= 3 and run[-2] == "sweep":
-        run, variant = run[:-2], run[-1]
-    return "/".join(run) or None, variant
-
-
 def _run_config(run_uri: str | None, s3_options: dict | None) -> tuple[JobConfig, dict] | None:
     """The job config and the raw ``eval`` section of ``<run>/config.json``; None if absent."""
-    from cluster.config import JobConfig
-
     if run_uri is None:
         return None
-    try:
-        raw = json.loads(open_store(run_uri, s3_options=s3_options).get_bytes(RUN_CONFIG_FILE))
-    except ObjectNotFound:
+    raw = read_run_config(open_store(run_uri, s3_options=s3_options))
+    if raw is None:
         return None
     eval_raw = raw.pop("eval", None) or {}
-    try:
-        job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), raw))
-    except OmegaConfBaseException as err:
-        raise ValueError(f"{run_uri}/{RUN_CONFIG_FILE}: not a job config this saeforge reads ({err})".splitlines()[0]) from None
-    assert isinstance(job, JobConfig)
-    return job, eval_raw
+    return job_from_dict(raw, where=f"{run_uri}/{RUN_CONFIG_FILE}"), eval_raw
 
 
 def _eval_config(raw: dict, max_tokens: int | None) -> EvalConfig:

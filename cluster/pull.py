@@ -9,19 +9,15 @@ cfg.json) before anything is moved into ``target``; on any failure ``target`` is
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
 from torch import nn
 
-from activation_cache.schema import sha256_hex
 from activation_cache.store import ObjectStore, open_store
-from cluster.train import CHECKSUMS_FILE
 from trainer.dictionary import load_dictionary
-
-DICTIONARY_MARKER = "cfg.json"
+from trainer.layout import CHECKSUMS_FILE, DICTIONARY_MARKER, verify_checksums
 
 
 def safe_relative_path(key: str, uri: str) -> PurePosixPath:
@@ -47,16 +43,14 @@ def _fetch_verified(store: ObjectStore, folder: PurePosixPath, keys: list[str]) 
     where = f"{store.uri}/{prefix}".rstrip("/")
     if f"{prefix}{CHECKSUMS_FILE}" not in keys:
         raise FileNotFoundError(f"{where}: no {CHECKSUMS_FILE} (a dictionary still being written, or not one)")
-    sums = json.loads(store.get_bytes(f"{prefix}{CHECKSUMS_FILE}"))
-    files = {}
-    for name, expected in sums.items():
+    checksums = store.get_bytes(f"{prefix}{CHECKSUMS_FILE}")
+
+    def read(name: str) -> bytes:
         safe_relative_path(name, where)
-        data = store.get_bytes(f"{prefix}{name}")
-        if len(data) != expected["size_bytes"] or sha256_hex(data) != expected["sha256"]:
-            raise ValueError(f"{where}/{name}: {len(data)} bytes with sha256 {sha256_hex(data)[:12]}…, "
-                             f"checksums.json says {expected['size_bytes']} bytes, {expected['sha256'][:12]}…")
-        files[name] = data
-    files[CHECKSUMS_FILE] = json.dumps(sums, indent=1).encode()
+        return store.get_bytes(f"{prefix}{name}")
+
+    files = verify_checksums(checksums, read, where=where)
+    files[CHECKSUMS_FILE] = checksums
     return files
 
 

@@ -10,25 +10,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.train
 import torch
-from omegaconf import OmegaConf
 from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from activation_cache.manifest import Manifest, ShardEntry, load_manifest
-from activation_cache.reader import ActivationReader, TailingAborted, read_shard
-from activation_cache.schema import CorruptShardError, sha256_hex
-from activation_cache.store import ObjectNotFound, ObjectStore, join_uri, open_store
-from cluster.config import JobConfig, to_dict
+from activation_cache.manifest import load_manifest
+from activation_cache.plan import (
+    DataPlan,
+    PlanSettings,
+    complete_plan,
+    tailing_plan,
+    wait_for_manifest,
+)
+from activation_cache.reader import read_shard
+from activation_cache.schema import CorruptShardError
+from activation_cache.store import ObjectNotFound, ObjectStore, open_store
+from cluster.config import JobConfig, job_from_dict, to_dict
 from cluster.errors import TrainingStopped
 from cluster.logs import configure_logging
 from cluster.report import report_artifact_name, report_with_model
@@ -52,7 +55,16 @@ from trainer.config import SAEConfig
 from trainer.dictionary import dictionary_files
 from trainer.engine import distributed_backend, master_weights, shutdown_engine, wrap_in_deepspeed
 from trainer.feature_parallel import FeatureParallelTopKSAE, ParallelGrid, build_grid
-from trainer.layout import FEATURES_FILE, REPORT_FILE, TRAINING_CURVES_FILE
+from trainer.layout import (
+    FEATURES_FILE,
+    PRODUCERS_FAILED_FILE,
+    REPORT_FILE,
+    TRAINING_CURVES_FILE,
+    TRAINING_FAILED_FILE,
+    read_eval,
+    write_dictionary,
+)
+from trainer.layout import dictionary_uri as layout_dictionary_uri
 from trainer.loggers import make_logger
 from trainer.loop import DictionaryTrainer, NonFiniteError, StepSchedule, evaluate
 from trainer.metrics import DeadLatentTracker, dense_fraction, firing_histogram
@@ -61,16 +73,10 @@ from trainer.schedules import k_at, lr_at, sparsity_coefficient_at
 log = logging.getLogger(__name__)
 
 
-CHECKSUMS_FILE = "checksums.json"
-"""The last file of a dictionary folder: every other file's size and sha256."""
-
-ABORT_KEY = "producers-failed.txt"
-FAILED_KEY = "training-failed.json"
-"""Beside the checkpoints: why a worker stopped for good (a restarted group stops at once)."""
-# A restarted group would meet these again at the same step.
 _PERMANENT_FAILURES = (CorruptShardError, NonFiniteError)
-"""Written into the run folder when the cache fill fails under a training that tails it; the
-workers' readers find it and stop with its text."""
+"""Failures a restarted worker group would meet again at the same step: recorded in
+``training-failed.json`` beside the checkpoints, where a restarted group finds them and stops at
+once."""
 
 
 @dataclass(frozen=True)
@@ -90,28 +96,6 @@ class TrainPlan:
     expected_shards: dict[str, int] | None = None
     """{shard name: rows} of the complete cache when training may start before the cache is
     complete (``cluster.train_while_caching``); None trains on a complete cache only."""
-
-
-def split_holdout(shards: list[ShardEntry], fraction: float) -> tuple[list[ShardEntry], list[ShardEntry]]:
-    """(training shards, held-out shards): the last ``ceil(fraction * n)`` shards by name
-    (at least one) are held out, the same split on every rank and every run of this cache."""
-    ordered = sorted(shards, key=lambda s: s.name)
-    n_holdout = holdout_count(len(ordered), fraction)
-    return ordered[:-n_holdout], ordered[-n_holdout:]
-
-
-def holdout_count(n_shards: int, fraction: float) -> int:
-    return max(1, math.ceil(fraction * n_shards))
-
-
-def input_scale(manifest: Manifest, normalize: bool) -> float:
-    """Factor that brings the cache's mean activation norm to sqrt(d_model)."""
-    return math.sqrt(manifest.d_model) / manifest.stats.mean_norm if normalize else 1.0
-
-
-def _steps(reader: ActivationReader, epochs: int, max_tokens: int | None, global_batch: int) -> int:
-    steps = sum(reader.batches_per_epoch(epoch) for epoch in range(epochs))
-    return steps if max_tokens is None else min(steps, max_tokens // global_batch)
 
 
 def _build_sae(sae_cfg: SAEConfig, seed: int, d_model: int) -> torch.nn.Module:
@@ -140,107 +124,39 @@ def _step_schedule(job: JobConfig, sae_cfg: SAEConfig, sae: torch.nn.Module) -> 
     return StepSchedule(sparsity_coefficient=sparsity, k=k)
 
 
-def _job_from_dict(raw: dict) -> JobConfig:
-    job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), raw))
-    assert isinstance(job, JobConfig)
-    return job
-
-
 def _abort_reason(run: ObjectStore) -> str | None:
+    """Why the cache fill under this training failed (the driver writes it into the run folder,
+    where the workers' tailing readers find it and stop with its text); None while it has not."""
     try:
-        return run.get_bytes(ABORT_KEY).decode()
+        return run.get_bytes(PRODUCERS_FAILED_FILE).decode()
     except ObjectNotFound:
         return None
 
 
-@dataclass
-class _Source:
-    """What a worker trains on: its reader, the step count, the input scale, b_dec's start, the
-    held-out shard names and the d_model."""
-
-    reader: ActivationReader
-    steps: int
-    scale: float
-    mean: np.ndarray
-    holdout: list[str]
-    d_model: int
-    rows_at_start: int
-    """Rows committed when training started (all of them unless the cache was still being written)."""
-
-
-def _complete_source(job: JobConfig, cache: ObjectStore, manifest: Manifest, rank: int, world_size: int) -> _Source:
-    train_shards, holdout_shards = split_holdout(manifest.shards, job.train.holdout_fraction)
-    reader = ActivationReader(
-        cache, train_shards, rank=rank, world_size=world_size,
-        batch_size=job.train.batch_size // world_size, seed=job.train.seed,
-        shuffle_buffer_rows=job.train.shuffle_buffer_rows, read_threads=job.train.read_threads,
-        prefetch_bytes=job.train.prefetch_mb << 20,
-    )
-    return _Source(
-        reader, _steps(reader, job.train.epochs, job.train.max_tokens, job.train.batch_size),
-        input_scale(manifest, job.sae.normalize_activations), manifest.stats.mean(),
-        [s.name for s in holdout_shards], manifest.d_model, manifest.rows,
+def plan_settings(job: JobConfig) -> PlanSettings:
+    """The settings a worker's data plan (``activation_cache.plan``) takes from the job."""
+    train = job.train
+    return PlanSettings(
+        batch_size=train.batch_size, epochs=train.epochs, max_tokens=train.max_tokens,
+        holdout_fraction=train.holdout_fraction, seed=train.seed, shuffle_buffer_rows=train.shuffle_buffer_rows,
+        read_threads=train.read_threads, prefetch_bytes=train.prefetch_mb << 20,
+        normalize=job.sae.normalize_activations, follow_timeout_s=train.follow_timeout_s,
+        normalization_rows=train.normalization_rows,
     )
 
 
-def _tailing_source(
-    job: JobConfig, plan: TrainPlan, cache: ObjectStore, rank: int, world_size: int, *, global_rank: int
-) -> _Source:
-    """A reader of a cache still being written. The shard names and row counts are known ahead
-    (``plan.expected_shards``), so the holdout split and the step count are fixed before any
-    shard exists: epoch 0 deals the training shards out round-robin in unit order (so every
-    rank's shards come in as production goes) and stops at the fewest batches any rank can
-    make; later epochs are planned over the complete cache. The normalisation statistics are
-    the manifest's once ``train.normalization_rows`` rows are committed, taken by rank 0 and
-    broadcast, so every rank starts from the same scale and b_dec. ``rank`` and ``world_size``
-    are the data-parallel ones (the reader's); ``global_rank`` is the one in the process group."""
-    assert plan.expected_shards is not None
-    names = sorted(plan.expected_shards)
-    n_holdout = holdout_count(len(names), job.train.holdout_fraction)
-    train_names, holdout = names[:-n_holdout], names[-n_holdout:]
-    position = {name: i for i, name in enumerate(train_names)}
-    run = open_store(plan.run_uri, s3_options=job.cache.s3_options())
-    local_batch = job.train.batch_size // world_size
-    reader = ActivationReader(
-        cache, rank=rank, world_size=world_size, batch_size=local_batch, seed=job.train.seed,
-        shuffle_buffer_rows=job.train.shuffle_buffer_rows, read_threads=job.train.read_threads,
-        prefetch_bytes=job.train.prefetch_mb << 20, follow=True, follow_timeout_s=job.train.follow_timeout_s,
-        shard_filter=lambda entry: entry.name in position,
-        shard_rank=lambda name: position[name] % world_size, abort=partial(_abort_reason, run),
-    )
-    rows = [plan.expected_shards[n] for n in train_names]
-    first_epoch = min(sum(rows[r::world_size]) for r in range(world_size)) // local_batch
-    later_epochs = (sum(rows) // world_size) // local_batch
-    steps = first_epoch + (job.train.epochs - 1) * later_epochs
-    if job.train.max_tokens is not None:
-        steps = min(steps, job.train.max_tokens // job.train.batch_size)
-    stats: list = [None]
-    if global_rank == 0:
-        needed = min(job.train.normalization_rows, sum(rows))
-        manifest = _wait_for_manifest(cache, lambda m: m.rows >= needed, f"{needed} rows (train.normalization_rows)",
-                                      job.train.follow_timeout_s, partial(_abort_reason, run))
-        stats = [(input_scale(manifest, job.sae.normalize_activations), manifest.stats.mean(), manifest.d_model,
-                  manifest.rows)]
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.broadcast_object_list(stats, src=0)
-    scale, mean, d_model, rows_at_start = stats[0]
-    return _Source(reader, steps, scale, mean, holdout, d_model, rows_at_start)
-
-
-def _wait_for_manifest(cache: ObjectStore, ready, what: str, timeout_s: float, abort) -> Manifest:
-    """The committed manifest once ``ready(manifest)`` holds (polling every second); ``what``
-    names the wait in the TimeoutError."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        reason = abort()
-        if reason:
-            raise TailingAborted(f"cache {cache.uri}: {reason}")
-        manifest = load_manifest(cache)
-        if manifest is not None and ready(manifest):
-            return manifest
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"cache {cache.uri}: still no {what} after {timeout_s:.0f} s (are the producers running?)")
-        time.sleep(1.0)
+def _data_plan(job: JobConfig, plan: TrainPlan, rank: int, world_size: int, *, global_rank: int) -> DataPlan:
+    """This worker's data plan: over the complete cache, or tailing it while it is written
+    (``plan.expected_shards``; also once complete, so a restarted run resumes a tailing reader)."""
+    cache = open_store(plan.cache_uri, s3_options=job.cache.s3_options())
+    if plan.expected_shards is not None:
+        run = open_store(plan.run_uri, s3_options=job.cache.s3_options())
+        return tailing_plan(cache, plan.expected_shards, plan_settings(job), rank=rank, world_size=world_size,
+                            global_rank=global_rank, abort=partial(_abort_reason, run))
+    manifest = load_manifest(cache)
+    if manifest is None or not manifest.complete:
+        raise RuntimeError(f"cache {plan.cache_uri} is not complete")
+    return complete_plan(cache, manifest, plan_settings(job), rank=rank, world_size=world_size)
 
 
 @dataclass
@@ -256,7 +172,7 @@ class _Dictionary:
 
 
 def _start_dictionary(
-    job: JobConfig, plan: TrainPlan, variant: Variant, source: _Source, rank: int, world_size: int,
+    job: JobConfig, plan: TrainPlan, variant: Variant, source: DataPlan, rank: int, world_size: int,
     grid: ParallelGrid | None,
 ) -> _Dictionary:
     if grid is not None:
@@ -287,11 +203,11 @@ def _start_dictionary(
         schedule=_step_schedule(job, variant.sae, sae), histogram_every=job.train.histogram_every_steps,
         nonfinite=job.train.nonfinite, max_skipped_steps=job.train.max_skipped_steps,
     )
-    return _Dictionary(variant, engine, trainer, logger, dictionary_uri(job, plan, variant))
+    return _Dictionary(variant, engine, trainer, logger, dictionary_uri(plan, variant))
 
 
 def _worker_loop(config: dict) -> None:
-    job, plan = _job_from_dict(config["job"]), TrainPlan(**config["plan"])
+    job, plan = job_from_dict(config["job"], where="trainer worker"), TrainPlan(**config["plan"])
     configure_logging(job.logging.level)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -307,14 +223,7 @@ def _worker_loop(config: dict) -> None:
     stopped = _permanent_failure(checkpoints)
     if stopped is not None:
         raise TrainingStopped(stopped["message"])
-    cache = open_store(plan.cache_uri, s3_options=job.cache.s3_options())
-    manifest = load_manifest(cache)
-    if plan.expected_shards is not None:  # also once complete: a restarted run resumes a tailing reader
-        source = _tailing_source(job, plan, cache, data_rank, data_parallel, global_rank=rank)
-    elif manifest is not None and manifest.complete:
-        source = _complete_source(job, cache, manifest, data_rank, data_parallel)
-    else:
-        raise RuntimeError(f"cache {plan.cache_uri} is not complete")
+    source = _data_plan(job, plan, data_rank, data_parallel, global_rank=rank)
     dictionaries = [
         _start_dictionary(job, plan, variant, source, rank, world_size, grid)
         for variant in variants(job.sae, job.train.lr, job.sweep)
@@ -327,7 +236,7 @@ def _worker_loop(config: dict) -> None:
 
 
 def _train_from(checkpoints: ObjectStore, job: JobConfig, plan: TrainPlan, dictionaries: list[_Dictionary],
-                source: _Source, rank: int, world_size: int) -> None:
+                source: DataPlan, rank: int, world_size: int) -> None:
     """Resume from the newest complete checkpoint (if any), train to the end, write the dictionaries."""
     done = _restore_checkpoint(checkpoints, dictionaries, source, rank, world_size)
     # One read of each batch feeds every dictionary of a sweep, in lockstep.
@@ -343,7 +252,7 @@ def _train_from(checkpoints: ObjectStore, job: JobConfig, plan: TrainPlan, dicti
         _finish_dictionary(job, plan, dictionary, source, rank, resumed_from=done)
 
 
-def _save_checkpoint(store: ObjectStore, step: int, dictionaries: list[_Dictionary], source: _Source, rank: int, *, keep: int) -> None:
+def _save_checkpoint(store: ObjectStore, step: int, dictionaries: list[_Dictionary], source: DataPlan, rank: int, *, keep: int) -> None:
     """Every rank writes its state (each dictionary's engine and loop, the reader's position, the
     input scale, which a tailing run took from the rows committed when it started);
     after all have, rank 0 writes the marker that makes the checkpoint complete, then drops
@@ -363,7 +272,7 @@ def _save_checkpoint(store: ObjectStore, step: int, dictionaries: list[_Dictiona
         log.info("checkpoint at step %d: %s", step, store.uri)
 
 
-def _restore_checkpoint(store: ObjectStore, dictionaries: list[_Dictionary], source: _Source, rank: int, world_size: int) -> int:
+def _restore_checkpoint(store: ObjectStore, dictionaries: list[_Dictionary], source: DataPlan, rank: int, world_size: int) -> int:
     """Load the newest complete checkpoint, if any, into every dictionary and the reader;
     return the steps it had taken (0 without one). Rank 0 picks the checkpoint (verifying every
     file) and broadcasts its step, so all ranks load the same one."""
@@ -399,7 +308,7 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
 
 
 def _finish_dictionary(
-    job: JobConfig, plan: TrainPlan, dictionary: _Dictionary, source: _Source, rank: int, *, resumed_from: int
+    job: JobConfig, plan: TrainPlan, dictionary: _Dictionary, source: DataPlan, rank: int, *, resumed_from: int
 ) -> None:
     # master_weights is a collective under ZeRO: every rank takes part. Buffers (BatchTopK's
     # threshold) are kept equal across ranks by the loop and come from the module.
@@ -427,7 +336,7 @@ def _finish(job, plan, sae, uri: str, holdout_names, scale, summary: dict, logge
     """Rank 0: evaluate on every held-out row and write the dictionary (training on a cache still
     being written may end before the held-out shards, produced last, are committed: wait)."""
     cache = open_store(plan.cache_uri, s3_options=job.cache.s3_options())
-    manifest = _wait_for_manifest(
+    manifest = wait_for_manifest(
         cache, lambda m: set(holdout_names) <= {s.name for s in m.shards}, "held-out shards",
         job.train.follow_timeout_s, partial(_abort_reason, open_store(plan.run_uri, s3_options=job.cache.s3_options())),
     )
@@ -457,29 +366,20 @@ def _finish(job, plan, sae, uri: str, holdout_names, scale, summary: dict, logge
         logger.log_artifact(artifact, {n: files[n] for n in (REPORT_FILE, FEATURES_FILE)})
 
 
-def write_dictionary(folder: ObjectStore, files: dict[str, bytes]) -> None:
-    """Write a dictionary's files, then ``checksums.json`` (each file's size and sha256), last:
-    ``saeforge pull`` takes a folder without it for one still being written."""
-    for name, data in files.items():
-        folder.put_bytes(name, data)
-    sums = {name: {"size_bytes": len(data), "sha256": sha256_hex(data)} for name, data in sorted(files.items())}
-    folder.put_bytes(CHECKSUMS_FILE, json.dumps(sums, indent=1).encode())
-
-
-def dictionary_uri(job: JobConfig, plan: TrainPlan, variant: Variant) -> str:
+def dictionary_uri(plan: TrainPlan, variant: Variant) -> str:
     """Where the dictionary of ``variant`` (of ``plan``'s hookpoint) is written."""
-    run_uri = join_uri(plan.run_uri, "sweep", variant.name) if variant.name else plan.run_uri
-    return join_uri(run_uri, "dictionary", plan.hookpoint)
+    return layout_dictionary_uri(plan.run_uri, plan.hookpoint, variant=variant.name)
 
 
 def _record_permanent_failure(store: ObjectStore, err: Exception) -> None:
-    """Leave the reason where a restarted worker group finds it before doing any work."""
-    store.put_bytes(FAILED_KEY, json.dumps({"error": type(err).__name__, "message": str(err)}).encode())
+    """Leave the reason (``training-failed.json`` in the checkpoints' root) where a restarted
+    worker group finds it before doing any work."""
+    store.put_bytes(TRAINING_FAILED_FILE, json.dumps({"error": type(err).__name__, "message": str(err)}).encode())
 
 
 def _permanent_failure(store: ObjectStore) -> dict | None:
     try:
-        return json.loads(store.get_bytes(FAILED_KEY))
+        return json.loads(store.get_bytes(TRAINING_FAILED_FILE))
     except ObjectNotFound:
         return None
 
@@ -520,7 +420,7 @@ def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
         ),
     )
     checkpoints = open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options())
-    checkpoints.delete(FAILED_KEY)  # the reason an earlier attempt of this run stopped
+    checkpoints.delete(TRAINING_FAILED_FILE)  # the reason an earlier attempt of this run stopped
     try:
         trainer.fit()
     except WorkerGroupError as err:
@@ -528,6 +428,5 @@ def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
         raise
     evals = {}
     for variant in variants(job.sae, job.train.lr, job.sweep):
-        folder = open_store(dictionary_uri(job, plan, variant), s3_options=job.cache.s3_options())
-        evals[variant.name] = json.loads(folder.get_bytes("eval.json"))
+        evals[variant.name] = read_eval(open_store(dictionary_uri(plan, variant), s3_options=job.cache.s3_options()))
     return evals

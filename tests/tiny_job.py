@@ -73,10 +73,10 @@ def check_tiny_dictionary(dictionary_uri: str, cache_uri: str, target, s3_option
     import torch
 
     from activation_cache.manifest import load_manifest
+    from activation_cache.plan import input_scale, split_holdout
     from activation_cache.reader import read_shard
     from activation_cache.store import open_store
     from cluster.cli import main as saeforge
-    from cluster.train import input_scale, split_holdout
     from trainer.dictionary import load_dictionary
 
     argv = ["pull", dictionary_uri, str(target)]

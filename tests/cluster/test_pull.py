@@ -11,8 +11,8 @@ import torch
 from activation_cache.store import open_store
 from cluster.cli import main as saeforge
 from cluster.pull import pull, safe_relative_path
-from cluster.train import write_dictionary
 from trainer.dictionary import dictionary_files
+from trainer.layout import write_dictionary
 from trainer.sae import TopKSAE
 
 FOLDERS = ("dictionary/model.layers.1", "dictionary/model.layers.2.mlp", "sweep/k4/dictionary/model.layers.1")

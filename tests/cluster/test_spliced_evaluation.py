@@ -23,11 +23,11 @@ from activation_cache.hooking import (
 from activation_cache.store import open_store
 from activation_cache.text import excluded_token_ids, pack_sequences
 from cluster.cli import main as saeforge
-from cluster.config import to_dict
-from cluster.evaluation import EvalConfig, evaluate_in_ray, held_out_text, split_dictionary_uri
+from cluster.config import EvalConfig, to_dict
+from cluster.evaluation import evaluate_in_ray, held_out_text
 from cluster.pull import pull
-from cluster.train import write_dictionary
 from trainer.dictionary import dictionary_files
+from trainer.layout import split_dictionary_uri, write_dictionary
 from trainer.sae import TopKSAE
 
 HOOKPOINT = "model.layers.1"

@@ -35,8 +35,8 @@ from activation_cache.store import StoreError, open_store
 from cluster.cli import main as saeforge
 from cluster.config import compose_job
 from cluster.driver import absolute_uri, plan_caches
-from cluster.train import write_dictionary
 from trainer.dictionary import dictionary_files
+from trainer.layout import write_dictionary
 from trainer.sae import TopKSAE
 
 

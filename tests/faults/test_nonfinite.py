@@ -43,13 +43,13 @@ from activation_cache.hooking import (  # noqa: E402
     resolve_model_source,
 )
 from activation_cache.manifest import ActivationStats, Manifest, commit_manifest, load_manifest  # noqa: E402
+from activation_cache.plan import input_scale, split_holdout  # noqa: E402
 from activation_cache.producing import produce_shard, split_units  # noqa: E402
 from activation_cache.reader import ActivationReader, read_shard  # noqa: E402
 from activation_cache.schema import ShardMeta  # noqa: E402
 from activation_cache.store import ObjectStore, open_store  # noqa: E402
 from cluster.cli import main as saeforge  # noqa: E402
 from cluster.config import compose_job  # noqa: E402
-from cluster.train import input_scale, split_holdout  # noqa: E402
 from trainer.architectures import build_sae  # noqa: E402
 from trainer.checkpoint import (  # noqa: E402
     NonFiniteStateError,

@@ -24,7 +24,6 @@ from tiny_job import check_tiny_cache, check_tiny_dictionary, tiny_overrides
 from activation_cache.store import open_store
 from cluster.cli import main as saeforge
 from cluster.pull import pull
-from cluster.train import write_dictionary
 from trainer.checkpoint import (
     RankFile,
     complete_marker,
@@ -34,6 +33,7 @@ from trainer.checkpoint import (
     rank_file_key,
 )
 from trainer.dictionary import dictionary_files, load_dictionary
+from trainer.layout import write_dictionary
 from trainer.sae import TopKSAE
 
 REPO = Path(__file__).resolve().parents[2]
