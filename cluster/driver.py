@@ -175,7 +175,9 @@ def _init_ray(job: JobConfig) -> None:
     if job.cluster.address:
         ray.init(address=job.cluster.address, log_to_driver=True)
     else:
-        ray.init(num_cpus=job.cluster.num_cpus, include_dashboard=False,
+        # "local" starts a cluster of our own: without an address Ray joins RAY_ADDRESS or the
+        # cluster last started on this machine (/tmp/ray/ray_current_cluster), even a dead one.
+        ray.init(address="local", num_cpus=job.cluster.num_cpus, include_dashboard=False,
                  object_store_memory=job.cluster.object_store_memory_bytes)
 
 

@@ -7,12 +7,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from tiny_job import CONTEXT, SEQUENCES, check_tiny_cache, check_tiny_dictionary
+from ray_head import ray_environment, started_ray_head
+from tiny_job import CONTEXT, SEQUENCES, check_tiny_cache, check_tiny_dictionary, tiny_overrides
 from tiny_job import tiny_job as _job
 
 from activation_cache.manifest import ActivationStats, commit_manifest, load_manifest
@@ -24,6 +28,8 @@ from cluster.errors import ProducerFailed
 from cluster.train import TrainPlan, train_dictionary
 
 pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_loop_on_local_directory(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir):
@@ -140,3 +146,31 @@ def test_a_failing_fill_stops_the_training_that_tails_it(ray_cluster, tmp_path, 
     with pytest.raises(ProducerFailed, match=r"no producer left to run \d+ work units"):
         run_job(job)
     assert time.monotonic() - started < 300, "stopped by the fill's failure, not by the reader's timeout"
+
+
+@pytest.mark.timeout(600)
+def test_the_default_job_starts_its_own_cluster_beside_another(tmp_path, tiny_model_dir, tiny_corpus_dir):
+    """With a head started by ``ray start --head`` (the cluster Ray would join by default, through
+    its ``ray_current_cluster`` marker), ``saeforge train`` without ``cluster.address`` still starts
+    a local cluster of its own and trains, rather than stopping with Ray's "When connecting to an
+    existing cluster, object_store_memory must not be provided"."""
+    overrides = tiny_overrides(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir,
+                               "cluster.object_store_memory_bytes=209715200", "cluster.num_cpus=2", "eval=off",
+                               "logging.wandb_mode=disabled", "train.epochs=1", "cluster.num_producers=1",
+                               "cluster.num_train_workers=1")
+    with started_ray_head() as head:
+        env = ray_environment({"RAY_TMPDIR": head.temp_root, "WANDB_MODE": "disabled"})
+        run = subprocess.run(
+            [sys.executable, "-c", "import sys; from cluster.cli import main; sys.exit(main(sys.argv[1:]))",
+             "train", *overrides],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=540,
+        )
+        # The head is the one a plain ray.init() would have joined; the job's cluster is a second
+        # session beside the head's.
+        assert (Path(head.temp_root) / "ray" / "ray_current_cluster").read_text().strip() == head.gcs_address
+        sessions = [p for p in (Path(head.temp_root) / "ray").glob("session_*") if p.name != "session_latest"]
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-4000:]
+    assert "Connecting to existing Ray cluster" not in output
+    assert len(sessions) == 2, sessions
+    assert (tmp_path / "store" / "runs" / "tiny" / "dictionary" / "model.layers.2" / "checksums.json").is_file()
