@@ -52,7 +52,7 @@ def ray_cluster(s3_server: S3Server) -> Iterator[str]:
     # real node; credentials are never passed through the job's config or runtime_env.
     saved = dict(os.environ)
     os.environ.update(s3_server.env())
-    context = ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
+    context = ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
                        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})
     yield context.address_info["session_dir"]
     ray.shutdown()

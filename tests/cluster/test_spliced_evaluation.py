@@ -225,7 +225,7 @@ def test_eval_without_a_run_config_or_text_says_what_to_give(model_dir, tmp_path
 @pytest.fixture
 def local_ray(monkeypatch):
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=1, object_store_memory=100 * 2**20, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, object_store_memory=100 * 2**20, include_dashboard=False)
     yield
     ray.shutdown()
 
