@@ -1,5 +1,5 @@
 # saeforge node image: the same image runs the Ray head and every worker; `saeforge submit` sends
-# jobs to it (README.md, "Running on a Ray cluster"). A job brings its own copy of the project
+# jobs to it (docs/cluster.md). A job brings its own copy of the project
 # (Ray's working_dir); the image supplies Python, torch, DeepSpeed, Ray and the packaged model and text.
 #   CPU (default):  docker build -t saeforge .
 #   CUDA:           docker build -t saeforge:cuda \

@@ -1,4 +1,5 @@
-"""The package boundaries of DESIGN.md: the math and the storage run without Ray."""
+"""The package boundaries of docs/architecture.md ("Packages and import rules"): the math and the storage run
+without Ray, each outside system has one home, and conf/ holds YAML only."""
 
 from __future__ import annotations
 
