@@ -15,14 +15,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from activation_cache.errors import CorruptShardError
+
 FORMAT_VERSION = "1"
 _ARROW_VALUE_TYPE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPRESSIONS = (None, "lz4", "zstd")
-
-
-class CorruptShardError(RuntimeError):
-    """A shard's bytes do not match the manifest, or cannot be decoded."""
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from activation_cache.schema import CorruptShardError
+    from activation_cache.errors import CorruptShardError
     from activation_cache.store import StoreError
     from cluster.errors import JobFailed
 
