@@ -47,12 +47,13 @@ def check_tiny_cache(cache_uri: str, s3_options: dict) -> None:
 
 
 def dictionary_weights(dictionary_uri: str) -> dict:
-    """The tensors of a written dictionary's ``sae_weights.safetensors``, by name."""
+    """The tensors of a written dictionary's weights file, by name."""
     from safetensors.torch import load
 
     from activation_cache.store import open_store
+    from trainer.layout import WEIGHTS_FILE
 
-    return load(open_store(dictionary_uri).get_bytes("sae_weights.safetensors"))
+    return load(open_store(dictionary_uri).get_bytes(WEIGHTS_FILE))
 
 
 def assert_same_weights(a: str, b: str) -> None:
@@ -77,6 +78,7 @@ def check_tiny_dictionary(dictionary_uri: str, cache_uri: str, target, s3_option
     from activation_cache.reader import read_shard
     from activation_cache.store import open_store
     from cluster.cli import main as saeforge
+    from trainer import layout
     from trainer.dictionary import load_dictionary
 
     argv = ["pull", dictionary_uri, str(target)]
@@ -84,16 +86,17 @@ def check_tiny_dictionary(dictionary_uri: str, cache_uri: str, target, s3_option
         argv += ["--endpoint-url", s3_options["endpoint_url"]]
     assert saeforge(argv) == 0
     files = {p.name: p.read_bytes() for p in target.iterdir()}
-    assert {"sae_weights.safetensors", "cfg.json", "sparsity.safetensors", "eval.json", "checksums.json",
-            "training_curves.json", "report.html"} <= set(files)
+    assert {layout.WEIGHTS_FILE, layout.CONFIG_FILE, layout.SPARSITY_FILE, layout.EVAL_FILE, layout.CHECKSUMS_FILE,
+            layout.TRAINING_CURVES_FILE, layout.REPORT_FILE} <= set(files)
     sae, cfg = load_dictionary(files)
     assert (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (32, 128, 8)
-    evaluation = json.loads(files["eval.json"])
+    evaluation = json.loads(files[layout.EVAL_FILE])
     assert {"fvu", "l0", "dead_fraction"} <= set(evaluation)
     lm = evaluation["lm"]  # spliced into the model on the held-out text
     assert lm["n_tokens"] > 0 and lm["kl_divergence"] >= 0 and lm["ablated_ce"] > 0
     assert evaluation["unexplained"]["worst_contexts"], "the contexts the SAE explains worst"
-    assert b'id="evaluation"' in files["report.html"] and b"spliced LM: ce_recovered" in files["report.html"]
+    report = files[layout.REPORT_FILE]
+    assert b'id="evaluation"' in report and b"spliced LM: ce_recovered" in report
     assert evaluation["fvu"] < 1.0 and evaluation["l0"] <= 8
     assert sum(evaluation["firing_histogram"]["latents"]) == 128
     assert 0 <= evaluation["dense_fraction"] <= 1
