@@ -54,7 +54,7 @@ from trainer.checkpoint import (
 from trainer.config import SAEConfig
 from trainer.dictionary import dictionary_files
 from trainer.engine import distributed_backend, master_weights, shutdown_engine, wrap_in_deepspeed
-from trainer.feature_parallel import FeatureParallelTopKSAE, ParallelGrid, build_grid
+from trainer.feature_parallel import ParallelGrid, build_grid, parallelize_features
 from trainer.layout import (
     FEATURES_FILE,
     PRODUCERS_FAILED_FILE,
@@ -99,10 +99,7 @@ class TrainPlan:
 
 
 def _build_sae(sae_cfg: SAEConfig, seed: int, d_model: int) -> torch.nn.Module:
-    return build_sae(
-        sae_cfg.architecture, d_in=d_model, n_latents=sae_cfg.n_latents, k=sae_cfg.k,
-        seed=seed, **sae_cfg.build_options(),
-    )
+    return build_sae(sae_cfg, d_in=d_model, seed=seed)
 
 
 def _lr_schedule(train_cfg, total_steps: int) -> dict:
@@ -175,11 +172,9 @@ def _start_dictionary(
     job: JobConfig, plan: TrainPlan, variant: Variant, source: DataPlan, rank: int, world_size: int,
     grid: ParallelGrid | None,
 ) -> _Dictionary:
-    if grid is not None:
-        sae = FeatureParallelTopKSAE(source.d_model, variant.sae.n_latents, variant.sae.k,
-                                     group=grid.feature_group, seed=job.train.seed)
-    else:
-        sae = _build_sae(variant.sae, job.train.seed, source.d_model)
+    sae = _build_sae(variant.sae, job.train.seed, source.d_model)
+    if grid is not None:  # each rank of a feature group keeps its slice of the latents
+        parallelize_features(sae, group=grid.feature_group)
     sae.init_b_dec(torch.tensor(source.mean, dtype=torch.float32)[None] * source.scale, method="mean")
     lr = variant.lr if variant.lr is not None else job.train.learning_rate(variant.sae.n_latents)
     engine = wrap_in_deepspeed(
@@ -313,10 +308,8 @@ def _finish_dictionary(
     # master_weights is a collective under ZeRO: every rank takes part. Buffers (BatchTopK's
     # threshold) are kept equal across ranks by the loop and come from the module.
     engine = dictionary.engine
-    if isinstance(engine.module, FeatureParallelTopKSAE):  # slices gathered to rank 0 of each feature group
-        state = engine.module.full_state_dict(master_weights(engine))
-    else:
-        state = {**engine.module.state_dict(), **master_weights(engine)}
+    # A feature-parallel model gathers its slices to rank 0 of each feature group.
+    state = engine.module.full_state_dict(master_weights(engine))
     if rank == 0:
         final = _build_sae(dictionary.variant.sae, job.train.seed, source.d_model)
         final.load_state_dict(state)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "relu_l1", "relu_l1_unitnorm")
-TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
-PENALISED = ("jumprelu", "relu_l1", "relu_l1_unitnorm")
+from trainer.registry import check_architecture
+
 NONFINITE_POLICIES = ("skip", "stop")
 
 
@@ -22,7 +21,10 @@ class SAEConfig:
     """One of ``topk`` (Gao et al. 2024, with AuxK), ``batchtopk`` (Bussmann et al. 2024; saved as
     a JumpReLU with the learned threshold), ``matryoshka_batchtopk`` (nested prefixes),
     ``jumprelu`` (Rajamanoharan et al. 2024, STE thresholds), ``relu_l1`` (Anthropic 2024: L1
-    weighted by decoder norms) or ``relu_l1_unitnorm`` (L1 with unit-norm decoder rows)."""
+    weighted by decoder norms) or ``relu_l1_unitnorm`` (L1 with unit-norm decoder rows); or the
+    ``"package.module:Class"`` path of a ``trainer.sae.SparseCoder`` subclass defined elsewhere
+    (``trainer.registry``), which each trainer worker imports. The class reads the settings below
+    that it needs (its ``config_options``)."""
     n_latents: int = 4608
     """Number of dictionary features (the SAE's width, ``d_sae`` in SAELens)."""
     k: int = 32
@@ -46,8 +48,7 @@ class SAEConfig:
     the factor is folded into the saved weights, so the dictionary works on raw activations."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"sae.architecture={self.architecture!r}: expected one of {list(ARCHITECTURES)}")
+        check_architecture(self.architecture)
         if self.n_latents <= 0:
             raise ValueError(f"sae.n_latents={self.n_latents} must be positive")
         if not 0 < self.k <= self.n_latents:
@@ -71,19 +72,6 @@ class SAEConfig:
             raise ValueError(
                 f"sae.matryoshka_prefixes={prefixes} must be increasing, positive and end at sae.n_latents={self.n_latents}"
             )
-
-    def build_options(self) -> dict:
-        """Constructor options for ``trainer.architectures.build_sae``."""
-        options: dict = {}
-        if self.architecture in TOPK_FAMILY:
-            options.update(auxk_coefficient=self.auxk_coefficient, k_aux=self.k_aux)
-        if self.architecture == "matryoshka_batchtopk" and self.matryoshka_prefixes:
-            options["prefix_sizes"] = list(self.matryoshka_prefixes)
-        if self.architecture in PENALISED and self.sparsity_coefficient is not None:
-            options["sparsity_coefficient"] = self.sparsity_coefficient
-        if self.architecture == "jumprelu":
-            options.update(sparsity_loss=self.jumprelu_sparsity_loss, bandwidth=self.jumprelu_bandwidth)
-        return options
 
 
 @dataclass

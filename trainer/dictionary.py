@@ -9,18 +9,21 @@ file of its training runner (``sae_lens/llm_sae_training_runner.py``:
 Each training architecture saves as the SAELens inference architecture that computes the same
 function on raw activations:
 
-| training (``build_sae`` name)               | SAELens ``architecture`` | weights                     |
+| training (``sae.architecture``)             | SAELens ``architecture`` | weights                     |
 | ------------------------------------------- | ------------------------ | --------------------------- |
 | ``topk``                                    | ``topk``                 | W_enc, b_enc, W_dec, b_dec  |
 | ``relu_l1``, ``relu_l1_unitnorm``           | ``standard``             | the same                    |
 | ``jumprelu``                                | ``jumprelu``             | + ``exp(log_threshold)``    |
 | ``batchtopk``, ``matryoshka_batchtopk``     | ``jumprelu``             | + the learned threshold     |
 
-A transcoder (``hookpoint_out`` given) saves ReLU as ``transcoder`` and JumpReLU-style as
-``jumprelu_transcoder`` (both with ``d_out`` and ``metadata.hook_name_out``); SAELens has no TopK
-transcoder, so a TopK one saves as ``topk`` with ``apply_b_dec_to_input=false``. The Anthropic
-ReLU variant differs from the plain one only in training (its L1 is weighted by decoder norms):
-at inference both are a plain ReLU, which is what ``standard`` runs.
+Any other architecture (``trainer.registry``) saves as the SAELens architecture its class names
+(``saelens_architecture``). A transcoder (``hookpoint_out`` given) saves ReLU as ``transcoder``
+and JumpReLU-style as ``jumprelu_transcoder`` (both with ``d_out`` and
+``metadata.hook_name_out``); SAELens has no TopK transcoder, so a TopK one saves as ``topk`` with
+``apply_b_dec_to_input=false``. The Anthropic ReLU variant differs from the plain one only in
+training (its L1 is weighted by decoder norms): at inference both are a plain ReLU, which is what
+``standard`` runs. ``load_dictionary`` rebuilds each SAELens architecture as the registered
+architecture that runs it (``INFERENCE_ARCHITECTURES``).
 """
 
 from __future__ import annotations
@@ -32,15 +35,16 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from torch import Tensor, nn
+from torch import Tensor
 
-from trainer.architectures import JumpReLUSAE, ReLUSAE, TopKAuxSAE
-from trainer.sae import TopKSAE
+from trainer.layout import CONFIG_FILE, EVAL_FILE, SPARSITY_FILE, WEIGHTS_FILE
+from trainer.registry import architecture_class
+from trainer.sae import SparseCoder
 
-WEIGHTS_FILE = "sae_weights.safetensors"
-CONFIG_FILE = "cfg.json"
-SPARSITY_FILE = "sparsity.safetensors"
-EVAL_FILE = "eval.json"
+__all__ = [
+    "CONFIG_FILE", "EVAL_FILE", "SPARSITY_FILE", "WEIGHTS_FILE",  # re-exported for older imports
+    "dictionary_files", "load_dictionary", "sae_config", "saelens_architecture",
+]
 
 # SAELens runs its pre-6.0 config migration on any cfg.json whose metadata.sae_lens_version is
 # missing or older than 6.0.0 (``handle_config_defaulting``); this file is written in the 6.x format.
@@ -60,12 +64,17 @@ _RESERVED_METADATA = {
     "training_architecture",
 }
 _TRANSCODER_ARCHITECTURES = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder", "topk": "topk"}
-_SUPPORTED_ARCHITECTURES = ("topk", "standard", "jumprelu", "transcoder", "jumprelu_transcoder")
+INFERENCE_ARCHITECTURES = {
+    "topk": "topk", "standard": "relu_l1", "transcoder": "relu_l1",
+    "jumprelu": "jumprelu", "jumprelu_transcoder": "jumprelu",
+}
+"""SAELens 6 architecture of a saved dictionary -> the registered architecture that computes it
+on raw activations (with a free decoder, so the folded rows are used as saved)."""
 _JUMPRELU_ARCHITECTURES = ("jumprelu", "jumprelu_transcoder")
 
 
 def dictionary_files(
-    sae: nn.Module,
+    sae: SparseCoder,
     *,
     hookpoint: str,
     model_name: str,
@@ -78,8 +87,8 @@ def dictionary_files(
 ) -> dict[str, bytes]:
     """The dictionary's files, keyed by file name, with the input ``scale`` folded into the weights.
 
-    ``sae`` (a ``TopKSAE`` or any module of ``trainer.architectures``) was trained on
-    ``x * scale``; the saved weights act on raw ``x``. A transcoder names its output hookpoint in
+    ``sae`` (any ``trainer.sae.SparseCoder``) was trained on ``x * scale``; the saved weights
+    act on raw ``x`` (``SparseCoder.folded_weights``). A transcoder names its output hookpoint in
     ``hookpoint_out`` and, if its target was scaled differently, gives ``target_scale``.
     ``sparsity`` is each latent's firing frequency (n_latents,), stored as SAELens does (log10);
     ``None`` omits ``sparsity.safetensors``. ``extra_metadata`` (JSON values: e.g.
@@ -90,15 +99,12 @@ def dictionary_files(
     if clash:
         raise ValueError(f"extra_metadata may not set {sorted(clash)}: they are written from the arguments")
     transcoder = hookpoint_out is not None
-    if transcoder and getattr(sae, "apply_b_dec_to_input", True):
+    if transcoder and sae.apply_b_dec_to_input:
         raise ValueError(
             f"hookpoint_out={hookpoint_out!r} makes this a transcoder, but the SAE subtracts b_dec "
             "from its input (apply_b_dec_to_input=True); build it with transcoder=True"
         )
-    if target_scale is None:
-        folded = sae.folded_weights(scale)
-    else:
-        folded = sae.folded_weights(scale, target_scale=target_scale)
+    folded = sae.folded_weights(scale, target_scale=target_scale)
     weights = {name: tensor.cpu() for name, tensor in folded.items()}
     metadata = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
@@ -106,7 +112,7 @@ def dictionary_files(
         "model_name": model_name,
         "hook_name": hookpoint,
         "hook_head_index": None,
-        "training_architecture": getattr(sae, "architecture", "topk"),
+        "training_architecture": sae.architecture,
         "saeforge_input_scale_folded": scale,
         **({"hook_name_out": hookpoint_out, "saeforge_target_scale_folded": target_scale or scale}
            if transcoder else {}),
@@ -127,13 +133,13 @@ def dictionary_files(
     return files
 
 
-def saelens_architecture(sae: nn.Module, *, transcoder: bool = False) -> str:
+def saelens_architecture(sae: SparseCoder, *, transcoder: bool = False) -> str:
     """The SAELens 6 inference architecture ``sae`` saves as (see the module docstring's table)."""
-    base = getattr(sae, "saelens_architecture", "topk")
+    base = sae.saelens_architecture
     return _TRANSCODER_ARCHITECTURES[base] if transcoder else base
 
 
-def sae_config(sae: nn.Module, metadata: dict[str, Any], *, transcoder: bool = False) -> dict[str, Any]:
+def sae_config(sae: SparseCoder, metadata: dict[str, Any], *, transcoder: bool = False) -> dict[str, Any]:
     """``cfg.json`` content: the fields of the matching SAELens 6 config's ``to_dict()``
     (``TopKSAEConfig``, ``StandardSAEConfig``, ``JumpReLUSAEConfig``, ``TranscoderConfig``,
     ``JumpReLUTranscoderConfig``)."""
@@ -144,7 +150,7 @@ def sae_config(sae: nn.Module, metadata: dict[str, Any], *, transcoder: bool = F
         "d_sae": sae.n_latents,
         "dtype": _DTYPE_NAMES[sae.W_enc.dtype],
         "device": "cpu",
-        "apply_b_dec_to_input": bool(getattr(sae, "apply_b_dec_to_input", True)),
+        "apply_b_dec_to_input": bool(sae.apply_b_dec_to_input),
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": metadata,
@@ -155,18 +161,17 @@ def sae_config(sae: nn.Module, metadata: dict[str, Any], *, transcoder: bool = F
         # (the folded decoder rows have norm 1 / scale).
         cfg["rescale_acts_by_decoder_norm"] = False
     if architecture in ("transcoder", "jumprelu_transcoder"):
-        cfg["d_out"] = sae.d_in
+        cfg["d_out"] = sae.d_out
     return cfg
 
 
-def load_dictionary(files: dict[str, bytes]) -> tuple[nn.Module, dict[str, Any]]:
+def load_dictionary(files: dict[str, bytes]) -> tuple[SparseCoder, dict[str, Any]]:
     """Rebuild the SAE (acting on raw activations) and its config from ``dictionary_files`` output.
 
-    ``topk`` gives a ``TopKSAE`` (a ``TopKAuxSAE`` if b_dec is not applied to the input),
-    ``standard`` / ``transcoder`` a ``ReLUSAE``, ``jumprelu`` / ``jumprelu_transcoder`` a
-    ``JumpReLUSAE`` (``log_threshold = log(threshold)``), all with a free decoder so the folded
-    rows are used as saved. Raises ValueError naming the first mismatch between ``cfg.json`` and
-    the weights.
+    ``topk`` gives a ``TopKSAE``, ``standard`` / ``transcoder`` a ``ReLUSAE``, ``jumprelu`` /
+    ``jumprelu_transcoder`` a ``JumpReLUSAE`` (``log_threshold = log(threshold)``), all with a free
+    decoder so the folded rows are used as saved (``INFERENCE_ARCHITECTURES``). Raises ValueError
+    naming the first mismatch between ``cfg.json`` and the weights.
     """
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if name not in files:
@@ -179,12 +184,12 @@ def load_dictionary(files: dict[str, bytes]) -> tuple[nn.Module, dict[str, Any]]
         raise ValueError(f"{WEIGHTS_FILE}: not a safetensors file ({err})") from None
     architecture = cfg["architecture"]
     _check_weights(
-        weights, d_in=cfg["d_in"], d_sae=cfg["d_sae"],
+        weights, d_in=cfg["d_in"], d_sae=cfg["d_sae"], d_out=cfg.get("d_out", cfg["d_in"]),
         with_threshold=architecture in _JUMPRELU_ARCHITECTURES,
     )
     dtype = _DTYPES_BY_NAME[cfg["dtype"].removeprefix("torch.")]
     state = {name: tensor.to(dtype) for name, tensor in weights.items()}
-    sae = _inference_module(cfg, dtype)
+    sae = architecture_class(INFERENCE_ARCHITECTURES[architecture]).for_inference(cfg, dtype)
     if "threshold" in state:
         # A zero threshold (an untrained BatchTopK estimate) becomes log 0 = -inf, whose exp is 0.
         # A negative one acts as 0 after SAELens's ReLU; clamping keeps the log defined.
@@ -193,27 +198,12 @@ def load_dictionary(files: dict[str, bytes]) -> tuple[nn.Module, dict[str, Any]]
     return sae, cfg
 
 
-def _inference_module(cfg: dict[str, Any], dtype: torch.dtype) -> nn.Module:
-    d_in, d_sae, apply_b_dec = cfg["d_in"], cfg["d_sae"], cfg.get("apply_b_dec_to_input", True)
-    architecture = cfg["architecture"]
-    if architecture == "topk":
-        if apply_b_dec:
-            return TopKSAE(d_in, d_sae, cfg["k"], dtype=dtype, unit_norm_decoder=False)
-        return TopKAuxSAE(
-            d_in, d_sae, cfg["k"], dtype=dtype, unit_norm_decoder=False, apply_b_dec_to_input=False
-        )
-    common = {"dtype": dtype, "unit_norm_decoder": False, "apply_b_dec_to_input": apply_b_dec}
-    if architecture in _JUMPRELU_ARCHITECTURES:
-        return JumpReLUSAE(d_in, d_sae, **common)
-    return ReLUSAE(d_in, d_sae, **common)
-
-
 def _check_config(cfg: dict[str, Any]) -> None:
     architecture = cfg.get("architecture")
-    if architecture not in _SUPPORTED_ARCHITECTURES:
+    if architecture not in INFERENCE_ARCHITECTURES:
         raise ValueError(
             f"cfg.json architecture={architecture!r} is not supported "
-            f"(expected one of {list(_SUPPORTED_ARCHITECTURES)})"
+            f"(expected one of {list(INFERENCE_ARCHITECTURES)})"
         )
     if cfg.get("normalize_activations", "none") != "none":
         raise ValueError(
@@ -225,19 +215,22 @@ def _check_config(cfg: dict[str, Any]) -> None:
     if cfg.get("dtype", "").removeprefix("torch.") not in _DTYPES_BY_NAME:
         raise ValueError(f"cfg.json dtype={cfg.get('dtype')!r}: expected one of {sorted(_DTYPES_BY_NAME)}")
     integer_keys = ("d_in", "d_sae", "k") if architecture == "topk" else ("d_in", "d_sae")
+    integer_keys += ("d_out",) if "d_out" in cfg else ()
     for key in integer_keys:
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise ValueError(f"cfg.json {key}={cfg.get(key)!r} must be a positive integer")
     if architecture == "topk" and cfg["k"] > cfg["d_sae"]:
         raise ValueError(f"cfg.json k={cfg['k']} exceeds d_sae={cfg['d_sae']}")
-    if cfg.get("d_out", cfg["d_in"]) != cfg["d_in"]:
-        raise ValueError(f"cfg.json d_out={cfg['d_out']} differs from d_in={cfg['d_in']}: not supported")
+    if cfg.get("apply_b_dec_to_input", True) and cfg.get("d_out", cfg["d_in"]) != cfg["d_in"]:
+        raise ValueError(
+            f"cfg.json d_out={cfg['d_out']} differs from d_in={cfg['d_in']} with apply_b_dec_to_input=true"
+        )
 
 
 def _check_weights(
-    weights: dict[str, Tensor], *, d_in: int, d_sae: int, with_threshold: bool = False
+    weights: dict[str, Tensor], *, d_in: int, d_sae: int, d_out: int, with_threshold: bool = False
 ) -> None:
-    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
     if with_threshold:
         expected["threshold"] = (d_sae,)
     if weights.keys() != expected.keys():
@@ -246,9 +239,9 @@ def _check_weights(
         )
     for name, shape in expected.items():
         if tuple(weights[name].shape) != shape:
+            widths = f"d_in={d_in}, d_sae={d_sae}" + (f", d_out={d_out}" if d_out != d_in else "")
             raise ValueError(
-                f"{WEIGHTS_FILE} {name} shape {tuple(weights[name].shape)} but cfg.json "
-                f"d_in={d_in}, d_sae={d_sae} expects {shape}"
+                f"{WEIGHTS_FILE} {name} shape {tuple(weights[name].shape)} but cfg.json {widths} expects {shape}"
             )
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from trainer.config import DeepSpeedConfig, TrainConfig
-from trainer.feature_parallel import FeatureParallelTopKSAE, ParallelGrid
+from trainer.feature_parallel import ParallelGrid, feature_shard
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,9 @@ def wrap_in_deepspeed(
     ``lr_multiplier(step)`` scales ``lr`` at each optimizer step (warmup and decay); the engine
     steps it, and it is saved with the engine's checkpoints.
 
-    Feature parallelism (``deepspeed_cfg.feature_parallel > 1``): ``model`` is this rank's
-    ``FeatureParallelTopKSAE`` on ``grid.feature_group`` (from ``build_grid``, which needs the
-    process group first); DeepSpeed's data parallelism and ZeRO partitioning then run over
+    Feature parallelism (``deepspeed_cfg.feature_parallel > 1``): ``model`` is this rank's slice,
+    split by ``trainer.feature_parallel.parallelize_features`` over ``grid.feature_group`` (from
+    ``build_grid``, which needs the process group first); DeepSpeed's data parallelism and ZeRO partitioning then run over
     ``grid.data_group`` only, and gradient clipping uses the norm of the whole dictionary.
     """
     if not lr > 0:
@@ -122,9 +122,8 @@ def wrap_in_deepspeed(
     owns_group = _ensure_process_group(world_size)
     mpu = None
     if grid is not None and grid.feature_parallel > 1:
-        assert isinstance(model, FeatureParallelTopKSAE)  # _check_grid
         mpu = _GridMPU(grid)
-        for param in model.sliced_parameters():
+        for param in model.sliced_parameters():  # type: ignore[operator]  # split: _check_grid
             # DeepSpeed's gradient-norm code (runtime/utils.py is_model_parallel_parameter) counts
             # marked parameters on every model-parallel rank and the others on its first only.
             param.model_parallel = True
@@ -151,7 +150,8 @@ def _check_grid(
     if grid is None:
         if feature_parallel > 1:
             raise ValueError(
-                f"deepspeed.feature_parallel={feature_parallel} needs grid= (build_grid) and a FeatureParallelTopKSAE"
+                f"deepspeed.feature_parallel={feature_parallel} needs grid= (build_grid) and a model split by "
+                "parallelize_features"
             )
         return
     if (grid.data_parallel, grid.feature_parallel) != (world_size // feature_parallel, feature_parallel):
@@ -161,12 +161,14 @@ def _check_grid(
         )
     if feature_parallel == 1:
         return
-    if not isinstance(model, FeatureParallelTopKSAE):
+    shard = feature_shard(model)
+    if shard is None:
         raise ValueError(
-            f"deepspeed.feature_parallel={feature_parallel} needs a FeatureParallelTopKSAE, got {type(model).__name__}"
+            f"deepspeed.feature_parallel={feature_parallel} needs a model split by parallelize_features, "
+            f"got an unsplit {type(model).__name__}"
         )
-    if model.group is not grid.feature_group:
-        raise ValueError("the FeatureParallelTopKSAE's group is not grid.feature_group: build it with group=grid.feature_group")
+    if shard.group is not grid.feature_group:
+        raise ValueError("the model's feature group is not grid.feature_group: split it with group=grid.feature_group")
 
 
 class _GridMPU:
@@ -239,7 +241,7 @@ def master_weights(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]
     and under ZeRO 3 it holds only empty placeholders outside the forward and backward passes.
     A collective over the data-parallel group under ZeRO 1-3 (the master copy is partitioned):
     every rank must call it. With feature parallelism each rank gets its own slice
-    (``FeatureParallelTopKSAE.full_state_dict`` assembles the dictionary from them).
+    (the model's ``full_state_dict`` assembles the dictionary from them).
     """
     unfused_masters = _unfused_master_copies(engine.optimizer)
     weights = {}

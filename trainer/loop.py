@@ -7,7 +7,6 @@ process group); with ``world_size=1`` none are issued.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,8 +27,6 @@ from trainer.metrics import (
 from trainer.sae import ForwardOutput
 
 log = logging.getLogger(__name__)
-
-
 
 class NonFiniteError(RuntimeError):
     """Training stopped on NaN or Inf; raised on every rank at once (the ranks agree first, so
@@ -188,7 +185,6 @@ class DictionaryTrainer:
         self.world_size, self.data_group = world_size, data_group
         self.schedule = schedule or StepSchedule()
         self.histogram_every = histogram_every
-        self.wants_dead_mask = "dead_mask" in inspect.signature(engine.module.forward).parameters
         self.steps_done = 0
         self.tokens = 0
         self.metrics: dict[str, float] = {}
@@ -214,8 +210,7 @@ class DictionaryTrainer:
             forward_kwargs["target"] = _scaled(target, engine, self.target_scale or self.scale)
         if self._skips_batch(step, inputs, forward_kwargs.get("target")):
             return
-        if self.wants_dead_mask:
-            forward_kwargs["dead_mask"] = self.dead_tracker.dead_mask(self.dead_after_tokens).to(engine.device)
+        forward_kwargs["dead_mask"] = self.dead_tracker.dead_mask(self.dead_after_tokens).to(engine.device)
         buffers = _buffer_snapshot(engine.module)  # BatchTopK's forward updates its threshold
         out: ForwardOutput = engine(inputs, **forward_kwargs)
         if self._skips_loss(step, out.loss):
@@ -316,7 +311,7 @@ def train(
     ``batch_size // world_size`` rows of raw activations): the steps hold collectives, so a rank
     that stops early leaves the others waiting. The SAE sees ``x * scale``. A batch may be an
     ``(x, target)`` pair (transcoders); the target is scaled by ``target_scale`` (default ``scale``).
-    Architectures whose forward takes ``dead_mask`` (AuxK) get the tracker's dead latents each step.
+    The forward pass gets the tracker's dead latents each step (``dead_mask``, for AuxK).
     ``options`` are ``DictionaryTrainer``'s.
     """
     trainer = DictionaryTrainer(engine, max_steps=max_steps, **options)
@@ -409,11 +404,7 @@ class _MetricWindow:
         self.start_s = time.perf_counter()
 
     def add(self, out: ForwardOutput, *, tokens: int) -> None:
-        l0 = (out.latent_acts > 0).sum(dim=-1).float().mean()
-        zero = out.loss.new_zeros(())
-        sparsity = getattr(out, "sparsity_loss", zero).detach()
-        aux = getattr(out, "aux_loss", zero).detach()
-        terms = torch.stack([out.loss.detach(), out.mse.detach(), out.fvu.detach(), l0, sparsity, aux])
+        terms = torch.stack([out.loss, out.mse, out.fvu, out.l0, out.sparsity_loss, out.aux_loss]).detach()
         self.sums += terms.float()
         self.steps += 1
         self.tokens += tokens

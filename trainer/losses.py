@@ -1,5 +1,6 @@
 """Loss terms shared by SAE architectures. Pure torch.
 
+``reconstruction_error`` is the one MSE / FVU of every forward pass (``trainer.sae``).
 ``auxk_loss`` is the auxiliary loss of Gao et al. 2024 ("Scaling and evaluating sparse
 autoencoders", section 2.4 and appendix A.2), as OpenAI's reference code computes it
 (``openai/sparse_autoencoder``: ``train.py`` main loss lambda, ``kernels.py normalized_mse``).
@@ -7,12 +8,37 @@ autoencoders", section 2.4 and appendix A.2), as OpenAI's reference code compute
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 AUXK_COEFFICIENT = 1 / 32
 """The paper's weight of the auxiliary loss (alpha = 1/32, section 2.4)."""
+
+
+class ReconstructionError(NamedTuple):
+    """How far a batch's reconstruction is from its target, in fp32 (sums over B * d_out elements)."""
+
+    mse: Tensor
+    """Scalar: mean squared error over all B * d_out elements."""
+    fvu: Tensor
+    """Scalar: fraction of variance unexplained, the squared error summed over the batch over the
+    target's total squared deviation from its own batch mean (1.0: no better than the mean)."""
+    squared_l2: Tensor
+    """Scalar: squared error summed over features, averaged over tokens (``mse * d_out``)."""
+
+
+def reconstruction_error(reconstruction: Tensor, target: Tensor) -> ReconstructionError:
+    """The reconstruction figures of one batch: (B, d_out) ``reconstruction`` against ``target``.
+
+    In fp32 even when the model runs in bf16: the sums run over B * d_out elements.
+    """
+    target = target.float()
+    squared = (reconstruction.float() - target).pow(2)
+    total_variance = (target - target.mean(dim=0)).pow(2).sum()
+    return ReconstructionError(squared.mean(), squared.sum() / total_variance, squared.sum(dim=-1).mean())
 
 
 def auxk_loss(

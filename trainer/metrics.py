@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from trainer.sae import ForwardOutput
-
 
 def latent_fire_counts(latent_indices: Tensor, latent_acts: Tensor, n_latents: int) -> Tensor:
     """(n_latents,) int64 on the indices' device: how many tokens each latent fired on (selected
@@ -32,11 +30,6 @@ class DeadLatentTracker:
         self.tokens_since_fired = torch.zeros(n_latents, dtype=torch.int64)
         self.fire_counts = torch.zeros(n_latents, dtype=torch.int64)
         self.n_tokens = 0
-
-    def update(self, latent_indices: Tensor, latent_acts: Tensor) -> None:
-        """Account for one local batch of TopK outputs, each (B, k)."""
-        counts = latent_fire_counts(latent_indices, latent_acts, self.n_latents)
-        self.update_counts(counts, n_tokens=latent_indices.shape[0])
 
     def update_counts(self, fire_counts: Tensor, *, n_tokens: int) -> None:
         """Account for ``n_tokens`` tokens on which latent i fired ``fire_counts[i]`` times."""
@@ -81,21 +74,6 @@ class DeadLatentTracker:
         self.tokens_since_fired = state["tokens_since_fired"].clone().to(torch.int64)
         self.fire_counts = state["fire_counts"].clone().to(torch.int64)
         self.n_tokens = int(state["n_tokens"])
-
-
-@torch.no_grad()
-def reconstruction_metrics(x: Tensor, out: ForwardOutput) -> dict[str, float]:
-    """Per-batch figures for a forward pass on ``x``: mse, fvu, l0 (firing latents per token), cosine."""
-    x = x.float()
-    reconstruction = out.reconstruction.float()
-    error = (reconstruction - x).pow(2)
-    total_variance = (x - x.mean(dim=0)).pow(2).sum()
-    return {
-        "mse": error.mean().item(),
-        "fvu": (error.sum() / total_variance).item(),
-        "l0": (out.latent_acts > 0).sum(dim=-1).float().mean().item(),
-        "cosine": torch.cosine_similarity(reconstruction, x, dim=-1).mean().item(),
-    }
 
 
 class PooledReconstructionStats:
