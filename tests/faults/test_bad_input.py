@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from ranks import free_port
 from tiny_job import CONTEXT, PER_SHARD, SEQUENCES
 
 from activation_cache.config import ModelConfig
@@ -240,12 +240,6 @@ def test_pull_and_eval_refuse_a_dictionary_whose_cfg_does_not_match(cfg_changes,
 
 # ------------------------------------------------------------------------- on a real S3 endpoint
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("name", ["missing_bucket", "unreachable_endpoint", "wrong_secret_key",
                                   "wrong_access_key_with_debug_logs"])
 def test_train_refuses_bad_s3_settings_before_anything_starts(name, s3_server, s3_bucket_uri, guard_model,
@@ -259,7 +253,7 @@ def test_train_refuses_bad_s3_settings_before_anything_starts(name, s3_server, s
         overrides = [f"cache.uri=s3://{missing}/prefix"]
         expected = (f"bucket {missing!r}", "does not exist")
     elif name == "unreachable_endpoint":
-        endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+        endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
         overrides.append(f"cache.s3_endpoint_url={endpoint}")
         expected = (endpoint, "Could not connect to the endpoint URL")
     elif name == "wrong_secret_key":
