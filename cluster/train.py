@@ -1,8 +1,10 @@
 """The trainer launch: Ray Train workers, each one DeepSpeed data-parallel rank.
 
-Workers read the cache themselves (shard-partitioned by rank), so no activation passes through
-the driver. Rank 0 evaluates on the held-out shards and writes the dictionary to the run's
-object-store folder; the driver reads the evaluation back from there.
+Workers read the cache themselves (shard-partitioned by rank, each with its data plan from
+``activation_cache.plan``), so no activation passes through the driver. Rank 0 evaluates on the
+held-out shards and writes the dictionary to the run's object-store folder (``cluster.finish``);
+the driver reads the evaluation back from there. A failure a restart would meet again is left in
+``training-failed.json``, where a restarted worker group finds it and stops at once.
 """
 
 from __future__ import annotations
@@ -21,20 +23,14 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from activation_cache.manifest import load_manifest
-from activation_cache.plan import (
-    DataPlan,
-    PlanSettings,
-    complete_plan,
-    tailing_plan,
-    wait_for_manifest,
-)
-from activation_cache.reader import read_shard
+from activation_cache.plan import DataPlan, PlanSettings, complete_plan, tailing_plan
 from activation_cache.schema import CorruptShardError
 from activation_cache.store import ObjectNotFound, ObjectStore, open_store
 from cluster.config import JobConfig, job_from_dict, to_dict
 from cluster.errors import TrainingStopped
+from cluster.finish import HeldOut, write_trained_dictionary
 from cluster.logs import configure_logging
-from cluster.report import report_artifact_name, report_with_model
+from cluster.report import report_artifact_name
 from cluster.sweep import Variant, variants
 from trainer.architectures import build_sae
 from trainer.checkpoint import (
@@ -52,22 +48,13 @@ from trainer.checkpoint import (
     superseded_checkpoint_keys,
 )
 from trainer.config import SAEConfig
-from trainer.dictionary import dictionary_files
 from trainer.engine import distributed_backend, master_weights, shutdown_engine, wrap_in_deepspeed
 from trainer.feature_parallel import ParallelGrid, build_grid, parallelize_features
-from trainer.layout import (
-    FEATURES_FILE,
-    PRODUCERS_FAILED_FILE,
-    REPORT_FILE,
-    TRAINING_CURVES_FILE,
-    TRAINING_FAILED_FILE,
-    read_eval,
-    write_dictionary,
-)
+from trainer.layout import PRODUCERS_FAILED_FILE, TRAINING_FAILED_FILE, read_eval
 from trainer.layout import dictionary_uri as layout_dictionary_uri
 from trainer.loggers import make_logger
-from trainer.loop import DictionaryTrainer, NonFiniteError, StepSchedule, evaluate
-from trainer.metrics import DeadLatentTracker, dense_fraction, firing_histogram
+from trainer.loop import DictionaryTrainer, NonFiniteError, StepSchedule
+from trainer.metrics import DeadLatentTracker
 from trainer.schedules import k_at, lr_at, sparsity_coefficient_at
 
 log = logging.getLogger(__name__)
@@ -317,46 +304,21 @@ def _finish_dictionary(
         summary_metrics = {"train_tokens": summary.tokens, "train_steps": summary.steps,
                            "cache_rows_at_train_start": source.rows_at_start, "resumed_from_step": resumed_from,
                            **{f"train_{k}": int(v) for k, v in summary.nonfinite.metrics().items()}}
-        _finish(job, plan, final, dictionary.uri, source.holdout, source.scale, summary_metrics, dictionary.logger,
-                curves=dictionary.trainer.history,
-                artifact=report_artifact_name(plan.run_name, dictionary.variant.name, plan.hookpoint))
+        write_trained_dictionary(
+            final, folder=open_store(dictionary.uri, s3_options=job.cache.s3_options()),
+            held_out=_held_out(job, plan, source), scale=source.scale, hookpoint=plan.hookpoint,
+            run_name=plan.run_name, summary=summary_metrics, curves=dictionary.trainer.history, model=job.model,
+            logger=dictionary.logger,
+            artifact=report_artifact_name(plan.run_name, dictionary.variant.name, plan.hookpoint),
+        )
     dictionary.logger.finish()
     shutdown_engine(engine)
 
 
-def _finish(job, plan, sae, uri: str, holdout_names, scale, summary: dict, logger, *, curves: list[dict],
-            artifact: str) -> None:
-    """Rank 0: evaluate on every held-out row and write the dictionary (training on a cache still
-    being written may end before the held-out shards, produced last, are committed: wait)."""
-    cache = open_store(plan.cache_uri, s3_options=job.cache.s3_options())
-    manifest = wait_for_manifest(
-        cache, lambda m: set(holdout_names) <= {s.name for s in m.shards}, "held-out shards",
-        job.train.follow_timeout_s, partial(_abort_reason, open_store(plan.run_uri, s3_options=job.cache.s3_options())),
-    )
-    entries = {s.name: s for s in manifest.shards}
-    holdout = (read_shard(cache, entries[name]).activations for name in holdout_names)
-    firing = DeadLatentTracker(sae.n_latents)  # held-out firing frequencies, for sparsity.safetensors
-    metrics = evaluate(sae, holdout, scale=scale, dead_tracker=firing)
-    metrics.update(summary)
-    frequencies = firing.frequencies()
-    metrics["dense_fraction"] = dense_fraction(frequencies)
-    logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=summary["train_steps"])
-    counts, edges = firing_histogram(frequencies, bins=torch.linspace(-10, 0, 41))
-    metrics["firing_histogram"] = {"log10_frequency_edges": edges.tolist(), "latents": counts.long().tolist()}
-    files = dictionary_files(
-        sae, hookpoint=plan.hookpoint, model_name=manifest.model, scale=scale,
-        extra_metadata={"cache_key": manifest.cache_key, "run_name": plan.run_name},
-        sparsity=frequencies, eval_metrics=metrics,
-    )
-    files[TRAINING_CURVES_FILE] = json.dumps(curves).encode()
-    try:  # the report never costs the trained dictionary
-        files.update(report_with_model(
-            files, holdout=(read_shard(cache, entries[name]) for name in holdout_names), model=job.model))
-    except Exception:
-        log.exception("dictionary %s: the report failed; written without it", uri)
-    write_dictionary(open_store(uri, s3_options=job.cache.s3_options()), files)
-    if REPORT_FILE in files:
-        logger.log_artifact(artifact, {n: files[n] for n in (REPORT_FILE, FEATURES_FILE)})
+def _held_out(job: JobConfig, plan: TrainPlan, source: DataPlan) -> HeldOut:
+    s3 = job.cache.s3_options()
+    return HeldOut(open_store(plan.cache_uri, s3_options=s3), source.holdout, job.train.follow_timeout_s,
+                   partial(_abort_reason, open_store(plan.run_uri, s3_options=s3)))
 
 
 def dictionary_uri(plan: TrainPlan, variant: Variant) -> str:
