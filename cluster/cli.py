@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cluster.jobs import add_job_commands
 from cluster.logs import configure_logging
+from trainer.layout import EVAL_FILE
 
 log = logging.getLogger("saeforge")
 
@@ -111,12 +112,12 @@ def _eval(args: argparse.Namespace) -> int:
     configure_logging("INFO")
     evaluation = evaluate_stored(args.uri, s3_options={"endpoint_url": args.endpoint_url}, text=args.text,
                                  model=args.model, max_tokens=args.max_tokens)
-    sys.stdout.write(format_table(evaluation) + f"\nwritten to       {args.uri}/eval.json\n")
+    sys.stdout.write(format_table(evaluation) + f"\nwritten to       {args.uri}/{EVAL_FILE}\n")
     return 0
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    command = sub.add_parser("eval", help="splice a dictionary into its model on held-out text; add the figures to its eval.json")
+    command = sub.add_parser("eval", help=f"splice a dictionary into its model on held-out text; add the figures to its {EVAL_FILE}")
     command.add_argument("uri", help="dictionary URI: s3://bucket/.../dictionary/<hookpoint> or a local path")
     command.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
     command.add_argument("--max-tokens", type=int, default=None, help="tokens evaluated (default: the run's eval.max_tokens)")

@@ -109,7 +109,7 @@ def load_sae(files: dict[str, bytes]) -> tuple[nn.Module, dict]:
     """The dictionary (acting on raw activations) in eval mode, and its cfg.json; transcoders are refused."""
     sae, cfg = load_dictionary(files)
     if "hook_name_out" in cfg.get("metadata", {}):
-        raise ValueError(f"cfg.json architecture={cfg['architecture']!r} is a transcoder: the spliced evaluation "
+        raise ValueError(f"{CONFIG_FILE} architecture={cfg['architecture']!r} is a transcoder: the spliced evaluation "
                          "replaces one hookpoint's activations with their own reconstruction")
     return sae.eval(), cfg
 
