@@ -138,7 +138,7 @@ def test_the_legacy_run_pulls_and_its_dictionary_loads(workspace, tmp_path):
     pulled = saeforge(workspace, "pull", str(workspace / LEGACY["run"]), str(target))
     assert pulled.returncode == 0, pulled.stderr
     assert "pulled topk dictionary d_in=32 d_sae=64" in pulled.stdout
-    [folder] = target.iterdir()
+    [folder] = (weights.parent for weights in target.rglob("sae_weights.safetensors"))
     legacy = _dictionary(workspace)
     assert {p.name for p in folder.iterdir()} == {p.name for p in legacy.iterdir()}
     for path in legacy.iterdir():
