@@ -135,11 +135,10 @@ def _decoder(model_dir: Path):
 def _dense_activations(sae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(rows, n_latents) activations the plain way: the whole encoder output at once."""
     with torch.no_grad():
-        encoded = sae.encode(x)
-    if isinstance(encoded, tuple):
-        acts, indices = encoded
-        return torch.zeros(len(x), sae.n_latents).scatter_(1, indices, acts)
-    return encoded
+        code = sae.encode(x)
+    if code.indices is None:
+        return code.acts
+    return torch.zeros(len(x), sae.n_latents).scatter_(1, code.indices, code.acts)
 
 
 def _relu_dictionary(files: dict[str, bytes]) -> dict[str, bytes]:
