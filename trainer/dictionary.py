@@ -160,8 +160,8 @@ def sae_config(sae: SparseCoder, metadata: dict[str, Any], *, transcoder: bool =
         # Our TopK selects on raw pre-activations; SAELens must not rescale them by decoder norms
         # (the folded decoder rows have norm 1 / scale).
         cfg["rescale_acts_by_decoder_norm"] = False
-    if architecture in ("transcoder", "jumprelu_transcoder"):
-        cfg["d_out"] = sae.d_out
+    if architecture in ("transcoder", "jumprelu_transcoder") or sae.d_out != sae.d_in:
+        cfg["d_out"] = sae.d_out  # a TopK transcoder to another width: beyond what SAELens's topk loads
     return cfg
 
 

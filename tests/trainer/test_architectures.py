@@ -1,5 +1,6 @@
-"""SAE architectures: shapes and sparsity, the JumpReLU STE, AuxK, the decoder constraint,
-BatchTopK's threshold, Matryoshka prefixes, and the dictionary files (fold and SAELens loading)."""
+"""SAE architectures: the registry and build_sae, shapes and sparsity, the JumpReLU STE, AuxK, the
+decoder constraint, BatchTopK's threshold, Matryoshka prefixes, and the dictionary files (fold and
+SAELens loading)."""
 
 from __future__ import annotations
 
@@ -10,24 +11,27 @@ import pytest
 import torch
 
 from trainer.architectures import (
-    ARCHITECTURES,
     BatchTopKSAE,
     JumpReLUFunction,
     JumpReLUSAE,
     MatryoshkaBatchTopKSAE,
     ReLUSAE,
     StepFunction,
-    TopKAuxSAE,
     UnitNormReLUSAE,
     build_sae,
-    project_decoder_grad_,
-    renormalize_decoder_,
 )
+from trainer.config import SAEConfig
 from trainer.dictionary import dictionary_files, load_dictionary
 from trainer.kernels import unit_norm_rows
 from trainer.losses import auxk_loss, decode_rows, decode_rows_dense
 from trainer.metrics import dense_fraction, firing_histogram, output_fire_counts
-from trainer.sae import TopKSAE
+from trainer.registry import (
+    ARCHITECTURES,
+    BUILTIN_ARCHITECTURES,
+    architecture_class,
+    check_architecture,
+)
+from trainer.sae import SparseCoder, TopKSAE
 
 D_IN, N_LATENTS, K = 12, 48, 4
 SCALE = 3.5
@@ -37,11 +41,20 @@ def _input(n: int = 40, seed: int = 100) -> torch.Tensor:
     return torch.randn(n, D_IN, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
 
 
-def _build(architecture: str, **options) -> torch.nn.Module:
-    return build_sae(architecture, d_in=D_IN, n_latents=N_LATENTS, k=K, seed=0, **options)
+def _build(architecture: str, *, transcoder: bool = False, **options) -> SparseCoder:
+    """``build_sae`` from the config, or the class itself where a test sets constructor options."""
+    if not options:
+        return build_sae(SAEConfig(architecture=architecture, n_latents=N_LATENTS, k=K), d_in=D_IN, seed=0,
+                         transcoder=transcoder)
+    cls = architecture_class(architecture)
+    if issubclass(cls, (TopKSAE, BatchTopKSAE)):
+        options["k"] = K
+    if transcoder:
+        options["apply_b_dec_to_input"] = False
+    return cls(D_IN, N_LATENTS, seed=0, **options)
 
 
-def _perturbed(architecture: str, **options) -> torch.nn.Module:
+def _perturbed(architecture: str, **options) -> SparseCoder:
     """A model whose weights are off their initial values, as after training."""
     sae = _build(architecture, **options)
     generator = torch.Generator().manual_seed(5)
@@ -52,8 +65,8 @@ def _perturbed(architecture: str, **options) -> torch.nn.Module:
             else:
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
         sae.W_dec.mul_(1.5)  # raw rows off unit norm
-    if isinstance(sae, BatchTopKSAE):
-        sae(_input(64, seed=6))  # one training-mode pass estimates the threshold
+    if isinstance(sae, BatchTopKSAE):  # one training-mode pass estimates the threshold
+        sae(_input(64, seed=6), target=torch.zeros(64, sae.d_out))
     return sae
 
 
@@ -82,7 +95,7 @@ def test_forward_shapes_finite_loss_and_gradients_for_every_parameter(architectu
 
 def test_topk_builds_a_topk_sae_with_exactly_k_active_latents() -> None:
     sae = _build("topk")
-    assert isinstance(sae, TopKSAE) and isinstance(sae, TopKAuxSAE)
+    assert isinstance(sae, TopKSAE)
     out = sae(_input())
     assert ((out.latent_acts > 0).sum(dim=1) == K).all()
     torch.testing.assert_close(out.loss, out.mse)
@@ -138,7 +151,7 @@ def test_recipes_set_bias_subtraction_decoder_constraint_and_init_norm() -> None
         assert _build(architecture).apply_b_dec_to_input
         assert not _build(architecture, transcoder=True).apply_b_dec_to_input
     assert not build_sae(
-        "relu_l1_unitnorm", d_in=4, n_latents=8, seed=0, transcoder=True
+        SAEConfig(architecture="relu_l1_unitnorm", n_latents=8, k=2), d_in=4, seed=0, transcoder=True
     ).apply_b_dec_to_input
 
 
@@ -159,7 +172,7 @@ def test_parameters_have_saelens_names_and_a_tied_seeded_init(architecture: str)
     torch.testing.assert_close(unit_norm_rows(sae.W_enc.T), unit_norm_rows(sae.W_dec))
     assert (sae.b_enc == 0).all() and (sae.b_dec == 0).all()
     torch.testing.assert_close(_build(architecture).W_dec, sae.W_dec)
-    other = build_sae(architecture, d_in=D_IN, n_latents=N_LATENTS, k=K, seed=1)
+    other = build_sae(SAEConfig(architecture=architecture, n_latents=N_LATENTS, k=K), d_in=D_IN, seed=1)
     assert not torch.equal(other.W_dec, sae.W_dec)
 
 
@@ -174,21 +187,68 @@ def test_init_b_dec_sets_the_geometric_median_or_the_mean(architecture: str) -> 
     assert (sae.b_dec - 4.0).abs().max() < 0.5
 
 
-def test_registry_rejects_unknown_names_and_missing_k() -> None:
+def test_registry_rejects_unknown_names_and_bad_paths() -> None:
     with pytest.raises(
         ValueError,
         match=r"architecture='gated': expected one of \['topk', 'batchtopk', "
         r"'matryoshka_batchtopk', 'jumprelu', 'relu_l1', 'relu_l1_unitnorm'\]",
     ):
-        build_sae("gated", d_in=4, n_latents=8, seed=0)
-    with pytest.raises(ValueError, match="architecture='batchtopk' needs k"):
-        build_sae("batchtopk", d_in=4, n_latents=8, seed=0)
+        SAEConfig(architecture="gated")
+    with pytest.raises(ValueError, match="architecture='no.such.module:Coder': cannot import 'no.such.module'"):
+        architecture_class("no.such.module:Coder")
+    with pytest.raises(ValueError, match="'trainer.sae' has no 'Nothing'"):
+        architecture_class("trainer.sae:Nothing")
+    with pytest.raises(ValueError, match="trainer.sae:geometric_median is not a trainer.sae.SparseCoder subclass"):
+        architecture_class("trainer.sae:geometric_median")
+    with pytest.raises(TypeError):
+        BatchTopKSAE(4, 8, seed=0)  # k is required
     with pytest.raises(ValueError, match=r"prefix_sizes=\[4, 6\] must end at n_latents=8"):
-        build_sae("matryoshka_batchtopk", d_in=4, n_latents=8, k=2, seed=0, prefix_sizes=[4, 6])
+        MatryoshkaBatchTopKSAE(4, 8, 2, seed=0, prefix_sizes=[4, 6])
     with pytest.raises(
         ValueError, match=r"prefix_sizes=\[4, 4, 8\] must be positive and strictly increasing"
     ):
-        build_sae("matryoshka_batchtopk", d_in=4, n_latents=8, k=2, seed=0, prefix_sizes=[4, 4, 8])
+        MatryoshkaBatchTopKSAE(4, 8, 2, seed=0, prefix_sizes=[4, 4, 8])
+
+
+def test_every_built_in_name_resolves_to_its_class_and_a_path_to_any_subclass() -> None:
+    assert ARCHITECTURES == tuple(BUILTIN_ARCHITECTURES)
+    for name in ARCHITECTURES:
+        cls = architecture_class(name)
+        assert issubclass(cls, SparseCoder) and cls.architecture == name
+        check_architecture(name)
+    assert architecture_class("trainer.architectures:JumpReLUSAE") is JumpReLUSAE
+    check_architecture("my_plugins.coders:TiedCoder")  # validated without importing it
+
+
+def test_build_sae_passes_each_architecture_the_settings_it_reads() -> None:
+    cfg = SAEConfig(architecture="matryoshka_batchtopk", n_latents=16, k=3, k_aux=5, auxk_coefficient=0.5,
+                    matryoshka_prefixes=[4, 16])
+    sae = build_sae(cfg, d_in=6, seed=0, dtype=torch.bfloat16)
+    assert (sae.k, sae.k_aux, sae.auxk_coefficient, sae.prefix_sizes) == (3, 5, 0.5, [4, 16])
+    assert sae.W_enc.dtype == torch.bfloat16
+    jump = build_sae(SAEConfig(architecture="jumprelu", n_latents=16, k=3, sparsity_coefficient=0.25,
+                               jumprelu_sparsity_loss="tanh", jumprelu_bandwidth=0.5), d_in=6, seed=0)
+    assert (jump.sparsity_coefficient, jump.sparsity_loss_mode, jump.bandwidth) == (0.25, "tanh", 0.5)
+    relu = build_sae(SAEConfig(architecture="relu_l1", n_latents=16, k=3), d_in=6, seed=0)
+    assert relu.sparsity_coefficient == 5.0  # None in the config: the architecture's default
+
+
+def test_a_transcoder_maps_d_in_to_a_different_d_out() -> None:
+    for architecture in ARCHITECTURES:
+        sae = build_sae(SAEConfig(architecture=architecture, n_latents=N_LATENTS, k=K), d_in=D_IN, d_out=5,
+                        seed=0, transcoder=True)
+        shapes = {name: tuple(p.shape) for name, p in sae.named_parameters() if name != "log_threshold"}
+        assert shapes == {"W_enc": (D_IN, N_LATENTS), "b_enc": (N_LATENTS,), "W_dec": (N_LATENTS, 5), "b_dec": (5,)}
+        target = torch.randn(40, 5)
+        out = sae(_input(), target=target, dead_mask=torch.ones(N_LATENTS, dtype=torch.bool))
+        assert out.reconstruction.shape == (40, 5)
+        torch.testing.assert_close(out.mse, (out.reconstruction - target).pow(2).mean())
+        out.loss.backward()
+        loaded, cfg = load_dictionary(_files(_perturbed(architecture, transcoder=True, d_out=5), hookpoint_out="out",
+                                             target_scale=0.5))
+        assert loaded.d_out == 5
+    with pytest.raises(ValueError, match="d_out=5 differs from d_in=12: a transcoder cannot subtract b_dec"):
+        build_sae(SAEConfig(), d_in=D_IN, d_out=5, seed=0)
 
 
 # --------------------------------------------------------------------------- JumpReLU STE
@@ -306,7 +366,7 @@ def test_auxk_default_k_aux_is_half_the_width_and_coefficient_one_thirty_second(
 
 
 def test_auxk_reconstructs_the_residual_without_adding_b_dec() -> None:
-    sae = TopKAuxSAE(D_IN, N_LATENTS, K, seed=0)
+    sae = TopKSAE(D_IN, N_LATENTS, K, seed=0)
     with torch.no_grad():
         sae.b_dec.fill_(10.0)  # a decoder bias that would dominate if it were added again
     x = _input() + 10.0
@@ -379,31 +439,21 @@ def test_sparse_decode_agrees_with_its_dense_twin() -> None:
 
 
 def test_projected_gradient_equals_the_forward_normalisation_gradient_at_unit_norm() -> None:
+    """The classic explicit recipe (OpenAI ``unit_norm_decoder_grad_adjustment_``: remove each
+    row's component along itself from a free decoder's gradient) gives the gradient that
+    normalising in ``forward`` gives at unit norm."""
     x = _input()
     normalised = _build("relu_l1_unitnorm")
     free = _build("relu_l1_unitnorm", unit_norm_decoder=False)
     free.load_state_dict(normalised.state_dict())
     normalised(x).loss.backward()
     free(x).loss.backward()
-    project_decoder_grad_(free.W_dec)
-    torch.testing.assert_close(free.W_dec.grad, normalised.W_dec.grad)
-    radial = (free.W_dec.grad * free.W_dec).sum(dim=1)
-    scale = free.W_dec.grad.abs().max()
+    unit = unit_norm_rows(free.W_dec.detach())
+    projected = free.W_dec.grad - (free.W_dec.grad * unit).sum(dim=1, keepdim=True) * unit
+    torch.testing.assert_close(projected, normalised.W_dec.grad)
+    radial = (projected * free.W_dec).sum(dim=1)
+    scale = projected.abs().max()
     torch.testing.assert_close(radial / scale, torch.zeros(N_LATENTS), atol=1e-6, rtol=0)
-
-
-def test_explicit_recipe_keeps_a_free_decoder_at_unit_norm() -> None:
-    sae = _build("relu_l1_unitnorm", unit_norm_decoder=False)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=0.05)
-    for step in range(5):
-        optimizer.zero_grad()
-        sae(_input(seed=step)).loss.backward()
-        project_decoder_grad_(sae.W_dec)
-        optimizer.step()
-        renormalize_decoder_(sae.W_dec)
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(N_LATENTS))
-    with pytest.raises(ValueError, match="W_dec.grad is None"):
-        project_decoder_grad_(torch.nn.Parameter(torch.ones(2, 2)))
 
 
 # --------------------------------------------------------------------------- BatchTopK, Matryoshka

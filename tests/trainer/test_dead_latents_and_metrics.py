@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from trainer.metrics import (
-    DeadLatentTracker,
-    PooledReconstructionStats,
-    latent_fire_counts,
-    reconstruction_metrics,
-)
-from trainer.sae import ForwardOutput, TopKSAE
+from trainer.losses import reconstruction_error
+from trainer.metrics import DeadLatentTracker, PooledReconstructionStats, latent_fire_counts
+from trainer.sae import TopKSAE
 
 
 def test_fire_counts_ignore_latents_selected_with_zero_activation() -> None:
@@ -21,9 +17,10 @@ def test_fire_counts_ignore_latents_selected_with_zero_activation() -> None:
 
 def test_tracker_counts_tokens_since_last_firing_and_frequencies() -> None:
     tracker = DeadLatentTracker(4)
-    ones = torch.ones(3, 1)
-    tracker.update(torch.tensor([[0], [0], [1]]), ones)  # 3 tokens: latents 0 and 1 fire
-    tracker.update(torch.tensor([[0], [0]]), torch.ones(2, 1))  # 2 tokens: latent 0 fires
+    for indices in ([[0], [0], [1]], [[0], [0]]):  # 3 tokens: latents 0 and 1 fire; 2 tokens: latent 0
+        indices = torch.tensor(indices)
+        counts = latent_fire_counts(indices, torch.ones(indices.shape), 4)
+        tracker.update_counts(counts, n_tokens=len(indices))
     assert tracker.tokens_since_fired.tolist() == [0, 2, 5, 5]
     assert tracker.fire_counts.tolist() == [4, 1, 0, 0]
     assert tracker.n_tokens == 5
@@ -44,22 +41,15 @@ def test_tracker_state_round_trip() -> None:
     assert restored.n_tokens == 10
 
 
-def test_reconstruction_metrics_of_a_forward_pass() -> None:
+def test_forward_reports_the_one_reconstruction_error_and_l0() -> None:
     sae = TopKSAE(8, 32, 3, seed=0)
     x = torch.randn(20, 8)
     out = sae(x)
-    metrics = reconstruction_metrics(x, out)
-    assert metrics["l0"] == 3.0
-    assert abs(metrics["mse"] - out.mse.item()) < 1e-6
-    assert abs(metrics["fvu"] - out.fvu.item()) < 1e-6
-    expected_cosine = torch.cosine_similarity(out.reconstruction, x, dim=-1).mean().item()
-    assert abs(metrics["cosine"] - expected_cosine) < 1e-6
-
-
-def _output(reconstruction: torch.Tensor) -> ForwardOutput:
-    n = reconstruction.shape[0]
-    zero = torch.tensor(0.0)
-    return ForwardOutput(torch.ones(n, 1), torch.zeros(n, 1, dtype=torch.long), reconstruction, zero, zero, zero)
+    error = reconstruction_error(out.reconstruction, x)
+    assert out.l0 == 3.0
+    assert abs(error.mse.item() - out.mse.item()) < 1e-6
+    assert abs(error.fvu.item() - out.fvu.item()) < 1e-6
+    assert abs(error.squared_l2.item() - 8 * out.mse.item()) < 1e-5
 
 
 def test_pooled_fvu_differs_from_mean_of_batch_fvus() -> None:
@@ -72,7 +62,7 @@ def test_pooled_fvu_differs_from_mean_of_batch_fvus() -> None:
     per_batch = []
     for x, recon in ((batch_a, recon_a), (batch_b, recon_b)):
         stats.update(x, recon, torch.ones(2, 1))
-        per_batch.append(reconstruction_metrics(x, _output(recon))["fvu"])
+        per_batch.append(reconstruction_error(recon, x).fvu.item())
     pooled = stats.result()
     all_x = torch.cat([batch_a, batch_b])
     expected = (torch.cat([recon_a, recon_b]) - all_x).pow(2).sum() / (all_x - all_x.mean()).pow(2).sum()

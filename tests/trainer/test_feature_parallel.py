@@ -1,10 +1,10 @@
 """Feature parallelism on CPU with gloo: 2 processes splitting the latents (1 x 2), and 4 as a
 2 x 2 (data x feature) grid.
 
-Each configuration runs one forward, backward and Adam step of the sharded SAE on one global
-batch (each data rank taking its share); every figure must match the single-process ``TopKSAE``
-on the whole batch: loss, selected latents, reconstruction, each slice's gradients and updated
-weights, the gathered dictionary, firing counts and the normalisation factor.
+Each configuration runs one forward, backward and Adam step of a ``TopKSAE`` split by
+``parallelize_features`` on one global batch (each data rank taking its share); every figure must
+match the single-process ``TopKSAE`` on the whole batch: loss, selected latents, reconstruction,
+each slice's gradients and updated weights, the gathered dictionary and the firing counts.
 """
 
 from __future__ import annotations
@@ -16,14 +16,7 @@ import torch
 import torch.distributed as dist
 from ranks import run_grid
 
-from trainer.feature_parallel import (
-    FeatureParallelTopKSAE,
-    ParallelGrid,
-    average_gradients,
-    build_grid,
-    gather_slices,
-    normalization_scale,
-)
+from trainer.feature_parallel import ParallelGrid, build_grid, feature_shard, parallelize_features
 from trainer.metrics import latent_fire_counts
 from trainer.sae import ForwardOutput, TopKSAE
 
@@ -67,6 +60,17 @@ def _detached(out: ForwardOutput) -> dict[str, torch.Tensor]:
     return {field: value.detach() for field, value in out._asdict().items()}
 
 
+def _split(sae: TopKSAE, grid: ParallelGrid) -> TopKSAE:
+    return parallelize_features(sae, group=grid.feature_group)
+
+
+def _average_gradients(module: torch.nn.Module, group) -> None:
+    """What data parallelism (DeepSpeed, in the job) does: every gradient averaged over ``group``."""
+    for param in module.parameters():
+        dist.all_reduce(param.grad, group=group)
+        param.grad /= dist.get_world_size(group)
+
+
 def _tied_state_dict() -> dict[str, torch.Tensor]:
     state = TopKSAE(D_IN, N_LATENTS, K, seed=SAE_SEED).state_dict()
     state["W_enc"] = torch.zeros_like(state["W_enc"])
@@ -82,7 +86,9 @@ def _tied_state_dict() -> dict[str, torch.Tensor]:
 
 
 def _train_step(grid: ParallelGrid) -> dict[str, object]:
-    sae = FeatureParallelTopKSAE(D_IN, N_LATENTS, K, group=grid.feature_group, seed=SAE_SEED)
+    sae = _split(TopKSAE(D_IN, N_LATENTS, K, seed=SAE_SEED, auxk_coefficient=0), grid)
+    assert isinstance(sae, TopKSAE) and sae.n_latents == N_LATENTS
+    shard = feature_shard(sae)
     initial = {name: getattr(sae, name).detach().clone() for name in PARAMETERS}
     batch = _global_batch()[_rows(grid.data_rank, grid.data_parallel)]
     with torch.no_grad():  # a non-zero b_dec, so the encoder input depends on it
@@ -90,40 +96,58 @@ def _train_step(grid: ParallelGrid) -> dict[str, object]:
     optimizer = torch.optim.Adam(sae.parameters(), lr=LR)
     out = sae(batch)
     out.loss.backward()
-    average_gradients(sae, group=grid.data_group)
+    _average_gradients(sae, grid.data_group)
     grads = {name: getattr(sae, name).grad.clone() for name in PARAMETERS}
     optimizer.step()
-    counts = sae.fire_counts(out)
+    # The selection (global indices) is the same on every rank of a feature group: the loop's
+    # counting, summed over the data group, holds the whole dictionary's counts on every rank.
+    counts = latent_fire_counts(out.latent_indices, out.latent_acts, N_LATENTS)
     dist.all_reduce(counts, group=grid.data_group)
     return {
+        "slice": (shard.latent_start, shard.latent_end),
         "initial": initial,
         "out": _detached(out),
         "grads": grads,
         "updated": {name: getattr(sae, name).detach().clone() for name in PARAMETERS},
-        "fire_counts": gather_slices(counts, group=grid.feature_group),
-        "scale": normalization_scale(batch, group=grid.data_group),
+        "fire_counts": counts,
         "full_state_dict": sae.full_state_dict(),
     }
 
 
 def _tie_case(grid: ParallelGrid) -> dict[str, torch.Tensor]:
-    sae = FeatureParallelTopKSAE.from_full_state_dict(_tied_state_dict(), k=K, group=grid.feature_group)
-    return _detached(sae(_global_batch()[:4]))
+    sae = TopKSAE(D_IN, N_LATENTS, K, auxk_coefficient=0)
+    sae.load_state_dict(_tied_state_dict())
+    return _detached(_split(sae, grid)(_global_batch()[:4]))
 
 
 def _slices_narrower_than_k(grid: ParallelGrid) -> dict[str, torch.Tensor]:
     # Two latents per slice, k = 3: each slice offers all it has and the top k spans both.
-    sae = FeatureParallelTopKSAE(D_IN, NARROW_LATENTS, NARROW_K, group=grid.feature_group, seed=SAE_SEED)
+    sae = _split(TopKSAE(D_IN, NARROW_LATENTS, NARROW_K, seed=SAE_SEED, auxk_coefficient=0), grid)
     return _detached(sae(_global_batch()))
 
 
 def _indivisible_error(grid: ParallelGrid) -> str:
-    # Far too many latents to allocate: only a check made before the draw can answer quickly.
+    # Far too many latents to allocate: built on the meta device, the model holds no memory and
+    # only a check made before the slices are copied can answer.
+    with torch.device("meta"):
+        sae = TopKSAE(D_IN, 2**36 + 1, K, auxk_coefficient=0)
     try:
-        FeatureParallelTopKSAE(D_IN, 2**36 + 1, K, group=grid.feature_group, seed=SAE_SEED)
+        _split(sae, grid)
     except ValueError as error:
         return str(error)
     return "no error"
+
+
+def _refusals(grid: ParallelGrid) -> list[str]:
+    """What ``parallelize_features`` will not split: AuxK, a model split already."""
+    errors = []
+    for make in (lambda: TopKSAE(D_IN, N_LATENTS, K, seed=SAE_SEED),
+                 lambda: _split(TopKSAE(D_IN, N_LATENTS, K, seed=SAE_SEED, auxk_coefficient=0), grid)):
+        try:
+            _split(make(), grid)
+        except ValueError as error:
+            errors.append(str(error))
+    return errors
 
 
 def _worker(rank: int, world_size: int, data_parallel: int, port: int, out_dir: str) -> None:
@@ -138,6 +162,7 @@ def _worker(rank: int, world_size: int, data_parallel: int, port: int, out_dir: 
         "ties": _tie_case(grid),
         "narrow": _slices_narrower_than_k(grid),
         "indivisible": _indivisible_error(grid),
+        "refusals": _refusals(grid),
     }
     dist.destroy_process_group()
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -173,7 +198,6 @@ def reference() -> dict[str, object]:
         "grads": grads,
         "updated": {name: value.clone() for name, value in sae.state_dict().items()},
         "fire_counts": latent_fire_counts(out.latent_indices, out.latent_acts, N_LATENTS),
-        "scale": D_IN**0.5 / batch.norm(dim=1).mean().item(),
     }
 
 
@@ -202,6 +226,8 @@ def test_ranks_sit_on_the_grid_they_were_given(run) -> None:
         assert rank == data_rank * feature_parallel + feature_rank
         assert results["feature_group"] == [data_rank * feature_parallel + f for f in range(feature_parallel)]
         assert results["data_group"] == [d * feature_parallel + feature_rank for d in range(data_parallel)]
+        assert results["step"]["slice"] == (_latents(feature_rank, feature_parallel).start,
+                                            _latents(feature_rank, feature_parallel).stop)
 
 
 def test_slices_start_as_the_single_process_init(run, reference) -> None:
@@ -249,12 +275,10 @@ def test_replicated_b_dec_and_selection_agree_bit_for_bit(run) -> None:
             assert torch.equal(results["step"]["out"][field], same_batch[field]), field
 
 
-def test_gathered_fire_counts_and_scale_agree_with_the_reference(run, reference) -> None:
+def test_fire_counts_agree_with_the_reference(run, reference) -> None:
     _, ranks = run
     for results in ranks:
         assert torch.equal(results["step"]["fire_counts"], reference["fire_counts"])
-        assert results["step"]["scale"] == ranks[0]["step"]["scale"]
-        assert results["step"]["scale"] == pytest.approx(reference["scale"], rel=1e-6)
 
 
 def test_gathered_dictionary_is_the_single_process_one_after_the_step(run, reference) -> None:
@@ -305,3 +329,11 @@ def test_n_latents_not_divisible_by_the_feature_degree_is_rejected_before_alloca
         assert results["indivisible"] == (
             f"n_latents={2**36 + 1} must be divisible by feature_parallel={feature_parallel}"
         )
+
+
+def test_a_model_with_auxk_or_split_already_is_refused(run) -> None:
+    _, ranks = run
+    for results in ranks:
+        with_auxk, split_twice = results["refusals"]
+        assert "TopKSAE cannot be split over features" in with_auxk and "'auxk_coefficient': 0.03125" in with_auxk
+        assert split_twice == "FeatureParallelTopKSAE is already split over features"

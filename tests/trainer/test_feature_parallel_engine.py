@@ -1,7 +1,7 @@
 """Feature parallelism through DeepSpeed on CPU with gloo: 2 processes splitting the latents
 (1 x 2), and 4 as a 2 x 2 (data x feature) grid, under ZeRO 0-3.
 
-Each configuration runs a few steps of ``wrap_in_deepspeed(FeatureParallelTopKSAE, grid=...)`` with
+Each configuration runs a few steps of ``wrap_in_deepspeed(parallelize_features(TopKSAE), grid=...)`` with
 gradient clipping small enough to bite at every step, each data rank on its share of every global
 batch. Every figure must match one process running the plain ``TopKSAE`` with torch Adam and
 ``clip_grad_norm_`` on the whole batches: the loss, the gradient norm DeepSpeed clips by (the
@@ -25,7 +25,7 @@ from ranks import run_grid
 
 from trainer.config import DeepSpeedConfig, TrainConfig
 from trainer.engine import master_weights, shutdown_engine, wrap_in_deepspeed
-from trainer.feature_parallel import FeatureParallelTopKSAE, ParallelGrid, build_grid, gather_slices
+from trainer.feature_parallel import ParallelGrid, build_grid, parallelize_features
 from trainer.metrics import DeadLatentTracker, latent_fire_counts
 from trainer.sae import TopKSAE
 
@@ -74,7 +74,8 @@ def _slice_of(name: str, full: torch.Tensor, feature_rank: int, feature_parallel
 def _train(grid: ParallelGrid, stage: int, precision: str) -> dict[str, object]:
     # Each data rank draws different initial slices: DeepSpeed must broadcast the first data
     # rank's within every data group, so all replicas start from SAE_SEED's dictionary.
-    sae = FeatureParallelTopKSAE(D_IN, N_LATENTS, K, group=grid.feature_group, seed=SAE_SEED + grid.data_rank)
+    sae = parallelize_features(TopKSAE(D_IN, N_LATENTS, K, seed=SAE_SEED + grid.data_rank, auxk_coefficient=0),
+                               group=grid.feature_group)
     sae.init_b_dec(_global_batches()[0], method="mean")  # non-zero: the encoder input depends on it
     deepspeed_cfg = DeepSpeedConfig(
         zero_stage=stage, precision=precision, feature_parallel=grid.feature_parallel,
@@ -94,11 +95,12 @@ def _train(grid: ParallelGrid, stage: int, precision: str) -> dict[str, object]:
         losses.append(out.loss.item())
         norm = engine.get_global_grad_norm()  # None under ZeRO 0 in fp32: DeepSpeed keeps none
         grad_norms.append(None if norm is None else float(norm))
-        # Dead-latent counters: each slice's counts summed over the data group, then the slices
-        # side by side, so every rank tracks the whole dictionary on the whole global batch.
-        counts = engine.module.fire_counts(out)
+        # Dead-latent counters as the loop keeps them: the selection (global indices) is the same
+        # on every rank of a feature group, so counts summed over the data group are the whole
+        # dictionary's on the whole global batch, on every rank.
+        counts = latent_fire_counts(out.latent_indices, out.latent_acts, N_LATENTS)
         dist.all_reduce(counts, group=grid.data_group)
-        tracker.update_counts(gather_slices(counts, group=grid.feature_group), n_tokens=GLOBAL_BATCH)
+        tracker.update_counts(counts, n_tokens=GLOBAL_BATCH)
     masters = master_weights(engine)  # a collective over the data group
     results = {
         "losses": losses,

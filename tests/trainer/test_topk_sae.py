@@ -73,7 +73,8 @@ def test_decode_matches_a_sum_of_selected_decoder_rows() -> None:
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(48, 1) + 0.5)  # raw rows off unit norm
         sae.b_dec.normal_()
-    acts, indices = sae.encode(torch.randn(20, 12))
+    acts, indices, pre_acts = sae.encode(torch.randn(20, 12))
+    assert pre_acts is None  # the sparse kernel never holds all n pre-activations
     rows = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
     expected = (acts.unsqueeze(-1) * rows[indices]).sum(dim=1) + sae.b_dec
     torch.testing.assert_close(sae.decode(acts, indices), expected)
@@ -106,7 +107,7 @@ def test_init_b_dec_mean_and_geometric_median() -> None:
     torch.testing.assert_close(sae.b_dec.detach(), sample.mean(0))
     sae.init_b_dec(sample)
     assert (sae.b_dec - 5.0).abs().max() < 0.5
-    with pytest.raises(ValueError, match=r"sample shape \(10, 7\) must be \(N, d_in=8\)"):
+    with pytest.raises(ValueError, match=r"sample shape \(10, 7\) must be \(N, d_out=8\)"):
         sae.init_b_dec(torch.randn(10, 7))
 
 

@@ -177,12 +177,13 @@ def test_wandb_logger_offline_writes_under_its_dir(tmp_path) -> None:
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "relu_l1", "relu_l1_unitnorm"])
 def test_every_architecture_trains_through_the_engine_loop(engine_factory, sparse_batches, architecture):
     from trainer.architectures import build_sae
+    from trainer.config import SAEConfig
     from trainer.loop import StepSchedule
 
     def data():
         return sparse_batches(d_in=D_IN, n_features=64, active=3, batch_size=128, seed=DATA_SEED)
 
-    sae = build_sae(architecture, d_in=D_IN, n_latents=N_LATENTS, k=K, seed=SAE_SEED)
+    sae = build_sae(SAEConfig(architecture=architecture, n_latents=N_LATENTS, k=K), d_in=D_IN, seed=SAE_SEED)
     held_out = list(itertools.islice(data(), 50, 52))
     before = evaluate(sae, held_out, scale=1.0)
     engine = engine_factory(sae, batch_size=128, lr=5e-3)
