@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ranks import free_port, run_ranks
 
 from trainer.architectures import build_sae
-from trainer.config import DeepSpeedConfig, TrainConfig
+from trainer.config import DeepSpeedConfig, SAEConfig, TrainConfig
 from trainer.engine import master_weights, shutdown_engine, wrap_in_deepspeed
 from trainer.loop import train
 from trainer.metrics import DeadLatentTracker
@@ -70,6 +70,10 @@ def _loop_batches() -> list[torch.Tensor]:
 
 def _zero_batches() -> list[torch.Tensor]:
     return _global_batches(batch=ZERO_BATCH, steps=ZERO_STEPS, seed=ZERO_DATA_SEED, growing=True)
+
+
+def _sae_config(architecture: str) -> SAEConfig:
+    return SAEConfig(architecture=architecture, n_latents=N_LATENTS, k=K)
 
 
 def _forward_kwargs(architecture: str) -> dict[str, torch.Tensor]:
@@ -115,7 +119,7 @@ def _train_loop(rank: int, zero_stage: int) -> dict[str, object]:
 
 def _train_steps(rank: int, architecture: str, stage: int, precision: str) -> dict[str, object]:
     # Rank 1 starts elsewhere: the engine must broadcast rank 0's weights, under ZeRO 3 too.
-    sae = build_sae(architecture, d_in=D_IN, n_latents=N_LATENTS, k=K, seed=SAE_SEED + rank)
+    sae = build_sae(_sae_config(architecture), d_in=D_IN, seed=SAE_SEED + rank)
     deepspeed_cfg = DeepSpeedConfig(zero_stage=stage, precision=precision, stage3_param_persistence_threshold=0)
     engine = wrap_in_deepspeed(
         sae, train_cfg=TrainConfig(batch_size=ZERO_BATCH, max_grad_norm=MAX_GRAD_NORM),
@@ -202,7 +206,7 @@ def _zero_reference(architecture: str) -> dict[str, torch.Tensor]:
     """One process, the whole batches, torch Adam and ``clip_grad_norm_``. The loss is the mean of
     the two halves' losses, as data parallelism computes it: AuxK's and BatchTopK's losses depend
     on the whole batch they are computed on, not only on each token."""
-    sae = build_sae(architecture, d_in=D_IN, n_latents=N_LATENTS, k=K, seed=SAE_SEED)
+    sae = build_sae(_sae_config(architecture), d_in=D_IN, seed=SAE_SEED)
     optimizer = torch.optim.Adam(sae.parameters(), lr=LR)
     for batch in _zero_batches():
         optimizer.zero_grad()
