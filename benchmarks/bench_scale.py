@@ -2,10 +2,10 @@
 """Step time and memory of wide TopK SAEs split over 2 feature-parallel ranks, 16k to 1M latents.
 
 Each width runs in 2 fresh processes (gloo, one torch thread each: this machine has 2 cores), each
-rank holding half the latents of one ``FeatureParallelTopKSAE`` inside the DeepSpeed engine the job
-builds (``wrap_in_deepspeed(..., grid=...)``, fp32, ZeRO stage ``--zero-stage``: with one
-data-parallel rank per slice there is nothing for ZeRO to partition, and stage 0 keeps no second
-fp32 copy). Each rank trains ``--steps`` steps on Gaussian batches of ``--batch`` tokens after one
+rank holding half the latents of one ``TopKSAE`` split by ``parallelize_features`` inside the
+DeepSpeed engine the job builds (``wrap_in_deepspeed(..., grid=...)``, fp32, ZeRO stage
+``--zero-stage``: with one data-parallel rank per slice there is nothing for ZeRO to partition,
+and stage 0 keeps no second fp32 copy). Each rank trains ``--steps`` steps on Gaussian batches of ``--batch`` tokens after one
 warm-up step and reports the median step time, its peak resident memory (``ru_maxrss``, which
 includes the one-off full-size draw of the tied initialisation) and its resident memory after
 training (weights, gradients and Adam's two moments of its slice).
@@ -51,7 +51,8 @@ def _worker(rank: int, port: int, args: dict, out_dir: str) -> None:
 
     from trainer.config import DeepSpeedConfig, TrainConfig
     from trainer.engine import shutdown_engine, wrap_in_deepspeed
-    from trainer.feature_parallel import FeatureParallelTopKSAE, build_grid
+    from trainer.feature_parallel import build_grid, parallelize_features
+    from trainer.sae import TopKSAE
 
     torch.set_num_threads(1)
     os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank))
@@ -59,7 +60,8 @@ def _worker(rank: int, port: int, args: dict, out_dir: str) -> None:
     grid = build_grid(data_parallel=1, feature_parallel=2)
     d, n, batch = args["d_model"], args["n_latents"], args["batch"]
     start = time.perf_counter()
-    sae = FeatureParallelTopKSAE(d, n, args["k"], group=grid.feature_group, seed=0)
+    # No AuxK, as the job's feature-parallel runs (sae.auxk_coefficient=0).
+    sae = parallelize_features(TopKSAE(d, n, args["k"], seed=0, auxk_coefficient=0), group=grid.feature_group)
     init_s = time.perf_counter() - start
     engine = wrap_in_deepspeed(
         sae, train_cfg=TrainConfig(batch_size=batch, max_grad_norm=1.0),

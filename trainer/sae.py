@@ -77,7 +77,8 @@ def tied_init(
 
 def _unit_directions(n: int, d: int, generator: torch.Generator | None) -> Tensor:
     directions = torch.randn(n, d, generator=generator, dtype=torch.float32)
-    return directions / directions.norm(dim=1, keepdim=True)
+    directions /= directions.norm(dim=1, keepdim=True)  # in place: no second (n, d) copy at 1M latents
+    return directions
 
 
 class ForwardOutput(NamedTuple):

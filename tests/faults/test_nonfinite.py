@@ -58,10 +58,10 @@ from trainer.checkpoint import (  # noqa: E402
     load_rank_state,
     save_rank_state,
 )
-from trainer.config import DeepSpeedConfig, TrainConfig  # noqa: E402
+from trainer.config import DeepSpeedConfig, SAEConfig, TrainConfig  # noqa: E402
 from trainer.engine import master_weights, shutdown_engine, wrap_in_deepspeed  # noqa: E402
 from trainer.evaluation import ReconstructionErrorStats, SplicedLossStats  # noqa: E402
-from trainer.feature_parallel import FeatureParallelTopKSAE, build_grid  # noqa: E402
+from trainer.feature_parallel import build_grid, parallelize_features  # noqa: E402
 from trainer.loop import (  # noqa: E402
     DictionaryTrainer,
     NonFiniteBatchError,
@@ -213,7 +213,7 @@ def test_skipped_batches_are_counted_logged_and_resumed(cache, engines) -> None:
     n_bad_batches = sum(n > 0 for n in bad)
     assert 0 < n_bad_batches < len(batches) and sum(bad) == manifest.nonfinite_rows
 
-    engine = engines(build_sae("topk", d_in=manifest.d_model, n_latents=N_LATENTS, k=K, seed=SEED))
+    engine = engines(build_sae(SAEConfig(n_latents=N_LATENTS, k=K), d_in=manifest.d_model, seed=SEED))
     logger = RecordingLogger()
     trainer = _trainer(engine, manifest, len(batches), logger)
     resume_at = next(i for i, n in enumerate(bad) if n) + 2  # one skip behind the checkpoint
@@ -238,7 +238,7 @@ def test_skipped_batches_are_counted_logged_and_resumed(cache, engines) -> None:
     # Resume from the checkpoint taken after a skip: the counters come back, and the run ends
     # exactly where the uninterrupted one did.
     assert counts_at_save.batch_steps >= 1
-    resumed_engine = engines(build_sae("topk", d_in=manifest.d_model, n_latents=N_LATENTS, k=K, seed=SEED + 1))
+    resumed_engine = engines(build_sae(SAEConfig(n_latents=N_LATENTS, k=K), d_in=manifest.d_model, seed=SEED + 1))
     resumed = _trainer(resumed_engine, manifest, len(batches))
     resumed.load_state_dict(load_rank_state(resumed_engine, saved)["loop"])
     assert resumed.nonfinite == counts_at_save and resumed.steps_done == resume_at
@@ -259,7 +259,7 @@ def test_stop_policy_and_the_skip_bound_name_the_step(cache, engines) -> None:
     store, manifest = cache
     batches = _epoch(store, manifest)
     bad_steps = [step for step, b in enumerate(batches, start=1) if _bad_rows(b)]
-    engine = engines(build_sae("topk", d_in=manifest.d_model, n_latents=N_LATENTS, k=K, seed=SEED), zero_stage=0)
+    engine = engines(build_sae(SAEConfig(n_latents=N_LATENTS, k=K), d_in=manifest.d_model, seed=SEED), zero_stage=0)
 
     trainer = _trainer(engine, manifest, len(batches), nonfinite="stop")
     with pytest.raises(NonFiniteBatchError) as caught:
@@ -301,7 +301,7 @@ def test_a_non_finite_loss_is_skipped_without_touching_the_state(cache, engines)
 
     runs = {}
     for name, batches in (("with_huge", [good[0], good[1], huge, good[2]]), ("without", good)):
-        engine = engines(build_sae("batchtopk", d_in=manifest.d_model, n_latents=N_LATENTS, k=K, seed=SEED),
+        engine = engines(build_sae(SAEConfig(architecture="batchtopk", n_latents=N_LATENTS, k=K), d_in=manifest.d_model, seed=SEED),
                          lr_multiplier=warmup)
         trainer = _trainer(engine, manifest, len(batches))
         for batch in batches:
@@ -317,7 +317,7 @@ def test_a_non_finite_loss_is_skipped_without_touching_the_state(cache, engines)
 
 def test_checkpoint_save_refuses_a_non_finite_tensor_by_name(cache, engines) -> None:
     store, manifest = cache
-    engine = engines(build_sae("topk", d_in=manifest.d_model, n_latents=N_LATENTS, k=K, seed=SEED))
+    engine = engines(build_sae(SAEConfig(n_latents=N_LATENTS, k=K), d_in=manifest.d_model, seed=SEED))
     trainer = _trainer(engine, manifest, 2)
     for batch in [b for b in _epoch(store, manifest) if not _bad_rows(b)][:2]:
         trainer.step(batch)
@@ -440,7 +440,7 @@ def _data_parallel(rank: int, cache_dir: str) -> dict:
     result: dict = {"bad_rows": [_bad_rows(b) for b in batches]}
 
     def engine():
-        return wrap_in_deepspeed(build_sae("topk", d_in=manifest.d_model, n_latents=N_LATENTS, k=K, seed=SEED),
+        return wrap_in_deepspeed(build_sae(SAEConfig(n_latents=N_LATENTS, k=K), d_in=manifest.d_model, seed=SEED),
                                  train_cfg=TrainConfig(batch_size=BATCH), deepspeed_cfg=DeepSpeedConfig(zero_stage=2),
                                  lr=LR, world_size=WORLD_SIZE)
 
@@ -475,7 +475,8 @@ def _feature_parallel(rank: int, cache_dir: str) -> dict:
     manifest = load_manifest(open_store(cache_dir))
     batches = _rank_epoch(cache_dir, 0, 1)
     grid = build_grid(data_parallel=1, feature_parallel=WORLD_SIZE)
-    sae = FeatureParallelTopKSAE(manifest.d_model, N_LATENTS, K, group=grid.feature_group, seed=SEED)
+    sae = parallelize_features(build_sae(SAEConfig(n_latents=N_LATENTS, k=K, auxk_coefficient=0), d_in=manifest.d_model,
+                                         seed=SEED), group=grid.feature_group)
     engine = wrap_in_deepspeed(sae, train_cfg=TrainConfig(batch_size=BATCH),
                                deepspeed_cfg=DeepSpeedConfig(zero_stage=1, feature_parallel=WORLD_SIZE), lr=LR,
                                world_size=WORLD_SIZE, grid=grid)

@@ -84,7 +84,7 @@ def test_indivisible_batch_names_both_values() -> None:
         ),
         (
             DeepSpeedConfig(feature_parallel=2), 2, ParallelGrid(1, 2, 0, 0, None, None),
-            "deepspeed.feature_parallel=2 needs a FeatureParallelTopKSAE, got TopKSAE",
+            "deepspeed.feature_parallel=2 needs a model split by parallelize_features, got an unsplit TopKSAE",
         ),
         (
             DeepSpeedConfig(zero_stage=0, precision="bf16", feature_parallel=2), 2, None,

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from trainer.architectures import build_sae
+from trainer.config import SAEConfig
 from trainer.metrics import DeadLatentTracker, output_fire_counts
+from trainer.registry import architecture_class
 from trainer.schedules import sparsity_coefficient_at
 from trainer.synthetic import SparseFeatureData, feature_recovery
 
@@ -99,7 +101,7 @@ def test_generator_noise_and_its_seed_differs_from_an_sae_initialised_with_the_s
     batch = data.sample(4000)
     noise = batch.x - (batch.coefficients @ data.features + data.offset)
     assert noise.std().item() == pytest.approx(0.1, rel=0.05)
-    sae = build_sae("topk", d_in=16, n_latents=64, k=2, seed=seed)
+    sae = build_sae(SAEConfig(n_latents=64, k=2), d_in=16, seed=seed)
     assert feature_recovery(data.features, sae.decoder_weight()).fraction_recovered < 0.1
     with pytest.raises(ValueError, match=r"mean_active=0 must be in \(0, n_features=64\]"):
         SparseFeatureData(d_in=16, n_features=64, mean_active=0, seed=seed)
@@ -126,15 +128,15 @@ def test_feature_recovery_scores_matches_by_best_cosine() -> None:
 @pytest.mark.parametrize(
     ("architecture", "steps", "options"),
     [
-        ("topk", 600, {}),
-        ("batchtopk", 800, {}),
+        ("topk", 600, {"k": MEAN_ACTIVE}),
+        ("batchtopk", 800, {"k": MEAN_ACTIVE}),
         ("jumprelu", 1500, {"sparsity_coefficient": 0.1, "init_threshold": 0.1, "bandwidth": 0.1}),
     ],
 )
 def test_architecture_recovers_the_true_features(
     architecture: str, steps: int, options: dict, data: SparseFeatureData, pool: torch.Tensor
 ) -> None:
-    sae = build_sae(architecture, d_in=D_IN, n_latents=N_LATENTS, k=MEAN_ACTIVE, seed=0, **options)
+    sae = architecture_class(architecture)(D_IN, N_LATENTS, seed=0, **options)
     _train(sae, pool, steps=steps, lr=3e-3, sparsity_warmup=300)
     recovery = feature_recovery(data.features, sae.decoder_weight())
     assert recovery.fraction_recovered >= 0.9, recovery
@@ -152,7 +154,7 @@ def test_transcoder_learns_a_fixed_linear_map_of_its_input(
     linear_map = torch.randn(D_IN, D_IN, generator=generator) / D_IN**0.5
     shift = torch.randn(D_IN, generator=generator)
     targets = pool @ linear_map + shift
-    sae = build_sae("topk", d_in=D_IN, n_latents=N_LATENTS, k=MEAN_ACTIVE, seed=0, transcoder=True)
+    sae = build_sae(SAEConfig(n_latents=N_LATENTS, k=MEAN_ACTIVE), d_in=D_IN, seed=0, transcoder=True)
     _train(sae, pool, targets=targets, steps=600, lr=3e-3)
     x = data.sample(4096).x
     with torch.no_grad():
@@ -168,6 +170,6 @@ def test_transcoder_learns_a_fixed_linear_map_of_its_input(
 def test_training_is_deterministic_for_fixed_seeds(pool: torch.Tensor) -> None:
     runs = []
     for _ in range(2):
-        sae = build_sae("batchtopk", d_in=D_IN, n_latents=N_LATENTS, k=MEAN_ACTIVE, seed=0)
+        sae = build_sae(SAEConfig(architecture="batchtopk", n_latents=N_LATENTS, k=MEAN_ACTIVE), d_in=D_IN, seed=0)
         runs.append(_train(sae, pool[: 20 * BATCH], steps=20, lr=3e-3).W_dec.detach())
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
