@@ -19,7 +19,7 @@ import numpy as np
 import ray
 
 from activation_cache.hooking import describe_model, load_tokenizer, resolve_model_source
-from activation_cache.inspection import SHARDS_DIR
+from activation_cache.inspection import CACHES_DIR, SHARDS_DIR
 from activation_cache.keys import cache_key
 from activation_cache.lease import LeaseClaim
 from activation_cache.manifest import MANIFEST_KEY, Manifest, load_manifest
@@ -39,6 +39,7 @@ from trainer.layout import (
     CHECKPOINTS_DIR,
     PRODUCERS_FAILED_FILE,
     RUN_CONFIG_FILE,
+    RUNS_DIR,
     checkpoint_root,
     run_config_json,
 )
@@ -117,7 +118,7 @@ def plan_caches(job: JobConfig, root: ObjectStore) -> list[CachePlan]:
         key = cache_key(key_inputs)
         meta = ShardMeta(model=source.model_id, revision=source.revision, hookpoint=hookpoint,
                          d_model=d_model, dtype=job.cache.dtype, cache_key=key)
-        plans.append(CachePlan(key, key_inputs, join_uri(root.uri, "caches", key), meta, tokens, excluded))
+        plans.append(CachePlan(key, key_inputs, join_uri(root.uri, CACHES_DIR, key), meta, tokens, excluded))
     return plans
 
 
@@ -296,7 +297,7 @@ def expected_shards(job: JobConfig, plan: CachePlan) -> dict[str, int]:
 
 
 def _train_plans(job: JobConfig, plans: list[CachePlan], root: ObjectStore, run_name: str) -> list[TrainPlan]:
-    runs_root = absolute_uri(job.run.uri) if job.run.uri else join_uri(root.uri, "runs")
+    runs_root = absolute_uri(job.run.uri) if job.run.uri else join_uri(root.uri, RUNS_DIR)
     several = len(plans) > 1
     # The caches of one job share their tokens and exclusions, so their shards have the same rows.
     expected = expected_shards(job, plans[0]) if job.cluster.train_while_caching else None
@@ -366,7 +367,7 @@ def run_job(job: JobConfig) -> JobResult:
     dictionaries."""
     start = time.perf_counter()
     root = open_store(absolute_uri(job.cache.uri), s3_options=job.cache.s3_options())
-    root.list("caches/")  # fails fast on a missing bucket or bad credentials
+    root.list(f"{CACHES_DIR}/")  # fails fast on a missing bucket or bad credentials
     plans = plan_caches(job, root)
     check_shard_count(job, plans[0])
     check_existing_caches(job, plans)

@@ -53,6 +53,8 @@ DICTIONARY_MARKER = CONFIG_FILE
 
 # --------------------------------------------------------------------------- run folder
 
+RUNS_DIR = "runs"
+"""Where runs go by default: ``<cache.uri>/runs/<run name>/`` (``run.uri`` unset)."""
 RUN_CONFIG_FILE = "config.json"
 PRODUCERS_FAILED_FILE = "producers-failed.txt"
 TRAINING_FAILED_FILE = "training-failed.json"
