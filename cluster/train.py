@@ -33,22 +33,15 @@ from cluster.logs import configure_logging
 from cluster.report import report_artifact_name
 from cluster.sweep import Variant, variants
 from trainer.architectures import build_sae
-from trainer.checkpoint import (
-    CHECKPOINTS_DIR,
-    complete_marker,
-    complete_marker_key,
-    decode_state,
-    encode_state,
-    gather_rank_files,
-    load_rank_state,
-    newest_complete_checkpoint,
-    parse_complete_marker,
-    rank_file_key,
-    save_rank_state,
-    superseded_checkpoint_keys,
-)
+from trainer.checkpoint import AttributeState, Checkpointer
 from trainer.config import SAEConfig
-from trainer.engine import distributed_backend, master_weights, shutdown_engine, wrap_in_deepspeed
+from trainer.engine import (
+    EngineRankState,
+    distributed_backend,
+    master_weights,
+    shutdown_engine,
+    wrap_in_deepspeed,
+)
 from trainer.feature_parallel import ParallelGrid, build_grid, parallelize_features
 from trainer.layout import PRODUCERS_FAILED_FILE, TRAINING_FAILED_FILE, read_eval
 from trainer.layout import dictionary_uri as layout_dictionary_uri
@@ -220,73 +213,34 @@ def _worker_loop(config: dict) -> None:
 def _train_from(checkpoints: ObjectStore, job: JobConfig, plan: TrainPlan, dictionaries: list[_Dictionary],
                 source: DataPlan, rank: int, world_size: int) -> None:
     """Resume from the newest complete checkpoint (if any), train to the end, write the dictionaries."""
-    done = _restore_checkpoint(checkpoints, dictionaries, source, rank, world_size)
+    checkpointer = Checkpointer(checkpoints, rank=rank, world_size=world_size,
+                                every_steps=job.run.checkpoint_every_steps, keep=job.run.keep_checkpoints)
+    states = _checkpointed(dictionaries, source)
+    done = checkpointer.restore(states)
+    for dictionary in dictionaries:  # the scale the restored weights were trained with
+        dictionary.trainer.scale = source.scale
     # One read of each batch feeds every dictionary of a sweep, in lockstep.
     batches = iter(source.reader)
-    every = job.run.checkpoint_every_steps
     for step in range(done + 1, source.steps + 1):
         batch = next(batches)
         for dictionary in dictionaries:
             dictionary.trainer.step(batch)
-        if every and step % every == 0 and step < source.steps:
-            _save_checkpoint(checkpoints, step, dictionaries, source, rank, keep=job.run.keep_checkpoints)
+        if checkpointer.due(step, last_step=source.steps):
+            checkpointer.save(step, states)
     for dictionary in dictionaries:
         _finish_dictionary(job, plan, dictionary, source, rank, resumed_from=done)
 
 
-def _save_checkpoint(store: ObjectStore, step: int, dictionaries: list[_Dictionary], source: DataPlan, rank: int, *, keep: int) -> None:
-    """Every rank writes its state (each dictionary's engine and loop, the reader's position, the
-    input scale, which a tailing run took from the rows committed when it started);
-    after all have, rank 0 writes the marker that makes the checkpoint complete, then drops
-    the checkpoints beyond the newest ``keep``."""
-    engines = {
-        d.variant.name: _bytes_tensor(save_rank_state(d.engine, extra={"loop": d.trainer.state_dict()}))
-        for d in dictionaries
+def _checkpointed(dictionaries: list[_Dictionary], source: DataPlan) -> dict[str, Any]:
+    """What a worker's checkpoint holds, by the keys of its file: each dictionary's engine and
+    loop, the reader's position, and the input scale with the rows it was taken from (a tailing
+    run takes it from the rows committed when it starts, so a restart must not take it again)."""
+    return {
+        "dictionaries": {d.variant.name: EngineRankState(d.engine, extra={"loop": d.trainer}) for d in dictionaries},
+        "reader": source.reader,
+        "scale": AttributeState(source, "scale"),
+        "rows_at_start": AttributeState(source, "rows_at_start"),
     }
-    data = encode_state({"dictionaries": engines, "reader": source.reader.state_dict(), "scale": source.scale,
-                         "rows_at_start": source.rows_at_start})
-    store.put_bytes(rank_file_key(step, rank), data)
-    files = gather_rank_files(step, data)  # also the barrier: every rank's file is written
-    if rank == 0:
-        store.put_bytes(*complete_marker(step, files))
-        for key in superseded_checkpoint_keys(store.list(f"{CHECKPOINTS_DIR}/"), keep=keep):
-            store.delete(key)
-        log.info("checkpoint at step %d: %s", step, store.uri)
-
-
-def _restore_checkpoint(store: ObjectStore, dictionaries: list[_Dictionary], source: DataPlan, rank: int, world_size: int) -> int:
-    """Load the newest complete checkpoint, if any, into every dictionary and the reader;
-    return the steps it had taken (0 without one). Rank 0 picks the checkpoint (verifying every
-    file) and broadcasts its step, so all ranks load the same one."""
-    step = torch.tensor([-1], dtype=torch.int64)
-    if rank == 0:
-        found = newest_complete_checkpoint(store.list(f"{CHECKPOINTS_DIR}/"), store.get_bytes)
-        step[0] = found.step if found is not None else -1
-    if world_size > 1:
-        torch.distributed.broadcast(step, src=0)
-    if step.item() < 0:
-        return 0
-    checkpoint = parse_complete_marker(int(step.item()), store.get_bytes(complete_marker_key(int(step.item()))))
-    if checkpoint.world_size != world_size:
-        raise ValueError(f"checkpoint at step {checkpoint.step} in {store.uri} was written by {checkpoint.world_size} "
-                         f"ranks, this run has {world_size}: resume with cluster.num_train_workers={checkpoint.world_size}")
-    state = decode_state(checkpoint.read_rank_state(rank, store.get_bytes))
-    for dictionary in dictionaries:
-        saved = state["dictionaries"].get(dictionary.variant.name)
-        if saved is None:
-            raise ValueError(f"checkpoint at step {checkpoint.step} in {store.uri} has no dictionary "
-                             f"{dictionary.variant.name or '(single)'}: not the same sweep")
-        extra = load_rank_state(dictionary.engine, saved.numpy().tobytes())
-        dictionary.trainer.load_state_dict(extra["loop"])
-        dictionary.trainer.scale = state["scale"]
-    source.reader.load_state_dict(state["reader"])
-    source.scale, source.rows_at_start = state["scale"], state["rows_at_start"]
-    log.info("resumed from the checkpoint at step %d in %s", checkpoint.step, store.uri)
-    return checkpoint.step
-
-
-def _bytes_tensor(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _finish_dictionary(

@@ -1,12 +1,13 @@
-"""Training checkpoints as bytes: what one rank needs to continue bit-for-bit, and the layout of a
-multi-rank checkpoint under ``<run>/checkpoints/``. The caller (``cluster/``) moves the bytes to
-and from object storage; nothing here touches storage or imports deepspeed.
+"""Training checkpoints: the pickle-free storage format, the layout of a multi-rank checkpoint
+under ``<run>/checkpoints/``, and the ``Checkpointer`` that saves and restores a run's stateful
+objects there. Nothing here knows DeepSpeed: ``trainer.engine`` makes an engine one more stateful
+object (``EngineState``), and its rank state one file of this format (``save_rank_state``).
 
 Nothing is ever unpickled: tensors travel as safetensors, everything else as JSON in the
 safetensors header (``encode_state``). DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint``
 are not used because they ``torch.load`` pickles.
 
-Layout (keys relative to the run's root)::
+Layout (keys relative to the folder holding ``checkpoints/``; the names are ``trainer.layout``'s)::
 
     checkpoints/step-000001200/rank-00000.safetensors   one per rank, each written by its rank
     checkpoints/step-000001200/rank-00001.safetensors
@@ -21,16 +22,14 @@ the newest, or the new one complete.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import math
 import random
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -39,18 +38,17 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from trainer.layout import CHECKPOINTS_DIR, complete_marker_key, parse_checkpoint_key, rank_file_key
+
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "saeforge.state/1"
 RANK_STATE_FORMAT = "saeforge.rank_state/1"
 COMPLETE_FORMAT = "saeforge.checkpoint/1"
-CHECKPOINTS_DIR = "checkpoints"
-COMPLETE_FILE = "COMPLETE.json"
 
 _METADATA_KEY = "saeforge.state"
 _JSON_SCALARS = (type(None), bool, int, str)
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-_STEP_DIR = re.compile(rf"^{CHECKPOINTS_DIR}/step-(\d{{9,}})/(.+)$")
 
 
 # --------------------------------------------------------------------------- nested state
@@ -199,92 +197,144 @@ def _without_overlaps(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return result
 
 
+# --------------------------------------------------------------------------- stateful objects
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """An object that saves and restores itself, as torch modules and optimizers do: the reader,
+    the training loop, ``trainer.engine.EngineState``. Its state is anything ``flatten_state`` takes."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+def capture_state(states: Mapping[str, Any]) -> dict[str, Any]:
+    """``states`` (names to ``Stateful`` objects, or to mappings of them) with each object
+    replaced by its ``state_dict()``: what ``restore_state`` puts back."""
+    captured = {}
+    for name, obj in states.items():
+        if isinstance(obj, Mapping):
+            captured[name] = capture_state(obj)
+        elif isinstance(obj, Stateful):
+            captured[name] = obj.state_dict()
+        else:
+            raise TypeError(f"{name!r}: {type(obj).__qualname__} has no state_dict() / load_state_dict()")
+    return captured
+
+
+def restore_state(states: Mapping[str, Any], saved: Mapping[str, Any], *, where: str = "saved state") -> None:
+    """Load ``saved`` (``capture_state``'s result) into the objects of ``states``, in their order.
+    A name of ``states`` that ``saved`` lacks raises ``ValueError`` naming it and ``where``;
+    names only ``saved`` has are left alone."""
+    _restore(states, saved, (), where)
+
+
+def _restore(states: Mapping[str, Any], saved: Any, path: tuple, where: str) -> None:
+    for name, obj in states.items():
+        if not isinstance(saved, Mapping) or name not in saved:
+            raise ValueError(f"{where} has no {_path_text((*path, name))}")
+        if isinstance(obj, Mapping):
+            _restore(obj, saved[name], (*path, name), where)
+        else:
+            obj.load_state_dict(saved[name])
+
+
+class AttributeState:
+    """One attribute of an object, as a ``Stateful`` whose state is the attribute's value
+    (a number, say, that a run must keep across a restart)."""
+
+    def __init__(self, obj: Any, name: str) -> None:
+        self.obj, self.name = obj, name
+
+    def state_dict(self) -> Any:
+        return getattr(self.obj, self.name)
+
+    def load_state_dict(self, state: Any) -> None:
+        setattr(self.obj, self.name, state)
+
+
 # --------------------------------------------------------------------------- one rank's state
 
-
-def save_rank_state(engine: Any, *, extra: Mapping[str, Any]) -> bytes:
-    """Everything this rank needs to continue bit-for-bit, as bytes for
-    ``rank_file_key(step, rank)``: the module's buffers, its parameters as this rank holds them
-    (under ZeRO only the optimizer's fp32 partition of them: the files are sharded as the
-    training is), the optimizer's state as this rank holds it, the lr scheduler,
-    the engine's step counters, the RNG states (torch, CUDA, numpy, python) and ``extra``
-    (the caller's state: reader position, the loop's step, tokens and dead-latent counters;
-    anything ``flatten_state`` takes).
-
-    Every rank calls it at the same step, between optimizer steps (with several ranks it holds a
-    collective). It does not change the training: a run that saves continues exactly as one that
-    does not.
-
-    A state whose module, optimizer or scheduler holds a NaN or Inf is refused on every rank
-    (``NonFiniteStateError`` naming the tensor), so it never becomes the newest complete checkpoint.
-    """
-    optimizer = engine.optimizer
-    stage = int(engine.zero_optimization_stage())
-    if stage == 3:
-        optimizer.checkpoint_event_prologue()  # partitions the parameters, as DeepSpeed's own save does
-    try:
-        state = {
-            "format": RANK_STATE_FORMAT,
-            "identity": _identity(engine),
-            "module": _module_state(engine.module, stage),
-            "optimizer": _optimizer_state(optimizer),
-            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-            "engine": {name: int(getattr(engine, name)) for name in _ENGINE_COUNTERS},
-            "rng": _rng_state(),
-            "extra": dict(extra),
-        }
-        _refuse_non_finite({key: state[key] for key in ("module", "optimizer", "lr_scheduler")})
-        return encode_state(state)
-    finally:
-        if stage == 3:
-            optimizer.checkpoint_event_epilogue()
+RANK_STATE_PARTS = ("identity", "module", "optimizer", "lr_scheduler", "engine", "rng", "extra")
+"""The parts of a rank state file, in order: an engine's (``trainer.engine.EngineState``), the
+RNG states (``RNGState``) and the caller's ``extra``."""
 
 
-def load_rank_state(engine: Any, data: bytes) -> dict[str, Any]:
-    """Restore what ``save_rank_state`` wrote into a freshly built ``engine`` (the same model,
-    DeepSpeed config and world size) and return its ``extra``.
+def encode_rank_state(parts: Mapping[str, Any]) -> bytes:
+    """One rank's state file: ``parts`` (every one of ``RANK_STATE_PARTS``) under the rank state
+    format, as ``encode_state`` writes it."""
+    missing = sorted(set(RANK_STATE_PARTS) - set(parts))
+    if missing:
+        raise ValueError(f"rank state lacks {missing}")
+    return encode_state({"format": RANK_STATE_FORMAT, **{name: parts[name] for name in RANK_STATE_PARTS}})
 
-    Every rank calls it with its own rank's bytes (under ZeRO it holds collectives), after
-    building everything that draws random numbers at construction: the RNG states come last.
-    Refuses (``ValueError``) a state from another rank, world size, ZeRO stage, optimizer or
-    parameter shapes, before changing anything.
-    """
+
+def decode_rank_state(data: bytes) -> dict[str, Any]:
+    """The parts ``encode_rank_state`` wrote; ``ValueError`` for any other file."""
     state = decode_state(data)
     if not isinstance(state, dict) or state.get("format") != RANK_STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"rank state format {found!r}: expected {RANK_STATE_FORMAT!r}")
-    missing = sorted(set(_RANK_STATE_PARTS) - set(state))
+    missing = sorted(set(RANK_STATE_PARTS) - set(state))
     if missing:
         raise ValueError(f"rank state lacks {missing}")
-    _check_identity(state["identity"], _identity(engine))
-    _check_rng_devices(state["rng"])
-    stage = int(engine.zero_optimization_stage())
-    optimizer = engine.optimizer
-    if stage == 3:
-        optimizer.checkpoint_event_prologue()
-    _load_module_state(engine.module, state["module"], stage)
-    _load_optimizer_state(optimizer, state["optimizer"])
-    if stage in (1, 2):
-        # The low-precision (or fp32) weights the module computes with, from the fp32 partitions
-        # just loaded: the copy and all-gather that end every ZeRO 1/2 step (a collective).
-        optimizer.update_lp_params()
-    if stage == 3:
-        optimizer.checkpoint_event_epilogue()  # gathers the persistent (small) parameters again
-    if engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    for name in _ENGINE_COUNTERS:
-        setattr(engine, name, int(state["engine"][name]))
-    _set_rng_state(state["rng"])
-    return state["extra"]
+    return state
+
+
+class RNGState:
+    """This process's random number generators (torch, CUDA, numpy, python) as a ``Stateful``.
+    Restore it after building everything that draws random numbers at construction."""
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss_next = random.getstate()
+        numpy_state = np.random.get_state(legacy=False)
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {
+                "bit_generator": numpy_state["bit_generator"],
+                "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                "pos": int(numpy_state["state"]["pos"]),
+                "has_gauss": int(numpy_state["has_gauss"]),
+                "gauss": float(numpy_state["gauss"]),
+            },
+            "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+        }
+
+    @staticmethod
+    def check(saved: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` if ``saved`` cannot be restored here (CUDA states of another
+        number of devices), before anything changes."""
+        n_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if len(saved["cuda"]) not in (0, n_devices):
+            raise ValueError(f"checkpoint holds CUDA RNG states of {len(saved['cuda'])} devices, this process sees {n_devices}")
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        self.check(saved)
+        torch.set_rng_state(saved["torch"])
+        if saved["cuda"]:
+            torch.cuda.set_rng_state_all(saved["cuda"])
+        numpy_saved = saved["numpy"]
+        np.random.set_state({
+            "bit_generator": numpy_saved["bit_generator"],
+            "state": {"key": numpy_saved["key"].numpy().astype(np.uint32), "pos": numpy_saved["pos"]},
+            "has_gauss": numpy_saved["has_gauss"],
+            "gauss": numpy_saved["gauss"],
+        })
+        python = saved["python"]
+        random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
 
 
 class NonFiniteStateError(ValueError):
-    """``save_rank_state`` refused a state holding NaN or Inf in its weights, optimizer or scheduler."""
+    """A state holding NaN or Inf in its weights, optimizer or scheduler was refused a checkpoint."""
 
 
-def _refuse_non_finite(state: Mapping[str, Any]) -> None:
+def refuse_non_finite(state: Mapping[str, Any]) -> None:
     """Raise ``NonFiniteStateError`` on every rank if any rank's ``state`` holds a floating-point
-    tensor with NaN or Inf (agreed, so no rank is left waiting in the checkpoint's barrier)."""
+    tensor with NaN or Inf (agreed, so no rank is left waiting in the checkpoint's barrier).
+    A collective when a process group exists: every rank calls it."""
     found = _first_non_finite(state, ())
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n_bad = torch.tensor([0 if found is None else 1], dtype=torch.int64, device=_collective_device())
@@ -320,179 +370,7 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
-_RANK_STATE_PARTS = ("identity", "module", "optimizer", "lr_scheduler", "engine", "rng", "extra")
-# The engine's own counters, which DeepSpeed's load_checkpoint restores too; micro_steps places
-# the gradient-accumulation boundary.
-_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
-
-
-def _identity(engine: Any) -> dict[str, Any]:
-    """What must match between the engine that saved and the one that loads."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    parameters = {
-        name: [list(getattr(param, "ds_shape", param.shape)), str(param.dtype).removeprefix("torch.")]
-        for name, param in engine.module.named_parameters()
-    }
-    return {
-        "rank": rank,
-        "world_size": world_size,
-        "zero_stage": int(engine.zero_optimization_stage()),
-        "optimizer": type(engine.optimizer).__name__,
-        "lr_scheduler": type(engine.lr_scheduler).__name__ if engine.lr_scheduler is not None else None,
-        "parameters": parameters,
-    }
-
-
-def _check_identity(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    if (saved.get("rank"), saved.get("world_size")) != (current["rank"], current["world_size"]):
-        raise ValueError(
-            f"checkpoint was written by rank {saved.get('rank')} of world_size={saved.get('world_size')}, "
-            f"this is rank {current['rank']} of world_size={current['world_size']}"
-        )
-    for key in ("zero_stage", "optimizer", "lr_scheduler"):
-        if saved.get(key) != current[key]:
-            raise ValueError(f"checkpoint has {key}={saved[key]!r}, this engine has {key}={current[key]!r}")
-    saved_params, params = saved.get("parameters", {}), current["parameters"]
-    for name in sorted(set(saved_params) | set(params)):
-        if saved_params.get(name) != params.get(name):
-            raise ValueError(
-                f"parameter {name!r}: checkpoint has [shape, dtype] {saved_params.get(name)}, "
-                f"this engine has {params.get(name)}"
-            )
-
-
-def _module_state(module: torch.nn.Module, stage: int) -> dict[str, Tensor]:
-    if stage == 0:
-        return module.state_dict()
-    # Under ZeRO the trainable parameters are restored from the optimizer's fp32 partitions
-    # (``update_lp_params`` or ZeRO 3's own load): saving them again would put a full replica in
-    # every rank's file. Buffers and frozen parameters are not partitioned (ZeRO 1 and 2).
-    frozen = {name: param for name, param in module.named_parameters() if not param.requires_grad}
-    if frozen and stage == 3:
-        raise ValueError(f"ZeRO 3 with frozen parameters {sorted(frozen)}: not supported by trainer.checkpoint")
-    return {**dict(module.named_buffers()), **frozen}
-
-
-def _load_module_state(module: torch.nn.Module, saved: Mapping[str, Tensor], stage: int) -> None:
-    if stage == 0:
-        module.load_state_dict(dict(saved), strict=True)
-        return
-    current = _module_state(module, stage)
-    if set(current) != set(saved):
-        raise ValueError(f"checkpoint has module tensors {sorted(saved)}, this module has {sorted(current)}")
-    with torch.no_grad():
-        for name, tensor in current.items():
-            tensor.copy_(saved[name])
-
-
-# Keys of the ZeRO optimizers' state_dict that are not state: the loss scaler object (its scale is
-# kept as a number instead), and the name -> slice maps that only DeepSpeed's universal
-# checkpoint conversion reads.
-_DROPPED_OPTIMIZER_KEYS = ("loss_scaler", "param_slice_mappings", "universal_checkpoint_info")
-
-
-def _optimizer_state(optimizer: Any) -> dict[str, Any]:
-    if getattr(optimizer, "elastic_checkpoint", False):
-        raise ValueError("zero_optimization.elastic_checkpoint=true: its state spans all ranks; use the rigid layout")
-    state = dict(optimizer.state_dict())
-    for key in _DROPPED_OPTIMIZER_KEYS:
-        state.pop(key, None)
-    if "zero_stage" in state:  # a ZeroStageEnum
-        state["zero_stage"] = int(state["zero_stage"])
-    scaler = getattr(optimizer, "loss_scaler", None)
-    if scaler is not None:
-        if getattr(scaler, "dynamic", False):
-            raise ValueError("dynamic loss scaling (fp16) is not supported by trainer.checkpoint")
-        state["saeforge.loss_scale"] = float(scaler.cur_scale)
-    return state
-
-
-def _load_optimizer_state(optimizer: Any, saved: Mapping[str, Any]) -> None:
-    saved = dict(saved)
-    loss_scale = saved.pop("saeforge.loss_scale", None)
-    scaler = getattr(optimizer, "loss_scaler", None)
-    if scaler is not None and loss_scale is not None:
-        scaler.cur_scale = loss_scale
-        saved["loss_scaler"] = scaler  # ZeRO 3's load reads the object back
-    if not _takes_rank_list(optimizer):
-        # torch's optimizers and DeepSpeed's stage-0 wrappers (FP16_UnfusedOptimizer under bf16,
-        # which also restores its fp32 master copies from the state).
-        optimizer.load_state_dict(saved)
-        return
-    # ZeRO 1-3 and BF16_Optimizer take every rank's state (to re-partition on a new world size);
-    # with the same world size each reads only its own, so the others are left out: a code path
-    # that read them would fail instead of silently mixing ranks.
-    group = getattr(optimizer, "dp_process_group", None)
-    states: list[Any] = [None] * dist.get_world_size(group=group)
-    states[dist.get_rank(group=group)] = saved
-    # load_from_fp32_weights: the fp32 master partition from the checkpoint, bit-exact, instead
-    # of rebuilding it from the bf16 weights.
-    optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
-
-
-def _takes_rank_list(optimizer: Any) -> bool:
-    parameters = inspect.signature(optimizer.load_state_dict).parameters
-    return "state_dict_list" in parameters
-
-
-def _rng_state() -> dict[str, Any]:
-    version, internal, gauss_next = random.getstate()
-    numpy_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "bit_generator": numpy_state["bit_generator"],
-            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-            "pos": int(numpy_state["state"]["pos"]),
-            "has_gauss": int(numpy_state["has_gauss"]),
-            "gauss": float(numpy_state["gauss"]),
-        },
-        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
-    }
-
-
-def _check_rng_devices(saved: Mapping[str, Any]) -> None:
-    n_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if len(saved["cuda"]) not in (0, n_devices):
-        raise ValueError(f"checkpoint holds CUDA RNG states of {len(saved['cuda'])} devices, this process sees {n_devices}")
-
-
-def _set_rng_state(saved: Mapping[str, Any]) -> None:
-    torch.set_rng_state(saved["torch"])
-    if saved["cuda"]:
-        torch.cuda.set_rng_state_all(saved["cuda"])
-    numpy_saved = saved["numpy"]
-    np.random.set_state({
-        "bit_generator": numpy_saved["bit_generator"],
-        "state": {"key": numpy_saved["key"].numpy().astype(np.uint32), "pos": numpy_saved["pos"]},
-        "has_gauss": numpy_saved["has_gauss"],
-        "gauss": numpy_saved["gauss"],
-    })
-    python = saved["python"]
-    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
-
-
 # --------------------------------------------------------------------------- the layout
-
-
-def checkpoint_dir(step: int) -> str:
-    """``checkpoints/step-000001200``: the folder (key prefix) of the checkpoint after ``step`` steps."""
-    if step < 0:
-        raise ValueError(f"step={step} must be >= 0")
-    return f"{CHECKPOINTS_DIR}/step-{step:09d}"
-
-
-def rank_file_key(step: int, rank: int) -> str:
-    """Where rank ``rank`` writes its ``save_rank_state`` bytes for ``step``."""
-    if rank < 0:
-        raise ValueError(f"rank={rank} must be >= 0")
-    return f"{checkpoint_dir(step)}/rank-{rank:05d}.safetensors"
-
-
-def complete_marker_key(step: int) -> str:
-    """Where rank 0 writes ``complete_marker``'s bytes, last."""
-    return f"{checkpoint_dir(step)}/{COMPLETE_FILE}"
 
 
 @dataclass(frozen=True)
@@ -500,7 +378,7 @@ class RankFile:
     """One rank's file of a checkpoint, as ``COMPLETE.json`` lists it."""
 
     key: str
-    """Key relative to the run's root (``rank_file_key``)."""
+    """Key relative to the checkpoints' folder (``trainer.layout.rank_file_key``)."""
     size_bytes: int
     """Length of the file."""
     sha256: str
@@ -569,7 +447,7 @@ class Checkpoint:
         return len(self.rank_files)
 
     def read_rank_state(self, rank: int, read: Callable[[str], bytes]) -> bytes:
-        """Rank ``rank``'s bytes for ``load_rank_state``, checked against ``COMPLETE.json``."""
+        """Rank ``rank``'s file, checked against ``COMPLETE.json``."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank={rank}: checkpoint at step {self.step} has world_size={self.world_size}")
         rank_file = self.rank_files[rank]
@@ -599,22 +477,19 @@ def parse_complete_marker(step: int, data: bytes) -> Checkpoint:
 def _files_by_step(keys: Iterable[str]) -> dict[int, set[str]]:
     by_step: dict[int, set[str]] = {}
     for key in keys:
-        match = _STEP_DIR.match(key)
-        if match:
-            by_step.setdefault(int(match.group(1)), set()).add(key)
+        parsed = parse_checkpoint_key(key)
+        if parsed is not None:
+            by_step.setdefault(parsed[0], set()).add(key)
     return by_step
 
 
-def newest_complete_checkpoint(
-    keys: Iterable[str], read: Callable[[str], bytes], *, verify_contents: bool = True
-) -> Checkpoint | None:
-    """The newest complete checkpoint among ``keys`` (the run's keys under ``checkpoints/``,
-    relative to the run's root), or ``None``.
+def newest_complete_checkpoint(keys: Iterable[str], read: Callable[[str], bytes]) -> Checkpoint | None:
+    """The newest complete checkpoint among ``keys`` (the keys under ``checkpoints/``, relative to
+    the folder holding it), or ``None``.
 
-    Steps without ``COMPLETE.json``, with one that does not parse, or with a listed file missing
-    from ``keys`` are skipped (with a warning for the damaged ones); so, with ``verify_contents``,
-    are those whose files ``read(key)`` does not match in size and sha256. Without it only
-    ``COMPLETE.json`` is read; ``Checkpoint.read_rank_state`` checks each file when it is loaded.
+    Steps without ``COMPLETE.json``, with one that does not parse, with a listed file missing
+    from ``keys``, or with a file that ``read(key)`` does not match in size and sha256, are
+    skipped (with a warning for the damaged ones).
     """
     key_set = set(keys)
     for step, step_keys in sorted(_files_by_step(key_set).items(), reverse=True):
@@ -626,9 +501,8 @@ def newest_complete_checkpoint(
             missing = [f.key for f in checkpoint.rank_files if f.key not in key_set]
             if missing:
                 raise ValueError(f"checkpoint at step {step}: listed files missing: {missing}")
-            if verify_contents:
-                for rank_file in checkpoint.rank_files:
-                    rank_file.verify(read(rank_file.key))
+            for rank_file in checkpoint.rank_files:
+                rank_file.verify(read(rank_file.key))
         except ValueError as err:
             log.warning("skipping damaged checkpoint: %s", err)
             continue
@@ -658,3 +532,85 @@ def superseded_checkpoint_keys(keys: Iterable[str], *, keep: int) -> list[str]:
         doomed += [marker] if marker in by_step[step] else []
         doomed += sorted(by_step[step] - {marker})
     return doomed
+
+
+# --------------------------------------------------------------------------- saving and resuming a run
+
+
+class CheckpointStore(Protocol):
+    """What a ``Checkpointer`` needs of the folder that holds ``checkpoints/``
+    (``activation_cache.store.ObjectStore`` has it)."""
+
+    uri: str
+
+    def get_bytes(self, key: str) -> bytes: ...
+
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    def list(self, prefix: str = "") -> list[str]: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+class Checkpointer:
+    """A run's checkpoints in ``store``: every ``every_steps`` steps each rank writes the state of
+    the run's stateful objects (``capture_state``) to its own file, and rank 0, after all have,
+    the marker that makes the checkpoint complete; on start the newest complete one comes back.
+
+    Every rank builds one with the same arguments (its own ``rank``) and makes the same calls:
+    ``save`` and ``restore`` are collectives when ``world_size > 1``.
+    """
+
+    def __init__(self, store: CheckpointStore, *, rank: int, world_size: int, every_steps: int, keep: int) -> None:
+        if every_steps < 0:
+            raise ValueError(f"every_steps={every_steps} must be >= 0 (0: never)")
+        if keep < 1:
+            raise ValueError(f"keep={keep} must be >= 1")
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self.every_steps, self.keep = every_steps, keep
+
+    def due(self, step: int, *, last_step: int) -> bool:
+        """Whether to save after ``step``: each ``every_steps``-th step before ``last_step`` (the
+        end of training writes the run's result instead)."""
+        return bool(self.every_steps) and step % self.every_steps == 0 and step < last_step
+
+    def save(self, step: int, states: Mapping[str, Any]) -> None:
+        """Write this rank's state of ``states`` for ``step``; rank 0 then writes the marker and
+        drops the checkpoints beyond the newest ``keep``."""
+        data = encode_state(capture_state(states))
+        self.store.put_bytes(rank_file_key(step, self.rank), data)
+        files = gather_rank_files(step, data)  # also the barrier: every rank's file is written
+        if self.rank == 0:
+            self.store.put_bytes(*complete_marker(step, files))
+            for key in superseded_checkpoint_keys(self.store.list(f"{CHECKPOINTS_DIR}/"), keep=self.keep):
+                self.store.delete(key)
+            log.info("checkpoint at step %d: %s", step, self.store.uri)
+
+    def restore(self, states: Mapping[str, Any]) -> int:
+        """Load the newest complete checkpoint, if any, into ``states`` (``restore_state``); return
+        the steps it had taken (0 without one). A checkpoint of another world size is refused."""
+        checkpoint = self._newest_on_every_rank()
+        if checkpoint is None:
+            return 0
+        where = f"checkpoint at step {checkpoint.step} in {self.store.uri}"
+        if checkpoint.world_size != self.world_size:
+            raise ValueError(f"{where} was written by {checkpoint.world_size} ranks, this run has "
+                             f"{self.world_size}: resume with {checkpoint.world_size} training ranks")
+        saved = decode_state(checkpoint.read_rank_state(self.rank, self.store.get_bytes))
+        restore_state(states, saved, where=where)
+        log.info("resumed from the %s", where)
+        return checkpoint.step
+
+    def _newest_on_every_rank(self) -> Checkpoint | None:
+        """Rank 0 picks the newest complete checkpoint (verifying every file) and broadcasts its
+        step, so every rank loads the same one."""
+        step = torch.tensor([-1], dtype=torch.int64, device=_collective_device())
+        if self.rank == 0:
+            found = newest_complete_checkpoint(self.store.list(f"{CHECKPOINTS_DIR}/"), self.store.get_bytes)
+            step[0] = found.step if found is not None else -1
+        if self.world_size > 1:
+            dist.broadcast(step, src=0)
+        if step.item() < 0:
+            return None
+        found_step = int(step.item())
+        return parse_complete_marker(found_step, self.store.get_bytes(complete_marker_key(found_step)))

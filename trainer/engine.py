@@ -1,21 +1,39 @@
-"""The DeepSpeed engine wrapper: the only module that imports deepspeed."""
+"""The DeepSpeed engine wrapper: the only module that imports deepspeed.
+
+It wraps a model in an engine (``wrap_in_deepspeed``), exports the fp32 master weights
+(``master_weights``), releases the engine (``shutdown_engine``), and saves and restores the
+engine's state for a checkpoint (``EngineState``, ``save_rank_state`` / ``load_rank_state``):
+whatever knows how DeepSpeed's optimizers partition and hold their state is here, while
+``trainer.checkpoint`` owns the file format and the checkpoints' layout.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.base_optimizer import ZeROOptimizer
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from trainer.checkpoint import (
+    RNGState,
+    capture_state,
+    decode_rank_state,
+    encode_rank_state,
+    refuse_non_finite,
+    restore_state,
+)
 from trainer.config import DeepSpeedConfig, TrainConfig
 from trainer.feature_parallel import ParallelGrid, feature_shard
 
@@ -307,3 +325,235 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- the engine's state
+#
+# Everything that knows how DeepSpeed's optimizers hold their state lives here; trainer.checkpoint
+# owns the file format and the checkpoints' layout.
+
+# The engine's own counters, which DeepSpeed's load_checkpoint restores too; micro_steps places
+# the gradient-accumulation boundary.
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+# Keys of the ZeRO optimizers' state_dict that are not state: the loss scaler object (its scale is
+# kept as a number instead), and the name -> slice maps that only DeepSpeed's universal
+# checkpoint conversion reads.
+_DROPPED_OPTIMIZER_KEYS = ("loss_scaler", "param_slice_mappings", "universal_checkpoint_info")
+_LOSS_SCALE_KEY = "saeforge.loss_scale"
+
+
+class EngineState:
+    """A DeepSpeed engine as a ``trainer.checkpoint.Stateful``: this rank's part of what the run
+    needs to continue bit-for-bit, sharded as the training is. Its state's parts:
+
+    - ``identity``: what must match between the engine that saved and the one that loads (rank,
+      world size, ZeRO stage, optimizer and scheduler classes, parameter shapes and dtypes);
+    - ``module``: the module's buffers, and its parameters at stage 0 only: under ZeRO they come
+      back from the optimizer's fp32 partitions, so no rank's file holds a full replica;
+    - ``optimizer``: the optimizer's state as this rank holds it (under ZeRO its fp32 partition
+      of the weights with their moments), the loss scale as a number;
+    - ``lr_scheduler`` and ``engine`` (the engine's step counters).
+
+    ``state_dict`` and ``load_state_dict`` run on every rank at the same step, between optimizer
+    steps (under ZeRO they hold collectives). Saving does not change the training.
+    """
+
+    def __init__(self, engine: deepspeed.DeepSpeedEngine) -> None:
+        self.engine = engine
+
+    def state_dict(self) -> dict[str, Any]:
+        engine, stage = self.engine, self._stage()
+        with _zero3_checkpoint_event(engine.optimizer, stage):
+            return {
+                "identity": self.identity(),
+                "module": _module_state(engine.module, stage),
+                "optimizer": _optimizer_state(engine.optimizer),
+                "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+                "engine": {name: int(getattr(engine, name)) for name in _ENGINE_COUNTERS},
+            }
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Restore ``saved`` into this freshly built engine (the same model, DeepSpeed config and
+        world size); refuses (``ValueError``) another rank's, world size's, ZeRO stage's,
+        optimizer's or parameter shapes' state before changing anything."""
+        self.check(saved)
+        engine, stage = self.engine, self._stage()
+        with _zero3_checkpoint_event(engine.optimizer, stage):
+            _load_module_state(engine.module, saved["module"], stage)
+            _load_optimizer_state(engine.optimizer, saved["optimizer"])
+            if stage in (1, 2):
+                # The low-precision (or fp32) weights the module computes with, from the fp32
+                # partitions just loaded: the copy and all-gather that end every ZeRO 1/2 step.
+                engine.optimizer.update_lp_params()
+        if engine.lr_scheduler is not None:
+            engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        for name in _ENGINE_COUNTERS:
+            setattr(engine, name, int(saved["engine"][name]))
+
+    def identity(self) -> dict[str, Any]:
+        """What must match between the engine that saved and the one that loads."""
+        engine = self.engine
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        parameters = {
+            # ZeRO 3 leaves empty placeholders in the module; ds_shape is the parameter's shape.
+            name: [list(getattr(param, "ds_shape", param.shape)), str(param.dtype).removeprefix("torch.")]
+            for name, param in engine.module.named_parameters()
+        }
+        return {
+            "rank": rank,
+            "world_size": world_size,
+            "zero_stage": self._stage(),
+            "optimizer": type(engine.optimizer).__name__,
+            "lr_scheduler": type(engine.lr_scheduler).__name__ if engine.lr_scheduler is not None else None,
+            "parameters": parameters,
+        }
+
+    def check(self, saved: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``saved`` was written by an engine like this one."""
+        _check_identity(saved["identity"], self.identity())
+
+    def _stage(self) -> int:
+        return int(self.engine.zero_optimization_stage())
+
+
+def _check_identity(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    if (saved.get("rank"), saved.get("world_size")) != (current["rank"], current["world_size"]):
+        raise ValueError(
+            f"checkpoint was written by rank {saved.get('rank')} of world_size={saved.get('world_size')}, "
+            f"this is rank {current['rank']} of world_size={current['world_size']}"
+        )
+    for key in ("zero_stage", "optimizer", "lr_scheduler"):
+        if saved.get(key) != current[key]:
+            raise ValueError(f"checkpoint has {key}={saved[key]!r}, this engine has {key}={current[key]!r}")
+    saved_params, params = saved.get("parameters", {}), current["parameters"]
+    for name in sorted(set(saved_params) | set(params)):
+        if saved_params.get(name) != params.get(name):
+            raise ValueError(
+                f"parameter {name!r}: checkpoint has [shape, dtype] {saved_params.get(name)}, "
+                f"this engine has {params.get(name)}"
+            )
+
+
+@contextmanager
+def _zero3_checkpoint_event(optimizer: Any, stage: int) -> Iterator[None]:
+    """Under ZeRO 3, every parameter partitioned for the block (as DeepSpeed's own save and load
+    do), and the persistent (small) ones gathered again after it."""
+    if stage != 3:
+        yield
+        return
+    assert isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
+    optimizer.checkpoint_event_prologue()
+    try:
+        yield
+    finally:
+        optimizer.checkpoint_event_epilogue()
+
+
+def _module_state(module: nn.Module, stage: int) -> dict[str, torch.Tensor]:
+    if stage == 0:
+        return module.state_dict()
+    # Under ZeRO the trainable parameters are restored from the optimizer's fp32 partitions
+    # (update_lp_params or ZeRO 3's own load): saving them again would put a full replica in
+    # every rank's file. Buffers and frozen parameters are not partitioned (ZeRO 1 and 2).
+    frozen = {name: param for name, param in module.named_parameters() if not param.requires_grad}
+    if frozen and stage == 3:
+        raise ValueError(f"ZeRO 3 with frozen parameters {sorted(frozen)}: not supported by the checkpoints")
+    return {**dict(module.named_buffers()), **frozen}
+
+
+def _load_module_state(module: nn.Module, saved: Mapping[str, torch.Tensor], stage: int) -> None:
+    if stage == 0:
+        module.load_state_dict(dict(saved), strict=True)
+        return
+    current = _module_state(module, stage)
+    if set(current) != set(saved):
+        raise ValueError(f"checkpoint has module tensors {sorted(saved)}, this module has {sorted(current)}")
+    with torch.no_grad():
+        for name, tensor in current.items():
+            tensor.copy_(saved[name])
+
+
+def _optimizer_state(optimizer: Any) -> dict[str, Any]:
+    if getattr(optimizer, "elastic_checkpoint", False):
+        raise ValueError("zero_optimization.elastic_checkpoint=true: its state spans all ranks; use the rigid layout")
+    state = dict(optimizer.state_dict())
+    for key in _DROPPED_OPTIMIZER_KEYS:
+        state.pop(key, None)
+    if "zero_stage" in state:  # a ZeroStageEnum
+        state["zero_stage"] = int(state["zero_stage"])
+    scaler = getattr(optimizer, "loss_scaler", None)  # DeepSpeed's optimizers, not torch's
+    if scaler is not None:
+        if getattr(scaler, "dynamic", False):
+            raise ValueError("dynamic loss scaling (fp16) is not supported by the checkpoints")
+        state[_LOSS_SCALE_KEY] = float(scaler.cur_scale)
+    return state
+
+
+def _load_optimizer_state(optimizer: Any, saved: Mapping[str, Any]) -> None:
+    saved = dict(saved)
+    loss_scale = saved.pop(_LOSS_SCALE_KEY, None)
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if scaler is not None and loss_scale is not None:
+        scaler.cur_scale = loss_scale
+        saved["loss_scaler"] = scaler  # ZeRO 3's load reads the object back
+    if not isinstance(optimizer, ZeROOptimizer):
+        # torch's optimizers and DeepSpeed's stage-0 wrappers (FP16_UnfusedOptimizer under bf16,
+        # which also restores its fp32 master copies from the state).
+        optimizer.load_state_dict(saved)
+        return
+    # ZeRO 1-3 and BF16_Optimizer take every rank's state (to re-partition on a new world size);
+    # with the same world size each reads only its own, so the others are left out: a code path
+    # that read them would fail instead of silently mixing ranks.
+    group = optimizer.dp_process_group
+    states: list[Any] = [None] * dist.get_world_size(group=group)
+    states[dist.get_rank(group=group)] = saved
+    # load_from_fp32_weights: the fp32 master partition from the checkpoint, bit-exact, instead
+    # of rebuilding it from the bf16 weights.
+    optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+# --------------------------------------------------------------------------- one rank's file
+
+
+def save_rank_state(engine: deepspeed.DeepSpeedEngine, *, extra: Mapping[str, Any]) -> bytes:
+    """Everything this rank needs to continue bit-for-bit, as one ``trainer.checkpoint`` rank
+    state file: the engine's state (``EngineState``), the RNG states and ``extra`` (the caller's
+    state: anything ``flatten_state`` takes).
+
+    Every rank calls it at the same step, between optimizer steps. A state whose module,
+    optimizer or scheduler holds a NaN or Inf is refused on every rank (``NonFiniteStateError``
+    naming the tensor), so it never becomes the newest complete checkpoint.
+    """
+    state = EngineState(engine).state_dict()
+    refuse_non_finite({key: state[key] for key in ("module", "optimizer", "lr_scheduler")})
+    return encode_rank_state({**state, "rng": RNGState().state_dict(), "extra": dict(extra)})
+
+
+def load_rank_state(engine: deepspeed.DeepSpeedEngine, data: bytes) -> dict[str, Any]:
+    """Restore what ``save_rank_state`` wrote into a freshly built ``engine`` and return its
+    ``extra``. Every rank calls it with its own rank's bytes, after building everything that
+    draws random numbers at construction: the RNG states come last. A file that does not fit
+    this engine is refused (``ValueError``) before anything changes."""
+    state = decode_rank_state(data)
+    engine_state, rng = EngineState(engine), RNGState()
+    engine_state.check(state)
+    rng.check(state["rng"])
+    engine_state.load_state_dict(state)
+    rng.load_state_dict(state["rng"])
+    return state["extra"]
+
+
+class EngineRankState:
+    """``save_rank_state`` of ``engine`` with the state of ``extra``'s stateful objects, as one
+    ``Stateful`` whose state is those bytes in a uint8 tensor: how a worker's checkpoint holds
+    each dictionary it trains (one rank state file nested in the worker's file)."""
+
+    def __init__(self, engine: deepspeed.DeepSpeedEngine, *, extra: Mapping[str, Any]) -> None:
+        self.engine, self.extra = engine, extra
+
+    def state_dict(self) -> torch.Tensor:
+        data = save_rank_state(self.engine, extra=capture_state(self.extra))
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    def load_state_dict(self, saved: torch.Tensor) -> None:
+        restore_state(self.extra, load_rank_state(self.engine, saved.numpy().tobytes()))

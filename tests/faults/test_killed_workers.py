@@ -17,7 +17,7 @@ from tiny_job import assert_same_weights, check_tiny_cache, tiny_job
 
 from activation_cache.store import open_store
 from cluster.driver import absolute_uri, build_caches, plan_caches, run_job
-from trainer.checkpoint import CHECKPOINTS_DIR, COMPLETE_FILE
+from trainer.layout import CHECKPOINTS_DIR, COMPLETE_FILE
 
 pytestmark = pytest.mark.integration
 

@@ -51,15 +51,15 @@ from activation_cache.store import ObjectStore, open_store  # noqa: E402
 from cluster.cli import main as saeforge  # noqa: E402
 from cluster.config import compose_job  # noqa: E402
 from trainer.architectures import build_sae  # noqa: E402
-from trainer.checkpoint import (  # noqa: E402
-    NonFiniteStateError,
-    decode_state,
-    flatten_state,
-    load_rank_state,
-    save_rank_state,
-)
+from trainer.checkpoint import NonFiniteStateError, decode_state, flatten_state  # noqa: E402
 from trainer.config import DeepSpeedConfig, SAEConfig, TrainConfig  # noqa: E402
-from trainer.engine import master_weights, shutdown_engine, wrap_in_deepspeed  # noqa: E402
+from trainer.engine import (  # noqa: E402
+    load_rank_state,
+    master_weights,
+    save_rank_state,
+    shutdown_engine,
+    wrap_in_deepspeed,
+)
 from trainer.evaluation import ReconstructionErrorStats, SplicedLossStats  # noqa: E402
 from trainer.feature_parallel import build_grid, parallelize_features  # noqa: E402
 from trainer.loop import (  # noqa: E402
@@ -544,7 +544,7 @@ def test_a_job_on_a_poisoned_model_trains_and_reports_the_counts(ray_cluster, s3
     Ray Train skips the bad batches on two ranks, the command's summary and eval.json report
     what was skipped, and the dictionary and the checkpoints are finite."""
     from cluster.driver import plan_caches
-    from trainer.checkpoint import CHECKPOINTS_DIR
+    from trainer.layout import CHECKPOINTS_DIR
 
     model_dir = tmp_path / "poisoned-llama"
     shutil.copytree(tiny_model_dir, model_dir)

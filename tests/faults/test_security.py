@@ -30,10 +30,9 @@ from trainer.checkpoint import (
     decode_state,
     encode_state,
     newest_complete_checkpoint,
-    rank_file_key,
 )
 from trainer.dictionary import dictionary_files, load_dictionary
-from trainer.layout import write_dictionary
+from trainer.layout import rank_file_key, write_dictionary
 from trainer.sae import TopKSAE
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,6 +1,7 @@
-"""Checkpoints: pickle-free nested state, one rank's state in and out of a DeepSpeed engine
-(bit-identical resumption on two gloo ranks, every ZeRO stage, fp32 and bf16), and the layout
-under ``checkpoints/`` with its newest-complete rule and retention."""
+"""Checkpoints: pickle-free nested state, stateful objects walked in and out, one rank's state
+in and out of a DeepSpeed engine (bit-identical resumption on two gloo ranks, every ZeRO stage,
+fp32 and bf16), the layout under ``checkpoints/`` with its newest-complete rule and retention,
+and the ``Checkpointer`` that saves every N steps and resumes from the newest complete one."""
 
 from __future__ import annotations
 
@@ -26,22 +27,27 @@ from safetensors.torch import load_file, save_file
 
 import trainer.checkpoint as checkpoint_module
 from trainer.checkpoint import (
+    AttributeState,
     Checkpoint,
+    Checkpointer,
     RankFile,
-    checkpoint_dir,
+    capture_state,
     complete_marker,
-    complete_marker_key,
+    decode_rank_state,
     decode_state,
+    encode_rank_state,
     encode_state,
     flatten_state,
     gather_rank_files,
-    load_rank_state,
     newest_complete_checkpoint,
-    rank_file_key,
-    save_rank_state,
+    parse_complete_marker,
+    restore_state,
     superseded_checkpoint_keys,
     unflatten_state,
 )
+from trainer.layout import checkpoint_dir, complete_marker_key, rank_file_key
+
+ENGINE_MODULE = Path(checkpoint_module.__file__).with_name("engine.py")  # imports deepspeed: loaded lazily
 
 # --------------------------------------------------------------------------- nested state
 
@@ -129,6 +135,8 @@ def test_tampered_skeleton_or_tensors_are_refused() -> None:
 
 
 def test_a_file_that_is_no_rank_state_is_refused_before_the_engine_is_touched() -> None:
+    from trainer.engine import load_rank_state
+
     with pytest.raises(ValueError, match="rank state format None: expected 'saeforge.rank_state/1'"):
         load_rank_state(None, encode_state({"weights": torch.ones(2)}))
     with pytest.raises(ValueError, match=r"rank state lacks \['engine', 'extra', 'identity'"):
@@ -149,11 +157,12 @@ def _no_unpickling():
         pickle.load, pickle.loads, pickle.Unpickler, torch.load = saved
 
 
-def test_decoding_never_unpickles() -> None:
+@pytest.mark.parametrize("source", [Path(checkpoint_module.__file__), ENGINE_MODULE], ids=["checkpoint", "engine"])
+def test_decoding_never_unpickles(source: Path) -> None:
     data = encode_state(_mixed_state())
     with _no_unpickling():
         decode_state(data)
-    tree = ast.parse(Path(checkpoint_module.__file__).read_text())
+    tree = ast.parse(source.read_text())  # the format, and the engine state that loads through it
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import | ast.ImportFrom):
@@ -161,7 +170,8 @@ def test_decoding_never_unpickles() -> None:
     assert not imported & {"pickle", "_pickle", "dill", "cloudpickle"}
     calls_torch_load = [
         node for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and node.attr == "load" and getattr(node.value, "id", None) == "torch"
+        if isinstance(node, ast.Attribute) and node.attr in ("load", "load_checkpoint")
+        and getattr(node.value, "id", None) in ("torch", "engine")
     ]
     assert not calls_torch_load
 
@@ -210,12 +220,11 @@ def test_newest_complete_checkpoint_skips_incomplete_and_corrupt_steps() -> None
     assert (found.step, found.world_size) == (20, 2)
     assert found.read_rank_state(1, read) == store[rank_file_key(20, 1)]
     assert rank_file_key(50, 0) not in reads  # no marker: never read
-    # Without verifying contents the corrupt step 30 is taken; loading its rank 1 then fails.
-    unverified = newest_complete_checkpoint(sorted(store), read, verify_contents=False)
-    assert unverified is not None and unverified.step == 30
-    unverified.read_rank_state(0, read)
+    # Reading a file checks it against its marker: step 30's rank 1 is the corrupt one.
+    corrupt = parse_complete_marker(30, store[complete_marker_key(30)])
+    corrupt.read_rank_state(0, read)
     with pytest.raises(ValueError, match=r"rank-00001.safetensors: 7 bytes, expected"):
-        unverified.read_rank_state(1, read)
+        corrupt.read_rank_state(1, read)
     assert newest_complete_checkpoint([], read) is None
 
 
@@ -253,6 +262,125 @@ def test_gather_rank_files_without_a_process_group_is_this_rank_alone() -> None:
     assert gather_rank_files(3, b"abc") == [RankFile.of(rank_file_key(3, 0), b"abc")]
 
 
+# --------------------------------------------------------------------------- stateful objects
+
+
+class _Counter:
+    """A stateful object as the reader and the training loop are: a position and a tensor."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.position, self.counts = start, torch.full((3,), float(start))
+        self.loaded: list[dict] = []
+
+    def advance(self) -> None:
+        self.position += 1
+        self.counts += 1
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.counts = state["position"], state["counts"].clone()
+        self.loaded.append(state)
+
+
+class _Scale:
+    value = 0.5
+
+
+def test_stateful_objects_are_walked_in_and_out() -> None:
+    scale = _Scale()
+    states = {"loops": {"a": _Counter(1), "b": _Counter(2)}, "reader": _Counter(7), "scale": AttributeState(scale, "value")}
+    captured = capture_state(states)
+    assert captured == {"loops": {"a": {"position": 1, "counts": captured["loops"]["a"]["counts"]},
+                                  "b": {"position": 2, "counts": captured["loops"]["b"]["counts"]}},
+                        "reader": {"position": 7, "counts": captured["reader"]["counts"]}, "scale": 0.5}
+    fresh_scale = _Scale()
+    fresh_scale.value = 9.0
+    fresh = {"loops": {"a": _Counter(), "b": _Counter()}, "reader": _Counter(), "scale": AttributeState(fresh_scale, "value")}
+    restore_state(fresh, decode_state(encode_state(captured)))
+    _assert_same(capture_state(fresh), captured)
+    assert fresh_scale.value == 0.5
+    # Names only the saved state has are left alone; a name it lacks is refused with its path.
+    restore_state({"reader": _Counter()}, captured)
+    with pytest.raises(ValueError, match=r"^checkpoint X has no state\['loops'\]\['c'\]$"):
+        restore_state({"loops": {"c": _Counter()}}, captured, where="checkpoint X")
+    with pytest.raises(TypeError, match="'weights': Tensor has no state_dict"):
+        capture_state({"weights": torch.ones(1)})
+
+
+def test_rank_state_files_keep_their_format() -> None:
+    """The formats are what checkpoints already written carry: changing them breaks resuming."""
+    assert (checkpoint_module.STATE_FORMAT, checkpoint_module.RANK_STATE_FORMAT, checkpoint_module.COMPLETE_FORMAT) == (
+        "saeforge.state/1", "saeforge.rank_state/1", "saeforge.checkpoint/1")
+    parts = {name: {} for name in checkpoint_module.RANK_STATE_PARTS} | {"module": {"b": torch.ones(2)}}
+    data = encode_rank_state(parts)
+    assert list(decode_state(data)) == ["format", "identity", "module", "optimizer", "lr_scheduler", "engine", "rng", "extra"]
+    _assert_same(decode_rank_state(data), {"format": "saeforge.rank_state/1", **parts})
+    with pytest.raises(ValueError, match=r"rank state lacks \['rng'\]"):
+        encode_rank_state({name: {} for name in checkpoint_module.RANK_STATE_PARTS if name != "rng"})
+
+
+class _MemoryStore:
+    """The object store's calls a Checkpointer makes, over a dict."""
+
+    uri = "memory://run"
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.objects[key]
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.objects[key] = bytes(data)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(key for key in self.objects if key.startswith(prefix))
+
+    def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+
+def test_checkpointer_saves_every_n_steps_keeps_the_newest_and_resumes() -> None:
+    store, loop = _MemoryStore(), _Counter()
+    checkpointer = Checkpointer(store, rank=0, world_size=1, every_steps=2, keep=2)
+    assert checkpointer.restore({"loop": loop}) == 0 and loop.loaded == []  # nothing to resume
+    for step in range(1, 8):
+        loop.advance()
+        if checkpointer.due(step, last_step=7):
+            checkpointer.save(step, {"loop": loop})
+    assert [step for step in range(1, 9) if checkpointer.due(step, last_step=8)] == [2, 4, 6]  # never the last step
+    assert store.list() == [complete_marker_key(4), rank_file_key(4, 0), complete_marker_key(6), rank_file_key(6, 0)]
+    saved = decode_state(store.get_bytes(rank_file_key(6, 0)))
+    assert saved["loop"]["position"] == 6 and torch.equal(saved["loop"]["counts"], torch.full((3,), 6.0))
+    marker = json.loads(store.get_bytes(complete_marker_key(6)))
+    assert (marker["format"], marker["step"], marker["world_size"]) == ("saeforge.checkpoint/1", 6, 1)
+
+    store.put_bytes(rank_file_key(6, 0), b"bit rot")  # the newest is damaged: the one before comes back
+    resumed = _Counter()
+    assert Checkpointer(store, rank=0, world_size=1, every_steps=2, keep=2).restore({"loop": resumed}) == 4
+    assert resumed.position == 4 and torch.equal(resumed.counts, torch.full((3,), 4.0))
+    assert not Checkpointer(store, rank=0, world_size=1, every_steps=0, keep=2).due(4, last_step=8)
+
+
+def test_checkpointer_refuses_another_world_size_and_a_state_it_lacks() -> None:
+    store = _MemoryStore()
+    for rank in range(2):
+        store.put_bytes(rank_file_key(3, rank), encode_state({"loop": {"position": 3}}))
+    store.put_bytes(*complete_marker(3, [RankFile.of(k, store.get_bytes(k)) for k in (rank_file_key(3, 0), rank_file_key(3, 1))]))
+    loop = _Counter()
+    with pytest.raises(ValueError, match=r"^checkpoint at step 3 in memory://run was written by 2 ranks, this run has 1"):
+        Checkpointer(store, rank=0, world_size=1, every_steps=1, keep=2).restore({"loop": loop})
+    assert loop.loaded == []
+    store = _MemoryStore()
+    Checkpointer(store, rank=0, world_size=1, every_steps=1, keep=2).save(5, {"loop": loop})
+    with pytest.raises(ValueError, match=r"^checkpoint at step 5 in memory://run has no state\['reader'\]"):
+        Checkpointer(store, rank=0, world_size=1, every_steps=1, keep=2).restore({"loop": _Counter(), "reader": _Counter()})
+    with pytest.raises(ValueError, match="keep=0"):
+        Checkpointer(store, rank=0, world_size=1, every_steps=1, keep=0)
+
+
 # --------------------------------------------------------------------------- DeepSpeed, two ranks
 
 WORLD_SIZE = 2
@@ -271,16 +399,16 @@ def _lr_multiplier(step: int) -> float:
 
 
 def _build_engine(config: str, *, n_latents: int = N_LATENTS):
-    from trainer.architectures import TopKAuxSAE
     from trainer.config import DeepSpeedConfig, TrainConfig
     from trainer.engine import wrap_in_deepspeed
+    from trainer.sae import TopKSAE  # with the AuxK loss over dead latents
 
     stage, precision = CONFIGS[config]
     # ZeRO 3 keeps parameters smaller than the persistence threshold whole on every rank: under
     # fp32 the biases stay whole and the matrices are partitioned, under bf16 all are partitioned.
     persistence = 100 if precision == "fp32" else 0
     deepspeed_cfg = DeepSpeedConfig(zero_stage=stage, precision=precision, stage3_param_persistence_threshold=persistence)
-    sae = TopKAuxSAE(D_IN, n_latents, K, seed=SAE_SEED)
+    sae = TopKSAE(D_IN, n_latents, K, seed=SAE_SEED)
     return wrap_in_deepspeed(
         sae, train_cfg=TrainConfig(batch_size=GLOBAL_BATCH), deepspeed_cfg=deepspeed_cfg, lr=LR,
         world_size=WORLD_SIZE, lr_multiplier=_lr_multiplier,
@@ -325,7 +453,7 @@ def _extra(tracker, steps: int) -> dict:
 
 def _finish(engine, out_dir: Path, rank: int, tracker, steps: int) -> None:
     """Record the run's final state (and the fp32 master weights) for the comparisons."""
-    from trainer.engine import master_weights, shutdown_engine
+    from trainer.engine import master_weights, save_rank_state, shutdown_engine
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{rank}.state").write_bytes(save_rank_state(engine, extra=_extra(tracker, steps)))
@@ -336,6 +464,8 @@ def _finish(engine, out_dir: Path, rank: int, tracker, steps: int) -> None:
 def _save_checkpoint(engine, store: Path, rank: int, tracker, steps: int) -> None:
     """What the worker loop does: every rank writes its file, the gather is the barrier, then
     rank 0 writes COMPLETE.json."""
+    from trainer.engine import save_rank_state
+
     data = save_rank_state(engine, extra=_extra(tracker, steps))
     key = rank_file_key(steps, rank)
     (store / key).parent.mkdir(parents=True, exist_ok=True)
@@ -376,7 +506,7 @@ def _latest_checkpoint_state(store: Path, rank: int) -> bytes:
 def _second_process(rank: int, out_dir: Path) -> None:
     """Per config: a fresh engine loads this rank's state from the checkpoint and trains on; on
     the way, the refusals of states that do not fit."""
-    from trainer.engine import shutdown_engine
+    from trainer.engine import load_rank_state, shutdown_engine
     from trainer.metrics import DeadLatentTracker
 
     errors: dict[str, str] = {}
