@@ -120,6 +120,164 @@ def _alive(actor: Any, timeout_s: float) -> bool:
             return False
 
 
+class _Caches:
+    """The manifest of each hookpoint's cache, held here only, committed after every finished unit."""
+
+    def __init__(self, manifests: dict[str, Manifest], cache_uris: dict[str, str], s3_options: dict,
+                 before_commit: Callable[[str], None] | None):
+        self.manifests = dict(manifests)
+        self.stores = {h: open_store(uri, s3_options=s3_options) for h, uri in cache_uris.items()}
+        self.before_commit = before_commit
+        self.committed = {h: {s.name for s in m.shards} for h, m in self.manifests.items()}
+
+    def lacking(self, unit: WorkUnit) -> list[str]:
+        """The hookpoints whose cache does not list ``unit``'s shard yet."""
+        return [h for h in self.manifests if unit.shard_name not in self.committed[h]]
+
+    def commit(self, results: dict[str, ShardResult]) -> None:
+        for hookpoint, result in results.items():
+            self.manifests[hookpoint] = self.manifests[hookpoint].with_shard(result.entry, result.stats)
+            self._write(hookpoint)
+
+    def mark_complete(self) -> None:
+        for hookpoint, manifest in self.manifests.items():
+            manifest.complete = True
+            self._write(hookpoint)
+
+    def rows_per_hookpoint(self) -> int:
+        return min(m.rows for m in self.manifests.values())
+
+    def _write(self, hookpoint: str) -> None:
+        if self.before_commit is not None:
+            self.before_commit(hookpoint)
+        commit_manifest(self.stores[hookpoint], self.manifests[hookpoint])
+
+
+class _ProducerPool:
+    """The producers and their free task slots (``units_per_producer`` each). A producer dead for
+    good loses its slots and is replaced, at most ``max_replacements`` times; the replacements
+    are this pool's to kill (``kill_replacements``), the producers it was given the caller's."""
+
+    def __init__(self, producers: list, *, units_per_producer: int, make_producer: Callable[[], Any] | None,
+                 max_replacements: int, restart_timeout_s: float):
+        self.producers = list(producers)
+        self.units_per_producer = units_per_producer
+        self.make_producer = make_producer
+        self.max_replacements = max_replacements
+        self.restart_timeout_s = restart_timeout_s
+        self.free_slots = [actor for _ in range(units_per_producer) for actor in self.producers]
+        self.replacements: list = []
+
+    def release(self, actor: Any) -> None:
+        self.free_slots.append(actor)
+
+    def after_failure(self, actor: Any, err: Exception) -> None:
+        """Give the slot back if ``actor`` still answers (its task raised, or Ray restarted it);
+        otherwise retire it."""
+        if isinstance(err, ray.exceptions.RayTaskError) or _alive(actor, self.restart_timeout_s):
+            self.free_slots.append(actor)
+        else:
+            self._retire(actor)
+
+    def _retire(self, actor: Any) -> None:
+        # Dead for good: its other queued tasks fail too and come back here; drop its slots.
+        self.free_slots = [a for a in self.free_slots if a is not actor]
+        if actor not in self.producers:  # retired already, by one of its other tasks
+            return
+        ray.kill(actor, no_restart=True)  # were it only slow to come back: free its resources
+        self.producers.remove(actor)
+        if self.make_producer is not None and len(self.replacements) < self.max_replacements:
+            replacement = self.make_producer()
+            self.replacements.append(replacement)
+            self.producers.append(replacement)
+            self.free_slots += [replacement] * self.units_per_producer
+            log.warning("a producer died for good: started replacement %d of %d",
+                        len(self.replacements), self.max_replacements)
+
+    def kill_replacements(self) -> None:
+        for actor in self.replacements:
+            ray.kill(actor)
+
+
+class _WorkQueue:
+    """Units waiting, units in flight (with the producer running each), and the failures of each."""
+
+    def __init__(self, todo: list[WorkUnit], caches: _Caches, max_unit_attempts: int):
+        self.waiting = list(reversed(todo))  # popped from the end: the first unit goes first
+        self.in_flight: dict[Any, tuple[WorkUnit, Any]] = {}  # task ref -> (unit, producer)
+        self.hookpoints = {u.shard_name: caches.lacking(u) for u in todo}
+        self.attempts: Counter[str] = Counter()
+        self.max_unit_attempts = max_unit_attempts
+
+    def __bool__(self) -> bool:
+        return bool(self.waiting or self.in_flight)
+
+    def dispatch(self, pool: _ProducerPool) -> None:
+        """Hand waiting units to free slots; ``ProducerFailed`` when nothing is left to run them."""
+        while self.waiting and pool.free_slots:
+            actor, unit = pool.free_slots.pop(), self.waiting.pop()
+            self.in_flight[actor.produce.remote(unit, self.hookpoints[unit.shard_name])] = (unit, actor)
+        if not self.in_flight:
+            raise ProducerFailed(f"no producer left to run {len(self.waiting)} work units (all died; "
+                                 f"{len(pool.replacements)} replacements started)")
+
+    def next_finished(self) -> tuple[Any, WorkUnit, Any]:
+        """(task ref, unit, producer) of the first task to end, well or not."""
+        [ref], _ = ray.wait(list(self.in_flight), num_returns=1)
+        unit, actor = self.in_flight.pop(ref)
+        return ref, unit, actor
+
+    def retry(self, unit: WorkUnit, err: Exception) -> None:
+        """Queue ``unit`` again after ``err``; ``ProducerFailed`` at once for a full store (no
+        retry helps until space is freed) and after ``max_unit_attempts`` failures."""
+        self.attempts[unit.shard_name] += 1
+        cause = _one_line_cause(err)
+        if isinstance(getattr(err, "cause", None), StoreFull):
+            raise ProducerFailed(f"work unit {unit.shard_name}: {cause}") from err
+        if self.attempts[unit.shard_name] >= self.max_unit_attempts:
+            raise ProducerFailed(
+                f"work unit {unit.shard_name} failed {self.attempts[unit.shard_name]} times; last cause {cause}"
+            ) from err
+        log.warning("work unit %s failed (%s): queued again", unit.shard_name, cause)
+        self.waiting.append(unit)
+
+    def tokens_left(self) -> int:
+        return sum(u.tokens.size for u in self.waiting) + sum(u.tokens.size for u, _ in self.in_flight.values())
+
+    def units_left(self) -> int:
+        return len(self.waiting) + len(self.in_flight)
+
+
+class _Progress:
+    """The tqdm bar, and a log line every ``log_every_s`` and at the end (for logs that are not a terminal)."""
+
+    def __init__(self, n_units: int, n_done: int, log_every_s: float):
+        self.start = time.perf_counter()
+        self.n_units = n_units
+        self.tokens_forwarded = 0
+        self.bar = tqdm(total=n_units, initial=n_done, desc="caching", unit="shard")
+        self.log_every_s = log_every_s
+        self.next_log = time.monotonic() + log_every_s
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def unit_done(self, tokens_forwarded: int, work: _WorkQueue, caches: _Caches) -> None:
+        self.tokens_forwarded += tokens_forwarded
+        rate = self.tokens_forwarded / self.seconds
+        self.bar.update(1)
+        self.bar.set_postfix(tokens=self.tokens_forwarded, tokens_per_s=f"{rate:.0f}")
+        if time.monotonic() >= self.next_log or not work:
+            log.info("cache: %d of %d units, %d rows cached per hookpoint, %.0f tokens/s, ETA %.0f s",
+                     self.n_units - work.units_left(), self.n_units, caches.rows_per_hookpoint(), rate,
+                     work.tokens_left() / rate if rate else float("nan"))
+            self.next_log = time.monotonic() + self.log_every_s
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def fill_cache(
     *,
     producers: list,
@@ -155,88 +313,29 @@ def fill_cache(
     Progress (shards, rows cached, tokens/s, ETA) goes to a tqdm bar and, every ``log_every_s``,
     to the log.
     """
-    manifests = dict(manifests)
-    stores = {h: open_store(uri, s3_options=s3_options) for h, uri in cache_uris.items()}
-    done = {h: {s.name for s in m.shards} for h, m in manifests.items()}
-    needs = {u.shard_name: [h for h in manifests if u.shard_name not in done[h]] for u in units}
-    todo = [u for u in units if needs[u.shard_name]]
-    start, forwarded = time.perf_counter(), 0
-    producers = list(producers)
-    pending: dict = {}
-    idle = [actor for _ in range(units_per_producer) for actor in producers]
-    busy: dict = {}
-    attempts: Counter[str] = Counter()
-    progress = tqdm(total=len(units), initial=len(units) - len(todo), desc="caching", unit="shard")
-    queue = list(reversed(todo))
-    next_log = time.monotonic() + log_every_s
-    replacements: list = []  # started here, killed here
+    caches = _Caches(manifests, cache_uris, s3_options, before_commit)
+    todo = [u for u in units if caches.lacking(u)]
+    work = _WorkQueue(todo, caches, max_unit_attempts)
+    pool = _ProducerPool(producers, units_per_producer=units_per_producer, make_producer=make_producer,
+                         max_replacements=max_replacements, restart_timeout_s=restart_timeout_s)
+    progress = _Progress(len(units), len(units) - len(todo), log_every_s)
     try:
-        while queue or pending:
-            while queue and idle:
-                actor, unit = idle.pop(), queue.pop()
-                ref = actor.produce.remote(unit, needs[unit.shard_name])
-                pending[ref], busy[ref] = unit, actor
-            if not pending:
-                raise ProducerFailed(f"no producer left to run {len(queue)} work units (all died; "
-                                     f"{len(replacements)} replacements started)")
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            ref = ready[0]
-            unit, actor = pending.pop(ref), busy.pop(ref)
+        while work:
+            work.dispatch(pool)
+            ref, unit, actor = work.next_finished()
             try:
                 results: dict[str, ShardResult] = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-                attempts[unit.shard_name] += 1
-                cause = _one_line_cause(err)
-                if isinstance(getattr(err, "cause", None), StoreFull):  # no retry can help until space is freed
-                    raise ProducerFailed(f"work unit {unit.shard_name}: {cause}") from err
-                if attempts[unit.shard_name] >= max_unit_attempts:
-                    raise ProducerFailed(
-                        f"work unit {unit.shard_name} failed {attempts[unit.shard_name]} times; last cause {cause}"
-                    ) from err
-                log.warning("work unit %s failed (%s): queued again", unit.shard_name, cause)
-                queue.append(unit)
-                if isinstance(err, ray.exceptions.RayTaskError) or _alive(actor, restart_timeout_s):
-                    idle.append(actor)
-                    continue
-                # Dead for good: its other queued tasks fail too and come back here; drop its slots.
-                idle = [a for a in idle if a is not actor]
-                if actor in producers:
-                    ray.kill(actor, no_restart=True)  # were it only slow to come back: free its resources
-                    producers.remove(actor)
-                    if make_producer is not None and len(replacements) < max_replacements:
-                        replacement = make_producer()
-                        replacements.append(replacement)
-                        producers.append(replacement)
-                        idle += [replacement] * units_per_producer
-                        log.warning("a producer died for good: started replacement %d of %d",
-                                    len(replacements), max_replacements)
+                work.retry(unit, err)
+                pool.after_failure(actor, err)
                 continue
-            idle.append(actor)
-            for hookpoint, result in results.items():
-                manifests[hookpoint] = manifests[hookpoint].with_shard(result.entry, result.stats)
-                if before_commit is not None:
-                    before_commit(hookpoint)
-                commit_manifest(stores[hookpoint], manifests[hookpoint])
-            forwarded += next(iter(results.values())).tokens_forwarded
-            progress.update(1)
-            elapsed = time.perf_counter() - start
-            rate = forwarded / elapsed
-            progress.set_postfix(tokens=forwarded, tokens_per_s=f"{rate:.0f}")
-            if time.monotonic() >= next_log or not queue and not pending:  # for logs that are not a terminal
-                left = sum(u.tokens.size for u in queue) + sum(u.tokens.size for u in pending.values())
-                log.info("cache: %d of %d units, %d rows cached per hookpoint, %.0f tokens/s, ETA %.0f s",
-                         len(units) - len(queue) - len(pending), len(units),
-                         min(m.rows for m in manifests.values()), rate, left / rate if rate else float("nan"))
-                next_log = time.monotonic() + log_every_s
+            pool.release(actor)
+            caches.commit(results)
+            progress.unit_done(next(iter(results.values())).tokens_forwarded, work, caches)
             if on_commit is not None:
-                on_commit(manifests, producers)
+                on_commit(caches.manifests, pool.producers)
     finally:
         progress.close()
-        for actor in replacements:
-            ray.kill(actor)
-    for hookpoint, manifest in manifests.items():
-        manifest.complete = True
-        if before_commit is not None:
-            before_commit(hookpoint)
-        commit_manifest(stores[hookpoint], manifest)
-    return ProductionReport(manifests, len(todo), forwarded, time.perf_counter() - start)
+        pool.kill_replacements()
+    caches.mark_complete()
+    return ProductionReport(caches.manifests, len(todo), progress.tokens_forwarded, progress.seconds)
