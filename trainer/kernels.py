@@ -4,8 +4,8 @@ A TopK SAE step on CPU is dominated by one dense GEMM, the encoder's ``(B, d) @ 
 reference path adds four more of that size (the decoder's ``(B, n) @ (n, d)`` and three in
 backward) plus several passes over (B, n) pre-activations. Here:
 
-* ``sparse_topk_encode``: the GEMM (optionally in bf16, which this kind of CPU runs about twice as
-  fast as fp32) in chunks of rows, each reduced at once to its top k by ``topk_rows`` (one read of
+* ``sparse_topk_encode``: the GEMM (optionally in bf16, which CPUs with AMX or AVX512-BF16 run
+  faster than fp32: benchmarks/RESULTS.md) in chunks of rows, each reduced at once to its top k by ``topk_rows`` (one read of
   the chunk plus small top-ks); backward touches only the k selected latents per token.
 * ``sparse_decode``: ``sum_j acts_j * W_dec[indices_j] + b_dec`` as a weighted ``embedding_bag``,
   with the unit-norm constraint applied to the k gathered rows only; backward touches those rows.
@@ -44,15 +44,17 @@ __all__ = [
 ENCODER_CHUNK_ROWS = 512
 
 # Columns per group in ``topk_rows``, at every level of its recursion. torch's CPU top-k costs
-# about 5 ns per element plus a per-row overhead; eight-wide groups, recursively, cut the elements
-# it sorts per row from n to about n / 8 + 2 * 8 * k (measured fastest of 4, 8, 16, 32 and 64).
+# a time per element plus a per-row overhead; eight-wide groups, recursively, cut the elements it
+# sorts per row from n to about n / 8 + 2 * 8 * k (fastest of 4, 8, 16, 32 and 64:
+# benchmarks/RESULTS.md).
 TOPK_GROUP_SIZE = 8
 
 # Latents per block of the backward's scatter-adds: a (512, d) fp32 block is about 1.5 MB, so it
 # is still in cache when it is copied (transposed, for W_enc) into the gradient.
 SCATTER_BLOCK_LATENTS = 512
 
-# Same floor as ``TopKSAE.decoder_weight``: keeps an all-zero row from dividing by zero.
+# The floor of ``unit_norm_rows`` (``SparseCoder.decoder_weight``): keeps an all-zero row from
+# dividing by zero.
 NORM_EPS = 1e-12
 
 
@@ -150,7 +152,7 @@ def _gather_dot(rows: Tensor, table: Tensor, pairs: _Pairs) -> Tensor:
     """(B * k,) ``table[latents[p]] . rows[tokens[p]]`` for each pair p, in the pairs' order.
 
     Visiting the pairs in latent order streams the table (larger than the cache) once and reads
-    ``rows`` (smaller) at random: half the time of token order on the reference CPU.
+    ``rows`` (smaller) at random: faster than token order (benchmarks/RESULTS.md).
     """
     offsets = torch.empty(0, dtype=torch.int64, device=rows.device)  # offset2bag is given
     # aten's backward of embedding_bag with respect to per_sample_weights: exactly these dots.
