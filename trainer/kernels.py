@@ -4,8 +4,8 @@ A TopK SAE step on CPU is dominated by one dense GEMM, the encoder's ``(B, d) @ 
 reference path adds four more of that size (the decoder's ``(B, n) @ (n, d)`` and three in
 backward) plus several passes over (B, n) pre-activations. Here:
 
-* ``sparse_topk_encode``: the GEMM (optionally in bf16, which CPUs with AMX or AVX512-BF16 run
-  faster than fp32: benchmarks/RESULTS.md) in chunks of rows, each reduced at once to its top k by ``topk_rows`` (one read of
+* ``sparse_topk_encode``: the GEMM (optionally in bf16, faster than fp32 on the reference CPU:
+  benchmarks/RESULTS.md) in chunks of rows, each reduced at once to its top k by ``topk_rows`` (one read of
   the chunk plus small top-ks); backward touches only the k selected latents per token.
 * ``sparse_decode``: ``sum_j acts_j * W_dec[indices_j] + b_dec`` as a weighted ``embedding_bag``,
   with the unit-norm constraint applied to the k gathered rows only; backward touches those rows.
