@@ -31,7 +31,6 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 __all__ = [
     "dense_decode",
     "dense_topk_encode",
-    "scatter_add_rows",
     "sparse_decode",
     "sparse_topk_encode",
     "topk_rows",
@@ -132,20 +131,6 @@ def _scatter_blocks(
             rows, pairs.latents[first:last] - start, pairs.tokens[first:last], bag_size,
             bag_size, stop - start, False, 0, weights[first:last], -1,
         )
-
-
-def scatter_add_rows(rows: Tensor, indices: Tensor, weights: Tensor, n_out: int) -> Tensor:
-    """(n_out, d) ``out`` with ``out[indices[b, j]] += weights[b, j] * rows[b]``, in fp32 or wider.
-
-    ``rows`` (B, d), ``indices`` and ``weights`` (B, k): ``S^T @ rows`` for the sparse (B, n_out)
-    matrix S holding ``weights`` at ``indices``, without a (B * k, d) intermediate.
-    """
-    pairs = _sort_pairs(indices)
-    accumulate = torch.promote_types(rows.dtype, torch.float32)
-    out = torch.empty(n_out, rows.shape[1], dtype=accumulate, device=rows.device)
-    for start, stop, sums in _scatter_blocks(rows, pairs, weights.reshape(-1)[pairs.order], n_out):
-        out[start:stop] = sums
-    return out
 
 
 def _gather_dot(rows: Tensor, table: Tensor, pairs: _Pairs) -> Tensor:

@@ -10,7 +10,6 @@ from trainer import kernels
 from trainer.kernels import (
     dense_decode,
     dense_topk_encode,
-    scatter_add_rows,
     sparse_decode,
     sparse_topk_encode,
     topk_rows,
@@ -218,8 +217,16 @@ def test_sparse_decode_gradient_is_zero_off_the_gathered_rows_and_orthogonal_on_
     assert (radial.abs() <= 1e-6 * scale).all()
 
 
+def _scatter_add_rows(rows: Tensor, indices: Tensor, weights: Tensor, n_out: int) -> Tensor:
+    """(n_out, d) ``out[indices[b, j]] += weights[b, j] * rows[b]`` from the backward passes' block
+    scatter (``kernels._scatter_blocks``), the blocks laid side by side."""
+    pairs = kernels._sort_pairs(indices)
+    blocks = kernels._scatter_blocks(rows, pairs, weights.reshape(-1)[pairs.order], n_out)
+    return torch.cat([sums for _, _, sums in blocks])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_scatter_add_rows_matches_index_add(dtype) -> None:
+def test_block_scatter_of_the_backward_matches_index_add(dtype) -> None:
     generator = torch.Generator().manual_seed(23)
     rows = torch.randn(50, 12, generator=generator).to(dtype)
     indices = torch.randint(0, 1100, (50, 6), generator=generator)  # several scatter blocks
@@ -228,7 +235,7 @@ def test_scatter_add_rows_matches_index_add(dtype) -> None:
     expected = torch.zeros(1100, 12, dtype=torch.float64).index_add_(
         0, indices.reshape(-1), (weights.double()[..., None] * rows.double()[:, None]).reshape(-1, 12)
     )
-    out = scatter_add_rows(rows, indices, weights, 1100)
+    out = _scatter_add_rows(rows, indices, weights, 1100)
     assert out.dtype == torch.float32  # accumulated in fp32 even from bf16
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
