@@ -35,7 +35,7 @@ class SparseFeatureData:
 
     All randomness comes from one ``torch.Generator`` seeded from a hash of ``seed``, never
     ``seed`` itself: ``torch.Generator().manual_seed(s)`` gives the same stream as an SAE
-    initialised with seed s, which would start the SAE at the true directions (ENVIRONMENT.md).
+    initialised with seed s, which would start the SAE at the true directions.
     """
 
     def __init__(
