@@ -71,7 +71,7 @@ class DataConfig:
     """The field of a ``.jsonl`` record / the column of a Parquet file that holds the text."""
     context_length: int = 256
     """Tokens per packed sequence, including the BOS token."""
-    max_tokens: int | None = 65536
+    max_tokens: int | None = 131072
     """Stop after this many tokens (before exclusions); ``None`` uses the whole corpus."""
     prepend_bos: bool = True
     """Start every packed sequence with the tokenizer's BOS token (excluded from the cache)."""

@@ -82,7 +82,7 @@ class TrainConfig:
     """Tokens per optimizer step, summed over all data-parallel ranks."""
     lr: float | None = None
     """Adam learning rate; ``None`` picks 2e-4 / sqrt(n_latents / 2**14) (Gao et al. 2024 scaling)."""
-    epochs: int = 2
+    epochs: int = 3
     """Passes over the training shards of the cache."""
     max_tokens: int | None = None
     """Stop after this many training tokens (all ranks together); ``None`` means all epochs."""

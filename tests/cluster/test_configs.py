@@ -86,6 +86,60 @@ def test_every_combination_composes(choice):
     assert isinstance(job, JobConfig)
 
 
+def test_the_default_job_is_the_dataclass_defaults():
+    """One source for each default: the dataclasses. The default option of each group sets no
+    value of its own (``test_no_yaml_restates_a_default``), so what runs is what they say."""
+    assert compose_job([]) == JobConfig()
+
+
+def _package(path: Path) -> str:
+    """Where a YAML file's keys land in the job: its ``# @package`` line, else its group."""
+    for line in path.read_text().splitlines():
+        if line.startswith("# @package "):
+            package = line.removeprefix("# @package ").strip()
+            return "" if package == "_global_" else package
+    return path.parent.name
+
+
+def _settings(path: Path) -> dict[str, object]:
+    """The values a YAML file sets, by dotted key in the job (its defaults list left out)."""
+    from omegaconf import OmegaConf
+
+    body = OmegaConf.to_container(OmegaConf.load(path))
+    body.pop("defaults", None)
+
+    def flatten(node: object, prefix: str) -> dict[str, object]:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        return {k: v for name, value in node.items() for k, v in flatten(value, f"{prefix}.{name}".lstrip(".")).items()}
+
+    return flatten(body, _package(path))
+
+
+YAML_FILES = sorted(Path(CONF_DIR).glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_no_yaml_restates_a_default(path):
+    """A YAML file sets a value equal to the dataclass default only where another option sets
+    that key otherwise (``deepspeed/zero2`` says ``zero_stage: 2`` so that it stays stage 2); a
+    value repeated anywhere else would be a second source that can drift from the first."""
+    import functools
+
+    defaults = JobConfig()
+    options = [other for other in YAML_FILES if other.parent.name != "experiment"]
+    set_by_options: dict[str, list[object]] = {}
+    for other in options:
+        for key, value in _settings(other).items():
+            set_by_options.setdefault(key, []).append(value)
+    restated = [
+        f"{key}: {value!r}" for key, value in _settings(path).items()
+        if value == functools.reduce(getattr, key.split("."), defaults)
+        and all(other == value for other in set_by_options.get(key, []))
+    ]
+    assert not restated, f"{path.relative_to(CONF_DIR)} restates the dataclass defaults {restated}"
+
+
 def test_command_line_overrides_reach_the_dataclasses():
     job = compose_job(["sae.n_latents=8192", "cache=s3", "cache.uri=s3://bucket/prefix", "train.lr=1e-3"])
     assert (job.sae.n_latents, job.cache.uri, job.train.lr) == (8192, "s3://bucket/prefix", 1e-3)
