@@ -81,7 +81,9 @@ def produce_shards(
     chunks: dict[str, list[torch.Tensor]] = {h: [] for h in targets}
     forward_s = 0.0
     for lo in range(0, n_seq, batch_size):
-        ids = torch.from_numpy(unit.tokens[lo : lo + batch_size])
+        # A copy of a few KiB: the unit's tokens arrive read-only from Ray's object store, and
+        # torch.from_numpy warns that it cannot protect a read-only array.
+        ids = torch.tensor(unit.tokens[lo : lo + batch_size])
         t = time.perf_counter()
         captured = harvester.harvest(ids)
         forward_s += time.perf_counter() - t

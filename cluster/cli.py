@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from cluster.jobs import add_job_commands
-from cluster.logs import configure_logging
+from cluster.logs import configure_logging, quiet_third_party
 from trainer.layout import EVAL_FILE
 
 log = logging.getLogger("saeforge")
@@ -35,6 +35,7 @@ def _train(args: argparse.Namespace) -> int:
 
         sys.stdout.write(OmegaConf.to_yaml(to_dict(job)))
         return 0
+    quiet_third_party()  # before the driver's imports reach DeepSpeed
     from cluster.driver import run_job
 
     configure_logging(job.logging.level)

@@ -31,6 +31,7 @@ from activation_cache.text import check_source, excluded_token_ids, pack_sequenc
 from cluster.config import JobConfig, to_dict
 from cluster.errors import JobFailed
 from cluster.evaluation import evaluate_in_ray
+from cluster.logs import WORKER_SETUP_HOOK
 from cluster.producer import ProductionReport, fill_cache, producer_factory
 from cluster.sweep import variants
 from cluster.train import TrainPlan, dictionary_uri, train_dictionary
@@ -173,13 +174,16 @@ def _init_ray(job: JobConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Every worker process of the job (ours and Ray Train's own) starts by silencing the
+    # third-party console noise.
+    runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
     if job.cluster.address:
-        ray.init(address=job.cluster.address, log_to_driver=True)
+        ray.init(address=job.cluster.address, log_to_driver=True, runtime_env=runtime_env)
     else:
         # "local" starts a cluster of our own: without an address Ray joins RAY_ADDRESS or the
         # cluster last started on this machine (/tmp/ray/ray_current_cluster), even a dead one.
         ray.init(address="local", num_cpus=job.cluster.num_cpus, include_dashboard=False,
-                 object_store_memory=job.cluster.object_store_memory_bytes)
+                 object_store_memory=job.cluster.object_store_memory_bytes, runtime_env=runtime_env)
 
 
 @dataclass

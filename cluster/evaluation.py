@@ -165,8 +165,9 @@ def evaluate_spliced(
     splice = _Splice(sae, errors)
     starts = range(0, len(text.tokens), cfg.batch_size)
     for lo in tqdm(starts, desc=f"eval {hookpoint}", unit="batch", disable=None, file=sys.stderr):
-        ids = torch.tensor(text.tokens[lo : lo + cfg.batch_size])  # a copy: the token array is read-only
-        splice.batch(spliced_positions(ids, text.excluded_token_ids), torch.from_numpy(text.sequence_ids[lo: lo + cfg.batch_size]))
+        # Copies: the token and sequence-id arrays arrive read-only from Ray's object store.
+        ids = torch.tensor(text.tokens[lo : lo + cfg.batch_size])
+        splice.batch(spliced_positions(ids, text.excluded_token_ids), torch.tensor(text.sequence_ids[lo: lo + cfg.batch_size]))
         ids = ids.to(device)
         clean = model(input_ids=ids, use_cache=False).logits
         with spliced(model, hookpoint, splice.reconstruct):
