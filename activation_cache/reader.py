@@ -165,8 +165,7 @@ class _ShardLoader:
     def shard(self, pos: int) -> np.ndarray:
         """The activations of shard ``pos`` as stored (bfloat16 as its int16 bits), waiting for
         its read if need be."""
-        acts = self._submit(pos).result().activations
-        return (acts.view(torch.int16) if acts.dtype == torch.bfloat16 else acts).numpy()
+        return self._submit(pos).result().activations
 
     def consume(self, pos: int, n: int) -> None:
         """Count ``n`` rows of shard ``pos`` as used (read or skipped); the shard is let go when

@@ -8,7 +8,6 @@ model, its revision, the hookpoint, d_model, the stored dtype and the cache key.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,9 +106,11 @@ def encode_shard(
 
 @dataclass
 class DecodedShard:
-    """A shard read back: activations (float32, or the stored dtype) plus provenance."""
+    """A shard read back: activations plus provenance."""
 
-    activations: torch.Tensor
+    activations: torch.Tensor | np.ndarray
+    """(rows, d_model) as a float32 tensor; with ``decode_shard(as_float32=False)`` the rows as
+    stored, a read-only NumPy view of the Arrow buffer (bfloat16 as its int16 bits)."""
     token_ids: np.ndarray
     sequence_ids: np.ndarray
     positions: np.ndarray
@@ -125,23 +126,21 @@ def read_table(data: bytes, *, name: str) -> pa.Table:
 
 def decode_shard(data: bytes, *, name: str = "<bytes>", as_float32: bool = True) -> DecodedShard:
     """Decode shard bytes; the activations come back as a new float32 tensor (bit-exact for every
-    stored dtype). With ``as_float32=False`` they come in the stored dtype as a read-only view of
-    the Arrow buffer, without a copy (for readers that only gather from them)."""
+    stored dtype). With ``as_float32=False`` they stay as stored, a read-only NumPy view of the
+    Arrow buffer without a copy, for readers that only gather rows from them (a tensor cannot be
+    made read-only, so torch warns when it wraps one)."""
     table = read_table(data, name=name)
     meta = ShardMeta.from_arrow(table.schema.metadata or {})
     flat = table.column("activation").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     flat = flat.reshape(len(table), meta.d_model)
     if meta.dtype == "bfloat16":
         flat = flat.view(np.int16)
+    activations: torch.Tensor | np.ndarray = flat
     if as_float32:
-        flat = np.array(flat, copy=True)
-    with warnings.catch_warnings():  # a read-only view, by design when not as_float32
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        acts = torch.from_numpy(flat)
-    if meta.dtype == "bfloat16":
-        acts = acts.view(torch.bfloat16)
+        stored = torch.from_numpy(np.array(flat, copy=True))
+        activations = (stored.view(torch.bfloat16) if meta.dtype == "bfloat16" else stored).float()
     return DecodedShard(
-        activations=acts.float() if as_float32 else acts,
+        activations=activations,
         token_ids=table.column("token_id").to_numpy(),
         sequence_ids=table.column("sequence_id").to_numpy(),
         positions=table.column("position").to_numpy(),
