@@ -29,7 +29,6 @@ architecture that runs it (``INFERENCE_ARCHITECTURES``).
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import torch
@@ -37,14 +36,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from trainer.layout import CONFIG_FILE, EVAL_FILE, SPARSITY_FILE, WEIGHTS_FILE
+from trainer.layout import CONFIG_FILE, EVAL_FILE, SPARSITY_FILE, WEIGHTS_FILE, eval_json
 from trainer.registry import architecture_class
 from trainer.sae import SparseCoder
 
-__all__ = [
-    "CONFIG_FILE", "EVAL_FILE", "SPARSITY_FILE", "WEIGHTS_FILE",  # re-exported for older imports
-    "dictionary_files", "load_dictionary", "sae_config", "saelens_architecture",
-]
+__all__ = ["dictionary_files", "load_dictionary", "sae_config", "saelens_architecture"]
 
 # SAELens runs its pre-6.0 config migration on any cfg.json whose metadata.sae_lens_version is
 # missing or older than 6.0.0 (``handle_config_defaulting``); this file is written in the 6.x format.
@@ -120,8 +116,10 @@ def dictionary_files(
     }
     files = {
         WEIGHTS_FILE: save_safetensors(weights),
-        CONFIG_FILE: _json_bytes(sae_config(sae, metadata, transcoder=transcoder)),
-        EVAL_FILE: _json_bytes(_finite_or_none(eval_metrics)),
+        CONFIG_FILE: json.dumps(
+            sae_config(sae, metadata, transcoder=transcoder), indent=2, sort_keys=True, allow_nan=False
+        ).encode(),
+        EVAL_FILE: eval_json(eval_metrics),
     }
     if sparsity is not None:
         if sparsity.shape != (sae.n_latents,):
@@ -202,28 +200,28 @@ def _check_config(cfg: dict[str, Any]) -> None:
     architecture = cfg.get("architecture")
     if architecture not in INFERENCE_ARCHITECTURES:
         raise ValueError(
-            f"cfg.json architecture={architecture!r} is not supported "
+            f"{CONFIG_FILE} architecture={architecture!r} is not supported "
             f"(expected one of {list(INFERENCE_ARCHITECTURES)})"
         )
     if cfg.get("normalize_activations", "none") != "none":
         raise ValueError(
-            f"cfg.json normalize_activations={cfg['normalize_activations']!r} is not supported "
+            f"{CONFIG_FILE} normalize_activations={cfg['normalize_activations']!r} is not supported "
             "(expected 'none')"
         )
     if cfg.get("rescale_acts_by_decoder_norm", False):
-        raise ValueError("cfg.json rescale_acts_by_decoder_norm=true is not supported")
+        raise ValueError(f"{CONFIG_FILE} rescale_acts_by_decoder_norm=true is not supported")
     if cfg.get("dtype", "").removeprefix("torch.") not in _DTYPES_BY_NAME:
-        raise ValueError(f"cfg.json dtype={cfg.get('dtype')!r}: expected one of {sorted(_DTYPES_BY_NAME)}")
+        raise ValueError(f"{CONFIG_FILE} dtype={cfg.get('dtype')!r}: expected one of {sorted(_DTYPES_BY_NAME)}")
     integer_keys = ("d_in", "d_sae", "k") if architecture == "topk" else ("d_in", "d_sae")
     integer_keys += ("d_out",) if "d_out" in cfg else ()
     for key in integer_keys:
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
-            raise ValueError(f"cfg.json {key}={cfg.get(key)!r} must be a positive integer")
+            raise ValueError(f"{CONFIG_FILE} {key}={cfg.get(key)!r} must be a positive integer")
     if architecture == "topk" and cfg["k"] > cfg["d_sae"]:
-        raise ValueError(f"cfg.json k={cfg['k']} exceeds d_sae={cfg['d_sae']}")
+        raise ValueError(f"{CONFIG_FILE} k={cfg['k']} exceeds d_sae={cfg['d_sae']}")
     if cfg.get("apply_b_dec_to_input", True) and cfg.get("d_out", cfg["d_in"]) != cfg["d_in"]:
         raise ValueError(
-            f"cfg.json d_out={cfg['d_out']} differs from d_in={cfg['d_in']} with apply_b_dec_to_input=true"
+            f"{CONFIG_FILE} d_out={cfg['d_out']} differs from d_in={cfg['d_in']} with apply_b_dec_to_input=true"
         )
 
 
@@ -241,17 +239,5 @@ def _check_weights(
         if tuple(weights[name].shape) != shape:
             widths = f"d_in={d_in}, d_sae={d_sae}" + (f", d_out={d_out}" if d_out != d_in else "")
             raise ValueError(
-                f"{WEIGHTS_FILE} {name} shape {tuple(weights[name].shape)} but cfg.json {widths} expects {shape}"
+                f"{WEIGHTS_FILE} {name} shape {tuple(weights[name].shape)} but {CONFIG_FILE} {widths} expects {shape}"
             )
-
-
-def _finite_or_none(metrics: dict[str, Any]) -> dict[str, Any]:
-    # JSON has no NaN or infinity; json.dumps would write the non-standard tokens NaN/Infinity.
-    return {
-        key: None if isinstance(value, float) and not math.isfinite(value) else value
-        for key, value in metrics.items()
-    }
-
-
-def _json_bytes(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode()
