@@ -52,7 +52,9 @@ def ray_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def started_ray_head(*, dashboard: bool = False, num_cpus: int = 1) -> Iterator[RayHead]:
+def started_ray_head(
+    *, dashboard: bool = False, num_cpus: int = 1, object_store_bytes: int = 100 * 2**20
+) -> Iterator[RayHead]:
     """A head on 127.0.0.1 for the ``with`` block; its processes are stopped and its files removed after."""
     # Ray's unix sockets live under the temp dir and their paths must stay under 108 bytes:
     # a short dir in /tmp, not pytest's tmp_path.
@@ -61,7 +63,7 @@ def started_ray_head(*, dashboard: bool = False, num_cpus: int = 1) -> Iterator[
     ports = {name: _free_port() for name in names}
     command = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                f"--include-dashboard={str(dashboard).lower()}", f"--num-cpus={num_cpus}",
-               "--object-store-memory=104857600", "--disable-usage-stats", f"--temp-dir={temp_root}/ray",
+               f"--object-store-memory={object_store_bytes}", "--disable-usage-stats", f"--temp-dir={temp_root}/ray",
                *(f"--{name}={port}" for name, port in ports.items())]
     log_path = Path(temp_root) / "ray-start.log"
     with log_path.open("w") as log:

@@ -4,12 +4,7 @@ estimate a dry run prints, and a tiny job submitted to a real head node on 127.0
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from ranks import free_port
+from ray_head import RayHead, started_ray_head
 from tiny_job import tiny_overrides
 
 from cluster import jobs
@@ -24,7 +20,6 @@ from cluster.cli import main as saeforge
 from cluster.config import compose_job
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 
 # --- what a submitted job carries -----------------------------------------------------------
 
@@ -87,73 +82,19 @@ def test_dry_run_prints_the_estimate_of_the_tiny_job(capsys, tmp_path, tiny_mode
 # --- a real head node -------------------------------------------------------------------------
 
 
-class _Head:
-    def __init__(self, url: str, temp_dir: str, session_id: int):
-        self.url, self.temp_dir, self.session_id = url, temp_dir, session_id
-
-
-def _stop_head(head: _Head) -> None:
-    """Stop this head's processes only. ``ray stop`` would stop every Ray process on the machine
-    (other tests' and other users' clusters too), so the processes are found by the session
-    ``ray start`` ran in (the daemons stay in it) or a command line naming this head's temp dir,
-    and their children (workers, the job's driver); SIGTERM, then SIGKILL after 5 s."""
-    import psutil
-
-    ours = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    found: dict[int, psutil.Process] = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if proc.pid in ours:
-                continue
-            if os.getsid(proc.pid) == head.session_id or any(head.temp_dir in a for a in proc.info["cmdline"] or ()):
-                found[proc.pid] = proc
-                found.update((c.pid, c) for c in proc.children(recursive=True) if c.pid not in ours)
-        except (psutil.Error, OSError):
-            continue
-    for proc in found.values():
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(found.values()), timeout=5)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-
-
 @pytest.fixture
-def ray_head(monkeypatch) -> Iterator[_Head]:
-    """``ray start --head`` on 127.0.0.1 (free ports, its own temp dir), started from this venv
-    with its ``bin`` on ``PATH`` as an activated venv would be: the job's ``saeforge train`` runs
-    with the node's interpreter and the submitted working directory first on ``PYTHONPATH``."""
-    # Ray's unix sockets live under the temp dir and their paths must stay under 108 bytes:
-    # a short dir in /tmp, not pytest's tmp_path. Its ray_current_cluster file stays in it too,
-    # so ray.init() elsewhere never finds this cluster.
-    temp_dir = tempfile.mkdtemp(prefix="sf-ray-", dir="/tmp")
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port")}
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    # Token authentication off on both sides (Ray 2.60 turns it on where a token exists).
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled",
-               RAY_USAGE_STATS_ENABLED="0", DS_ACCELERATOR="cpu")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+def ray_head(monkeypatch) -> Iterator[RayHead]:
+    """A head node of the test's own with the dashboard (the Jobs API), started from this venv with
+    its ``bin`` on ``PATH`` as an activated venv would be: the job's ``saeforge train`` runs with
+    the node's interpreter and the submitted working directory first on ``PYTHONPATH``."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the client's side; the head's is ray_environment's
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
-    command = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-               "--include-dashboard=true", "--num-cpus=2", "--object-store-memory=209715200", "--disable-usage-stats",
-               f"--temp-dir={temp_dir}", *(f"--{name}={port}" for name, port in ports.items())]
-    log_path = Path(temp_dir) / "ray-start.log"
-    with log_path.open("w") as log:
-        start = subprocess.Popen(command, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    head = _Head(f"http://127.0.0.1:{ports['dashboard-port']}", temp_dir, start.pid)
-    try:
-        assert start.wait(timeout=120) == 0, log_path.read_text()
+    with started_ray_head(dashboard=True, num_cpus=2, object_store_bytes=200 * 2**20) as head:
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(f"{head.url}/api/version", timeout=5) as response:
+                with urllib.request.urlopen(f"{head.dashboard_url}/api/version", timeout=5) as response:
                     if response.status == 200:
                         break
             except OSError:
@@ -161,15 +102,12 @@ def ray_head(monkeypatch) -> Iterator[_Head]:
                     raise
                 time.sleep(0.5)
         yield head
-    finally:
-        _stop_head(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(420)
 def test_submitted_job_trains_a_dictionary_on_a_head_node(ray_head, capsys, tmp_path, tiny_model_dir, tiny_corpus_dir):
-    address = ["--address", ray_head.url]
+    address = ["--address", ray_head.dashboard_url]
     assert saeforge(["submit", *address, *_tiny_overrides(tmp_path, tiny_model_dir, tiny_corpus_dir)]) == 0
     out = capsys.readouterr().out
     assert "cost estimate" in out
@@ -198,7 +136,7 @@ def test_submitted_job_trains_a_dictionary_on_a_head_node(ray_head, capsys, tmp_
     assert "Job raysubmit_nosuchjob does not exist" in capsys.readouterr().err
 
     # The uploaded project is what ran: the packages without the venv, the store or the outputs.
-    uploaded = Path(ray_head.temp_dir).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
+    uploaded = Path(ray_head.temp_root, "ray").glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
     package = {p.name: p for p in uploaded if p.is_dir()}
     assert len(package) == 1, sorted(package)
     files = {p.name for p in next(iter(package.values())).iterdir()}
