@@ -42,7 +42,7 @@ def _fill_until_full_then_resume(mount: Path, model_dir: Path, corpus_dir: Path,
     from activation_cache.store import open_store
     from cluster.driver import absolute_uri, build_caches, plan_caches
 
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     # One producer with one unit in flight: each shard is written, then committed, in turn.
     job = tiny_job(str(mount / "store"), out, model_dir, corpus_dir,
