@@ -69,13 +69,11 @@ _STEP_DIR = re.compile(rf"^{CHECKPOINTS_DIR}/step-(\d{{9,}})/(.+)$")
 
 
 def join(uri: str, *parts: str) -> str:
-    """``join("s3://b/p", "x", "y") == "s3://b/p/x/y"`` (empty parts and extra slashes dropped)."""
-    out = uri.rstrip("/")
-    for part in parts:
-        part = part.strip("/")
-        if part:
-            out = f"{out}/{part}"
-    return out
+    """``join("s3://b/p", "x", "y") == "s3://b/p/x/y"`` (empty parts and extra slashes dropped).
+
+    The same rule as ``activation_cache.store_protocol.join_uri``; trainer/ does not import the
+    storage package (tests/test_package_rules.py)."""
+    return "/".join([uri.rstrip("/"), *filter(None, (part.strip("/") for part in parts))])
 
 
 def dictionary_uri(run_uri: str, hookpoint: str, *, variant: str = "") -> str:
