@@ -14,18 +14,27 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from feature_grid import (
+    D_IN,
+    DATA_SEED,
+    GLOBAL_BATCH,
+    GRIDS,
+    N_LATENTS,
+    PARAMETERS,
+    SAE_SEED,
+    K,
+    close,
+    data_rows,
+    latent_slice,
+    slice_of,
+)
 from ranks import run_grid
 
 from trainer.feature_parallel import ParallelGrid, build_grid, feature_shard, parallelize_features
 from trainer.metrics import latent_fire_counts
 from trainer.sae import ForwardOutput, TopKSAE
 
-D_IN, N_LATENTS, K = 16, 64, 4
-GLOBAL_BATCH, LR = 32, 1e-2
-SAE_SEED, DATA_SEED = 0, 123
-PARAMETERS = ("W_enc", "b_enc", "W_dec", "b_dec")
-# (data_parallel, feature_parallel) of each spawned run.
-GRIDS = {"feature": (1, 2), "grid": (2, 2)}
+LR = 1e-2
 
 # The tie case: W_enc = 0, so every token's pre-activations are b_enc. Latents 5 and 40 tie for
 # first (one in each slice), 10 is third, and 20 and 45 tie for the fourth and last place.
@@ -37,23 +46,6 @@ NARROW_LATENTS, NARROW_K = 4, 3
 def _global_batch() -> torch.Tensor:
     generator = torch.Generator().manual_seed(DATA_SEED)
     return torch.randn(GLOBAL_BATCH, D_IN, generator=generator) * 2 + 0.5
-
-
-def _rows(data_rank: int, data_parallel: int) -> slice:
-    local = GLOBAL_BATCH // data_parallel
-    return slice(data_rank * local, (data_rank + 1) * local)
-
-
-def _latents(feature_rank: int, feature_parallel: int) -> slice:
-    local = N_LATENTS // feature_parallel
-    return slice(feature_rank * local, (feature_rank + 1) * local)
-
-
-def _slice_of(name: str, full: torch.Tensor, latents: slice) -> torch.Tensor:
-    """The part of a full parameter (or its gradient) that one feature rank holds."""
-    if name == "b_dec":
-        return full
-    return full[:, latents] if name == "W_enc" else full[latents]
 
 
 def _detached(out: ForwardOutput) -> dict[str, torch.Tensor]:
@@ -90,7 +82,7 @@ def _train_step(grid: ParallelGrid) -> dict[str, object]:
     assert isinstance(sae, TopKSAE) and sae.n_latents == N_LATENTS
     shard = feature_shard(sae)
     initial = {name: getattr(sae, name).detach().clone() for name in PARAMETERS}
-    batch = _global_batch()[_rows(grid.data_rank, grid.data_parallel)]
+    batch = _global_batch()[data_rows(grid.data_rank, grid.data_parallel)]
     with torch.no_grad():  # a non-zero b_dec, so the encoder input depends on it
         sae.b_dec.copy_(_global_batch().mean(dim=0))
     optimizer = torch.optim.Adam(sae.parameters(), lr=LR)
@@ -211,11 +203,6 @@ def _by_value(acts: torch.Tensor) -> torch.Tensor:
     return acts.detach().sort(dim=1, descending=True).values
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, msg: str) -> None:
-    # Sums of the same terms in another order (per-slice partials, then an all-reduce).
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=msg)
-
-
 # --------------------------------------------------------------------------- tests
 
 
@@ -226,16 +213,16 @@ def test_ranks_sit_on_the_grid_they_were_given(run) -> None:
         assert rank == data_rank * feature_parallel + feature_rank
         assert results["feature_group"] == [data_rank * feature_parallel + f for f in range(feature_parallel)]
         assert results["data_group"] == [d * feature_parallel + feature_rank for d in range(data_parallel)]
-        assert results["step"]["slice"] == (_latents(feature_rank, feature_parallel).start,
-                                            _latents(feature_rank, feature_parallel).stop)
+        assert results["step"]["slice"] == (latent_slice(feature_rank, feature_parallel).start,
+                                            latent_slice(feature_rank, feature_parallel).stop)
 
 
 def test_slices_start_as_the_single_process_init(run, reference) -> None:
     (_, feature_parallel), ranks = run
     for results in ranks:
-        latents = _latents(results["position"][1], feature_parallel)
+        latents = latent_slice(results["position"][1], feature_parallel)
         for name in ("W_enc", "b_enc", "W_dec"):
-            expected = _slice_of(name, reference["initial"][name], latents)
+            expected = slice_of(name, reference["initial"][name], latents)
             torch.testing.assert_close(results["step"]["initial"][name], expected, rtol=0, atol=0)
 
 
@@ -245,23 +232,23 @@ def test_step_gives_the_single_process_loss_selection_and_reconstruction(run, re
     losses = {results["position"][0]: results["step"]["out"]["loss"] for results in ranks}
     assert torch.stack(list(losses.values())).mean().item() == pytest.approx(expected.loss.item(), rel=1e-5)
     for results in ranks:
-        out, rows = results["step"]["out"], _rows(results["position"][0], data_parallel)
+        out, rows = results["step"]["out"], data_rows(results["position"][0], data_parallel)
         assert (out["latent_acts"] > 0).all()  # so every selected latent is determined
         assert out["latent_indices"].shape == (GLOBAL_BATCH // data_parallel, K)
         assert _fired(out["latent_acts"], out["latent_indices"]) == _fired(
             expected.latent_acts[rows], expected.latent_indices[rows]
         )
-        _close(out["latent_acts"], _by_value(expected.latent_acts[rows]), "latent_acts")
-        _close(out["reconstruction"], expected.reconstruction[rows].detach(), "reconstruction")
+        close(out["latent_acts"], _by_value(expected.latent_acts[rows]), "latent_acts")
+        close(out["reconstruction"], expected.reconstruction[rows].detach(), "reconstruction")
 
 
 def test_every_slice_gets_the_single_process_gradient_and_update(run, reference) -> None:
     (_, feature_parallel), ranks = run
     for results in ranks:
-        latents = _latents(results["position"][1], feature_parallel)
+        latents = latent_slice(results["position"][1], feature_parallel)
         for name in PARAMETERS:
-            _close(results["step"]["grads"][name], _slice_of(name, reference["grads"][name], latents), f"grad {name}")
-            _close(results["step"]["updated"][name], _slice_of(name, reference["updated"][name], latents), name)
+            close(results["step"]["grads"][name], slice_of(name, reference["grads"][name], latents), f"grad {name}")
+            close(results["step"]["updated"][name], slice_of(name, reference["updated"][name], latents), name)
 
 
 def test_replicated_b_dec_and_selection_agree_bit_for_bit(run) -> None:
@@ -290,7 +277,7 @@ def test_gathered_dictionary_is_the_single_process_one_after_the_step(run, refer
             continue
         assert sorted(full) == sorted(PARAMETERS)
         for name in PARAMETERS:
-            _close(full[name], reference["updated"][name], name)
+            close(full[name], reference["updated"][name], name)
 
 
 def test_exact_ties_select_k_latents_like_the_single_process_sae(run) -> None:
@@ -305,8 +292,8 @@ def test_exact_ties_select_k_latents_like_the_single_process_sae(run) -> None:
             # the lower global index (the reference's choice there is unspecified).
             assert sorted(token) == sorted([*TIED_FIRST, THIRD, TIED_LAST[0]])
             assert {*TIED_FIRST, THIRD} <= set(expected_token) <= {*TIED_FIRST, THIRD, *TIED_LAST}
-        _close(out["latent_acts"], _by_value(expected_out.latent_acts), "latent_acts")
-        _close(out["reconstruction"], expected_out.reconstruction.detach(), "reconstruction")
+        close(out["latent_acts"], _by_value(expected_out.latent_acts), "latent_acts")
+        close(out["reconstruction"], expected_out.reconstruction.detach(), "reconstruction")
         assert out["loss"].item() == pytest.approx(expected_out.loss.item(), rel=1e-6)
 
 
@@ -319,8 +306,8 @@ def test_slices_holding_fewer_than_k_latents_still_select_the_global_top_k(run) 
         assert _fired(out["latent_acts"], out["latent_indices"]) == _fired(
             expected.latent_acts, expected.latent_indices
         )
-        _close(out["latent_acts"], _by_value(expected.latent_acts), "latent_acts")
-        _close(out["reconstruction"], expected.reconstruction.detach(), "reconstruction")
+        close(out["latent_acts"], _by_value(expected.latent_acts), "latent_acts")
+        close(out["reconstruction"], expected.reconstruction.detach(), "reconstruction")
 
 
 def test_n_latents_not_divisible_by_the_feature_degree_is_rejected_before_allocating(run) -> None:

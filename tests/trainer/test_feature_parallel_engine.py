@@ -21,6 +21,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from feature_grid import (
+    D_IN,
+    DATA_SEED,
+    GLOBAL_BATCH,
+    GRIDS,
+    N_LATENTS,
+    PARAMETERS,
+    SAE_SEED,
+    K,
+    close,
+    data_rows,
+    latent_slice,
+    slice_of,
+)
 from ranks import run_grid
 
 from trainer.config import DeepSpeedConfig, TrainConfig
@@ -31,13 +45,8 @@ from trainer.sae import TopKSAE
 
 pytestmark = pytest.mark.integration
 
-D_IN, N_LATENTS, K = 16, 64, 4
-GLOBAL_BATCH, STEPS, LR = 32, 4, 1e-2
+STEPS, LR = 4, 1e-2
 MAX_GRAD_NORM = 0.05  # below every step's gradient norm here (checked against the reference)
-SAE_SEED, DATA_SEED = 0, 123
-PARAMETERS = ("W_enc", "b_enc", "W_dec", "b_dec")
-# (data_parallel, feature_parallel) of each spawned run.
-GRIDS = {"feature": (1, 2), "grid": (2, 2)}
 # name -> (ZeRO stage, precision) of each engine every run builds in turn.
 CONFIGS = {
     "zero0": (0, "fp32"),
@@ -52,20 +61,6 @@ FP32_CONFIGS = [name for name, (_, precision) in CONFIGS.items() if precision ==
 def _global_batches() -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(DATA_SEED)
     return [torch.randn(GLOBAL_BATCH, D_IN, generator=generator) * (1 + step) + 0.5 for step in range(STEPS)]
-
-
-def _rows(data_rank: int, data_parallel: int) -> slice:
-    local = GLOBAL_BATCH // data_parallel
-    return slice(data_rank * local, (data_rank + 1) * local)
-
-
-def _slice_of(name: str, full: torch.Tensor, feature_rank: int, feature_parallel: int) -> torch.Tensor:
-    """The part of a full parameter that one feature rank holds."""
-    local = N_LATENTS // feature_parallel
-    latents = slice(feature_rank * local, (feature_rank + 1) * local)
-    if name == "b_dec":
-        return full
-    return full[:, latents] if name == "W_enc" else full[latents]
 
 
 # --------------------------------------------------------------------------- what each rank runs
@@ -88,7 +83,7 @@ def _train(grid: ParallelGrid, stage: int, precision: str) -> dict[str, object]:
     tracker = DeadLatentTracker(N_LATENTS)
     losses, grad_norms = [], []
     for batch in _global_batches():
-        x = batch[_rows(grid.data_rank, grid.data_parallel)]
+        x = batch[data_rows(grid.data_rank, grid.data_parallel)]
         out = engine(x.to(next(engine.module.parameters()).dtype))
         engine.backward(out.loss)
         engine.step()
@@ -176,11 +171,6 @@ def reference() -> dict[str, object]:
     }
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, msg: str) -> None:
-    # Sums of the same terms in another order (per-slice partials, all-reduces, partitions).
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=msg)
-
-
 def _replica_losses(ranks: list[dict[str, object]], config: str) -> torch.Tensor:
     """(data_parallel, STEPS): each replica's losses (one feature rank per replica)."""
     by_replica = {results["position"][0]: results[config]["losses"] for results in ranks}
@@ -199,7 +189,7 @@ def test_steps_give_the_single_process_loss(run, reference, config: str) -> None
     _, ranks = run
     # Equal shares of the global batch: the replicas' mean loss is the loss on the whole batch.
     replica_losses = _replica_losses(ranks, config)
-    _close(replica_losses.mean(dim=0), torch.tensor(reference["losses"]), "loss per step")
+    close(replica_losses.mean(dim=0), torch.tensor(reference["losses"]), "loss per step")
     for results in ranks:  # the ranks of a feature group compute one loss
         same_replica = next(r for r in ranks if r["position"][0] == results["position"][0])
         assert results[config]["losses"] == same_replica[config]["losses"]
@@ -210,7 +200,7 @@ def test_deepspeed_clips_by_the_whole_dictionarys_gradient_norm(run, reference, 
     _, ranks = run
     for results in ranks:
         norms = torch.tensor(results[config]["grad_norms"])
-        _close(norms, torch.tensor(reference["grad_norms"]), f"gradient norm per step, {config}")
+        close(norms, torch.tensor(reference["grad_norms"]), f"gradient norm per step, {config}")
 
 
 @pytest.mark.parametrize("config", FP32_CONFIGS)
@@ -221,8 +211,8 @@ def test_every_slice_ends_with_the_single_process_weights(run, reference, config
         masters = results[config]["masters"]
         assert sorted(masters) == sorted(PARAMETERS)
         for name in PARAMETERS:
-            expected = _slice_of(name, reference["weights"][name], feature_rank, feature_parallel)
-            _close(masters[name], expected, f"{config} {name} on rank {results['position']}")
+            expected = slice_of(name, reference["weights"][name], latent_slice(feature_rank, feature_parallel))
+            close(masters[name], expected, f"{config} {name} on rank {results['position']}")
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
@@ -241,7 +231,7 @@ def test_master_weights_gather_into_the_saelens_layout(run, reference, config: s
             if bf16:  # bf16 forward and backward over fp32 masters: close, not equal
                 torch.testing.assert_close(full[name], expected, rtol=0, atol=0.1, msg=name)
             else:
-                _close(full[name], expected, f"{config} {name}")
+                close(full[name], expected, f"{config} {name}")
 
 
 def test_bf16_runs_in_bf16_over_fp32_masters_and_tracks_the_reference(run, reference) -> None:
