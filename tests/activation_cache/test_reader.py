@@ -10,54 +10,20 @@ import time
 import numpy as np
 import pytest
 import torch
+from cache_writer import CacheWriter, shard_meta, write_cache
 
-from activation_cache.manifest import ActivationStats, Manifest, ShardEntry, commit_manifest
+from activation_cache.manifest import Manifest
 from activation_cache.reader import ActivationReader, TailingAborted
 from activation_cache.s3 import S3Store
-from activation_cache.schema import ShardMeta, decode_shard, encode_shard, sha256_hex
+from activation_cache.schema import ShardMeta, decode_shard, encode_shard
 from activation_cache.store import LocalStore, ObjectStore
 
 D_MODEL = 8
 ROWS = [37, 50, 23, 64, 41, 55, 30]  # uneven on purpose
 
 
-def _meta(dtype: str) -> ShardMeta:
-    return ShardMeta(model="tiny", revision="r1", hookpoint="h", d_model=D_MODEL, dtype=dtype, cache_key="k")
-
-
-class CacheWriter:
-    """Writes shards whose first value is the row's global number, committing after each."""
-
-    def __init__(self, store: ObjectStore, dtype: str = "float32", compression: str | None = None):
-        self.store, self.dtype, self.compression = store, dtype, compression
-        self.manifest = Manifest(cache_key="k", key_inputs={}, model="tiny", revision="r1",
-                                 hookpoint="h", d_model=D_MODEL, dtype=dtype)
-        self.next_row = 0
-
-    def add(self, index: int, rows: int) -> None:
-        acts = torch.randn(rows, D_MODEL)
-        acts[:, 0] = torch.arange(self.next_row, self.next_row + rows, dtype=torch.float32)
-        self.next_row += rows
-        data = encode_shard(acts, np.zeros(rows), np.full(rows, index), np.arange(rows), _meta(self.dtype),
-                            compression=self.compression)
-        name = f"shards/unit-{index:06d}.arrow"
-        self.store.put_bytes(name, data)
-        entry = ShardEntry(name=name, rows=rows, size_bytes=len(data), sha256=sha256_hex(data),
-                           first_sequence_id=index, n_sequences=1)
-        self.manifest = self.manifest.with_shard(entry, ActivationStats.of(acts.numpy()))
-        commit_manifest(self.store, self.manifest)
-
-    def complete(self) -> None:
-        self.manifest.complete = True
-        commit_manifest(self.store, self.manifest)
-
-
 def _cache(store: ObjectStore, rows=ROWS, **kwargs) -> Manifest:
-    writer = CacheWriter(store, **kwargs)
-    for i, n in enumerate(rows):
-        writer.add(i, n)
-    writer.complete()
-    return writer.manifest
+    return write_cache(store, rows, d_model=D_MODEL, **kwargs)
 
 
 def _ids(batches) -> list[int]:
@@ -146,7 +112,7 @@ def _write_slowly(writer: CacheWriter, rows: list[int], delay: float) -> threadi
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_tailing_readers_take_shards_as_they_are_committed(tmp_path, world_size):
     store = LocalStore(tmp_path)
-    writer = CacheWriter(store)
+    writer = CacheWriter(store, d_model=D_MODEL)
     writer.add(99, 5)  # not in ROWS: makes the row count differ from a complete cache's
     thread = _write_slowly(writer, ROWS, delay=0.05)
     seen, results = [], {}
@@ -168,7 +134,7 @@ def test_tailing_readers_take_shards_as_they_are_committed(tmp_path, world_size)
 
 def test_tailing_epoch_then_planned_epochs(tmp_path):
     store = LocalStore(tmp_path)
-    writer = CacheWriter(store)
+    writer = CacheWriter(store, d_model=D_MODEL)
     thread = _write_slowly(writer, ROWS, delay=0.02)
     reader = _reader(store, follow=True, poll_seconds=0.01, drop_last=False)
     assert sorted(_ids(list(reader.epoch(0)))) == list(range(sum(ROWS)))
@@ -178,7 +144,7 @@ def test_tailing_epoch_then_planned_epochs(tmp_path):
 
 def test_tailing_reader_resumes_without_losing_or_repeating_rows(tmp_path):
     store = LocalStore(tmp_path)
-    writer = CacheWriter(store)
+    writer = CacheWriter(store, d_model=D_MODEL)
     for i, n in enumerate(ROWS[:3]):
         writer.add(i, n)
     first = _reader(store, follow=True, poll_seconds=0.01, drop_last=False)
@@ -196,7 +162,7 @@ def test_tailing_reader_resumes_without_losing_or_repeating_rows(tmp_path):
 
 def test_tailing_gives_up_with_a_named_cause_when_nothing_comes(tmp_path):
     store = LocalStore(tmp_path)
-    writer = CacheWriter(store)
+    writer = CacheWriter(store, d_model=D_MODEL)
     writer.add(0, 40)
     reader = _reader(store, follow=True, poll_seconds=0.01, follow_timeout_s=0.2)
     with pytest.raises(TimeoutError, match=r"no new shard for 0 s and the manifest is not complete"):
@@ -205,7 +171,7 @@ def test_tailing_gives_up_with_a_named_cause_when_nothing_comes(tmp_path):
 
 def test_tailing_deals_shards_to_the_rank_it_is_told(tmp_path):
     store = LocalStore(tmp_path)
-    thread = _write_slowly(CacheWriter(store), ROWS, delay=0.02)
+    thread = _write_slowly(CacheWriter(store, d_model=D_MODEL), ROWS, delay=0.02)
     starts = np.cumsum([0, *ROWS])
     for rank in (0, 1):
         # Shard i goes to rank i % 2, whatever its name hashes to.
@@ -218,7 +184,7 @@ def test_tailing_deals_shards_to_the_rank_it_is_told(tmp_path):
 
 def test_tailing_stops_with_the_reason_abort_gives(tmp_path):
     store = LocalStore(tmp_path)
-    writer = CacheWriter(store)
+    writer = CacheWriter(store, d_model=D_MODEL)
     writer.add(0, 40)
     writer.add(1, 40)  # more than twice the shuffle buffer: batches come before the cache completes
     reason: list[str] = []
@@ -272,7 +238,7 @@ def test_compressed_shards_read_back_bit_exact_and_smaller(tmp_path, compression
 
 def test_unknown_compression_is_refused():
     with pytest.raises(ValueError, match=r"compression='gzip': expected one of"):
-        encode_shard(torch.zeros(1, D_MODEL), [0], [0], [0], _meta("float32"), compression="gzip")
+        encode_shard(torch.zeros(1, D_MODEL), [0], [0], [0], shard_meta(D_MODEL), compression="gzip")
 
 
 @pytest.mark.integration

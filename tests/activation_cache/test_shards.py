@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cache_writer import shard_meta, write_cache
 
 from activation_cache.manifest import (
     ActivationStats,
     Manifest,
-    ShardEntry,
-    commit_manifest,
     load_manifest,
 )
 from activation_cache.reader import ActivationReader, read_shard, rebatch, shuffle_rows
@@ -19,7 +18,6 @@ from activation_cache.schema import (
     ShardMeta,
     decode_shard,
     encode_shard,
-    sha256_hex,
 )
 from activation_cache.store import LocalStore
 
@@ -27,7 +25,7 @@ D_MODEL = 16
 
 
 def _meta(dtype: str = "float32") -> ShardMeta:
-    return ShardMeta(model="tiny", revision="r1", hookpoint="model.layers.1", d_model=D_MODEL, dtype=dtype, cache_key="k")
+    return shard_meta(D_MODEL, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -51,22 +49,7 @@ def test_encode_rejects_wrong_width():
 
 
 def _write_cache(store: LocalStore, rows_per_shard: list[int]) -> Manifest:
-    manifest = Manifest(cache_key="k", key_inputs={}, model="tiny", revision="r1",
-                        hookpoint="model.layers.1", d_model=D_MODEL, dtype="float32")
-    first = 0
-    for i, rows in enumerate(rows_per_shard):
-        # Each row's first value is its global row number, so tests can track rows.
-        acts = torch.zeros(rows, D_MODEL)
-        acts[:, 0] = torch.arange(first, first + rows, dtype=torch.float32)
-        data = encode_shard(acts, np.zeros(rows), np.full(rows, i), np.arange(rows), _meta())
-        name = f"shards/unit-{i:06d}.arrow"
-        store.put_bytes(name, data)
-        entry = ShardEntry(name=name, rows=rows, size_bytes=len(data), sha256=sha256_hex(data),
-                           first_sequence_id=i, n_sequences=1)
-        manifest = manifest.with_shard(entry, ActivationStats.of(acts.numpy()))
-        first += rows
-    commit_manifest(store, manifest)
-    return manifest
+    return write_cache(store, rows_per_shard, d_model=D_MODEL)
 
 
 def test_manifest_commit_round_trip_and_no_duplicate_shards(tmp_path):

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from cache_writer import write_cache
 
 from activation_cache.manifest import (
-    ActivationStats,
     Manifest,
-    ShardEntry,
-    commit_manifest,
 )
 from activation_cache.s3 import S3Store
-from activation_cache.schema import ShardMeta, decode_shard, encode_shard, sha256_hex
+from activation_cache.schema import decode_shard
 from activation_cache.store import LocalStore, ObjectStore, join_uri
 from cluster.cli import main as saeforge
 
@@ -26,22 +23,8 @@ OTHER_KEY = "fedcba9876543210fedc"
 
 def _write_cache(store: ObjectStore, key: str, rows_per_shard: list[int], *, complete: bool = True) -> Manifest:
     """A cache as the driver leaves it: shards first, then the manifest that lists them."""
-    meta = ShardMeta(model="tiny", revision="r1", hookpoint="model.layers.1", d_model=D_MODEL,
-                     dtype="float32", cache_key=key)
-    manifest = Manifest(cache_key=key, key_inputs={"model": "tiny", "context_length": 16}, model="tiny",
-                        revision="r1", hookpoint="model.layers.1", d_model=D_MODEL, dtype="float32")
-    generator = torch.Generator().manual_seed(0)
-    for i, rows in enumerate(rows_per_shard):
-        acts = torch.randn(rows, D_MODEL, generator=generator) * 3 + 1
-        data = encode_shard(acts, np.arange(rows), np.full(rows, i), np.arange(rows), meta)
-        name = f"shards/unit-{i:06d}.arrow"
-        store.put_bytes(name, data)
-        entry = ShardEntry(name=name, rows=rows, size_bytes=len(data), sha256=sha256_hex(data),
-                           first_sequence_id=i, n_sequences=1)
-        manifest = manifest.with_shard(entry, ActivationStats.of(acts.numpy()))
-    manifest.complete = complete
-    commit_manifest(store, manifest)
-    return manifest
+    return write_cache(store, rows_per_shard, complete=complete, d_model=D_MODEL, cache_key=key,
+                       key_inputs={"model": "tiny", "context_length": 16})
 
 
 def _flip_a_byte(store: ObjectStore, name: str) -> None:
