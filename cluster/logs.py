@@ -1,4 +1,5 @@
-"""The one logging set-up of the driver, the ``saeforge`` commands and the trainer workers."""
+"""The one logging set-up of the driver, the ``saeforge`` commands and the trainer workers, and
+the silencing of third-party console noise in every process of a job."""
 
 from __future__ import annotations
 
