@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from s3_server import S3Server, started_s3_server
@@ -70,6 +71,27 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def engine_factory() -> Iterator[Callable[..., Any]]:
+    """``make(sae, *, batch_size, lr, zero_stage=2, lr_multiplier=None)``: a one-rank DeepSpeed
+    engine around ``sae``; every engine made is shut down after the test."""
+    from trainer.config import DeepSpeedConfig, TrainConfig
+    from trainer.engine import shutdown_engine, wrap_in_deepspeed
+
+    made = []
+
+    def make(sae: Any, *, batch_size: int, lr: float, zero_stage: int = 2, lr_multiplier: Any = None) -> Any:
+        engine = wrap_in_deepspeed(sae, train_cfg=TrainConfig(batch_size=batch_size),
+                                   deepspeed_cfg=DeepSpeedConfig(zero_stage=zero_stage), lr=lr, world_size=1,
+                                   lr_multiplier=lr_multiplier)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in reversed(made):  # the first made the process group, and removes it last
+        shutdown_engine(engine)
 
 
 # The tiny random Llama + tokenizer fixtures live beside this file.

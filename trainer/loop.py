@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +101,7 @@ class NonFiniteCounts:
 
 @dataclass
 class TrainSummary:
-    """What ``train`` did."""
+    """What a ``DictionaryTrainer`` did."""
 
     steps: int
     """Steps taken, one batch each, skipped ones included: ``steps - nonfinite.skipped_steps``
@@ -132,8 +132,8 @@ class StepSchedule:
 
 
 class DictionaryTrainer:
-    """One dictionary's training, one batch at a time: what ``train`` loops over, and what a
-    sweep steps in lockstep, several dictionaries on each batch read once.
+    """One dictionary's training, one batch at a time: what a worker steps through its data plan,
+    and what a sweep steps in lockstep, several dictionaries on each batch read once.
 
     ``world_size`` is the number of data-parallel ranks (distinct batches per step) and
     ``data_group`` their process group (``None``: the default group); the ranks of a feature
@@ -296,31 +296,6 @@ class DictionaryTrainer:
         self.nonfinite = NonFiniteCounts(**{k: int(v) for k, v in state.get("nonfinite", {}).items()})
         self.history = [dict(entry) for entry in state.get("history", [])]
         self._window = _MetricWindow(self.engine.device)
-
-
-def train(
-    engine: Any,
-    batches: Iterator[Tensor | tuple[Tensor, Tensor]],
-    *,
-    max_steps: int,
-    **options: Any,
-) -> TrainSummary:
-    """Run ``max_steps`` optimizer steps of ``engine`` (a DeepSpeed engine around an SAE).
-
-    Every rank must call this with the same ``max_steps`` and enough local batches (each
-    ``batch_size // world_size`` rows of raw activations): the steps hold collectives, so a rank
-    that stops early leaves the others waiting. The SAE sees ``x * scale``. A batch may be an
-    ``(x, target)`` pair (transcoders); the target is scaled by ``target_scale`` (default ``scale``).
-    The forward pass gets the tracker's dead latents each step (``dead_mask``, for AuxK).
-    ``options`` are ``DictionaryTrainer``'s.
-    """
-    trainer = DictionaryTrainer(engine, max_steps=max_steps, **options)
-    while not trainer.done:
-        batch = next(batches, None)
-        if batch is None:
-            raise ValueError(f"batches ran out at step {trainer.steps_done + 1} of max_steps={max_steps}")
-        trainer.step(batch)
-    return trainer.summary()
 
 
 def _ranks() -> int:

@@ -14,6 +14,7 @@ holds a non-finite tensor.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from ranks import free_port, run_ranks
+from recording_logger import RecordingLogger
 from safetensors.torch import load as load_safetensors
 from tiny_job import tiny_overrides
 from tiny_model import TEXT
@@ -148,34 +150,10 @@ def _bad_rows(batch: torch.Tensor) -> int:
 # --------------------------------------------------------------------------- one process
 
 
-class RecordingLogger:
-    def __init__(self) -> None:
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.records.append((step, dict(metrics)))
-
-    def log_histogram(self, name: str, values: torch.Tensor, step: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
 @pytest.fixture
-def engines(one_torch_thread):
-    made = []
-
-    def make(sae: torch.nn.Module, *, zero_stage: int = 2, lr_multiplier=None):
-        engine = wrap_in_deepspeed(sae, train_cfg=TrainConfig(batch_size=BATCH),
-                                   deepspeed_cfg=DeepSpeedConfig(zero_stage=zero_stage), lr=LR, world_size=1,
-                                   lr_multiplier=lr_multiplier)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in reversed(made):  # the first made the process group, and removes it last
-        shutdown_engine(engine)
+def engines(engine_factory, one_torch_thread):
+    """``engine_factory`` at this module's batch size and learning rate."""
+    return functools.partial(engine_factory, batch_size=BATCH, lr=LR)
 
 
 def _trainer(engine, manifest: Manifest, n_steps: int, logger=None, **options) -> DictionaryTrainer:

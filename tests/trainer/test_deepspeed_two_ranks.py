@@ -4,7 +4,7 @@ every SAE architecture under ZeRO 0, 2 and 3 (fp32 and bf16).
 One launch of two ranks runs both parts, one after the other, so the suite pays for starting the
 processes and DeepSpeed once:
 
-* **The loop** (``trainer.loop.train``, ZeRO 1 and 2). Each rank trains on its half of every
+* **The loop** (``trainer.loop.DictionaryTrainer``, ZeRO 1 and 2). Each rank trains on its half of every
   global batch. Both ranks must end with identical weights, the loss must fall, and the weights
   must match one process training on the full batches with plain torch Adam and the same
   gradient clipping (what data parallelism promises). Under ZeRO 1 ``wrap_in_deepspeed`` makes
@@ -30,11 +30,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from ranks import free_port, run_ranks
+from recording_logger import RecordingLogger
 
 from trainer.architectures import build_sae
 from trainer.config import DeepSpeedConfig, SAEConfig, TrainConfig
 from trainer.engine import master_weights, shutdown_engine, wrap_in_deepspeed
-from trainer.loop import train
+from trainer.loop import DictionaryTrainer
 from trainer.metrics import DeadLatentTracker
 from trainer.sae import TopKSAE
 
@@ -83,17 +84,6 @@ def _forward_kwargs(architecture: str) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- in each rank
 
 
-class _LossLogger:
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.losses.append(metrics["loss"])
-
-    def finish(self) -> None:
-        pass
-
-
 def _train_loop(rank: int, zero_stage: int) -> dict[str, object]:
     local = LOOP_BATCH // WORLD_SIZE
     batches = (batch[rank * local : (rank + 1) * local] for batch in _loop_batches())
@@ -102,17 +92,19 @@ def _train_loop(rank: int, zero_stage: int) -> dict[str, object]:
         sae, train_cfg=TrainConfig(batch_size=LOOP_BATCH), deepspeed_cfg=DeepSpeedConfig(zero_stage=zero_stage),
         lr=LR, world_size=WORLD_SIZE,
     )
-    logger = _LossLogger()
+    logger = RecordingLogger()
     tracker = DeadLatentTracker(N_LATENTS)
-    summary = train(
-        engine, batches, scale=1.0, max_steps=LOOP_STEPS, logger=logger, log_every=1,
+    trainer = DictionaryTrainer(
+        engine, scale=1.0, max_steps=LOOP_STEPS, logger=logger, log_every=1,
         dead_tracker=tracker, dead_after_tokens=LOOP_BATCH * 4, world_size=WORLD_SIZE,
     )
+    for batch in batches:  # LOOP_STEPS of them
+        trainer.step(batch)
     weights = {name: value.detach().clone() for name, value in engine.module.state_dict().items()}
     masters = master_weights(engine)  # a collective under ZeRO: both ranks call it
     shutdown_engine(engine)
     return {
-        "weights": weights, "masters": masters, "losses": logger.losses, "tokens": summary.tokens,
+        "weights": weights, "masters": masters, "losses": logger.losses(), "tokens": trainer.tokens,
         "tracker": tracker.state_dict(),
     }
 

@@ -7,48 +7,18 @@ import pickle
 
 import pytest
 import torch
+from recording_logger import RecordingLogger
 
-from trainer.config import DeepSpeedConfig, TrainConfig
 from trainer.dictionary import dictionary_files, load_dictionary
-from trainer.engine import shutdown_engine, wrap_in_deepspeed
 from trainer.loggers import NullLogger, make_logger
-from trainer.loop import NonFiniteLossError, TrainSummary, evaluate, train
+from trainer.loop import DictionaryTrainer, NonFiniteLossError, StepSchedule, TrainSummary, evaluate
 from trainer.metrics import DeadLatentTracker
 from trainer.sae import TopKSAE
 
 pytestmark = pytest.mark.integration
 
 D_IN, N_LATENTS, K = 32, 128, 4
-SAE_SEED, DATA_SEED = 0, 20_241_124  # different: see ENVIRONMENT.md on synthetic data
-
-
-class RecordingLogger:
-    def __init__(self) -> None:
-        self.records: list[tuple[int, dict[str, float]]] = []
-        self.finished = False
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.records.append((step, metrics))
-
-    def finish(self) -> None:
-        self.finished = True
-
-
-@pytest.fixture
-def engine_factory():
-    engines = []
-
-    def make(sae: TopKSAE, *, batch_size: int, lr: float, zero_stage: int = 2):
-        engine = wrap_in_deepspeed(
-            sae, train_cfg=TrainConfig(batch_size=batch_size), deepspeed_cfg=DeepSpeedConfig(zero_stage=zero_stage),
-            lr=lr, world_size=1,
-        )
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        shutdown_engine(engine)
+SAE_SEED, DATA_SEED = 0, 20_241_124  # different: the same seed would hand the SAE the true directions
 
 
 def test_training_on_sparse_synthetic_data_drives_fvu_well_below_one(
@@ -65,10 +35,13 @@ def test_training_on_sparse_synthetic_data_drives_fvu_well_below_one(
 
     engine = engine_factory(sae, batch_size=256, lr=1e-2)
     logger = RecordingLogger()
-    summary = train(
-        engine, data(), scale=scale, max_steps=300, logger=logger, log_every=100,
+    trainer = DictionaryTrainer(
+        engine, scale=scale, max_steps=300, logger=logger, log_every=100,
         dead_tracker=DeadLatentTracker(N_LATENTS), dead_after_tokens=10_000, world_size=1,
     )
+    for batch in itertools.islice(data(), 300):
+        trainer.step(batch)
+    summary = trainer.summary()
     after = evaluate(engine.module, held_out, scale=scale)
 
     assert before["fvu"] > 0.5
@@ -87,11 +60,13 @@ def test_logged_metrics_and_cadence(engine_factory) -> None:
     generator = torch.Generator().manual_seed(DATA_SEED)
     logger = RecordingLogger()
     tracker = DeadLatentTracker(32)
-    summary = train(
-        engine, iter([torch.randn(16, 8, generator=generator) for _ in range(7)]), scale=1.0,
-        max_steps=7, logger=logger, log_every=3, dead_tracker=tracker, dead_after_tokens=1000,
+    trainer = DictionaryTrainer(
+        engine, scale=1.0, max_steps=7, logger=logger, log_every=3, dead_tracker=tracker, dead_after_tokens=1000,
         world_size=1,
     )
+    for _ in range(7):
+        trainer.step(torch.randn(16, 8, generator=generator))
+    summary = trainer.summary()
     assert [step for step, _ in logger.records] == [3, 6, 7]  # and always the last step
     assert set(logger.records[0][1]) == {
         "loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss", "dead_fraction", "dense_fraction",
@@ -109,7 +84,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step(engine_factory) -> None
     good = torch.randn(4, 8)
     bad = good.clone()
     bad[2, 3] = 1e20  # finite, but its square is not in fp32: the loss is Inf
-    batches = iter([good, good, bad, good])
+    batches = [good, good, bad, good]
     weights_after_two_steps: dict[str, torch.Tensor] = {}
 
     class SnapshotLogger(NullLogger):
@@ -117,10 +92,12 @@ def test_non_finite_loss_stops_before_the_optimizer_step(engine_factory) -> None
             weights_after_two_steps.update({k: v.clone() for k, v in engine.module.state_dict().items()})
 
     with pytest.raises(NonFiniteLossError, match="step 3: non-finite loss on 1 of 1 ranks") as caught:
-        train(
-            engine, batches, scale=1.0, max_steps=4, logger=SnapshotLogger(), log_every=2,
+        trainer = DictionaryTrainer(
+            engine, scale=1.0, max_steps=4, logger=SnapshotLogger(), log_every=2,
             dead_tracker=DeadLatentTracker(32), dead_after_tokens=100, world_size=1, nonfinite="stop",
         )
+        for batch in batches:
+            trainer.step(batch)
     assert caught.value.step == 3
     for name, value in engine.module.state_dict().items():
         torch.testing.assert_close(value, weights_after_two_steps[name], rtol=0, atol=0)
@@ -129,13 +106,17 @@ def test_non_finite_loss_stops_before_the_optimizer_step(engine_factory) -> None
     assert isinstance(revived, NonFiniteLossError) and str(revived) == str(caught.value)
 
 
-def test_running_out_of_batches_names_the_step(engine_factory) -> None:
+def test_a_step_past_max_steps_is_refused(engine_factory) -> None:
     engine = engine_factory(TopKSAE(8, 32, 2, seed=SAE_SEED), batch_size=4, lr=1e-3, zero_stage=0)
-    with pytest.raises(ValueError, match="batches ran out at step 3 of max_steps=5"):
-        train(
-            engine, iter([torch.randn(4, 8)] * 2), scale=1.0, max_steps=5, logger=NullLogger(),
-            log_every=10, dead_tracker=DeadLatentTracker(32), dead_after_tokens=100, world_size=1,
-        )
+    trainer = DictionaryTrainer(
+        engine, scale=1.0, max_steps=2, logger=NullLogger(), log_every=10, dead_tracker=DeadLatentTracker(32),
+        dead_after_tokens=100, world_size=1,
+    )
+    while not trainer.done:
+        trainer.step(torch.randn(4, 8))
+    assert trainer.steps_done == 2
+    with pytest.raises(RuntimeError, match="max_steps=2 already taken"):
+        trainer.step(torch.randn(4, 8))
 
 
 def test_evaluate_in_raw_units_matches_the_exported_dictionary(sparse_batches) -> None:
@@ -178,7 +159,6 @@ def test_wandb_logger_offline_writes_under_its_dir(tmp_path) -> None:
 def test_every_architecture_trains_through_the_engine_loop(engine_factory, sparse_batches, architecture):
     from trainer.architectures import build_sae
     from trainer.config import SAEConfig
-    from trainer.loop import StepSchedule
 
     def data():
         return sparse_batches(d_in=D_IN, n_features=64, active=3, batch_size=128, seed=DATA_SEED)
@@ -194,10 +174,12 @@ def test_every_architecture_trains_through_the_engine_loop(engine_factory, spars
         k=lambda step: max(K, 16 - step),
     )
     logger = RecordingLogger()
-    train(
-        engine, data(), scale=1.0, max_steps=40, logger=logger, log_every=20, dead_tracker=tracker,
+    trainer = DictionaryTrainer(
+        engine, scale=1.0, max_steps=40, logger=logger, log_every=20, dead_tracker=tracker,
         dead_after_tokens=2_000, world_size=1, schedule=schedule,
     )
+    for batch in itertools.islice(data(), 40):
+        trainer.step(batch)
     after = evaluate(engine.module, held_out, scale=1.0)
     assert tracker.n_tokens == 40 * 128
     assert after["fvu"] < before["fvu"]
