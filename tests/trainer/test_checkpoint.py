@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from ranks import free_port
+from ranks import free_port, launch_ranks
 from safetensors.torch import load_file, save_file
 
 import trainer.checkpoint as checkpoint_module
@@ -553,7 +552,8 @@ def _worker(rank: int, phase: str, port: int, out_dir: str) -> None:
 
 
 def _spawn(phase: str, out_dir: Path) -> None:
-    mp.spawn(_worker, args=(phase, free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    launch_ranks(_worker, phase, free_port(), nprocs=WORLD_SIZE, out_dir=out_dir,
+                 preload=["torch", "torch._dynamo", "trainer.engine"])
 
 
 @pytest.fixture(scope="module")
