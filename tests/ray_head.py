@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,13 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ranks import free_port
+
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -60,7 +55,7 @@ def started_ray_head(
     # a short dir in /tmp, not pytest's tmp_path.
     temp_root = tempfile.mkdtemp(prefix="sf-ray-", dir="/tmp")
     names = ["port", "ray-client-server-port", "dashboard-agent-listen-port", *(["dashboard-port"] if dashboard else [])]
-    ports = {name: _free_port() for name in names}
+    ports = {name: free_port() for name in names}
     command = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                f"--include-dashboard={str(dashboard).lower()}", f"--num-cpus={num_cpus}",
                f"--object-store-memory={object_store_bytes}", "--disable-usage-stats", f"--temp-dir={temp_root}/ray",

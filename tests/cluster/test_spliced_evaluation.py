@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from tiny_job import tiny_job
 
@@ -222,16 +221,8 @@ def test_eval_without_a_run_config_or_text_says_what_to_give(model_dir, tmp_path
     assert "not a dictionary (needs cfg.json and sae_weights.safetensors)" in capsys.readouterr().err
 
 
-@pytest.fixture
-def local_ray(monkeypatch):
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=1, object_store_memory=100 * 2**20, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.integration
-def test_evaluate_in_ray_evaluates_each_dictionary_in_one_task(local_ray, model_dir, tiny_corpus_dir, tmp_path):
+def test_evaluate_in_ray_evaluates_each_dictionary_in_one_task(ray_cluster, model_dir, tiny_corpus_dir, tmp_path):
     job = tiny_job(str(tmp_path / "store"), tmp_path, model_dir, tiny_corpus_dir, "logging.wandb_mode=disabled")
     run = tmp_path / "runs" / "tiny"
     exact = _save(run / "dictionary" / HOOKPOINT, _identity_sae(32, 32), model_dir)
