@@ -110,17 +110,13 @@ class FeatureShard:
     feature_parallel: int
     """Ranks the latents are split over."""
     feature_rank: int
-    """This rank's place in ``group``: it holds latents ``[latent_start, latent_end)``."""
+    """This rank's place in ``group``: it holds latents ``[latent_start, latent_start + n_local)``."""
     n_local: int
     """Latents per rank."""
 
     @property
     def latent_start(self) -> int:
         return self.feature_rank * self.n_local
-
-    @property
-    def latent_end(self) -> int:
-        return self.latent_start + self.n_local
 
 
 def parallelize_features(model: SparseCoder, *, group: ProcessGroup | None) -> SparseCoder:

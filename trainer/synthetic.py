@@ -1,4 +1,4 @@
-"""Synthetic activations with a known dictionary, and how well a learned decoder recovers it.
+"""Synthetic activations with a known dictionary.
 
 Sparse superposition: many more unit feature directions than dimensions, each firing independently
 with a power-law frequency and a nonnegative magnitude; a token is the sum of its firing features,
@@ -99,37 +99,3 @@ class SparseFeatureData:
 def _data_seed(seed: int) -> int:
     digest = hashlib.sha256(f"saeforge.synthetic:{seed}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-class FeatureRecovery(NamedTuple):
-    """How well learned decoder rows match the true feature directions."""
-
-    fraction_recovered: float
-    """Fraction of true features whose best cosine with some learned row exceeds the threshold."""
-    mean_max_cosine: float
-    """Mean over true features of the best cosine with any learned row."""
-    max_cosine: Tensor
-    """(n_features,) each true feature's best cosine."""
-
-
-@torch.no_grad()
-def feature_recovery(
-    true_dirs: Tensor, learned_W_dec: Tensor, *, threshold: float = 0.9
-) -> FeatureRecovery:
-    """Compare (n_features, d) true directions with (n_latents, d) learned decoder rows by cosine."""
-    if (
-        true_dirs.ndim != 2
-        or learned_W_dec.ndim != 2
-        or true_dirs.shape[1] != learned_W_dec.shape[1]
-    ):
-        raise ValueError(
-            f"true_dirs {tuple(true_dirs.shape)} and learned_W_dec {tuple(learned_W_dec.shape)} "
-            "must be (n, d) and (m, d) with the same d"
-        )
-    true_unit = true_dirs.float() / true_dirs.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-    learned = learned_W_dec.detach().float()
-    learned_unit = learned / learned.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    max_cosine = (true_unit @ learned_unit.T).max(dim=1).values
-    return FeatureRecovery(
-        (max_cosine > threshold).float().mean().item(), max_cosine.mean().item(), max_cosine
-    )

@@ -96,7 +96,7 @@ def _train_step(grid: ParallelGrid) -> dict[str, object]:
     counts = latent_fire_counts(out.latent_indices, out.latent_acts, N_LATENTS)
     dist.all_reduce(counts, group=grid.data_group)
     return {
-        "slice": (shard.latent_start, shard.latent_end),
+        "slice": (shard.latent_start, shard.latent_start + shard.n_local),
         "initial": initial,
         "out": _detached(out),
         "grads": grads,

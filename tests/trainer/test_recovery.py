@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
+from torch import Tensor
 
 from trainer.architectures import build_sae
 from trainer.config import SAEConfig
 from trainer.metrics import DeadLatentTracker, output_fire_counts
 from trainer.registry import architecture_class
 from trainer.schedules import sparsity_coefficient_at
-from trainer.synthetic import SparseFeatureData, feature_recovery
+from trainer.synthetic import SparseFeatureData
 
 # At d_in=32 with 128 features the interference between features (cosines of about 0.18) lets
 # BatchTopK's batch-wide selection starve the weaker latents (recovery 40-65% within the budget,
@@ -20,9 +23,43 @@ D_IN, N_FEATURES, N_LATENTS, MEAN_ACTIVE = 64, 128, 256, 4
 DATA_SEED = 20_241_124  # hashed inside SparseFeatureData, so it can never equal an SAE init
 BATCH, DEAD_AFTER_TOKENS = 256, 2560
 
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class FeatureRecovery(NamedTuple):
+    """How well learned decoder rows match the true feature directions (the measure these tests
+    hold each architecture to)."""
+
+    fraction_recovered: float
+    """Fraction of true features whose best cosine with some learned row exceeds the threshold."""
+    mean_max_cosine: float
+    """Mean over true features of the best cosine with any learned row."""
+    max_cosine: Tensor
+    """(n_features,) each true feature's best cosine."""
+
+
+@torch.no_grad()
+def feature_recovery(
+    true_dirs: Tensor, learned_W_dec: Tensor, *, threshold: float = 0.9
+) -> FeatureRecovery:
+    """Compare (n_features, d) true directions with (n_latents, d) learned decoder rows by cosine."""
+    if (
+        true_dirs.ndim != 2
+        or learned_W_dec.ndim != 2
+        or true_dirs.shape[1] != learned_W_dec.shape[1]
+    ):
+        raise ValueError(
+            f"true_dirs {tuple(true_dirs.shape)} and learned_W_dec {tuple(learned_W_dec.shape)} "
+            "must be (n, d) and (m, d) with the same d"
+        )
+    true_unit = true_dirs.float() / true_dirs.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    learned = learned_W_dec.detach().float()
+    learned_unit = learned / learned.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    max_cosine = (true_unit @ learned_unit.T).max(dim=1).values
+    return FeatureRecovery(
+        (max_cosine > threshold).float().mean().item(), max_cosine.mean().item(), max_cosine
+    )
+
 
 @pytest.fixture(scope="module")
 def data() -> SparseFeatureData:
