@@ -4,7 +4,11 @@ process (test_feature_parallel.py without DeepSpeed, test_feature_parallel_engin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 import torch
+from ranks import run_grid
 
 D_IN, N_LATENTS, K = 16, 64, 4
 GLOBAL_BATCH = 32
@@ -37,3 +41,14 @@ def close(actual: torch.Tensor, expected: torch.Tensor, msg: str) -> None:
     """Equal up to sums of the same terms in another order (per-slice partials, all-reduces,
     ZeRO partitions)."""
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=msg)
+
+
+def grid_runs(worker: Callable, *, preload: list[str]) -> Callable:
+    """A module fixture ``run``: ``((data_parallel, feature_parallel), per-rank results)`` of
+    ``worker`` launched on each grid of ``GRIDS`` (see ``ranks.run_grid``)."""
+
+    @pytest.fixture(scope="module", params=sorted(GRIDS))
+    def run(request, tmp_path_factory) -> tuple[tuple[int, int], list[dict[str, object]]]:
+        return run_grid(worker, GRIDS[request.param], out_dir=tmp_path_factory.mktemp(request.param), preload=preload)
+
+    return run

@@ -18,17 +18,16 @@ from feature_grid import (
     D_IN,
     DATA_SEED,
     GLOBAL_BATCH,
-    GRIDS,
     N_LATENTS,
     PARAMETERS,
     SAE_SEED,
     K,
     close,
     data_rows,
+    grid_runs,
     latent_slice,
     slice_of,
 )
-from ranks import run_grid
 
 from trainer.feature_parallel import ParallelGrid, build_grid, feature_shard, parallelize_features
 from trainer.metrics import latent_fire_counts
@@ -160,12 +159,7 @@ def _worker(rank: int, world_size: int, data_parallel: int, port: int, out_dir: 
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
-
-@pytest.fixture(scope="module", params=sorted(GRIDS))
-def run(request, tmp_path_factory) -> tuple[tuple[int, int], list[dict[str, object]]]:
-    """``((data_parallel, feature_parallel), per-rank results)`` of one spawned configuration."""
-    return run_grid(_worker, GRIDS[request.param], out_dir=tmp_path_factory.mktemp(request.param),
-                    preload=["torch", "torch._dynamo", "trainer.feature_parallel"])
+run = grid_runs(_worker, preload=["torch", "torch._dynamo", "trainer.feature_parallel"])
 
 
 # --------------------------------------------------------------------------- the reference

@@ -61,8 +61,7 @@ def feature_recovery(
     )
 
 
-@pytest.fixture(scope="module")
-def data() -> SparseFeatureData:
+def _data() -> SparseFeatureData:
     return SparseFeatureData(
         d_in=D_IN,
         n_features=N_FEATURES,
@@ -71,6 +70,11 @@ def data() -> SparseFeatureData:
         frequency_exponent=0.25,
         offset_norm=1.0,
     )
+
+
+@pytest.fixture(scope="module")
+def data() -> SparseFeatureData:
+    return _data()
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +111,7 @@ def _train(
 
 
 def test_generator_is_seeded_sparse_nonnegative_and_power_law(data: SparseFeatureData) -> None:
-    again = SparseFeatureData(
-        d_in=D_IN,
-        n_features=N_FEATURES,
-        mean_active=MEAN_ACTIVE,
-        seed=DATA_SEED,
-        frequency_exponent=0.25,
-        offset_norm=1.0,
-    )
+    again = _data()
     torch.testing.assert_close(again.features, data.features)
     batch = again.sample(20_000)
     assert batch.x.shape == (20_000, D_IN) and batch.coefficients.shape == (20_000, N_FEATURES)
