@@ -190,7 +190,7 @@ class SAELens(Contender):
         self.name = "SAELens 6.54.12" + (" sparse acts" if sparse else "")
         torch.manual_seed(cfg.model_seed)
         sae_cfg = TopKTrainingSAEConfig(d_in=cfg.d_model, d_sae=n, k=cfg.k)
-        if sparse:  # its backward crashes on CPU with the default rescale (ENVIRONMENT.md)
+        if sparse:  # its sparse backward crashes on CPU unless rescale_acts_by_decoder_norm is off
             sae_cfg.use_sparse_activations = True
             sae_cfg.rescale_acts_by_decoder_norm = False
         self.sae = TopKTrainingSAE(sae_cfg)
