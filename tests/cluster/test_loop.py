@@ -32,30 +32,6 @@ pytestmark = pytest.mark.integration
 
 
 
-def test_loop_on_local_directory(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir):
-    job = _job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir)
-    [result] = run_job(job).hookpoints
-    assert not result.cache_reused
-    assert result.tokens_cached == SEQUENCES * (CONTEXT - 1)
-    check_tiny_cache(result.cache_uri, {})
-    check_tiny_dictionary(result.dictionary_uri, result.cache_uri, tmp_path / "pulled", {})
-    assert list((tmp_path / "outputs" / "tiny").rglob("offline-run-*")), "wandb offline run files"
-
-    # A second job on the same inputs reuses the cache; this one trains a BatchTopK SAE, which
-    # is saved as the JumpReLU SAELens runs at inference.
-    [again] = run_job(_job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir,
-                           "run.name=tiny2", "sae=batchtopk")).hookpoints
-    assert again.cache_reused and again.cache_uri == result.cache_uri
-    target = tmp_path / "pulled-batchtopk"
-    assert saeforge(["pull", again.dictionary_uri, str(target)]) == 0
-    from sae_lens import SAE
-
-    saelens_sae = SAE.load_from_disk(str(target), device="cpu")
-    assert saelens_sae.cfg.d_sae == 128 and (saelens_sae.threshold > 0).all()
-    assert json.loads((target / "cfg.json").read_text())["architecture"] == "jumprelu"
-    assert again.eval["fvu"] < 0.9
-
-
 def _overlap_job(uri: str, tmp_path, model_dir, corpus_dir, *extra: str):
     # Producers and trainer workers share the 2-CPU test cluster.
     return _job(uri, tmp_path, model_dir, corpus_dir, "cluster.train_while_caching=true", "eval=off",
@@ -162,14 +138,16 @@ NOISE = (
 
 
 @pytest.mark.timeout(900)
-def test_the_default_job_runs_on_its_own_cluster_beside_another_with_a_quiet_console(
-    tmp_path, tiny_model_dir, tiny_corpus_dir
+def test_the_tiny_job_as_a_user_runs_it_beside_another_cluster_then_again_on_its_cache(
+    ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir
 ):
-    """``saeforge train`` as a user runs it, with a head started by ``ray start --head`` on the
-    machine (the cluster Ray would join by default, through its ``ray_current_cluster`` marker):
-    the job starts a local cluster of its own rather than stopping with Ray's "When connecting to
-    an existing cluster, object_store_memory must not be provided", and its console shows our
-    progress, log lines and figures and none of the ``NOISE``."""
+    """The whole loop on a local directory. ``saeforge train`` as a user runs it, with a head
+    started by ``ray start --head`` on the machine (the cluster Ray would join by default, through
+    its ``ray_current_cluster`` marker): the job starts a local cluster of its own rather than
+    stopping with Ray's "When connecting to an existing cluster, object_store_memory must not be
+    provided"; its console shows our progress, log lines and figures and none of the ``NOISE``;
+    its cache holds every token once and its dictionary pulls, loads and evaluates. A second job on
+    the same inputs reuses the cache."""
     overrides = tiny_overrides(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir,
                                "cluster.object_store_memory_bytes=209715200", "cluster.num_cpus=2",
                                "run.checkpoint_every_steps=30")
@@ -195,3 +173,24 @@ def test_the_default_job_runs_on_its_own_cluster_beside_another_with_a_quiet_con
     for ours in (r"caching: 100%", r"step (\d+)/\1 +loss", r"checkpoint at step 30", r"held-out FVU +0\.\d+",
                  r"CE recovered +-?\d", r"dictionary +file://", r"wall time +\d+ s"):
         assert re.search(ours, console), f"{ours!r} missing from the console:\n{console[-4000:]}"
+    assert re.search(r"^cache +file://\S+ \(built\)$", console, re.M), console[-4000:]
+    assert re.search(rf"^tokens cached +{SEQUENCES * (CONTEXT - 1):,}$", console, re.M), console[-4000:]
+    [cache_dir] = (tmp_path / "store" / "caches").iterdir()
+    check_tiny_cache(str(cache_dir), {})
+    check_tiny_dictionary(str(tmp_path / "store" / "runs" / "tiny" / "dictionary" / "model.layers.2"),
+                          str(cache_dir), tmp_path / "pulled", {})
+    assert list((tmp_path / "outputs" / "tiny").rglob("offline-run-*")), "wandb offline run files"
+
+    # A second job on the same inputs reuses the cache; this one trains a BatchTopK SAE, which
+    # is saved as the JumpReLU SAELens runs at inference.
+    [again] = run_job(_job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir,
+                           "run.name=tiny2", "sae=batchtopk")).hookpoints
+    assert again.cache_reused and again.cache_uri.removeprefix("file://") == str(cache_dir)
+    target = tmp_path / "pulled-batchtopk"
+    assert saeforge(["pull", again.dictionary_uri, str(target)]) == 0
+    from sae_lens import SAE
+
+    saelens_sae = SAE.load_from_disk(str(target), device="cpu")
+    assert saelens_sae.cfg.d_sae == 128 and (saelens_sae.threshold > 0).all()
+    assert json.loads((target / "cfg.json").read_text())["architecture"] == "jumprelu"
+    assert again.eval["fvu"] < 0.9
