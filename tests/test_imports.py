@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("trainer", "activation_cache", "cluster")
+PACKAGES = ("trainer", "activation_cache", "cluster", "interp")
 
 
 def _modules() -> dict[str, Path]:

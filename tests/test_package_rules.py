@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {
     "trainer": {"ray", "boto3", "botocore", "cluster", "activation_cache", "pyarrow"},
     "activation_cache": {"ray", "deepspeed", "cluster", "trainer"},
+    "interp": {"ray", "deepspeed", "cluster", "boto3", "botocore"},
 }
 # outside system -> the only module allowed to import it
 SINGLE_HOME = {"deepspeed": "trainer/engine.py", "boto3": "activation_cache/s3.py", "botocore": "activation_cache/s3.py"}
@@ -46,7 +47,7 @@ def test_package_never_imports_forbidden_modules(package):
 def test_outside_system_is_imported_in_one_module(system):
     importers = {
         str(path.relative_to(ROOT))
-        for package in ("trainer", "activation_cache", "cluster")
+        for package in ("trainer", "activation_cache", "cluster", "interp")
         for path in _modules(package)
         if system in _imports(path)
     }
@@ -56,7 +57,7 @@ def test_outside_system_is_imported_in_one_module(system):
 def test_only_cluster_imports_ray():
     importers = {
         str(path.relative_to(ROOT))
-        for package in ("trainer", "activation_cache")
+        for package in ("trainer", "activation_cache", "interp")
         for path in _modules(package)
         if "ray" in _imports(path)
     }
