@@ -41,6 +41,7 @@ COPY scripts ./scripts
 COPY trainer ./trainer
 COPY activation_cache ./activation_cache
 COPY cluster ./cluster
+COPY interp ./interp
 COPY conf ./conf
 # Set even when empty: scripts/setup.sh installs the test extra only where the variable is unset.
 RUN SAEFORGE_EXTRAS="${SAEFORGE_EXTRAS}" bash scripts/setup.sh && rm -rf /root/.cache/pip
