@@ -212,10 +212,9 @@ class ActivationHarvester(MultiHarvester):
         return int(self.model.config.hidden_size)
 
 
-def describe_model(source: ModelSource, hookpoints: list[str]) -> tuple[list[str], list[int]]:
-    """(canonical hookpoints, the width of each) from the model's config alone: the skeleton is
-    built on the meta device, so no weights load and bad hookpoints fail in seconds. Two names
-    for the same place (``resid_post.2`` and ``model.layers.2``) are refused."""
+def model_skeleton(source: ModelSource) -> nn.Module:
+    """The model built from its config alone on the meta device: its modules and shapes, no
+    weights, in seconds. Raises one line for an unreadable config or a model that is not a causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -231,13 +230,22 @@ def describe_model(source: ModelSource, hookpoints: list[str]) -> tuple[list[str
             f"model.name_or_path={source.model_id!r}: model_type {config.model_type!r} is not a causal LM "
             "(expected a model AutoModelForCausalLM loads, e.g. llama, gpt2, mistral)"
         ) from None
+    return skeleton
+
+
+def describe_model(source: ModelSource, hookpoints: list[str]) -> tuple[list[str], list[int]]:
+    """(canonical hookpoints, the width of each) from the model's config alone (``model_skeleton``):
+    no weights load and bad hookpoints fail in seconds. Two names for the same place
+    (``resid_post.2`` and ``model.layers.2``) are refused."""
+    skeleton = model_skeleton(source)
     canonical = [resolve_hookpoint(skeleton, h) for h in hookpoints]
     for i, name in enumerate(canonical):
         if name in canonical[:i]:
             raise ValueError(f"hookpoints {hookpoints[canonical.index(name)]!r} and {hookpoints[i]!r} both name {name}")
     modules = dict(skeleton.named_modules())
     widths = [
-        hookpoint_width(modules[name.removesuffix(INPUT_SUFFIX)], name.endswith(INPUT_SUFFIX), int(config.hidden_size))
+        hookpoint_width(modules[name.removesuffix(INPUT_SUFFIX)], name.endswith(INPUT_SUFFIX),
+                        int(skeleton.config.hidden_size))
         for name in canonical
     ]
     return canonical, widths
