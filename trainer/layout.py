@@ -20,6 +20,7 @@ A dictionary folder (the layout SAELens 6 loads, plus our own files)::
     training_curves.json      the loss/L0/dead-latent curves the report draws
     report.html               the feature report
     report_features.json      the feature cards as data, to redraw the report
+    activation_stats.safetensors   the held-out activations' mean and variance per dimension
     checksums.json            every other file's size and sha256; written last
 
 Every other module takes these names from here; none spells them out. Here too are the rules
@@ -47,6 +48,9 @@ EVAL_FILE = "eval.json"
 TRAINING_CURVES_FILE = "training_curves.json"
 REPORT_FILE = "report.html"
 FEATURES_FILE = "report_features.json"
+ACTIVATION_STATS_FILE = "activation_stats.safetensors"
+"""The held-out mean and variance that ``observe`` measures a token's relative error against
+(``trainer.activation_stats``); dictionaries written before it have none."""
 CHECKSUMS_FILE = "checksums.json"
 DICTIONARY_MARKER = CONFIG_FILE
 """A folder holding this file is a dictionary folder."""
