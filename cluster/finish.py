@@ -1,6 +1,6 @@
 """The end of one dictionary's training, on rank 0: its evaluation on every held-out row, then its
-folder written (weights, cfg.json, sparsity, eval.json, training curves, the feature report),
-``checksums.json`` last. The file names and the write order are ``trainer.layout``'s.
+folder written (weights, cfg.json, sparsity, eval.json, the held-out activation stats, training
+curves, the feature report), ``checksums.json`` last. The file names and the write order are ``trainer.layout``'s.
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ from activation_cache.plan import wait_for_manifest
 from activation_cache.reader import read_shard
 from activation_cache.store import ObjectStore
 from cluster.report import report_with_model
+from trainer.activation_stats import ActivationStats, RunningMoments, activation_stats_file
 from trainer.dictionary import dictionary_files
-from trainer.layout import FEATURES_FILE, REPORT_FILE, TRAINING_CURVES_FILE, write_dictionary
+from trainer.layout import (
+    ACTIVATION_STATS_FILE,
+    FEATURES_FILE,
+    REPORT_FILE,
+    TRAINING_CURVES_FILE,
+    write_dictionary,
+)
 from trainer.loggers import MetricLogger
 from trainer.loop import evaluate
 from trainer.metrics import DeadLatentTracker, dense_fraction, firing_histogram
@@ -47,15 +54,21 @@ class HeldOut:
                                  "held-out shards", self.timeout_s, self.abort)
 
 
-def _held_out_metrics(sae: nn.Module, held_out: HeldOut, manifest: Manifest, scale: float) -> tuple[dict, torch.Tensor]:
-    """The reconstruction figures on every held-out row and each latent's firing frequency there."""
+def _held_out_metrics(
+    sae: nn.Module, held_out: HeldOut, manifest: Manifest, scale: float,
+) -> tuple[dict, torch.Tensor, ActivationStats]:
+    """The reconstruction figures on every held-out row, each latent's firing frequency there, and
+    the raw held-out rows' mean and variance."""
     entries = {s.name: s for s in manifest.shards}
     rows = (read_shard(held_out.cache, entries[name]).activations for name in held_out.shard_names)
     firing = DeadLatentTracker(sae.n_latents)  # held-out firing frequencies, for the sparsity file
-    metrics = evaluate(sae, rows, scale=scale, dead_tracker=firing)
+    # The stats describe the reconstruction target's rows, here the SAE's input rows, read once for
+    # both (a transcoder's target would be its output hookpoint's rows).
+    moments = RunningMoments()
+    metrics = evaluate(sae, moments.pass_through(rows), scale=scale, dead_tracker=firing)
     frequencies = firing.frequencies()
     metrics["dense_fraction"] = dense_fraction(frequencies)
-    return metrics, frequencies
+    return metrics, frequencies, moments.result()
 
 
 def write_trained_dictionary(
@@ -66,7 +79,7 @@ def write_trained_dictionary(
     figures, and write its dictionary folder; the report (drawn with ``model``'s unembedding) is
     logged as the wandb artifact ``artifact``. ``summary`` (the training's counts) joins eval.json."""
     manifest = held_out.manifest()
-    metrics, frequencies = _held_out_metrics(sae, held_out, manifest, scale)
+    metrics, frequencies, activation_stats = _held_out_metrics(sae, held_out, manifest, scale)
     metrics.update(summary)
     logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=summary["train_steps"])
     counts, edges = firing_histogram(frequencies, bins=torch.linspace(-10, 0, 41))
@@ -76,6 +89,7 @@ def write_trained_dictionary(
         extra_metadata={"cache_key": manifest.cache_key, "run_name": run_name},
         sparsity=frequencies, eval_metrics=metrics,
     )
+    files[ACTIVATION_STATS_FILE] = activation_stats_file(activation_stats)
     files[TRAINING_CURVES_FILE] = json.dumps(curves).encode()
     entries = {s.name: s for s in manifest.shards}
     try:  # the report never costs the trained dictionary
