@@ -6,19 +6,16 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
-import os
 import re
-import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from browser import browse, chromium_path, png_size_and_pixels
 
 from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.hooking import (
@@ -374,25 +371,6 @@ def test_a_loss_spanning_decades_gets_a_log_axis():
 # --------------------------------------------------------------------------- in a real browser
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        message = ("Debian's chromium is not installed: `make setup` installs it when run as root with apt-get "
-                   "(or: apt-get install chromium)")
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
-
-
-def _browse(chromium: str, profile: Path, *args: str) -> str:
-    command = [chromium, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--hide-scrollbars",
-               f"--user-data-dir={profile}", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}: {done.stderr[-2000:]}"
-    return done.stdout
-
-
 # Run only in a test copy of the page (the report itself allows no script): measures what the
 # browser laid out and writes it into the DOM, which --dump-dom then prints.
 _LAYOUT_PROBE = """<script>
@@ -409,22 +387,8 @@ document.body.appendChild(out);
 </script>"""
 
 
-def _png_size_and_pixels(data: bytes) -> tuple[int, int, bytes]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-    pos, idat, size = 8, b"", (0, 0)
-    while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        body = data[pos + 8 : pos + 8 + length]
-        if kind == b"IHDR":
-            size = struct.unpack(">II", body[:8])
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    return *size, zlib.decompress(idat)
-
-
 def test_the_report_renders_every_section_in_headless_chromium(tiny_dictionary, tmp_path):
-    chromium = _chromium()
+    chromium = chromium_path()
     files = report_with_model(tiny_dictionary.files, holdout=iter(tiny_dictionary.holdout),
                               model=ModelConfig(name_or_path=str(tiny_dictionary.model_dir)),
                               options=ReportOptions(n_features=6, n_examples=4))
@@ -432,7 +396,7 @@ def test_the_report_renders_every_section_in_headless_chromium(tiny_dictionary, 
     report = tmp_path / REPORT_FILE
     report.write_text(page, encoding="utf-8")
 
-    dom = _browse(chromium, tmp_path / "profile", "--dump-dom", report.as_uri())
+    dom = browse(chromium, tmp_path / "profile", "--dump-dom", report.as_uri())
     for section in SECTIONS:
         assert f'<section id="{section}">' in dom
     curves = len(json.loads(tiny_dictionary.files[TRAINING_CURVES_FILE])[0]) - 2  # all but step and tokens
@@ -446,7 +410,7 @@ def test_the_report_renders_every_section_in_headless_chromium(tiny_dictionary, 
     probe = tmp_path / "probe.html"
     probe.write_text(re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page)
                      .replace("</body>", _LAYOUT_PROBE + "</body>"), encoding="utf-8")
-    probed = _browse(chromium, tmp_path / "profile", "--dump-dom", probe.as_uri())
+    probed = browse(chromium, tmp_path / "profile", "--dump-dom", probe.as_uri())
     layout = json.loads(html.unescape(re.search(r'<pre id="layout">(.*?)</pre>', probed, re.S).group(1)))
     assert set(layout["sections"]) == set(SECTIONS)
     assert all(height > 60 for _, height in layout["sections"].values()), layout["sections"]
@@ -456,7 +420,7 @@ def test_the_report_renders_every_section_in_headless_chromium(tiny_dictionary, 
     assert all(w > 0 and h > 0 for w, h in layout["hits"]) and layout["hitColour"] == "rgb(255, 209, 102)"
 
     shot = tmp_path / "report.png"
-    _browse(chromium, tmp_path / "profile", "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri())
-    width, height, pixels = _png_size_and_pixels(shot.read_bytes())
+    browse(chromium, tmp_path / "profile", "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri())
+    width, height, pixels = png_size_and_pixels(shot.read_bytes())
     assert (width, height) == (1280, 2400)
     assert len(set(pixels)) > 64, "the screenshot shows content, not a blank page"
