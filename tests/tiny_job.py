@@ -71,6 +71,7 @@ def check_tiny_dictionary(dictionary_uri: str, cache_uri: str, target, s3_option
     held-out FVU recomputed from the raw cache, and that SAELens loads it with the same outputs."""
     import json
 
+    import numpy as np
     import torch
 
     from activation_cache.manifest import load_manifest
@@ -79,6 +80,7 @@ def check_tiny_dictionary(dictionary_uri: str, cache_uri: str, target, s3_option
     from activation_cache.store import open_store
     from cluster.cli import main as saeforge
     from trainer import layout
+    from trainer.activation_stats import load_activation_stats
     from trainer.dictionary import load_dictionary
 
     argv = ["pull", dictionary_uri, str(target)]
@@ -87,7 +89,7 @@ def check_tiny_dictionary(dictionary_uri: str, cache_uri: str, target, s3_option
     assert saeforge(argv) == 0
     files = {p.name: p.read_bytes() for p in target.iterdir()}
     assert {layout.WEIGHTS_FILE, layout.CONFIG_FILE, layout.SPARSITY_FILE, layout.EVAL_FILE, layout.CHECKSUMS_FILE,
-            layout.TRAINING_CURVES_FILE, layout.REPORT_FILE} <= set(files)
+            layout.TRAINING_CURVES_FILE, layout.REPORT_FILE, layout.ACTIVATION_STATS_FILE} <= set(files)
     sae, cfg = load_dictionary(files)
     assert (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (32, 128, 8)
     evaluation = json.loads(files[layout.EVAL_FILE])
@@ -113,6 +115,15 @@ def check_tiny_dictionary(dictionary_uri: str, cache_uri: str, target, s3_option
     assert fvu < 0.9, f"held-out FVU {fvu:.3f} of the pulled dictionary"
     assert abs(fvu.item() - evaluation["fvu"]) < 1e-3, "eval.json must describe the saved dictionary on raw activations"
     assert input_scale(manifest, True) != 1.0, "the test must exercise the normalisation fold"
+
+    # The held-out stats observe measures relative errors against: those of the same raw rows
+    # (not scaled), recomputed here in float64; the file stores float32.
+    stats = load_activation_stats(files[layout.ACTIVATION_STATS_FILE])
+    rows = x.double().numpy()
+    rows = rows[np.isfinite(rows).all(axis=1)]
+    assert stats.n_tokens == len(rows) == evaluation["n_tokens"]
+    np.testing.assert_allclose(stats.mean.numpy(), rows.mean(axis=0), rtol=1e-5, atol=1e-6 * np.abs(rows).max())
+    np.testing.assert_allclose(stats.variance.numpy(), rows.var(axis=0), rtol=1e-5, atol=1e-7 * rows.var(axis=0).max())
 
     # The pulled folder loads in SAELens and computes the same reconstruction.
     from sae_lens import SAE
