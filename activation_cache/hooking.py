@@ -59,6 +59,12 @@ def resolve_model_source(cfg: ModelConfig) -> ModelSource:
     return ModelSource(directory, gguf_file, model_id, weights_fingerprint(directory))
 
 
+def packaged_model_named(model_id: str) -> str | None:
+    """The packaged model (``packaged:...``) whose Hugging Face id is ``model_id``, if one is: a
+    dictionary records the id (cfg.json's ``model_name``), not how its model was found."""
+    return next((name for name, (_, _, packaged_id) in _PACKAGED.items() if packaged_id == model_id), None)
+
+
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -127,6 +128,82 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     command.set_defaults(func=_eval)
 
 
+def _observed_texts(args: argparse.Namespace) -> list[str]:
+    """The texts to observe: ``--text``, the whole of ``--file``, or each non-empty line of
+    ``--prompts-file`` (each record's ``text`` field for a ``.jsonl`` file)."""
+    if args.text is not None:
+        return [args.text]
+    path = Path(args.file or args.prompts_file)
+    flag = "--file" if args.file else "--prompts-file"
+    try:
+        content = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {str(path)!r}: no such file") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{flag} {str(path)!r}: not UTF-8 text (byte {err.start})") from None
+    if args.file:
+        return [content]
+    if path.suffix != ".jsonl":
+        prompts = [line for line in content.splitlines() if line.strip()]
+    else:
+        prompts = []
+        for number, line in enumerate(content.splitlines(), start=1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--prompts-file {str(path)!r} line {number}: not JSON ({err.msg})") from None
+            if record is not None and not isinstance(record.get("text") if isinstance(record, dict) else None, str):
+                raise ValueError(f"--prompts-file {str(path)!r} line {number}: expected a JSON object with a string 'text'")
+            prompts += [record["text"]] if record is not None else []
+    if not prompts:
+        raise ValueError(f"--prompts-file {str(path)!r}: no prompt in it (one per non-empty line)")
+    return prompts
+
+
+def _observe(args: argparse.Namespace) -> int:
+    texts = _observed_texts(args)  # before anything loads
+    if args.top < 1:
+        raise ValueError(f"--top {args.top}: expected at least 1")
+    from interp.observe import open_observer
+    from interp.terminal import format_observations
+
+    configure_logging("WARNING")
+    observer = open_observer(args.uri, model=args.model, hookpoint=args.hookpoint,
+                             s3_options={"endpoint_url": args.endpoint_url})
+    observer.folder.check_feature(args.feature)
+    for text in texts:
+        observer.token_ids(text, chat=args.chat)  # every text checked before the model's weights load
+    result = observer.observe(texts, top=args.top, feature=args.feature, chat=args.chat)
+    sys.stdout.write(format_observations(result))
+    if args.json:
+        Path(args.json).write_text(result.to_json() + "\n", encoding="utf-8")
+        sys.stdout.write(f"written to {args.json}\n")
+    if args.html:
+        from interp.page import render_page
+
+        Path(args.html).write_text(render_page(result), encoding="utf-8")
+        sys.stdout.write(f"written to {args.html}\n")
+    return 0
+
+
+def _add_observe_parser(sub: argparse._SubParsersAction) -> None:
+    command = sub.add_parser("observe", help="which features fire on a text, token by token, and what the dictionary leaves unexplained")
+    command.add_argument("uri", help="dictionary: s3://bucket/.../dictionary/<hookpoint>, a local folder, or one SAELens wrote")
+    texts = command.add_mutually_exclusive_group(required=True)
+    texts.add_argument("--text", default=None, help="the text to observe")
+    texts.add_argument("--file", default=None, help="observe the whole of this UTF-8 file as one text")
+    texts.add_argument("--prompts-file", default=None, help="observe each non-empty line (a .jsonl file: each record's 'text')")
+    command.add_argument("--top", type=int, default=5, help="features shown per token (default: 5)")
+    command.add_argument("--feature", type=int, default=None, help="show this feature's activation at every token")
+    command.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    command.add_argument("--html", default=None, metavar="PATH", help="also write a self-contained page")
+    command.add_argument("--chat", action="store_true", help="wrap each text in the tokenizer's chat template (as a user turn)")
+    command.add_argument("--model", default=None, help="model directory or packaged:... (default: the dictionary's)")
+    command.add_argument("--hookpoint", default=None, help="where the dictionary reads (needed for a SAELens hook name with no known mapping)")
+    command.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    command.set_defaults(func=_observe)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeforge", description="Train sparse autoencoders on a Ray cluster.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.set_defaults(func=_pull)
     _add_cache_parser(sub)
     _add_eval_parser(sub)
+    _add_observe_parser(sub)
     add_job_commands(sub)  # submit, status, logs, stop, list
     return parser
 
