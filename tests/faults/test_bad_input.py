@@ -279,3 +279,47 @@ def test_train_refuses_bad_s3_settings_before_anything_starts(name, s3_server, s
     else:
         assert open_store(s3_bucket_uri.rsplit("/", 1)[0]).list() == [], "a refused job wrote to the bucket"
     _assert_nothing_written(tmp_path)
+
+
+# ------------------------------------------------------------------------- saeforge observe
+
+def _observable_dictionary(folder: Path, *, d_in: int = 32, hook_name: str = "model.layers.2") -> Path:
+    """A TopK dictionary (random weights) reading ``hook_name``; its model comes from ``--model``."""
+    files = dictionary_files(TopKSAE(d_in, 64, 4, seed=0), hookpoint=hook_name, model_name="tiny", scale=1.0,
+                             extra_metadata={}, sparsity=torch.rand(64), eval_metrics={"fvu": 0.5})
+    write_dictionary(open_store(str(folder)), files)
+    return folder
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("unknown_feature", ("feature 64", "features 0..63")),
+    ("negative_feature", ("feature -1", "features 0..63")),
+    ("width_mismatch", ("dictionary d_in=16", "model.layers.2 has width 32")),
+    ("empty_text", ("text ''", "tokenizes to no token the dictionary encodes")),
+    ("not_a_dictionary", ("not a dictionary folder", "no cfg.json")),
+    ("unknown_hook_name", ("'blocks.2.hook_z'", "--hookpoint")),
+    ("bad_hookpoint", ("hookpoint 'resid_post.9'", "model has 4 layers")),
+    ("zero_top", ("--top 0", "at least 1")),
+    ("missing_prompts_file", ("--prompts-file", "no such file")),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_observe_refuses_bad_input_before_the_model_loads(case, expected, guard_model, tmp_path, capsys):
+    """Each refusal is one line and comes before the model's weights load (they are garbage here)."""
+    folder = tmp_path / "dictionary"
+    _observable_dictionary(folder, d_in=16 if case == "width_mismatch" else 32,
+                           hook_name="blocks.2.hook_z" if case == "unknown_hook_name" else "model.layers.2")
+    args = [str(folder), "--model", str(guard_model), "--text", "To be, or not to be"]
+    if case in ("unknown_feature", "negative_feature"):
+        args += ["--feature", "64" if case == "unknown_feature" else "-1"]
+    elif case == "empty_text":
+        args[args.index("--text") + 1] = ""
+    elif case == "not_a_dictionary":
+        args[0] = str(tmp_path)  # holds the dictionary folder, but is none itself
+    elif case == "bad_hookpoint":
+        args += ["--hookpoint", "resid_post.9"]
+    elif case == "zero_top":
+        args += ["--top", "0"]
+    elif case == "missing_prompts_file":
+        args[-2:] = ["--prompts-file", str(tmp_path / "absent.txt")]
+    stored = {p.name: p.read_bytes() for p in folder.iterdir()}
+    _assert_refused(saeforge(["observe", *args]), capsys.readouterr(), "observe", *expected)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == stored, "observe wrote into the dictionary"
