@@ -24,23 +24,46 @@ and JumpReLU-style as ``jumprelu_transcoder`` (both with ``d_out`` and
 training (its L1 is weighted by decoder norms): at inference both are a plain ReLU, which is what
 ``standard`` runs. ``load_dictionary`` rebuilds each SAELens architecture as the registered
 architecture that runs it (``INFERENCE_ARCHITECTURES``).
+
+``load_dictionary`` also reads the folders SAELens itself writes (``SAE.save_model``), with the
+encodings SAELens computes after ``SAE.load_from_disk`` (``tests/interp/test_saelens_folders.py``):
+
+* ``topk`` with ``rescale_acts_by_decoder_norm=true``: SAELens multiplies the pre-activations by the
+  decoder row norms ``n`` before the top-k and divides the activations by them before decoding.
+  The norms are folded into the weights on loading (``W_enc * n``, ``b_enc * n``, ``W_dec / n``),
+  which computes the same activations and reconstruction with the plain TopK.
+* ``normalize_activations`` as SAELens runs it at inference (``SAE._setup_activation_normalization``):
+  ``constant_norm_rescale`` and ``layer_norm`` normalise each token before encoding and undo it on
+  the reconstruction, with that token's own statistics: the SAE comes wrapped in
+  ``InputNormalizedCoder``. ``expected_average_only_in`` and ``covariance_whitening`` hold their
+  statistic outside the folder (SAELens's trainer folds it into the weights before its final save
+  and writes ``none``); SAELens runs a folder that still names them on raw activations, without
+  scaling or whitening, and so does ``load_dictionary`` (it logs a warning).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from torch import Tensor
+from torch import Tensor, nn
 
 from trainer.layout import CONFIG_FILE, EVAL_FILE, SPARSITY_FILE, WEIGHTS_FILE, eval_json
+from trainer.losses import reconstruction_error
 from trainer.registry import architecture_class
-from trainer.sae import SparseCoder
+from trainer.sae import Code, ForwardOutput, SparseCoder
 
-__all__ = ["dictionary_files", "load_dictionary", "sae_config", "saelens_architecture"]
+__all__ = [
+    "InputNormalizedCoder", "dictionary_files", "dictionary_hook_name", "load_dictionary", "sae_config",
+    "saelens_architecture",
+]
+
+log = logging.getLogger(__name__)
 
 # SAELens runs its pre-6.0 config migration on any cfg.json whose metadata.sae_lens_version is
 # missing or older than 6.0.0 (``handle_config_defaulting``); this file is written in the 6.x format.
@@ -67,6 +90,12 @@ INFERENCE_ARCHITECTURES = {
 """SAELens 6 architecture of a saved dictionary -> the registered architecture that computes it
 on raw activations (with a free decoder, so the folded rows are used as saved)."""
 _JUMPRELU_ARCHITECTURES = ("jumprelu", "jumprelu_transcoder")
+NORMALIZE_ACTIVATIONS = (
+    "none", "expected_average_only_in", "constant_norm_rescale", "layer_norm", "covariance_whitening",
+)
+"""The ``normalize_activations`` values SAELens 6 accepts (``SAEConfig.__post_init__``); all load."""
+# Modes whose statistic SAELens keeps outside the folder: at inference it runs them as 'none'.
+_IDENTITY_AT_INFERENCE = ("expected_average_only_in", "covariance_whitening")
 
 
 def dictionary_files(
@@ -163,13 +192,17 @@ def sae_config(sae: SparseCoder, metadata: dict[str, Any], *, transcoder: bool =
     return cfg
 
 
-def load_dictionary(files: dict[str, bytes]) -> tuple[SparseCoder, dict[str, Any]]:
-    """Rebuild the SAE (acting on raw activations) and its config from ``dictionary_files`` output.
+def load_dictionary(files: dict[str, bytes]) -> tuple[SparseCoder | InputNormalizedCoder, dict[str, Any]]:
+    """Rebuild the SAE (acting on raw activations) and its config from a dictionary folder's files:
+    ``dictionary_files`` output, or a folder SAELens wrote (``SAE.save_model``).
 
     ``topk`` gives a ``TopKSAE``, ``standard`` / ``transcoder`` a ``ReLUSAE``, ``jumprelu`` /
     ``jumprelu_transcoder`` a ``JumpReLUSAE`` (``log_threshold = log(threshold)``), all with a free
-    decoder so the folded rows are used as saved (``INFERENCE_ARCHITECTURES``). Raises ValueError
-    naming the first mismatch between ``cfg.json`` and the weights.
+    decoder so the folded rows are used as saved (``INFERENCE_ARCHITECTURES``). A TopK saved with
+    ``rescale_acts_by_decoder_norm=true`` has its decoder norms folded into the weights; a per-token
+    ``normalize_activations`` (``constant_norm_rescale``, ``layer_norm``) wraps the SAE in
+    ``InputNormalizedCoder``; the other modes run as SAELens runs them (the module docstring).
+    Raises ValueError naming the first mismatch between ``cfg.json`` and the weights.
     """
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if name not in files:
@@ -186,6 +219,8 @@ def load_dictionary(files: dict[str, bytes]) -> tuple[SparseCoder, dict[str, Any
         with_threshold=architecture in _JUMPRELU_ARCHITECTURES,
     )
     dtype = _DTYPES_BY_NAME[cfg["dtype"].removeprefix("torch.")]
+    if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+        weights = _fold_decoder_norms(weights)
     state = {name: tensor.to(dtype) for name, tensor in weights.items()}
     sae = architecture_class(INFERENCE_ARCHITECTURES[architecture]).for_inference(cfg, dtype)
     if "threshold" in state:
@@ -193,7 +228,150 @@ def load_dictionary(files: dict[str, bytes]) -> tuple[SparseCoder, dict[str, Any
         # A negative one acts as 0 after SAELens's ReLU; clamping keeps the log defined.
         state["log_threshold"] = state.pop("threshold").clamp_min(0).log()
     sae.load_state_dict(state)
+    mode = cfg.get("normalize_activations", "none")
+    if mode in _IDENTITY_AT_INFERENCE:
+        log.warning(
+            "%s normalize_activations=%r: its statistic is not in the folder; SAELens runs such a folder "
+            "on raw activations after load_from_disk, and so does saeforge", CONFIG_FILE, mode,
+        )
+    if mode in _PER_TOKEN_NORMALIZATION:
+        return InputNormalizedCoder(sae, mode), cfg
     return sae, cfg
+
+
+def dictionary_hook_name(cfg: dict[str, Any]) -> str:
+    """Where the dictionary reads, as its ``cfg.json`` names it: ``metadata.hook_name`` (SAELens 6,
+    and ours), else a top-level ``hook_name`` or ``hook_point`` (files written before SAELens 6)."""
+    metadata = cfg.get("metadata") or {}
+    for name in (metadata.get("hook_name"), cfg.get("hook_name"), cfg.get("hook_point")):
+        if isinstance(name, str) and name:
+            return name
+    raise ValueError(
+        f"{CONFIG_FILE} names no hook: expected metadata.hook_name (SAELens 6) or a top-level hook_name "
+        "or hook_point (older files)"
+    )
+
+
+def _fold_decoder_norms(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """SAELens's ``rescale_acts_by_decoder_norm`` TopK, ``topk(z * n)`` decoded as ``(a / n) W_dec``
+    with ``n`` the decoder row norms, as a plain TopK: ``W_enc * n``, ``b_enc * n``, ``W_dec / n``.
+    Norms are clamped as SAELens's own fold clamps them (``get_W_dec_norm``)."""
+    dtype = weights["W_dec"].dtype
+    wide = torch.promote_types(dtype, torch.float32)  # bf16 norms would round the fold twice
+    norms = weights["W_dec"].to(wide).norm(dim=-1).clamp_min(1e-8)
+    return {
+        **weights,
+        "W_enc": (weights["W_enc"].to(wide) * norms).to(dtype),
+        "b_enc": (weights["b_enc"].to(wide) * norms).to(dtype),
+        "W_dec": (weights["W_dec"].to(wide) / norms[:, None]).to(dtype),
+    }
+
+
+# --------------------------------------------------------------------------- run-time normalisation
+
+_Stats = tuple[Tensor, ...]
+_LAYER_NORM_EPS = 1e-5  # SAELens's run_time_activation_ln_in default
+
+
+def _constant_norm_in(x: Tensor) -> tuple[Tensor, _Stats]:
+    coefficient = (x.shape[-1] ** 0.5) / x.norm(dim=-1, keepdim=True)
+    return x * coefficient, (coefficient,)
+
+
+def _constant_norm_out(y: Tensor, stats: _Stats) -> Tensor:
+    (coefficient,) = stats
+    return y / coefficient
+
+
+def _layer_norm_in(x: Tensor) -> tuple[Tensor, _Stats]:
+    mean = x.mean(dim=-1, keepdim=True)
+    centred = x - mean
+    std = centred.std(dim=-1, keepdim=True)
+    return centred / (std + _LAYER_NORM_EPS), (mean, std)
+
+
+def _layer_norm_out(y: Tensor, stats: _Stats) -> Tensor:
+    mean, std = stats
+    return y * std + mean  # without the eps, exactly as SAELens undoes it
+
+
+_NORMALIZERS: dict[str, tuple[Callable[[Tensor], tuple[Tensor, _Stats]], Callable[[Tensor, _Stats], Tensor]]] = {
+    "constant_norm_rescale": (_constant_norm_in, _constant_norm_out),
+    "layer_norm": (_layer_norm_in, _layer_norm_out),
+}
+_PER_TOKEN_NORMALIZATION = tuple(_NORMALIZERS)
+
+
+class InputNormalizedCoder(nn.Module):
+    """A saved SAE that SAELens runs on per-token normalised inputs (``normalize_activations``
+    ``constant_norm_rescale``: ``x * sqrt(d_in) / |x|``; ``layer_norm``: ``(x - mean) / (std + 1e-5)``),
+    with the ``SparseCoder`` calls that use a dictionary: ``encode``, ``decode``, ``reconstruct``,
+    ``forward``, and ``d_in``, ``d_out``, ``n_latents``, ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``.
+
+    It takes raw activations and gives reconstructions in raw space: each token is normalised
+    before ``coder`` encodes it and the reconstruction is mapped back with that token's statistics,
+    the operations of SAELens's ``run_time_activation_norm_fn_in`` / ``_out``. Only loaded
+    dictionaries are wrapped; training never is, so its TopK path is untouched.
+    """
+
+    def __init__(self, coder: SparseCoder, normalize_activations: Literal["constant_norm_rescale", "layer_norm"]):
+        super().__init__()
+        if normalize_activations not in _NORMALIZERS:
+            raise ValueError(
+                f"normalize_activations={normalize_activations!r}: expected one of {list(_NORMALIZERS)}"
+            )
+        self.coder = coder
+        self.normalize_activations = normalize_activations
+        self._normalize, self._denormalize = _NORMALIZERS[normalize_activations]
+        self.d_in, self.d_out, self.n_latents = coder.d_in, coder.d_out, coder.n_latents
+
+    @property
+    def W_enc(self) -> Tensor:
+        return self.coder.W_enc
+
+    @property
+    def b_enc(self) -> Tensor:
+        return self.coder.b_enc
+
+    @property
+    def W_dec(self) -> Tensor:
+        return self.coder.W_dec
+
+    @property
+    def b_dec(self) -> Tensor:
+        return self.coder.b_dec
+
+    def normalize(self, x: Tensor) -> tuple[Tensor, _Stats]:
+        """(B, d_in) raw -> (the normalised tokens ``coder`` reads, the per-token statistics)."""
+        return self._normalize(x.to(self.coder.W_enc.dtype))  # SAELens casts before normalising
+
+    def encode(self, x: Tensor) -> Code:
+        """(B, d_in) raw activations -> the latents of their normalised tokens."""
+        return self.coder.encode(self.normalize(x)[0])
+
+    def decode(self, acts: Tensor, indices: Tensor | None = None, *, x: Tensor) -> Tensor:
+        """Latents -> (B, d_out) reconstruction in raw space. ``x`` is the raw input the latents
+        belong to: its per-token statistics undo the normalisation."""
+        return self._denormalize(self.coder.decode(acts, indices), self.normalize(x)[1])
+
+    def reconstruct(self, x: Tensor) -> tuple[Code, Tensor]:
+        """``encode`` then ``decode``, the reconstruction in raw space."""
+        normalized, stats = self.normalize(x)
+        code = self.coder.encode(normalized)
+        return code, self._denormalize(self.coder.decode(code.acts, code.indices), stats)
+
+    def forward(self, x: Tensor, *, target: Tensor | None = None) -> ForwardOutput:
+        """As ``SparseCoder.forward`` (without AuxK: this is inference), the error in raw space."""
+        target = x if target is None else target
+        code, reconstruction = self.reconstruct(x)
+        error = reconstruction_error(reconstruction, target)
+        fit = self.coder.fit_loss(code, reconstruction, target, error)
+        sparsity = self.coder.sparsity_loss(code)
+        aux = torch.zeros((), device=reconstruction.device)
+        l0 = (code.acts > 0).sum(dim=-1).float().mean().detach()
+        return ForwardOutput(
+            code.acts, code.indices, reconstruction, error.mse, error.fvu, sparsity, aux, fit + sparsity + aux, l0
+        )
 
 
 def _check_config(cfg: dict[str, Any]) -> None:
@@ -203,13 +381,15 @@ def _check_config(cfg: dict[str, Any]) -> None:
             f"{CONFIG_FILE} architecture={architecture!r} is not supported "
             f"(expected one of {list(INFERENCE_ARCHITECTURES)})"
         )
-    if cfg.get("normalize_activations", "none") != "none":
+    if cfg.get("normalize_activations", "none") not in NORMALIZE_ACTIVATIONS:
         raise ValueError(
             f"{CONFIG_FILE} normalize_activations={cfg['normalize_activations']!r} is not supported "
-            "(expected 'none')"
+            f"(expected one of {list(NORMALIZE_ACTIVATIONS)})"
         )
-    if cfg.get("rescale_acts_by_decoder_norm", False):
-        raise ValueError(f"{CONFIG_FILE} rescale_acts_by_decoder_norm=true is not supported")
+    if not isinstance(cfg.get("rescale_acts_by_decoder_norm", False), bool):
+        raise ValueError(
+            f"{CONFIG_FILE} rescale_acts_by_decoder_norm={cfg['rescale_acts_by_decoder_norm']!r}: expected true or false"
+        )
     if cfg.get("dtype", "").removeprefix("torch.") not in _DTYPES_BY_NAME:
         raise ValueError(f"{CONFIG_FILE} dtype={cfg.get('dtype')!r}: expected one of {sorted(_DTYPES_BY_NAME)}")
     integer_keys = ("d_in", "d_sae", "k") if architecture == "topk" else ("d_in", "d_sae")
