@@ -32,15 +32,16 @@ weight processing; the dictionary's ``metadata.model_from_pretrained_kwargs`` sa
 loaded) saw other activations in two places (TransformerLens 3.9 ``ProcessWeights.process_weights``):
 
 * ``center_writing_weights`` (LayerNorm models only, e.g. GPT-2; not RMSNorm ones such as Llama)
-  centres every weight that writes to the residual stream, so ``hook_resid_*``, ``hook_attn_out``
-  and ``hook_mlp_out`` are the Hugging Face model's minus their per-token mean over d_model. The
-  model computes the same logits, but such a dictionary reads uncentred activations here: its
-  encodings and its reconstruction error are off by that mean (its ``b_dec`` absorbs only an
-  average of it).
+  subtracts the mean over d_model from every weight and bias that writes to the residual stream,
+  so by construction ``hook_resid_*``, ``hook_attn_out`` and ``hook_mlp_out`` are the Hugging
+  Face model's minus each token's mean over d_model. The logits are the same (LayerNorm removes
+  that mean), but the activations read here differ from the ones such a dictionary was trained on
+  by that per-token mean along the all-ones direction.
 * ``fold_ln`` folds each norm's gain (and LayerNorm's bias) into the next weights, so
   ``ln2.hook_normalized`` lacks the gain that ``mlp_in.L`` here includes.
 
-The residual stream of an RMSNorm model such as Llama is unchanged by the default processing.
+Neither changes the residual stream of an RMSNorm model such as Llama. These statements come from
+reading TransformerLens's source; the tests do not run TransformerLens.
 """
 
 from __future__ import annotations

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from activation_cache.config import ModelConfig
-from activation_cache.hooking import ActivationHarvester, load_model, model_skeleton, resolve_model_source
+from activation_cache.hooking import (
+    ActivationHarvester,
+    load_model,
+    model_skeleton,
+    resolve_model_source,
+)
 from interp.hooknames import hookpoint_for, hookpoint_from_hook_name
 from trainer.dictionary import InputNormalizedCoder, dictionary_hook_name, load_dictionary
 from trainer.sae import Code, SparseCoder
@@ -26,7 +31,14 @@ ARCHITECTURES = [("topk", False), ("topk", True), ("jumprelu", False), ("standar
 
 def _saelens_sae(architecture: str, *, normalize: str, rescale: bool, seed: int):
     """An SAELens inference SAE with random weights of non-unit decoder norms and positive thresholds."""
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens import (
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
     from sae_lens.saes.sae import SAEMetadata
 
     common = dict(
