@@ -14,7 +14,7 @@ from html.parser import HTMLParser
 from browser import browse, chromium_path, png_size_and_pixels
 
 from interp.observe import Baseline, Observations, TextObservation, TokenObservation
-from interp.page import render_page
+from interp.page import MAX_OPACITY, SATURATING_RELATIVE_ERROR, render_page
 
 HOSTILE = "</script><script>window.pwned=1</script>"
 QUOTES = '" onmouseover="window.pwned=2'
@@ -36,6 +36,7 @@ TEXT_2 = [
     (" again\u2028", 200, True, [(3, 3.0)], 0.45),
     ("<|eot_id|>", 2, False, [], None),
     ("  x", 201, True, [(7, 0.8), (11, 0.5)], 0.9),
+    ("!", 202, True, [(3, 0.1)], 1.0),
 ]
 
 
@@ -53,7 +54,7 @@ def _tokens(rows: list[tuple], feature: int | None) -> list[TokenObservation]:
 
 def observations(*, feature: int | None = FEATURE, source: str = "text") -> Observations:
     texts = [TextObservation("".join(r[0] for r in rows), _tokens(rows, feature)) for rows in (TEXT_1, TEXT_2)]
-    return Observations(dictionary="s3://bucket/runs/r1/dictionary/model.layers.1", hookpoint="model.layers.1",
+    return Observations(dictionary="store/runs/r&1/dictionary/model.layers.1", hookpoint="model.layers.1",
                         model="tiny-llama <test>", n_latents=64, top=2, feature=feature,
                         baseline=Baseline(source, 9, 12.5), texts=texts)
 
@@ -221,8 +222,10 @@ def test_the_page_renders_tokens_shading_figures_and_features_in_headless_chromi
     by_error = sorted((r[4], f"{n}-{p}") for n, rows in ((1, TEXT_1), (2, TEXT_2))
                       for p, r in enumerate(rows) if r[4] is not None)
     strengths = [shade[key] for _, key in by_error]
-    assert strengths == sorted(strengths) and len(set(strengths)) == len(strengths), by_error
-    assert shade["1-6"] == 0 and shade["1-3"] == max(strengths) > shade["2-3"], "0.0 unshaded, 2.5 saturated"
+    assert strengths == sorted(strengths) and len(set(strengths)) == len(strengths) - 1, by_error
+    assert shade["1-6"] == 0 and shade["1-3"] == shade["2-4"] == max(strengths) > shade["2-3"], "0.0 none, 1.0 full"
+    for error, key in by_error:  # the documented scale: linear, saturating at relative error 1.0
+        assert abs(shade[key] - MAX_OPACITY * min(error / SATURATING_RELATIVE_ERROR, 1.0)) < 2e-3, (key, error)
     assert "beyond" in run_tokens(dom, 1)[3].attrs["class"] and "no-baseline" in run_tokens(dom, 1)[5].attrs["class"]
 
     # Each token's figures, in the DOM without any interaction.
@@ -265,6 +268,8 @@ def test_the_page_renders_tokens_shading_figures_and_features_in_headless_chromi
     assert [s.text() for s in strip] == [visible(r[0]) for r in TEXT_1]
     assert max(strip, key=lambda s: alpha(s.attrs.get("style", ""))).text() == visible(HOSTILE), "1.9 is feature 7's largest"
     assert "computed on the 9 observed tokens" in dom.one(id="header-baseline").text()
+    assert dom.one("h1").text() == "saeforge observe: model.layers.1 of tiny-llama <test>"
+    assert dom.one(id="header-dictionary").text() == obs.dictionary and dom.one(id="header-features").text() == "64"
 
     # In a copy that lets any script run: the hostile token still did not, and every token is laid out.
     probe = tmp_path / "probe.html"
