@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from activation_cache.config import ModelConfig
+from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.manifest import Manifest
 from activation_cache.plan import wait_for_manifest
 from activation_cache.reader import read_shard
 from activation_cache.store import ObjectStore
 from cluster.report import report_with_model
+from interp.loading import model_metadata
 from trainer.activation_stats import ActivationStats, RunningMoments, activation_stats_file
 from trainer.dictionary import dictionary_files
 from trainer.layout import (
@@ -73,11 +74,14 @@ def _held_out_metrics(
 
 def write_trained_dictionary(
     sae: nn.Module, *, folder: ObjectStore, held_out: HeldOut, scale: float, hookpoint: str, run_name: str,
-    summary: dict[str, Any], curves: list[dict], model: ModelConfig, logger: MetricLogger, artifact: str,
+    summary: dict[str, Any], curves: list[dict], model: ModelConfig, data: DataConfig, logger: MetricLogger,
+    artifact: str,
 ) -> None:
     """Evaluate ``sae`` (trained on activations times ``scale``) on the held-out rows, log the
     figures, and write its dictionary folder; the report (drawn with ``model``'s unembedding) is
-    logged as the wandb artifact ``artifact``. ``summary`` (the training's counts) joins eval.json."""
+    logged as the wandb artifact ``artifact``. ``summary`` (the training's counts) joins eval.json.
+    cfg.json records ``model`` and the token exclusions of ``data``, so a copy of the folder away
+    from its run (pulled) still finds its model for ``saeforge observe``."""
     manifest = held_out.manifest()
     metrics, frequencies, activation_stats = _held_out_metrics(sae, held_out, manifest, scale)
     metrics.update(summary)
@@ -86,7 +90,7 @@ def write_trained_dictionary(
     metrics["firing_histogram"] = {"log10_frequency_edges": edges.tolist(), "latents": counts.long().tolist()}
     files = dictionary_files(
         sae, hookpoint=hookpoint, model_name=manifest.model, scale=scale,
-        extra_metadata={"cache_key": manifest.cache_key, "run_name": run_name},
+        extra_metadata={"cache_key": manifest.cache_key, "run_name": run_name, **model_metadata(model, data)},
         sparsity=frequencies, eval_metrics=metrics,
     )
     files[ACTIVATION_STATS_FILE] = activation_stats_file(activation_stats)

@@ -262,7 +262,7 @@ def _finish_dictionary(
             final, folder=open_store(dictionary.uri, s3_options=job.cache.s3_options()),
             held_out=_held_out(job, plan, source), scale=source.scale, hookpoint=plan.hookpoint,
             run_name=plan.run_name, summary=summary_metrics, curves=dictionary.trainer.history, model=job.model,
-            logger=dictionary.logger,
+            data=job.data, logger=dictionary.logger,
             artifact=report_artifact_name(plan.run_name, dictionary.variant.name, plan.hookpoint),
         )
     dictionary.logger.finish()

@@ -138,6 +138,26 @@ NOISE = (
 
 
 @pytest.mark.timeout(900)
+def _observe_in_store_and_pulled(stored: Path, pulled: Path, tmp_path: Path) -> None:
+    """``saeforge observe`` on the job's dictionary, in its run and pulled away from it: the copy
+    finds its model from cfg.json, both measure against the held-out statistics the job recorded
+    and report the same."""
+    results = []
+    for folder in (stored, pulled):
+        written = tmp_path / f"observed-{folder.name}.json"
+        assert saeforge(["observe", str(folder), "--text", "Now is the winter of our discontent", "--json",
+                         str(written)]) == 0
+        results.append(json.loads(written.read_text()))
+    evaluation = json.loads((pulled / "eval.json").read_text())
+    for result in results:
+        assert result.pop("dictionary") and result["baseline"]["source"] == "held-out"
+        assert result["baseline"]["n_tokens"] == evaluation["n_tokens"]
+    assert results[0] == results[1]
+    tokens = results[0]["texts"][0]["tokens"]
+    assert not tokens[0]["encoded"] and all(t["encoded"] for t in tokens[1:])
+    assert max(len(t["features"]) for t in tokens) == 5  # up to k = 8 fire, the top 5 shown
+
+
 def test_the_tiny_job_as_a_user_runs_it_beside_another_cluster_then_again_on_its_cache(
     ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir
 ):
@@ -180,6 +200,8 @@ def test_the_tiny_job_as_a_user_runs_it_beside_another_cluster_then_again_on_its
     check_tiny_dictionary(str(tmp_path / "store" / "runs" / "tiny" / "dictionary" / "model.layers.2"),
                           str(cache_dir), tmp_path / "pulled", {})
     assert list((tmp_path / "outputs" / "tiny").rglob("offline-run-*")), "wandb offline run files"
+    _observe_in_store_and_pulled(tmp_path / "store" / "runs" / "tiny" / "dictionary" / "model.layers.2",
+                                 tmp_path / "pulled", tmp_path)
 
     # A second job on the same inputs reuses the cache; this one trains a BatchTopK SAE, which
     # is saved as the JumpReLU SAELens runs at inference.
