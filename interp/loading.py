@@ -25,7 +25,7 @@ from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.hooking import packaged_model_named
 from activation_cache.store import ObjectNotFound, open_store
 from trainer.activation_stats import ActivationStats, load_activation_stats
-from trainer.dictionary import load_dictionary
+from trainer.dictionary import dictionary_hook_name, load_dictionary
 from trainer.layout import (
     ACTIVATION_STATS_FILE,
     CHECKSUMS_FILE,
@@ -73,10 +73,7 @@ class DictionaryFolder:
     @property
     def hook_name(self) -> str:
         """Where the dictionary reads: our hookpoint, or SAELens's (TransformerLens-style) hook name."""
-        name = self.cfg.get("metadata", {}).get("hook_name") or self.cfg.get("hook_name")
-        if not name:
-            raise ValueError(f"{self.uri}/{CONFIG_FILE}: no hook_name (in metadata or at the top level)")
-        return name
+        return dictionary_hook_name(self.cfg)
 
     @property
     def n_latents(self) -> int:
