@@ -45,7 +45,7 @@ _CONTEXTS_PER_FEATURE = 25
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1d232b;background:#f6f7f9}
 header{background:#1d3557;color:#fff;padding:16px 28px}header h1{margin:0 0 8px;font-size:21px}
-header table td{border:none;padding:1px 12px 1px 0;color:#e8eef8}header table td:first-child{color:#a9c4ea}
+header table td{border:none;padding:1px 12px 1px 0;color:#e8eef8}header table td:first-child{color:#a9c4ea;white-space:nowrap}
 main{display:grid;grid-template-columns:minmax(0,1fr) 360px;gap:18px;padding:8px 28px 40px;max-width:1500px}
 @media (max-width:900px){main{grid-template-columns:1fr}}
 section{background:#fff;border:1px solid #dde1e6;border-radius:8px;margin:18px 0;padding:14px 20px}
@@ -70,7 +70,7 @@ th{background:#f0f2f5;font-weight:600}td.num{text-align:right;font-variant-numer
 .ctx{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12.5px}
 .ctx .tok{cursor:default}mark.hit{background:#ffd166;outline:1px solid #e0a100;font-weight:700;color:#111}
 ol.contexts{margin:0;padding-left:22px}ol.contexts li{margin:2px 0}
-.act{display:inline-block;min-width:58px;color:#5b6470;font-variant-numeric:tabular-nums}
+.act{display:inline-block;min-width:64px;margin-right:6px;color:#5b6470;font-variant-numeric:tabular-nums}
 .where{color:#8a929c;font-size:12px;margin-left:8px}
 article.feature{border:1px solid #dde1e6;border-radius:8px;padding:8px 14px;margin:10px 0;background:#fcfcfd}
 article.feature h3{margin:2px 0 6px}.band{font-size:12px;font-weight:400;color:#5b6470;margin-left:8px}
