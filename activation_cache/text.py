@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +127,19 @@ def check_source(source: str, text_column: str = "text") -> None:
             _parquet_column_check(path, text_column)
         elif path.suffix == ".jsonl":
             next(_jsonl_documents(path, text_column, first_only=True), None)
+
+
+def token_decoder(tokenizer) -> Callable[[list[int]], list[str]]:
+    """Each id decoded alone, for showing tokens one by one. SentencePiece drops a token's leading
+    space when decoding it alone; it is put back from the ``▁`` of its piece."""
+
+    def decode(ids: list[int]) -> list[str]:
+        texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+        pieces = tokenizer.convert_ids_to_tokens(list(ids))
+        return [" " + text if str(piece).startswith("▁") and not text.startswith(" ") else text
+                for text, piece in zip(texts, pieces, strict=True)]
+
+    return decode
 
 
 def excluded_token_ids(cfg: DataConfig, tokenizer) -> frozenset[int]:

@@ -28,6 +28,7 @@ from torch import Tensor
 from activation_cache.config import ModelConfig
 from activation_cache.hooking import load_tokenizer, resolve_model_source
 from activation_cache.schema import DecodedShard
+from activation_cache.text import token_decoder
 from activation_cache.unembedding import load_unembedding
 from cluster.report_cards import FeatureSample
 from cluster.report_html import render_report
@@ -38,7 +39,6 @@ from cluster.report_scan import (
     sample_features,
     scan_top_activations,
     sparsity_frequencies,
-    token_decoder,
 )
 from trainer.dictionary import load_dictionary
 from trainer.layout import FEATURES_FILE, SPARSITY_FILE

@@ -29,19 +29,6 @@ LogitIds = tuple[tuple[list[int], list[float]], tuple[list[int], list[float]]]
 """((promoted ids, logits), (suppressed ids, logits)) of one feature."""
 
 
-def token_decoder(tokenizer: Any) -> Decode:
-    """A ``Decode`` for a Hugging Face tokenizer: each id decoded alone. SentencePiece drops a
-    token's leading space when decoding it alone; it is put back from the ``▁`` of its piece."""
-
-    def decode(ids: list[int]) -> list[str]:
-        texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
-        pieces = tokenizer.convert_ids_to_tokens(list(ids))
-        return [" " + text if str(piece).startswith("▁") and not text.startswith(" ") else text
-                for text, piece in zip(texts, pieces, strict=True)]
-
-    return decode
-
-
 def sparsity_frequencies(data: bytes) -> Tensor:
     """Firing frequencies from ``sparsity.safetensors`` (which holds log10(frequency + 1e-10))."""
     log10 = load_safetensors(data)["sparsity"].double()

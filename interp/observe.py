@@ -40,7 +40,7 @@ from activation_cache.hooking import (
     model_skeleton,
     resolve_model_source,
 )
-from activation_cache.text import excluded_token_ids
+from activation_cache.text import excluded_token_ids, token_decoder
 from interp.hooknames import hookpoint_for
 from interp.loading import DictionaryFolder, read_dictionary_folder
 from trainer.activation_stats import ActivationStats
@@ -139,6 +139,7 @@ class Observer:
         self.excluded = excluded_token_ids(data, tokenizer)
         self.prepend_bos = data.prepend_bos and tokenizer.bos_token_id is not None
         self._harvester: ActivationHarvester | None = None
+        self._decode = token_decoder(tokenizer)
 
     @property
     def sae(self) -> nn.Module:
@@ -224,8 +225,8 @@ class Observer:
         l0, squared = e.l0.tolist(), e.squared_error.tolist()
         activation = None if e.activation is None else e.activation.tolist()
         tokens, row = [], 0
-        for position, (token_id, is_encoded) in enumerate(zip(e.ids, e.encoded.tolist(), strict=True)):
-            text = self.tokenizer.decode([token_id])
+        texts = self._decode(e.ids)
+        for position, (token_id, is_encoded, text) in enumerate(zip(e.ids, e.encoded.tolist(), texts, strict=True)):
             if not is_encoded:
                 tokens.append(TokenObservation(position, token_id, text, False, [], None, None, None, None))
                 continue

@@ -28,7 +28,7 @@ from activation_cache.producing import produce_shard, split_units
 from activation_cache.reader import read_shard
 from activation_cache.schema import DecodedShard, ShardMeta
 from activation_cache.store import LocalStore
-from activation_cache.text import pack_sequences
+from activation_cache.text import pack_sequences, token_decoder
 from activation_cache.unembedding import load_unembedding, unembedding_of
 from cluster.report import ReportOptions, build_report, report_artifact_name, report_with_model
 from cluster.report_cards import FeatureSample
@@ -39,7 +39,6 @@ from cluster.report_scan import (
     sample_features,
     scan_top_activations,
     sparsity_frequencies,
-    token_decoder,
 )
 from cluster.report_svg import svg_line_chart
 from trainer.architectures import ReLUSAE
