@@ -160,12 +160,13 @@ def test_the_command_prints_every_token_and_writes_the_same_result_as_json(tiny_
     with_stats, _ = tiny_dictionaries
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{TEXTS[0]}\n\n{TEXTS[1]}\n", encoding="utf-8")
-    written = tmp_path / "observed.json"
+    written, page = tmp_path / "observed.json", tmp_path / "observed.html"
     assert saeforge(["observe", str(with_stats), "--prompts-file", str(prompts), "--top", "3", "--feature", "7",
-                     "--json", str(written)]) == 0
+                     "--json", str(written), "--html", str(page)]) == 0
     out = capsys.readouterr().out
     expected = open_observer(str(with_stats)).observe(TEXTS, top=3, feature=7)
     assert json.loads(written.read_text()) == json.loads(expected.to_json())
+    assert page.read_text().startswith("<!DOCTYPE html>") and "Feature 7" in page.read_text()
     assert "held-out mean and variance the training recorded" in out
     rows = [line for line in out.splitlines() if line[:5].strip().isdigit()]
     assert len(rows) == sum(len(t.tokens) for t in expected.texts)
