@@ -4,7 +4,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: run test bench lint setup clean
+.PHONY: run test bench bench-observe lint setup clean
 
 setup:
 	@bash scripts/setup.sh
@@ -20,6 +20,10 @@ test: setup
 bench:
 	SAEFORGE_EXTRAS=test,bench bash scripts/setup.sh
 	$(VENV)/bin/python benchmarks/bench_trainer.py --write benchmarks/RESULTS.md $(ARGS)
+
+# observe against the bare forward to the hookpoint, at two dictionary widths (about 4 minutes).
+bench-observe: setup
+	$(VENV)/bin/python benchmarks/bench_observe.py --write benchmarks/RESULTS.md $(ARGS)
 
 clean:
 	rm -rf store outputs
