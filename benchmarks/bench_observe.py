@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import statistics
 import subprocess
 import sys
@@ -89,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(source)
     text_ids = shakespeare_ids(tokenizer, max(args.tokens) + HELD_OUT_TOKENS)
     passages = {n: tokenizer.decode(text_ids[:n]) for n in args.tokens}
-    stats = held_out_stats(source, model_cfg.dtype, hookpoint, text_ids[-HELD_OUT_TOKENS:])
+    model = load_model(source, dtype=model_cfg.dtype)  # one model: the bare forward and every observer run it
+    harvester = ActivationHarvester(model, hookpoint)
+    stats = held_out_stats(harvester, text_ids[-HELD_OUT_TOKENS:])
 
     with tempfile.TemporaryDirectory(prefix="saeforge-bench-observe-") as tmp:
         observers = {}
@@ -98,9 +99,9 @@ def main(argv: list[str] | None = None) -> None:
             write_untrained_dictionary(folder, d_model=d_model, n_latents=width, k=args.k, hookpoint=hookpoint,
                                        model_name=source.model_id, metadata=model_metadata(model_cfg, data_cfg),
                                        stats=stats)
-            observers[width] = open_observer(str(folder))
+            observers[width] = open_observer(str(folder), loaded_model=model)
             progress(f"dictionary of {width:,} latents written and opened")
-        results = [measure(observers, passages[n], top=args.top, repeats=args.repeats) for n in args.tokens]
+        results = [measure(harvester, observers, passages[n], top=args.top, repeats=args.repeats) for n in args.tokens]
     block = report(results, widths=args.widths, command=command, started=started, model=source.model_id,
                    dtype=model_cfg.dtype, hookpoint=hookpoint, d_model=d_model, k=args.k, top=args.top,
                    repeats=args.repeats)
@@ -123,14 +124,11 @@ def shakespeare_ids(tokenizer, n_tokens: int) -> list[int]:
     raise ValueError(f"the packaged text has {len(ids)} tokens, fewer than the {n_tokens} asked for")
 
 
-def held_out_stats(source, dtype: str, hookpoint: str, ids: list[int]) -> ActivationStats:
+def held_out_stats(harvester: ActivationHarvester, ids: list[int]) -> ActivationStats:
     """The activation mean and variance on text the passages do not include, as a training job
-    records them; the model is loaded for this alone and freed before the observers load theirs."""
-    model = load_model(source, dtype=dtype)
+    records them."""
     with torch.inference_mode():
-        rows = ActivationHarvester(model, hookpoint)(torch.tensor([ids]))[0]
-    del model
-    gc.collect()
+        rows = harvester(torch.tensor([ids]))[0]
     return ActivationStats.of(rows.float())
 
 
@@ -149,11 +147,10 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def measure(observers: dict[int, Observer], text: str, *, top: int, repeats: int) -> dict:
-    """Seconds of each way and piece per round, for one passage."""
+def measure(harvester: ActivationHarvester, observers: dict[int, Observer], text: str, *, top: int,
+            repeats: int) -> dict:
+    """Seconds of each way and piece per round, for one passage; ``harvester`` runs the observers' model."""
     first = observers[next(iter(observers))]
-    # The observer loads its model at its first observe; the bare forward runs on that same model.
-    harvester = first._harvest()
     ids = first.token_ids(text)
     input_ids = torch.tensor([ids])
     encoded = torch.tensor([i not in first.excluded for i in ids])
