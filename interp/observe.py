@@ -173,7 +173,8 @@ class Observer:
         self._harvester = ActivationHarvester(model, self.hookpoint)
         self.folder.sae.to(model.get_input_embeddings().weight.device)
 
-    def _harvest(self) -> ActivationHarvester:
+    def harvester(self) -> ActivationHarvester:
+        """The harvester on the model, which loads at the first call."""
         if self._harvester is None:
             log.info("loading %s", self.model_name)
             self.use_model(load_model(self._source, dtype=self._dtype))
@@ -182,7 +183,7 @@ class Observer:
 
     @torch.inference_mode()
     def _encode(self, ids: list[int], *, top: int, feature: int | None) -> _Encoded:
-        acts = self._harvest()(torch.tensor([ids]))[0]
+        acts = self.harvester()(torch.tensor([ids]))[0]
         encoded = ~torch.isin(torch.tensor(ids), torch.tensor(sorted(self.excluded), dtype=torch.long))
         param = next(self.sae.parameters())
         rows = acts[encoded.to(acts.device)].to(device=param.device, dtype=param.dtype)

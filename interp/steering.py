@@ -1,0 +1,248 @@
+"""Steering: edit a dictionary's features at its hookpoint while the model runs, and generate.
+
+The edit keeps the error term by default. With ``f`` the dictionary's activations of the edited
+features on the activation ``x`` and ``f'`` the edited ones, ``x`` becomes
+
+    x + (f' - f) @ W_dec[features]
+
+so everything the dictionary does not explain, and every other feature, flows on unchanged; an
+edit that changes nothing (scale by 1, add 0) leaves ``x`` bit-identical. ``error_term="drop"``
+substitutes the edited reconstruction ``x_hat + (f' - f) @ W_dec[features]`` for ``x`` instead,
+as a naive splice does. The edit applies at every position the dictionary encodes (tokens the
+training left out, BOS and the other special tokens, keep their activations, as in the spliced
+evaluation), the prompt's and each generated token's; with the KV cache each step edits the new
+position only, which is what recomputing the whole sequence would do, since the edit is per token.
+
+    from interp import open_observer
+    from interp.steering import FeatureEdit, Steerer
+
+    steerer = Steerer(open_observer("store/runs/<run>/dictionary/model.layers.15"))
+    edit = steerer.edit([1205], "10x")                      # clamp to 10 times its held-out maximum
+    result = steerer.steer(["Shall I compare thee"], edit, max_new_tokens=30)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from activation_cache.hooking import spliced
+from interp.observe import Observer
+from trainer.sae import SparseCoder
+
+__all__ = ["FeatureEdit", "GenerationSettings", "SteerResult", "Steerer", "edit_activations", "parse_value"]
+
+Mode = Literal["clamp", "add", "scale"]
+ErrorTerm = Literal["keep", "drop"]
+MODES: tuple[Mode, ...] = ("clamp", "add", "scale")
+ERROR_TERMS: tuple[ErrorTerm, ...] = ("keep", "drop")
+_MULTIPLE = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*[xX]\s*$")
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    """What a steer does to the dictionary's features, in raw activation units."""
+
+    features: tuple[int, ...]
+    values: tuple[float, ...]
+    """One per feature: the clamp target, the amount added, or the factor (``mode``)."""
+    mode: Mode = "clamp"
+    error_term: ErrorTerm = "keep"
+
+    def __post_init__(self) -> None:
+        if not self.features:
+            raise ValueError("features=(): name at least one feature to edit")
+        if len(self.values) != len(self.features):
+            raise ValueError(f"{len(self.values)} values for {len(self.features)} features {list(self.features)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: expected one of {list(MODES)}")
+        if self.error_term not in ERROR_TERMS:
+            raise ValueError(f"error_term={self.error_term!r}: expected one of {list(ERROR_TERMS)}")
+        if len(set(self.features)) != len(self.features):
+            raise ValueError(f"features {list(self.features)}: a feature is named twice")
+
+    def edited(self, f: Tensor) -> Tensor:
+        """``f'`` from ``f`` (rows, len(features))."""
+        values = torch.tensor(self.values, dtype=f.dtype, device=f.device)
+        if self.mode == "clamp":
+            return values.expand_as(f)
+        if self.mode == "add":
+            return f + values
+        return f * values
+
+
+def parse_value(text: str) -> tuple[float, bool]:
+    """``"3.5"`` -> (3.5, False): raw units; ``"10x"`` -> (10.0, True): a multiple of each
+    feature's largest held-out activation. One line for anything else."""
+    match = _MULTIPLE.match(text)
+    if match:
+        return float(match.group(1)), True
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--value {text!r}: expected a number (raw activation units) or a multiple "
+                         "of the feature's largest held-out activation such as 10x") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"--value {text!r}: expected a finite number")
+    return value, False
+
+
+def feature_activations(sae: nn.Module, x: Tensor, features: Sequence[int]) -> tuple[Tensor, object]:
+    """(rows, len(features)) activations of ``features`` on ``x`` (0 where one did not fire), and the code."""
+    code = sae.encode(x)
+    index = torch.tensor(list(features), device=x.device)
+    if code.indices is None:
+        return code.acts[:, index], code
+    hits = code.indices.unsqueeze(-1) == index  # (rows, k, m)
+    return (code.acts.unsqueeze(-1) * hits).sum(dim=1), code
+
+
+def edit_activations(sae: nn.Module, x: Tensor, edit: FeatureEdit) -> Tensor:
+    """``x`` (rows, d_in) with ``edit`` applied (the module docstring's formula), in ``x``'s dtype."""
+    rows = x.to(next(sae.parameters()).dtype)
+    f, code = feature_activations(sae, rows, edit.features)
+    directions = sae.W_dec[list(edit.features)]
+    delta = (edit.edited(f) - f) @ directions
+    if edit.error_term == "keep":
+        return x + delta.to(x.dtype)
+    return (sae.decode(code.acts, code.indices) + delta).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 40
+    seed: int | None = None
+    """None: greedy; a seed: sampling (temperature 1, full distribution) from that seed."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens}: expected at least 1")
+
+
+@dataclass(frozen=True)
+class Continuation:
+    prompt: str
+    prompt_ids: list[int]
+    unedited: str
+    steered: str
+    unedited_ids: list[int] = field(repr=False)
+    steered_ids: list[int] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SteerResult:
+    dictionary: str
+    hookpoint: str
+    features: list[int]
+    values: list[float]
+    mode: str
+    error_term: str
+    max_new_tokens: int
+    seed: int | None
+    continuations: list[Continuation]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+
+
+class Steerer:
+    """A dictionary with its model (an ``Observer``), steering generation at its hookpoint."""
+
+    def __init__(self, observer: Observer) -> None:
+        if not isinstance(observer.sae, SparseCoder):
+            raise ValueError(f"{observer.folder.uri}: normalize_activations="
+                             f"{observer.folder.cfg.get('normalize_activations')!r}: steering edits raw-unit decoder "
+                             "directions, so only dictionaries without run-time normalisation can steer")
+        self.observer = observer
+
+    @property
+    def model(self) -> nn.Module:
+        return self.observer.harvester().model
+
+    def edit(self, features: Sequence[int], value: str | float, *, mode: Mode = "clamp",
+             error_term: ErrorTerm = "keep") -> FeatureEdit:
+        """A checked edit: every feature exists; ``value`` a number or ``"<N>x"`` (times each
+        feature's largest held-out activation, which the dictionary must record)."""
+        for feature in features:
+            self.observer.folder.check_feature(feature)
+        number, multiple = parse_value(value) if isinstance(value, str) else (float(value), False)
+        if not multiple:
+            return FeatureEdit(tuple(features), (number,) * len(features), mode, error_term)
+        maxima = self.observer.folder.feature_max
+        if maxima is None:
+            raise ValueError(f"--value {value}: {self.observer.folder.uri} records no held-out feature maxima "
+                             "(feature_stats.safetensors); give the value in raw activation units")
+        return FeatureEdit(tuple(features), tuple(number * float(maxima[f]) for f in features), mode, error_term)
+
+    @contextmanager
+    def applied(self, edit: FeatureEdit | None) -> Iterator[None]:
+        """While active, every forward pass of the model runs with ``edit`` at the hookpoint
+        (nothing when ``edit`` is None), at the positions the dictionary encodes."""
+        if edit is None:
+            yield
+            return
+        model, sae = self.model, self.observer.sae
+        excluded = torch.tensor(sorted(self.observer.excluded), dtype=torch.long)
+        current: dict[str, Tensor] = {}
+
+        def remember_ids(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = args[0] if args else kwargs.get("input")
+            current["encoded"] = ~torch.isin(ids.cpu(), excluded)
+
+        def replace(acts: Tensor) -> Tensor:
+            encoded = current["encoded"].to(acts.device)
+            out = acts.clone()
+            out[encoded] = edit_activations(sae, acts[encoded], edit)
+            return out
+
+        handle = model.get_input_embeddings().register_forward_pre_hook(remember_ids, with_kwargs=True)
+        try:
+            with spliced(model, self.observer.hookpoint, replace):
+                yield
+        finally:
+            handle.remove()
+
+    @torch.inference_mode()
+    def generate(self, ids: list[int], edit: FeatureEdit | None, settings: GenerationSettings, *,
+                 use_cache: bool = True) -> tuple[list[int], Tensor]:
+        """The new token ids and their (new tokens, vocab) logits, with ``edit`` applied."""
+        model = self.model
+        device = model.get_input_embeddings().weight.device
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        sampling = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0} if settings.seed is not None \
+            else {"do_sample": False}
+        with self.applied(edit):
+            out = model.generate(
+                torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                max_new_tokens=settings.max_new_tokens, use_cache=use_cache, output_logits=True,
+                return_dict_in_generate=True, pad_token_id=self.observer.tokenizer.eos_token_id, **sampling,
+            )
+        new = out.sequences[0, len(ids):].tolist()
+        return new, torch.stack(out.logits, dim=1)[0].float().cpu()
+
+    def steer(self, prompts: str | list[str], edit: FeatureEdit, settings: GenerationSettings | None = None, *,
+              chat: bool = False) -> SteerResult:
+        """Each prompt continued without and with ``edit``."""
+        settings = settings or GenerationSettings()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        token_ids = [self.observer.token_ids(p, chat=chat) for p in prompts]  # all checked before the model loads
+        decode = self.observer.tokenizer.decode
+        continuations = []
+        for prompt, ids in zip(prompts, token_ids, strict=True):
+            unedited, _ = self.generate(ids, None, settings)
+            steered, _ = self.generate(ids, edit, settings)
+            continuations.append(Continuation(prompt, ids, decode(unedited, skip_special_tokens=False),
+                                              decode(steered, skip_special_tokens=False), unedited, steered))
+        return SteerResult(self.observer.folder.uri, self.observer.hookpoint, list(edit.features), list(edit.values),
+                           edit.mode, edit.error_term, settings.max_new_tokens, settings.seed, continuations)
