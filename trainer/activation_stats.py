@@ -1,5 +1,6 @@
-"""The mean and variance of a hookpoint's activations, per dimension: what a token's relative
-error is measured against.
+"""The held-out statistics a dictionary folder records: the mean and variance of a hookpoint's
+activations, per dimension (what a token's relative error is measured against), and each feature's
+largest activation (what a steer's ``--value 10x`` is a multiple of).
 
 The training job accumulates them over every held-out row it evaluates on and writes them into the
 dictionary folder (``trainer.layout.ACTIVATION_STATS_FILE``); ``observe`` divides a token's squared
@@ -9,6 +10,15 @@ relative errors over the held-out rows is the pooled FVU that ``trainer.loop.eva
 The file is safetensors: ``mean`` and ``variance`` (d,) in float32, raw activation units (not
 multiplied by the training's input scale), the variance the population one (divided by
 ``n_tokens``), and ``metadata["n_tokens"]`` as a decimal string.
+
+The feature maxima (``trainer.layout.FEATURE_STATS_FILE``) are collected by the same evaluation
+(``FeatureMaxima``, through ``evaluate(..., feature_max=)``). They are in the units of the saved
+dictionary's feature activations on raw activations, what ``observe`` shows and a steer's clamp
+value means. The evaluation encodes ``x * scale`` with the unfolded SAE, and the fold leaves the
+pre-activations unchanged (``(x s - b_dec) W_enc + b_enc == (x - b_dec / s)(s W_enc) + b_enc``,
+``SparseCoder.folded_weights``), so its activations are already those units: nothing is divided.
+The file is safetensors: ``max_activation`` (n_latents,) float32, 0 for a feature that never
+fired, and ``metadata["n_tokens"]``, the rows it was taken over.
 """
 
 from __future__ import annotations
@@ -24,7 +34,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-__all__ = ["ActivationStats", "RunningMoments", "activation_stats_file", "load_activation_stats"]
+__all__ = [
+    "ActivationStats",
+    "FeatureMaxima",
+    "FeatureStats",
+    "RunningMoments",
+    "activation_stats_file",
+    "feature_stats_file",
+    "load_activation_stats",
+    "load_feature_stats",
+]
 
 
 @dataclass(frozen=True)
@@ -155,6 +174,94 @@ def load_activation_stats(data: bytes) -> ActivationStats:
         return ActivationStats(tensors["mean"].double(), tensors["variance"].double(), int(n_tokens))
     except ValueError as e:
         raise ValueError(f"activation stats: {e}") from None
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Each feature's largest activation over a set of rows."""
+
+    max_activation: Tensor
+    """(n_latents,) float32: each feature's largest activation, in the saved dictionary's units on
+    raw activations; 0 for a feature that never fired."""
+    n_tokens: int
+    """How many rows they were taken over (rows with NaN or Inf left out)."""
+
+    def __post_init__(self) -> None:
+        if self.max_activation.ndim != 1:
+            raise ValueError(f"max_activation shape {tuple(self.max_activation.shape)} must be (n_latents,)")
+        if self.n_tokens <= 0:
+            raise ValueError(f"n_tokens={self.n_tokens} must be positive")
+        if not torch.isfinite(self.max_activation).all():
+            raise ValueError("max_activation must be finite, but holds NaN or Inf")
+        if (self.max_activation < 0).any():
+            raise ValueError(f"max_activation must be >= 0, but its smallest value is "
+                             f"{self.max_activation.min().item():.6g}")
+
+    @property
+    def n_latents(self) -> int:
+        return self.max_activation.shape[0]
+
+
+class FeatureMaxima:
+    """Each latent's largest activation over many batches of codes, kept on the codes' device so
+    the evaluation it rides along never waits on the host."""
+
+    def __init__(self, n_latents: int) -> None:
+        if n_latents <= 0:
+            raise ValueError(f"n_latents={n_latents} must be positive")
+        self.n_latents = n_latents
+        self.n_tokens = 0
+        self._max: Tensor | None = None  # allocated on the first batch's device
+
+    @torch.no_grad()
+    def update(self, acts: Tensor, indices: Tensor | None) -> None:
+        """Add one batch's code (``trainer.sae.Code`` / ``ForwardOutput``): (..., k) ``acts`` at
+        (..., k) ``indices``, or dense (..., n_latents) ``acts`` with ``indices=None``."""
+        if self._max is None:
+            self._max = torch.zeros(self.n_latents, dtype=torch.float32, device=acts.device)
+        values = acts.detach().float()
+        if indices is not None:
+            if indices.shape != acts.shape:
+                raise ValueError(f"indices shape {tuple(indices.shape)} differs from acts shape {tuple(acts.shape)}")
+            self._max.scatter_reduce_(0, indices.reshape(-1), values.reshape(-1), reduce="amax")
+        else:
+            if acts.shape[-1] != self.n_latents:
+                raise ValueError(f"dense acts shape {tuple(acts.shape)} must end in n_latents={self.n_latents}")
+            values = values.reshape(-1, self.n_latents)
+            if len(values):
+                torch.maximum(self._max, values.amax(dim=0), out=self._max)
+        self.n_tokens += acts.numel() // acts.shape[-1]
+
+    def result(self) -> FeatureStats:
+        """The maxima over every row added so far."""
+        if self._max is None or self.n_tokens == 0:
+            raise ValueError("no rows to take feature maxima over")
+        return FeatureStats(self._max.cpu().clone(), self.n_tokens)
+
+
+def feature_stats_file(stats: FeatureStats) -> bytes:
+    """The feature stats file's bytes (see the module docstring)."""
+    tensors = {"max_activation": stats.max_activation.float().cpu().contiguous()}
+    return save_safetensors(tensors, metadata={"n_tokens": str(stats.n_tokens)})
+
+
+def load_feature_stats(data: bytes) -> FeatureStats:
+    """The maxima a feature stats file holds; a one-line ValueError says what is wrong with a
+    malformed one."""
+    try:
+        tensors = load_safetensors(data)
+        metadata = _safetensors_metadata(data)
+    except (SafetensorError, ValueError) as e:
+        raise ValueError(f"feature stats: {len(data)} bytes that are not a safetensors file ({e})") from None
+    if "max_activation" not in tensors:
+        raise ValueError(f"feature stats: no tensor 'max_activation' (it holds {sorted(tensors)})")
+    n_tokens = metadata.get("n_tokens", "")
+    if not n_tokens.isdecimal():
+        raise ValueError(f"feature stats: metadata n_tokens={n_tokens!r}, expected a positive integer")
+    try:
+        return FeatureStats(tensors["max_activation"].float(), int(n_tokens))
+    except ValueError as e:
+        raise ValueError(f"feature stats: {e}") from None
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

@@ -21,6 +21,7 @@ A dictionary folder (the layout SAELens 6 loads, plus our own files)::
     report.html               the feature report
     report_features.json      the feature cards as data, to redraw the report
     activation_stats.safetensors   the held-out activations' mean and variance per dimension
+    feature_stats.safetensors      each feature's largest held-out activation
     checksums.json            every other file's size and sha256; written last
 
 Every other module takes these names from here; none spells them out. Here too are the rules
@@ -51,6 +52,9 @@ FEATURES_FILE = "report_features.json"
 ACTIVATION_STATS_FILE = "activation_stats.safetensors"
 """The held-out mean and variance that ``observe`` measures a token's relative error against
 (``trainer.activation_stats``); dictionaries written before it have none."""
+FEATURE_STATS_FILE = "feature_stats.safetensors"
+"""Each feature's largest held-out activation, what a steer's ``--value 10x`` multiplies
+(``trainer.activation_stats.FeatureStats``); dictionaries written before it have none."""
 CHECKSUMS_FILE = "checksums.json"
 DICTIONARY_MARKER = CONFIG_FILE
 """A folder holding this file is a dictionary folder."""

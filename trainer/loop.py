@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from trainer.activation_stats import FeatureMaxima
 from trainer.loggers import MetricLogger
 from trainer.metrics import (
     DeadLatentTracker,
@@ -416,6 +417,7 @@ def evaluate(
     *,
     scale: float,
     dead_tracker: DeadLatentTracker | None = None,
+    feature_max: FeatureMaxima | None = None,
 ) -> dict[str, float]:
     """Reconstruction quality of ``sae`` (the bare module, e.g. ``engine.module``) on held-out raw
     activations, pooled over all of them.
@@ -425,18 +427,23 @@ def evaluate(
     fired on these tokens), ``n_tokens`` and ``nonfinite_rows_skipped`` (rows holding NaN or Inf,
     left out of every figure). ``dead_tracker``, if given, is updated with the
     held-out firings: pass a fresh one to get held-out firing frequencies for the dictionary.
+    ``feature_max``, if given, is updated with each latent's activations, which are already the
+    saved dictionary's on raw rows (the fold leaves pre-activations unchanged).
     """
     if not scale > 0:
         raise ValueError(f"scale={scale} must be positive")
     was_training = sae.training
     sae.eval()  # BatchTopK runs as its saved JumpReLU and leaves its threshold alone
     try:
-        return _evaluate(sae, batches, scale=scale, dead_tracker=dead_tracker)
+        return _evaluate(sae, batches, scale=scale, dead_tracker=dead_tracker, feature_max=feature_max)
     finally:
         sae.train(was_training)
 
 
-def _evaluate(sae: nn.Module, batches: Iterable[Tensor], *, scale: float, dead_tracker: DeadLatentTracker | None) -> dict[str, float]:
+def _evaluate(
+    sae: nn.Module, batches: Iterable[Tensor], *, scale: float, dead_tracker: DeadLatentTracker | None,
+    feature_max: FeatureMaxima | None,
+) -> dict[str, float]:
     param = next(sae.parameters())
     stats = PooledReconstructionStats()
     total_fired = torch.zeros(sae.n_latents, dtype=torch.int64, device=param.device)
@@ -458,6 +465,8 @@ def _evaluate(sae: nn.Module, batches: Iterable[Tensor], *, scale: float, dead_t
         total_fired += counts
         if dead_tracker is not None:
             dead_tracker.update_counts(counts, n_tokens=inputs.shape[0])
+        if feature_max is not None:
+            feature_max.update(out.latent_acts, out.latent_indices)
     result = stats.result()
     result["dead_fraction"] = (total_fired == 0).float().mean().item()
     result["nonfinite_rows_skipped"] = n_skipped
