@@ -1,6 +1,6 @@
 """The end of one dictionary's training, on rank 0: its evaluation on every held-out row, then its
-folder written (weights, cfg.json, sparsity, eval.json, the held-out activation stats, training
-curves, the feature report), ``checksums.json`` last. The file names and the write order are ``trainer.layout``'s.
+folder written (weights, cfg.json, sparsity, eval.json, the held-out activation stats and feature
+maxima, training curves, the feature report), ``checksums.json`` last. The file names and the write order are ``trainer.layout``'s.
 """
 
 from __future__ import annotations
@@ -21,10 +21,18 @@ from activation_cache.reader import read_shard
 from activation_cache.store import ObjectStore
 from cluster.report import report_with_model
 from interp.loading import model_metadata
-from trainer.activation_stats import ActivationStats, RunningMoments, activation_stats_file
+from trainer.activation_stats import (
+    ActivationStats,
+    FeatureMaxima,
+    FeatureStats,
+    RunningMoments,
+    activation_stats_file,
+    feature_stats_file,
+)
 from trainer.dictionary import dictionary_files
 from trainer.layout import (
     ACTIVATION_STATS_FILE,
+    FEATURE_STATS_FILE,
     FEATURES_FILE,
     REPORT_FILE,
     TRAINING_CURVES_FILE,
@@ -57,19 +65,20 @@ class HeldOut:
 
 def _held_out_metrics(
     sae: nn.Module, held_out: HeldOut, manifest: Manifest, scale: float,
-) -> tuple[dict, torch.Tensor, ActivationStats]:
-    """The reconstruction figures on every held-out row, each latent's firing frequency there, and
-    the raw held-out rows' mean and variance."""
+) -> tuple[dict, torch.Tensor, ActivationStats, FeatureStats]:
+    """The reconstruction figures on every held-out row, each latent's firing frequency there, the
+    raw held-out rows' mean and variance, and each latent's largest activation there."""
     entries = {s.name: s for s in manifest.shards}
     rows = (read_shard(held_out.cache, entries[name]).activations for name in held_out.shard_names)
     firing = DeadLatentTracker(sae.n_latents)  # held-out firing frequencies, for the sparsity file
     # The stats describe the reconstruction target's rows, here the SAE's input rows, read once for
     # both (a transcoder's target would be its output hookpoint's rows).
     moments = RunningMoments()
-    metrics = evaluate(sae, moments.pass_through(rows), scale=scale, dead_tracker=firing)
+    maxima = FeatureMaxima(sae.n_latents)  # the saved dictionary's units on raw rows (evaluate's docstring)
+    metrics = evaluate(sae, moments.pass_through(rows), scale=scale, dead_tracker=firing, feature_max=maxima)
     frequencies = firing.frequencies()
     metrics["dense_fraction"] = dense_fraction(frequencies)
-    return metrics, frequencies, moments.result()
+    return metrics, frequencies, moments.result(), maxima.result()
 
 
 def write_trained_dictionary(
@@ -83,7 +92,7 @@ def write_trained_dictionary(
     cfg.json records ``model`` and the token exclusions of ``data``, so a copy of the folder away
     from its run (pulled) still finds its model for ``saeforge observe``."""
     manifest = held_out.manifest()
-    metrics, frequencies, activation_stats = _held_out_metrics(sae, held_out, manifest, scale)
+    metrics, frequencies, activation_stats, feature_stats = _held_out_metrics(sae, held_out, manifest, scale)
     metrics.update(summary)
     logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=summary["train_steps"])
     counts, edges = firing_histogram(frequencies, bins=torch.linspace(-10, 0, 41))
@@ -94,6 +103,7 @@ def write_trained_dictionary(
         sparsity=frequencies, eval_metrics=metrics,
     )
     files[ACTIVATION_STATS_FILE] = activation_stats_file(activation_stats)
+    files[FEATURE_STATS_FILE] = feature_stats_file(feature_stats)
     files[TRAINING_CURVES_FILE] = json.dumps(curves).encode()
     entries = {s.name: s for s in manifest.shards}
     try:  # the report never costs the trained dictionary

@@ -19,17 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.hooking import packaged_model_named
 from activation_cache.store import ObjectNotFound, open_store
-from trainer.activation_stats import ActivationStats, load_activation_stats
+from trainer.activation_stats import ActivationStats, load_activation_stats, load_feature_stats
 from trainer.dictionary import dictionary_hook_name, load_dictionary
 from trainer.layout import (
     ACTIVATION_STATS_FILE,
     CHECKSUMS_FILE,
     CONFIG_FILE,
+    FEATURE_STATS_FILE,
     RUN_CONFIG_FILE,
     WEIGHTS_FILE,
     read_run_config,
@@ -69,6 +70,9 @@ class DictionaryFolder:
     """The held-out activation mean and variance the training job recorded; None if absent."""
     run_config: dict[str, Any] | None
     """The run's resolved job config, when the folder sits in its run."""
+    feature_max: Tensor | None = None
+    """(n_latents,) float32: each feature's largest held-out activation the training job recorded,
+    in the units of ``sae``'s activations (what ``--value 10x`` multiplies); None if absent."""
 
     @property
     def hook_name(self) -> str:
@@ -127,7 +131,7 @@ def _read_files(uri: str, s3_options: dict | None) -> dict[str, bytes]:
     if folder.exists(CHECKSUMS_FILE):  # our folders: every file checked against its checksum
         return verify_checksums(folder.get_bytes(CHECKSUMS_FILE), folder.get_bytes, where=uri)
     files = {}
-    for name in (CONFIG_FILE, WEIGHTS_FILE, ACTIVATION_STATS_FILE):
+    for name in (CONFIG_FILE, WEIGHTS_FILE, ACTIVATION_STATS_FILE, FEATURE_STATS_FILE):
         try:
             files[name] = folder.get_bytes(name)
         except ObjectNotFound:
@@ -164,4 +168,10 @@ def read_dictionary_folder(uri: str, *, s3_options: dict | None = None) -> Dicti
                 f"{uri}/{ACTIVATION_STATS_FILE}: statistics of width {stats.mean.shape[0]} but the dictionary "
                 f"reconstructs d_out={sae.d_out}"
             )
-    return DictionaryFolder(uri.rstrip("/"), sae.eval(), cfg, stats, _run_config(uri, s3_options))
+    feature_max = None
+    if FEATURE_STATS_FILE in files:
+        feature_max = load_feature_stats(files[FEATURE_STATS_FILE]).max_activation
+        if feature_max.shape[0] != int(cfg["d_sae"]):
+            raise ValueError(f"{uri}/{FEATURE_STATS_FILE}: maxima of {feature_max.shape[0]} features but the "
+                             f"dictionary has d_sae={cfg['d_sae']}")
+    return DictionaryFolder(uri.rstrip("/"), sae.eval(), cfg, stats, _run_config(uri, s3_options), feature_max)

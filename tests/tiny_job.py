@@ -68,7 +68,8 @@ def assert_same_weights(a: str, b: str) -> None:
 
 def check_tiny_dictionary(dictionary_uri: str, cache_uri: str, target, s3_options: dict) -> None:
     """Pull the tiny job's dictionary into ``target`` and check it: its files, its evaluation, its
-    held-out FVU recomputed from the raw cache, and that SAELens loads it with the same outputs."""
+    held-out FVU, activation stats and feature maxima recomputed from the raw cache, and that
+    SAELens loads it with the same outputs."""
     import json
 
     import numpy as np
@@ -89,7 +90,8 @@ def check_tiny_dictionary(dictionary_uri: str, cache_uri: str, target, s3_option
     assert saeforge(argv) == 0
     files = {p.name: p.read_bytes() for p in target.iterdir()}
     assert {layout.WEIGHTS_FILE, layout.CONFIG_FILE, layout.SPARSITY_FILE, layout.EVAL_FILE, layout.CHECKSUMS_FILE,
-            layout.TRAINING_CURVES_FILE, layout.REPORT_FILE, layout.ACTIVATION_STATS_FILE} <= set(files)
+            layout.TRAINING_CURVES_FILE, layout.REPORT_FILE, layout.ACTIVATION_STATS_FILE,
+            layout.FEATURE_STATS_FILE} <= set(files)
     sae, cfg = load_dictionary(files)
     assert (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (32, 128, 8)
     evaluation = json.loads(files[layout.EVAL_FILE])
@@ -131,3 +133,19 @@ def check_tiny_dictionary(dictionary_uri: str, cache_uri: str, target, s3_option
     saelens_sae = SAE.load_from_disk(str(target), device="cpu")
     with torch.no_grad():
         torch.testing.assert_close(saelens_sae(x), recon, rtol=1e-4, atol=1e-4)
+
+    # Each feature's recorded maximum (what a steer's --value 10x multiplies) is its largest
+    # activation in SAELens's encoding of the raw held-out rows by the saved dictionary, 0 where it
+    # never fired: the saved dictionary's units, not the training's scaled ones.
+    from trainer.activation_stats import load_feature_stats
+
+    maxima = load_feature_stats(files[layout.FEATURE_STATS_FILE])
+    with torch.no_grad():
+        saelens_acts = saelens_sae.encode(x[torch.isfinite(x).all(dim=1)])
+    assert maxima.n_tokens == evaluation["n_tokens"] and saelens_acts.shape == (maxima.n_tokens, 128)
+    expected_max = saelens_acts.amax(dim=0).clamp_min(0)
+    assert (expected_max > 0).sum() > 16, "the check must cover many live features"
+    torch.testing.assert_close(maxima.max_activation, expected_max, rtol=1e-4, atol=1e-4)
+    from interp.loading import read_dictionary_folder
+
+    assert read_dictionary_folder(str(target)).feature_max.equal(maxima.max_activation)
