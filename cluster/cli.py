@@ -204,6 +204,63 @@ def _add_observe_parser(sub: argparse._SubParsersAction) -> None:
     command.set_defaults(func=_observe)
 
 
+def _feature_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--feature {text!r}: expected feature ids, e.g. 12 or 12,40") from None
+
+
+def _steer(args: argparse.Namespace) -> int:
+    from interp.steering import ERROR_TERMS, MODES, GenerationSettings, parse_value
+
+    features = _feature_ids(args.feature)  # everything the command line alone can refuse, before anything loads
+    parse_value(args.value)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    prompts = _observed_texts(argparse.Namespace(text=args.prompt, file=None, prompts_file=args.prompts_file))
+    assert args.mode in MODES and args.error_term in ERROR_TERMS  # argparse's choices
+    from interp.observe import open_observer
+    from interp.steering import Steerer
+    from interp.terminal import format_steer
+
+    configure_logging("WARNING")
+    observer = open_observer(args.uri, model=args.model, hookpoint=args.hookpoint,
+                             s3_options={"endpoint_url": args.endpoint_url})
+    steerer = Steerer(observer)
+    edit = steerer.edit(features, args.value, mode=args.mode, error_term=args.error_term)
+    for prompt in prompts:
+        observer.token_ids(prompt, chat=args.chat)  # every prompt checked before the model's weights load
+    result = steerer.steer(prompts, edit, settings, chat=args.chat)
+    sys.stdout.write(format_steer(result))
+    if args.json:
+        Path(args.json).write_text(result.to_json() + "\n", encoding="utf-8")
+        sys.stdout.write(f"written to {args.json}\n")
+    return 0
+
+
+def _add_steer_parser(sub: argparse._SubParsersAction) -> None:
+    command = sub.add_parser("steer", help="generate with and without an edit of a dictionary's features, side by side")
+    command.add_argument("uri", help="dictionary: s3://bucket/.../dictionary/<hookpoint>, a local folder, or one SAELens wrote")
+    command.add_argument("--feature", required=True, help="feature id(s) to edit, comma-separated")
+    command.add_argument("--value", required=True,
+                         help="raw activation units, or a multiple of each feature's largest held-out activation (10x)")
+    command.add_argument("--mode", choices=["clamp", "add", "scale"], default="clamp",
+                         help="clamp the features to the value, add it, or scale by it (default: clamp)")
+    command.add_argument("--error-term", choices=["keep", "drop"], default="keep",
+                         help="keep what the dictionary does not explain (default), or drop it as a naive splice does")
+    prompts = command.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", default=None, help="the prompt to continue")
+    prompts.add_argument("--prompts-file", default=None, help="continue each non-empty line (a .jsonl file: each record's 'text')")
+    command.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template (as a user turn)")
+    command.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per continuation (default: 40)")
+    command.add_argument("--seed", type=int, default=None, help="sample with this seed (default: greedy)")
+    command.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    command.add_argument("--model", default=None, help="model directory or packaged:... (default: the dictionary's)")
+    command.add_argument("--hookpoint", default=None, help="where the dictionary reads (needed for a SAELens hook name with no known mapping)")
+    command.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    command.set_defaults(func=_steer)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeforge", description="Train sparse autoencoders on a Ray cluster.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_parser(sub)
     _add_eval_parser(sub)
     _add_observe_parser(sub)
+    _add_steer_parser(sub)
     add_job_commands(sub)  # submit, status, logs, stop, list
     return parser
 

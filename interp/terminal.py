@@ -1,9 +1,12 @@
-"""``Observations`` as lines for the terminal: a header saying what measured the tokens, then a
-row per token."""
+"""Results as lines for the terminal: observations (a header saying what measured the tokens, then
+a row per token) and steered continuations (side by side with the unedited ones)."""
 
 from __future__ import annotations
 
+import textwrap
+
 from interp.observe import Observations, TokenObservation
+from interp.steering import SteerResult
 
 _TOKEN_WIDTH = 16
 
@@ -48,4 +51,30 @@ def format_observations(obs: Observations) -> str:
         preview = text.text if len(text.text) <= 60 else text.text[:59] + "…"
         lines += ["", f"text {number}: {preview!r}", columns]
         lines += [_row(token, obs.feature) for token in text.tokens]
+    return "\n".join(lines) + "\n"
+
+
+def _wrapped(text: str, width: int) -> list[str]:
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        lines += textwrap.wrap(paragraph, width, replace_whitespace=False, drop_whitespace=False) or [""]
+    return lines
+
+
+def format_steer(result: SteerResult, width: int = 56) -> str:
+    """Each prompt's two continuations side by side: unedited, steered."""
+    features = ", ".join(f"{f} -> {v:.4g}" if result.mode == "clamp" else f"{f} {result.mode} {v:.4g}"
+                         for f, v in zip(result.features, result.values, strict=True))
+    decoding = "greedy" if result.seed is None else f"sampled, seed {result.seed}"
+    lines = [
+        f"dictionary  {result.dictionary}  (at {result.hookpoint})",
+        f"edit        {result.mode}: {features}; error term {'kept' if result.error_term == 'keep' else 'dropped'}",
+        f"decoding    {decoding}, up to {result.max_new_tokens} new tokens",
+    ]
+    for number, c in enumerate(result.continuations, start=1):
+        left, right = _wrapped(c.unedited, width), _wrapped(c.steered, width)
+        left += [""] * (len(right) - len(left))
+        right += [""] * (len(left) - len(right))
+        lines += ["", f"prompt {number}: {c.prompt!r}", f"{'unedited':<{width}} | steered", f"{'-' * width}-+-{'-' * width}"]
+        lines += [f"{a:<{width}} | {b}" for a, b in zip(left, right, strict=True)]
     return "\n".join(lines) + "\n"

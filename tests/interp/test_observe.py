@@ -10,67 +10,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from dictionary_folders import LAYER, train_topk, write_folder
 from safetensors.torch import load_file
 
-from activation_cache.config import PACKAGED_MODEL, DataConfig, ModelConfig
+from activation_cache.config import PACKAGED_MODEL, ModelConfig
 from activation_cache.hooking import (
     ActivationHarvester,
     load_model,
     load_tokenizer,
     resolve_model_source,
 )
-from activation_cache.store import open_store
-from activation_cache.text import iter_documents, pack_sequences
+from activation_cache.text import iter_documents
 from cluster.cli import main as saeforge
-from interp.loading import model_metadata
 from interp.observe import open_observer
-from trainer.activation_stats import ActivationStats, activation_stats_file
-from trainer.dictionary import dictionary_files
-from trainer.layout import ACTIVATION_STATS_FILE, WEIGHTS_FILE, write_dictionary
-from trainer.sae import TopKSAE
+from trainer.activation_stats import ActivationStats
+from trainer.layout import ACTIVATION_STATS_FILE, WEIGHTS_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TEXTS = ["To be, or not to be, that is the question", "the slings and arrows of outrageous fortune"]
-LAYER = 1  # the tiny Llama's hookpoint resid_post.1: hidden_states[2] in transformers' numbering
-
-
-def _train_topk(rows: torch.Tensor, n_latents: int, k: int, steps: int) -> TopKSAE:
-    torch.manual_seed(0)
-    sae = TopKSAE(rows.shape[1], n_latents, k, seed=0)
-    sae.init_b_dec(rows, method="mean")
-    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    for _ in range(steps):
-        loss = sae(rows[torch.randint(0, len(rows), (256,))]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return sae.eval()
-
-
-def _write(folder: Path, sae: TopKSAE, hookpoint: str, model: ModelConfig, stats: ActivationStats | None) -> Path:
-    files = dictionary_files(sae, hookpoint=hookpoint, model_name="test", scale=1.0,
-                             extra_metadata=model_metadata(model, DataConfig()), sparsity=None, eval_metrics={})
-    if stats is not None:
-        files[ACTIVATION_STATS_FILE] = activation_stats_file(stats)
-    write_dictionary(open_store(str(folder)), files)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_dictionaries(tiny_model_dir, tiny_corpus_dir, tmp_path_factory) -> tuple[Path, Path]:
-    """A TopK dictionary trained on the tiny Llama's layer-1 activations (BOS left out), twice:
-    with held-out statistics (from the last 8 sequences) and without."""
-    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
-    tokens = torch.from_numpy(pack_sequences(DataConfig(source=str(tiny_corpus_dir), context_length=32, max_tokens=32 * 48),
-                                             load_tokenizer(source)))
-    acts = ActivationHarvester(load_model(source), f"resid_post.{LAYER}")(tokens)[:, 1:].reshape(-1, 32)
-    train, held_out = acts[: -8 * 31], acts[-8 * 31:]
-    sae = _train_topk(train, 64, 4, steps=60)
-    model = ModelConfig(name_or_path=str(tiny_model_dir))
-    root = tmp_path_factory.mktemp("observed")
-    with_stats = _write(root / "with-stats", sae, f"model.layers.{LAYER}", model, ActivationStats.of(held_out))
-    return with_stats, _write(root / "without-stats", sae, f"model.layers.{LAYER}", model, None)
 
 
 def _independent(model_dir: Path, text: str, weights: dict[str, torch.Tensor], k: int, layer: int,
@@ -210,8 +168,8 @@ def test_observe_on_the_packaged_instruct_model_with_its_chat_template(tmp_path)
     tokens = torch.tensor(stream[: 16 * 127]).reshape(16, 127)
     tokens = torch.cat([torch.full((16, 1), tokenizer.bos_token_id), tokens], dim=1)
     acts = ActivationHarvester(model, "resid_post.15")(tokens)[:, 1:].reshape(-1, 576)
-    sae = _train_topk(acts[:-254], 1152, 16, steps=40)
-    folder = _write(tmp_path / "smollm", sae, "model.layers.15", ModelConfig(), ActivationStats.of(acts[-254:]))
+    sae = train_topk(acts[:-254], 1152, 16, steps=40)
+    folder = write_folder(tmp_path / "smollm", sae, "model.layers.15", ModelConfig(), ActivationStats.of(acts[-254:]))
     observer = open_observer(str(folder), loaded_model=model)
     result = observer.observe("Shall I compare thee to a summer's day?", top=4, chat=True)
     ids, hidden, dense, reconstruction = _independent(
