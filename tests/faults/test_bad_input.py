@@ -323,3 +323,24 @@ def test_observe_refuses_bad_input_before_the_model_loads(case, expected, guard_
     stored = {p.name: p.read_bytes() for p in folder.iterdir()}
     _assert_refused(saeforge(["observe", *args]), capsys.readouterr(), "observe", *expected)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == stored, "observe wrote into the dictionary"
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("unknown_feature", ("feature 64", "features 0..63")),
+    ("feature_not_a_number", ("--feature '3,x'", "expected feature ids")),
+    ("value_not_a_number", ("--value 'lots'", "a number", "10x")),
+    ("multiple_without_maxima", ("--value 10x", "records no held-out feature maxima")),
+    ("empty_prompt", ("text ''", "tokenizes to no token the dictionary encodes")),
+    ("zero_new_tokens", ("--max-new-tokens 0", "at least 1")),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_steer_refuses_bad_input_before_the_model_loads(case, expected, guard_model, tmp_path, capsys):
+    """Each refusal is one line and comes before the model's weights load (they are garbage here)."""
+    folder = _observable_dictionary(tmp_path / "dictionary")  # records no feature maxima
+    options = {"--feature": "3", "--value": "2.5", "--prompt": "To be, or not to be", "--max-new-tokens": "5"}
+    options.update({
+        "unknown_feature": {"--feature": "64"}, "feature_not_a_number": {"--feature": "3,x"},
+        "value_not_a_number": {"--value": "lots"}, "multiple_without_maxima": {"--value": "10x"},
+        "empty_prompt": {"--prompt": ""}, "zero_new_tokens": {"--max-new-tokens": "0"},
+    }[case])
+    args = [str(folder), "--model", str(guard_model), *(part for pair in options.items() for part in pair)]
+    _assert_refused(saeforge(["steer", *args]), capsys.readouterr(), "steer", *expected)
