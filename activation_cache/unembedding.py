@@ -1,4 +1,6 @@
-"""A language model's unembedding (W_U), read for the feature report's promoted tokens.
+"""A language model's unembedding (W_U), read for the feature report's promoted tokens, and the
+tokens a decoder direction promotes through it (``logit_tokens``: the report's cards, the steer audit's
+default targets).
 
 ``load_unembedding`` reads only the unembedding and final-norm tensors from a model's GGUF or
 safetensors files where it can, which is far cheaper than loading the whole model, and loads the
@@ -9,6 +11,7 @@ The final norm's gain is folded into W_U; its normalisation (a per-token rescali
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,9 @@ from torch import Tensor, nn
 from activation_cache.hooking import ModelSource, load_model
 
 log = logging.getLogger(__name__)
+
+LogitIds = tuple[tuple[list[int], list[float]], tuple[list[int], list[float]]]
+"""((promoted ids, logits), (suppressed ids, logits)) of one feature."""
 
 _FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm",
                 "model.final_layernorm")
@@ -39,6 +45,19 @@ def load_unembedding(source: ModelSource) -> tuple[Tensor | None, str]:
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         log.warning("report: unembedding of %s not read: %s", source.model_id, err)
         return None, f"the unembedding of {source.model_id} could not be read: {err}"
+
+
+@torch.no_grad()
+def logit_tokens(W_dec: Tensor, unembedding: Tensor, features: Sequence[int], n: int) -> list[LogitIds]:
+    """Per feature, ((promoted ids, logits), (suppressed ids, logits)): the top and bottom ``n``
+    entries of ``unembedding @ W_dec[feature]``."""
+    directions = W_dec.detach()[list(features)].float().cpu()
+    # In vocabulary slices: a float32 copy of a large W_U (128k x 8192) would be 4 GB.
+    logits = torch.cat([directions @ part.float().T for part in unembedding.split(16384)], dim=1)
+    k = min(n, logits.shape[1])
+    top, bottom = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
+    return [((top.indices[i].tolist(), top.values[i].tolist()), (bottom.indices[i].tolist(), bottom.values[i].tolist()))
+            for i in range(len(features))]
 
 
 def unembedding_of(model: nn.Module) -> tuple[Tensor | None, str]:

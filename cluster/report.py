@@ -29,13 +29,12 @@ from activation_cache.config import ModelConfig
 from activation_cache.hooking import load_tokenizer, resolve_model_source
 from activation_cache.schema import DecodedShard
 from activation_cache.text import token_decoder
-from activation_cache.unembedding import load_unembedding
+from activation_cache.unembedding import load_unembedding, logit_tokens
 from cluster.report_cards import FeatureSample
 from cluster.report_html import render_report
 from cluster.report_scan import (
     Decode,
     feature_cards,
-    logit_tokens,
     sample_features,
     scan_top_activations,
     sparsity_frequencies,

@@ -2,8 +2,9 @@
 
 ``sample_features`` draws the latents (frequent, median and rare); ``scan_top_activations``
 encodes held-out shards and keeps each sampled latent's largest activations with their rows'
-provenance; ``logit_tokens`` reads the tokens each latent's decoder direction promotes through
-the unembedding; ``feature_cards`` turns all of it into the cards of ``cluster.report_cards``.
+provenance (the tokens each latent's decoder direction promotes through the unembedding are
+``activation_cache.unembedding.logit_tokens``'s); ``feature_cards`` turns all of it into the
+cards of ``cluster.report_cards``.
 Torch here, no HTML.
 """
 
@@ -20,13 +21,11 @@ from safetensors.torch import load as load_safetensors
 from torch import Tensor, nn
 
 from activation_cache.schema import DecodedShard
+from activation_cache.unembedding import LogitIds
 from cluster.report_cards import Context, FeatureCard
 
 Decode = Callable[[list[int]], list[str]]
 """Token ids -> one display string per id."""
-
-LogitIds = tuple[tuple[list[int], list[float]], tuple[list[int], list[float]]]
-"""((promoted ids, logits), (suppressed ids, logits)) of one feature."""
 
 
 def sparsity_frequencies(data: bytes) -> Tensor:
@@ -141,19 +140,6 @@ def _feature_activations(out: Any, index: Tensor) -> Tensor:
         return out.latent_acts[:, index].float().cpu()
     hit = out.latent_indices.unsqueeze(-1) == index  # (B, k, n_features)
     return (out.latent_acts.float().unsqueeze(-1) * hit).sum(dim=1).cpu()
-
-
-@torch.no_grad()
-def logit_tokens(W_dec: Tensor, unembedding: Tensor, features: Sequence[int], n: int) -> list[LogitIds]:
-    """Per feature, ((promoted ids, logits), (suppressed ids, logits)): the top and bottom ``n``
-    entries of ``unembedding @ W_dec[feature]``."""
-    directions = W_dec.detach()[list(features)].float().cpu()
-    # In vocabulary slices: a float32 copy of a large W_U (128k x 8192) would be 4 GB.
-    logits = torch.cat([directions @ part.float().T for part in unembedding.split(16384)], dim=1)
-    k = min(n, logits.shape[1])
-    top, bottom = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
-    return [((top.indices[i].tolist(), top.values[i].tolist()), (bottom.indices[i].tolist(), bottom.values[i].tolist()))
-            for i in range(len(features))]
 
 
 # --------------------------------------------------------------------------- the cards

@@ -29,13 +29,12 @@ from activation_cache.reader import read_shard
 from activation_cache.schema import DecodedShard, ShardMeta
 from activation_cache.store import LocalStore
 from activation_cache.text import pack_sequences, token_decoder
-from activation_cache.unembedding import load_unembedding, unembedding_of
+from activation_cache.unembedding import load_unembedding, logit_tokens, unembedding_of
 from cluster.report import ReportOptions, build_report, report_artifact_name, report_with_model
 from cluster.report_cards import FeatureSample
 from cluster.report_html import render_report
 from cluster.report_scan import (
     feature_cards,
-    logit_tokens,
     sample_features,
     scan_top_activations,
     sparsity_frequencies,
