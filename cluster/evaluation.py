@@ -16,7 +16,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from activation_cache.config import DataConfig, ModelConfig
+from activation_cache.eval_text import EvalText, held_out_text, text_source
 from activation_cache.hooking import (
     load_model,
     load_tokenizer,
@@ -35,8 +35,6 @@ from activation_cache.hooking import (
     resolve_model_source,
     spliced,
 )
-from activation_cache.plan import holdout_count
-from activation_cache.producing import split_units
 from activation_cache.store import ObjectNotFound, ObjectStore, open_store
 from activation_cache.text import excluded_token_ids, pack_sequences
 from cluster.config import EvalConfig, JobConfig, job_from_dict
@@ -65,20 +63,6 @@ from trainer.loggers import MetricLogger, NullLogger, make_logger
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EvalText:
-    """The sequences a dictionary is evaluated on."""
-
-    tokens: np.ndarray
-    """Token ids (n_sequences, context_length)."""
-    sequence_ids: np.ndarray
-    """(n_sequences,) each sequence's index in the job's packed token stream (the cache's ``sequence_id``)."""
-    excluded_token_ids: frozenset[int]
-    """Tokens whose activations are neither replaced nor scored."""
-    source: str
-    """Where the text came from, for the report."""
-
-
 class SplicedEval(NamedTuple):
     """One dictionary's spliced evaluation."""
 
@@ -88,21 +72,6 @@ class SplicedEval(NamedTuple):
     """Error-norm and per-token FVU summaries, histogram, worst contexts."""
     error_norms: Tensor
     """(n_tokens,) every evaluated token's reconstruction-error norm (for a histogram)."""
-
-
-def held_out_text(
-    tokens: np.ndarray, *, sequences_per_shard: int, holdout_fraction: float, max_tokens: int,
-    excluded: frozenset[int], source: str,
-) -> EvalText:
-    """The sequences of the held-out work units (the last ``ceil(holdout_fraction * n_units)``,
-    the shards ``activation_cache.plan.split_holdout`` holds out), the first ``max_tokens // context``
-    of them (at least one)."""
-    units = split_units(tokens, sequences_per_shard)
-    held = units[-holdout_count(len(units), holdout_fraction):]
-    rows = np.concatenate([u.tokens for u in held])
-    ids = np.concatenate([np.arange(u.first_sequence_id, u.first_sequence_id + len(u.tokens)) for u in held])
-    n = max(1, max_tokens // tokens.shape[1])
-    return EvalText(rows[:n], ids[:n], excluded, f"held-out units of {source}")
 
 
 def load_sae(files: dict[str, bytes]) -> tuple[nn.Module, dict]:
@@ -315,13 +284,6 @@ def _eval_config(raw: dict, max_tokens: int | None) -> EvalConfig:
     return cfg if max_tokens is None else dataclasses.replace(cfg, max_tokens=max_tokens)
 
 
-def _text_source(data: DataConfig, source: str, max_tokens: int, tokenizer: Any) -> EvalText:
-    """All of ``source`` (up to ``max_tokens``, at least one sequence), packed as the job packs its text."""
-    data = dataclasses.replace(data, source=source, max_tokens=max(max_tokens, data.context_length))
-    tokens = pack_sequences(data, tokenizer)
-    return EvalText(tokens, np.arange(len(tokens)), excluded_token_ids(data, tokenizer), source)
-
-
 def evaluate_stored(
     uri: str, *, s3_options: dict | None = None, text: str | None = None, model: str | None = None,
     max_tokens: int | None = None,
@@ -350,7 +312,7 @@ def evaluate_stored(
     tokenizer = load_tokenizer(resolve_model_source(model_cfg))
     data = job.data if job is not None else DataConfig()
     if text is not None:
-        eval_text = _text_source(data, text, cfg.max_tokens, tokenizer)
+        eval_text = text_source(data, text, cfg.max_tokens, tokenizer)
     else:
         assert job is not None
         eval_text = held_out_text(
