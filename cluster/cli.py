@@ -212,29 +212,50 @@ def _feature_ids(text: str) -> list[int]:
 
 
 def _steer(args: argparse.Namespace) -> int:
-    from interp.steering import ERROR_TERMS, MODES, GenerationSettings, parse_value
+    from interp.steering import GenerationSettings, parse_value
 
     features = _feature_ids(args.feature)  # everything the command line alone can refuse, before anything loads
     parse_value(args.value)
+    if args.html and not args.audit:
+        raise ValueError(f"--html {args.html!r}: the page draws the audit; add --audit")
+    if args.audit_tokens < 1:
+        raise ValueError(f"--audit-tokens {args.audit_tokens}: expected at least 1")
+    if args.seeds < 0:
+        raise ValueError(f"--seeds {args.seeds}: expected 0 or more")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=args.seed)
     prompts = _observed_texts(argparse.Namespace(text=args.prompt, file=None, prompts_file=args.prompts_file))
-    assert args.mode in MODES and args.error_term in ERROR_TERMS  # argparse's choices
-    from interp.observe import open_observer
-    from interp.steering import Steerer
+    from interp.commands import AuditSettings, SteerRequest, prepare, run_steer
     from interp.terminal import format_steer
 
+    request = SteerRequest(
+        args.uri, tuple(features), args.value, tuple(prompts), mode=args.mode, error_term=args.error_term,
+        chat=args.chat, generation=settings, model=args.model, hookpoint=args.hookpoint,
+        s3_options={"endpoint_url": args.endpoint_url},
+        audit=AuditSettings(text=args.text, max_tokens=args.audit_tokens, targets=tuple(args.target or ()),
+                            seeds=args.seeds) if args.audit else None,
+    )
     configure_logging("WARNING")
-    observer = open_observer(args.uri, model=args.model, hookpoint=args.hookpoint,
-                             s3_options={"endpoint_url": args.endpoint_url})
-    steerer = Steerer(observer)
-    edit = steerer.edit(features, args.value, mode=args.mode, error_term=args.error_term)
-    for prompt in prompts:
-        observer.token_ids(prompt, chat=args.chat)  # every prompt checked before the model's weights load
-    result = steerer.steer(prompts, edit, settings, chat=args.chat)
-    sys.stdout.write(format_steer(result))
+    prepare(request)  # the dictionary, model files, features, value and prompts checked before a model loads
+    if args.address:
+        from cluster.remote import run_on_cluster
+
+        outcome = run_on_cluster(args.address, run_steer, request)
+    else:
+        outcome = run_steer(request)
+    sys.stdout.write(format_steer(outcome.steer))
+    if outcome.audit is not None:
+        from interp.audit import format_audit
+
+        sys.stdout.write("\n" + format_audit(outcome.audit))
     if args.json:
-        Path(args.json).write_text(result.to_json() + "\n", encoding="utf-8")
+        data = outcome.steer.to_dict() | ({"audit": outcome.audit.to_dict()} if outcome.audit is not None else {})
+        Path(args.json).write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
         sys.stdout.write(f"written to {args.json}\n")
+    if args.html and outcome.audit is not None:
+        from interp.audit_page import render_audit_page
+
+        Path(args.html).write_text(render_audit_page(outcome.audit), encoding="utf-8")
+        sys.stdout.write(f"written to {args.html}\n")
     return 0
 
 
@@ -254,7 +275,17 @@ def _add_steer_parser(sub: argparse._SubParsersAction) -> None:
     command.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template (as a user turn)")
     command.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per continuation (default: 40)")
     command.add_argument("--seed", type=int, default=None, help="sample with this seed (default: greedy)")
-    command.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    command.add_argument("--json", default=None, metavar="PATH", help="also write the result (and the audit) as JSON")
+    audit = command.add_argument_group("audit", "whether the steer moved the model or only the dashboard")
+    audit.add_argument("--audit", action="store_true", help="audit the edit on held-out text of the run (or --text)")
+    audit.add_argument("--text", default=None, help="audit on this text source (file, folder or packaged:...) instead")
+    audit.add_argument("--audit-tokens", type=int, default=4096, help="tokens of audit text (default: 4096)")
+    audit.add_argument("--target", action="append", default=None,
+                       help="a target token string (repeatable; default: the tokens the feature promotes most)")
+    audit.add_argument("--seeds", type=int, default=5, help="sampled continuations per prompt and variant (default: 5)")
+    audit.add_argument("--html", default=None, metavar="PATH", help="also write the audit as a self-contained page")
+    command.add_argument("--address", default=None,
+                         help="run on this Ray cluster (host:port or ray://host:10001) as one task, beside its accelerators")
     command.add_argument("--model", default=None, help="model directory or packaged:... (default: the dictionary's)")
     command.add_argument("--hookpoint", default=None, help="where the dictionary reads (needed for a SAELens hook name with no known mapping)")
     command.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
