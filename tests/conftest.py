@@ -95,4 +95,4 @@ def engine_factory() -> Iterator[Callable[..., Any]]:
 
 
 # The tiny random Llama + tokenizer fixtures live beside this file.
-pytest_plugins = ["tiny_model"]
+pytest_plugins = ["tiny_model", "dictionary_folders"]
