@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,15 +50,19 @@ from activation_cache.hooking import (  # noqa: E402
     load_tokenizer,
     resolve_model_source,
 )
-from activation_cache.store import LocalStore  # noqa: E402
 from activation_cache.text import PACKAGED_TEXT, iter_documents  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cpu_description,
+    median_ratio,
+    progress,
+    timed,
+    write_untrained_dictionary,
+)
 from benchmarks.results import write_block  # noqa: E402
 from interp.loading import model_metadata  # noqa: E402
 from interp.observe import Observer, open_observer  # noqa: E402
-from trainer.activation_stats import ActivationStats, activation_stats_file  # noqa: E402
+from trainer.activation_stats import ActivationStats  # noqa: E402
 from trainer.config import SAEConfig  # noqa: E402
-from trainer.dictionary import dictionary_files  # noqa: E402
-from trainer.layout import ACTIVATION_STATS_FILE, write_dictionary  # noqa: E402
 from trainer.sae import TopKSAE  # noqa: E402
 
 HELD_OUT_TOKENS = 2048
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         observers = {}
         for width in args.widths:
             folder = Path(tmp) / f"width-{width}"
-            write_untrained_dictionary(folder, d_model=d_model, n_latents=width, k=args.k, hookpoint=hookpoint,
+            write_untrained_dictionary(folder, TopKSAE(d_model, width, args.k, seed=0), hookpoint=hookpoint,
                                        model_name=source.model_id, metadata=model_metadata(model_cfg, data_cfg),
                                        stats=stats)
             observers[width] = open_observer(str(folder), loaded_model=model)
@@ -108,10 +110,6 @@ def main(argv: list[str] | None = None) -> None:
     print(block)
     if args.write is not None:
         write_block(args.write, "bench_observe", block)
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def shakespeare_ids(tokenizer, n_tokens: int) -> list[int]:
@@ -130,21 +128,6 @@ def held_out_stats(harvester: ActivationHarvester, ids: list[int]) -> Activation
     with torch.inference_mode():
         rows = harvester(torch.tensor([ids]))[0]
     return ActivationStats.of(rows.float())
-
-
-def write_untrained_dictionary(folder: Path, *, d_model: int, n_latents: int, k: int, hookpoint: str,
-                               model_name: str, metadata: dict, stats: ActivationStats) -> None:
-    sae = TopKSAE(d_model, n_latents, k, seed=0)
-    files = dictionary_files(sae, hookpoint=hookpoint, model_name=model_name, scale=1.0, extra_metadata=metadata,
-                             sparsity=None, eval_metrics={})
-    files[ACTIVATION_STATS_FILE] = activation_stats_file(stats)
-    write_dictionary(LocalStore(folder), files)
-
-
-def timed(fn: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def measure(harvester: ActivationHarvester, observers: dict[int, Observer], text: str, *, top: int,
@@ -197,25 +180,6 @@ def measure(harvester: ActivationHarvester, observers: dict[int, Observer], text
             seconds[name].append(timed(fn))
         progress(f"  {len(ids)} tokens, round {i}: " + ", ".join(f"{n} {seconds[n][-1]:.3f} s" for n in names))
     return {"tokens": len(ids), "rows": rows.shape[0], "d_model": rows.shape[1], "seconds": seconds}
-
-
-def median_ratio(over: list[float], under: list[float]) -> float:
-    return statistics.median(a / b for a, b in zip(over, under, strict=True))
-
-
-def cpu_description() -> str:
-    """lscpu's model name and the matrix / bf16 extensions among its flags."""
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return "CPU unknown (no lscpu)"
-    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    flags = set(fields.get("Flags", "").split())
-    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    present = [flag for flag in wanted if flag in flags]
-    absent = [flag for flag in wanted if flag not in flags]
-    return (f"{fields.get('Model name', 'unknown CPU')}, {fields.get('CPU(s)', '?')} CPUs; flags: "
-            f"{', '.join(present) or 'none'} present" + (f", {', '.join(absent)} absent" if absent else ""))
 
 
 def report(results: list[dict], *, widths: list[int], command: str, started: str, model: str, dtype: str,
