@@ -12,7 +12,7 @@ The report's parts, one module each:
 - ``cluster.report_cards``: the feature cards as data (``report_features.json``).
 - ``cluster.report_html``: the page, and ``render_report``, which redraws it from the dictionary's
   files alone, for when ``eval.json`` changes (the spliced evaluation runs later); no torch.
-- ``cluster.report_svg``: the inline SVG charts the page draws (no plotting dependency).
+- ``interp.svg`` and ``interp.markup``: the inline SVG charts and the stylesheet it shares with the interp pages (no torch).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Sections (each an element with a fixed id): ``#summary``, ``#training-curves``,
 ``#firing-histogram``, ``#evaluation``, ``#unexplained`` (only when ``eval.json`` has it) and
-``#features``: the feature cards of ``report_features.json`` (``cluster.report_cards``).
+``#features``: the feature cards of ``report_features.json`` (``cluster.report_cards``); the
+cards of the features ``eval.json``'s ``audit`` audited (``cluster.evaluation.audit_cards``)
+carry its headline figures (``.audit``, id ``audit-<latent>``).
 
 Every text that comes from the data (tokens, metadata, eval keys) is HTML-escaped, and the page's
 Content-Security-Policy allows no script at all: a token is untrusted text. No torch here:
@@ -15,12 +17,12 @@ from __future__ import annotations
 import html
 import json
 import math
-import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
 from cluster.report_cards import Context, FeatureCard, FeatureSample
-from cluster.report_svg import svg_histogram, svg_line_chart
+from interp.markup import BASE_CSS, visible
+from interp.svg import CHART_CSS, svg_histogram, svg_line_chart
 from trainer.layout import CONFIG_FILE, EVAL_FILE, FEATURES_FILE, REPORT_FILE, TRAINING_CURVES_FILE
 
 
@@ -43,21 +45,13 @@ _CURVES = (  # (key, title, log axis)
     ("lr", "learning rate", False), ("tokens_per_second", "tokens / s", False),
 )
 _HEADLINE = ("fvu", "mse", "cosine", "l0", "dead_fraction", "dense_fraction", "train_tokens", "train_steps", "n_tokens")
-_SECTIONED = {"firing_histogram", "unexplained"}
+_SECTIONED = {"firing_histogram", "unexplained", "audit"}
 
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1d232b;background:#f6f7f9}
+_CSS = BASE_CSS + CHART_CSS + """
 header{background:#1d3557;color:#fff;padding:18px 28px}header h1{margin:0 0 6px;font-size:22px}
 nav a{color:#cfe3ff;margin-right:16px;text-decoration:none}main{padding:8px 28px 40px;max-width:1400px}
-section{background:#fff;border:1px solid #dde1e6;border-radius:8px;margin:18px 0;padding:14px 20px}
-h2{margin:4px 0 10px;font-size:18px}h3{margin:0 0 6px;font-size:15px}h4{margin:10px 0 4px;font-size:13px;color:#4a5563}
-table{border-collapse:collapse;margin:6px 0}td,th{border-bottom:1px solid #e6e9ed;padding:3px 10px;text-align:left;vertical-align:top}
-th{background:#f0f2f5;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.plots{display:flex;flex-wrap:wrap;gap:10px}svg.plot{background:#fff;border:1px solid #eef0f3}
-svg text{font-size:11px;fill:#333}svg .title{font-size:12px;font-weight:600}svg .label{fill:#555}
-svg .grid{stroke:#eceff3}svg .frame{fill:none;stroke:#9aa3ad}svg .series{fill:none;stroke:#2a6fdb;stroke-width:1.6}
-svg .dot{fill:#2a6fdb}svg .bar{fill:#e07a2f}svg .marker{stroke:#8a1c1c;stroke-dasharray:4 3}
-.note{color:#5b6470;font-size:13px}.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:14px}
+h3{margin:0 0 6px;font-size:15px}h4{margin:10px 0 4px;font-size:13px;color:#4a5563}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:14px}
 article.feature{border:1px solid #dde1e6;border-radius:8px;padding:10px 14px;background:#fcfcfd}
 .band{font-size:11px;padding:1px 7px;border-radius:9px;background:#e8eef8;color:#1d3557;margin-left:6px}
 ol.contexts{margin:0;padding-left:22px}ol.contexts li{margin:2px 0}
@@ -67,6 +61,7 @@ ol.contexts{margin:0;padding-left:22px}ol.contexts li{margin:2px 0}
 .chip{display:inline-block;font-family:"DejaVu Sans Mono",Menlo,monospace;font-size:12px;white-space:pre;
 background:#eef6ee;border:1px solid #cfe6cf;border-radius:4px;padding:0 5px;margin:2px 3px 2px 0}
 .chip.neg{background:#fbeeee;border-color:#efcfcf}.chip small{color:#5b6470;margin-left:4px}
+.audit{border-top:1px dashed #c9d2dc;margin-top:10px}.audit td.num{white-space:nowrap}
 """
 
 
@@ -89,7 +84,7 @@ def render_html(
     if "unexplained" in evaluation:
         sections.append(("unexplained", "What the dictionary leaves unexplained",
                          _unexplained_html(evaluation["unexplained"])))
-    sections.append(("features", "Features", _features_html(sample)))
+    sections.append(("features", "Features", _features_html(sample, evaluation.get("audit"))))
     nav = "".join(f'<a href="#{sid}">{html.escape(name)}</a>' for sid, name, _ in sections)
     body = "".join(f'<section id="{sid}"><h2>{html.escape(name)}</h2>{content}</section>' for sid, name, content in sections)
     return (
@@ -159,7 +154,7 @@ def _evaluation_html(evaluation: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def _features_html(sample: FeatureSample | None) -> str:
+def _features_html(sample: FeatureSample | None, audit: Any = None) -> str:
     if sample is None:
         return f'<p class="note">No feature sample was computed for this dictionary ({FEATURES_FILE} is missing).</p>'
     if not sample.cards:
@@ -176,11 +171,13 @@ def _features_html(sample: FeatureSample | None) -> str:
         [[f'<a href="#feature-{c.index}">{c.index}</a>', html.escape(c.band), _number(c.frequency),
           _number(c.fired), _number(c.max_activation)] for c in sample.cards],
     )
-    cards = "".join(_card_html(c, sample.has_logits) for c in sample.cards)
+    audited = _audited(audit)
+    intro += _audit_intro(audit, audited)
+    cards = "".join(_card_html(c, sample.has_logits, audited.get(c.index, "")) for c in sample.cards)
     return f'{intro}{index}<div class="cards">{cards}</div>'
 
 
-def _card_html(card: FeatureCard, has_logits: bool) -> str:
+def _card_html(card: FeatureCard, has_logits: bool, audit: str = "") -> str:
     frequency = "unknown" if card.frequency is None else f"{card.frequency:.3g}" + (
         f" (1 in {1 / card.frequency:,.0f} tokens)" if card.frequency > 0 else "")
     parts = [
@@ -196,13 +193,85 @@ def _card_html(card: FeatureCard, has_logits: bool) -> str:
     if has_logits:
         parts.append("<h4>Promoted tokens</h4>" + _chips(card.promoted, ""))
         parts.append("<h4>Suppressed tokens</h4>" + _chips(card.suppressed, " neg"))
-    return "".join(parts) + "</article>"
+    return "".join(parts) + audit + "</article>"
+
+
+def _audit_intro(audit: Any, audited: dict[int, str]) -> str:
+    if not isinstance(audit, dict):
+        return ""
+    if "skipped" in audit:
+        return f'<p class="note">No steer audit: {html.escape(str(audit["skipped"]))}.</p>'
+    shown = ", ".join(f'<a href="#audit-{f}">{f}</a>' for f in audited)
+    suppress = audit.get("suppress") or {}
+    return (f'<p class="note">Steer audit of latent{"s" if len(audited) != 1 else ""} {shown or "none"} '
+            f'({_number(audit.get("seconds"))} s, on {_number(suppress.get("n_encoded_tokens"))} held-out tokens): '
+            "each clamped high and zeroed with the error term kept; the change in the log-probability of the "
+            "tokens its decoder direction promotes, beside the same edit along a random direction of equal norm. "
+            "A dictionary is a partial account of the model: the audit, not the card, says whether a steer moves "
+            "it.</p>")
+
+
+def _audited(audit: Any) -> dict[int, str]:
+    """Each audited feature's block for its card, from ``eval.json``'s ``audit``."""
+    if not isinstance(audit, dict) or "skipped" in audit:
+        return {}
+    units = {u.get("feature"): u for u in audit.get("units") or [] if isinstance(u, dict)}
+    found: dict[int, dict[str, dict]] = {}
+    for kind in ("amplify", "suppress"):
+        for entry in (audit.get(kind) or {}).get("features") or []:
+            if isinstance(entry, dict) and isinstance(entry.get("feature"), int):
+                found.setdefault(entry["feature"], {})[kind] = entry
+    return {feature: _audit_html(feature, edits, units.get(feature), audit.get("multiple"))
+            for feature, edits in found.items()}
+
+
+def _audit_html(feature: int, edits: dict[str, dict], unit: dict | None, multiple: Any) -> str:
+    rows = []
+    amplify, suppress = edits.get("amplify"), edits.get("suppress")
+    if amplify is not None:
+        scale = (f"{_number(multiple)}× its {html.escape(str(unit.get('unit')))}" if unit else "high")
+        rows.append(_audit_row(f"clamped to {scale} ({_number(amplify.get('value'))})", amplify))
+    if suppress is not None:
+        rows.append(_audit_row("zeroed where it fires", suppress))
+    header = ["edit", "positions", "Δ log p(targets)", "random direction", "KL (nats)", "dashboard: set → read back",
+              "leak"]
+    targets = (amplify or suppress or {}).get("targets") or []
+    chips = "".join(f'<span class="chip">{html.escape(visible(str(t.get("token"))))}</span>'
+                    for t in targets if isinstance(t, dict))
+    summary = (suppress or {}).get("summary") or ""
+    return (f'<div class="audit" id="audit-{feature}"><h4>Steer audit</h4>{_table_rows(header, rows)}'
+            f'<p class="note">targets (promoted): {chips}</p>'
+            + (f'<p class="note">{html.escape(summary)}</p>' if summary else "") + "</div>")
+
+
+def _audit_row(edit: str, entry: dict) -> list[str]:
+    steered, control = entry.get("steered") or {}, entry.get("control") or {}
+    dashboard, leak = entry.get("dashboard") or {}, entry.get("leak") or {}
+    continuations = entry.get("continuations")
+    if isinstance(continuations, dict):
+        edit += (f" · targets in sampled continuations {_percent(continuations.get('unedited_target_rate'))} → "
+                 f"{_percent(continuations.get('steered_target_rate'))}")
+    return [
+        edit, f'<span class="num">{_number(entry.get("n_positions"))}</span>',
+        _signed(steered.get("target_logprob_change")), _signed(control.get("target_logprob_change")),
+        _number(steered.get("kl_divergence")),
+        f"{_number(dashboard.get('feature_set'))} → {_number(dashboard.get('feature_read_back'))}",
+        _percent(leak.get("leak")) if leak else "—",
+    ]
+
+
+def _signed(value: Any) -> str:
+    return f"{value:+.3g}" if isinstance(value, int | float) and math.isfinite(value) else _number(value)
+
+
+def _percent(value: Any) -> str:
+    return f"{value:.0%}" if isinstance(value, int | float) and math.isfinite(value) else "—"
 
 
 def _context_html(context: Context) -> str:
     spans = []
     for i, token in enumerate(context.tokens):
-        text = html.escape(_visible(token))
+        text = html.escape(visible(token))
         if i == context.hit:
             spans.append(f'<mark class="tok hit" title="activation {context.activation:.4g}">{text}</mark>')
         else:
@@ -215,18 +284,8 @@ def _context_html(context: Context) -> str:
 
 def _chips(tokens: list[tuple[str, float]], kind: str) -> str:
     return "<div>" + "".join(
-        f'<span class="chip{kind}">{html.escape(_visible(t))}<small>{v:+.3g}</small></span>' for t, v in tokens
+        f'<span class="chip{kind}">{html.escape(visible(t))}<small>{v:+.3g}</small></span>' for t, v in tokens
     ) + "</div>"
-
-
-_SHOWN_CONTROLS = {"\n": "⏎", "\t": "⇥", "\r": "␍"}
-
-
-def _visible(token: str) -> str:
-    """``token`` with control characters shown as symbols or escapes (HTML cannot carry most)."""
-    return "".join(
-        _SHOWN_CONTROLS.get(ch, f"\\x{ord(ch):02x}") if unicodedata.category(ch) == "Cc" else ch for ch in token
-    )
 
 
 def _number(value: Any) -> str:
@@ -316,8 +375,8 @@ def _marked_context(context: Any, token: Any) -> str:
     marker = f"[[{token}]]" if isinstance(token, str) else "[["
     at = context.find(marker)
     if at < 0 or not isinstance(token, str):
-        return f'<span class="ctx tok">{html.escape(_visible(context))}</span>'
+        return f'<span class="ctx tok">{html.escape(visible(context))}</span>'
     before, after = context[:at], context[at + len(marker):]
-    return (f'<span class="ctx"><span class="tok">{html.escape(_visible(before))}</span>'
-            f'<mark class="tok hit">{html.escape(_visible(token))}</mark>'
-            f'<span class="tok">{html.escape(_visible(after))}</span></span>')
+    return (f'<span class="ctx"><span class="tok">{html.escape(visible(before))}</span>'
+            f'<mark class="tok hit">{html.escape(visible(token))}</mark>'
+            f'<span class="tok">{html.escape(visible(after))}</span></span>')

@@ -24,11 +24,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import json
-import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
 
+from interp.markup import BASE_CSS, script_json, visible
 from interp.observe import Observations, TokenObservation
 
 __all__ = ["MAX_OPACITY", "SATURATING_RELATIVE_ERROR", "render_page"]
@@ -42,20 +41,15 @@ _FEATURE_RGB = "37,99,235"
 _CONTEXT_BEFORE, _CONTEXT_AFTER = 4, 2
 _CONTEXTS_PER_FEATURE = 25
 
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1d232b;background:#f6f7f9}
+_CSS = BASE_CSS + """
 header{background:#1d3557;color:#fff;padding:16px 28px}header h1{margin:0 0 8px;font-size:21px}
 header table td{border:none;padding:1px 12px 1px 0;color:#e8eef8}header table td:first-child{color:#a9c4ea;white-space:nowrap}
 main{display:grid;grid-template-columns:minmax(0,1fr) 360px;gap:18px;padding:8px 28px 40px;max-width:1500px}
 @media (max-width:900px){main{grid-template-columns:1fr}}
-section{background:#fff;border:1px solid #dde1e6;border-radius:8px;margin:18px 0;padding:14px 20px}
-h2{margin:4px 0 10px;font-size:18px}h3{margin:12px 0 6px;font-size:15px}
+h3{margin:12px 0 6px;font-size:15px}
 aside{position:sticky;top:12px;align-self:start;background:#fff;border:1px solid #dde1e6;border-radius:8px;
 margin:18px 0;padding:12px 16px;max-height:calc(100vh - 40px);overflow:auto}
 aside dl{display:grid;grid-template-columns:auto 1fr;gap:3px 12px;margin:0}aside dt{color:#5b6470}aside dd{margin:0}
-table{border-collapse:collapse;margin:6px 0}td,th{border-bottom:1px solid #e6e9ed;padding:3px 10px;text-align:left;vertical-align:top}
-th{background:#f0f2f5;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.note{color:#5b6470;font-size:13px}
 .run{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:14px;line-height:2;padding:6px 0}
 .tok{white-space:pre;border-radius:3px;padding:1px 0;cursor:pointer}
 .tok:focus,.tok.selected{outline:2px solid #1d3557;outline-offset:1px}
@@ -132,7 +126,7 @@ def render_page(obs: Observations) -> str:
         f'<main><div class="content">{_legend_html(obs)}{texts}{_features_html(obs)}</div>'
         '<aside id="panel"><h2>Token</h2><div id="panel-body"><p class="note">Hover over a token to see its '
         "features and figures here; click it to keep them.</p></div></aside></main>"
-        f'<script type="application/json" id="observations">{_script_json(obs.to_dict())}</script>'
+        f'<script type="application/json" id="observations">{script_json(obs.to_dict())}</script>'
         f"<script>{_SCRIPT}</script></body></html>\n"
     )
 
@@ -215,7 +209,7 @@ def _text_summary(tokens: list[TokenObservation]) -> str:
         mean = sum(t.relative_error for t in measured) / len(measured)
         top = max(measured, key=lambda t: t.relative_error)
         summary += (f"; relative error: mean {mean:.3f}, largest {top.relative_error:.3f} at position "
-                    f"{top.position} ({_visible(top.token)!r})")
+                    f"{top.position} ({visible(top.token)!r})")
     return f'<p class="note">{_escape(summary)}</p>'
 
 
@@ -252,7 +246,7 @@ def _span(attributes: dict[str, str], token: str) -> str:
     """A token as an element: its text escaped, with a line break after a token holding a newline."""
     shown = "".join(f' {name}="{_escape(value)}"' for name, value in attributes.items())
     after = "<br>" if "\n" in token else ""
-    return f"<span{shown}>{_escape(_visible(token))}</span>{after}"
+    return f"<span{shown}>{_escape(visible(token))}</span>{after}"
 
 
 def _token_title(token: TokenObservation) -> str:
@@ -275,7 +269,7 @@ def _token_table(obs: Observations, number: int) -> str:
     head = "<thead><tr>" + "".join(f"<th>{_escape(label)}</th>" for label in labels) + "</tr></thead>"
     rows = []
     for token in obs.texts[number - 1].tokens:
-        cells = [f"{token.position}", f'<span class="tok">{_escape(_visible(token.token))}</span>', f"{token.token_id}"]
+        cells = [f"{token.position}", f'<span class="tok">{_escape(visible(token.token))}</span>', f"{token.token_id}"]
         if token.encoded:
             cells += [_relative(token.relative_error), f"{token.error_norm:.4g}", f"{token.l0}"]
             if obs.feature is not None:
@@ -355,7 +349,7 @@ def _firing_html(obs: Observations, firing: _Firing) -> str:
     start, end = max(firing.position - _CONTEXT_BEFORE, 0), min(firing.position + _CONTEXT_AFTER + 1, len(tokens))
     spans = []
     for token in tokens[start:end]:
-        text = _escape(_visible(token.token))
+        text = _escape(visible(token.token))
         if token.position == firing.position:
             spans.append(f'<mark class="tok hit" data-key="{firing.text}-{token.position}">{text}</mark>')
         else:
@@ -392,22 +386,3 @@ def _relative(value: float | None) -> str:
 
 def _escape(text: str) -> str:
     return html.escape(text, quote=True)
-
-
-_SHOWN_CONTROLS = {"\n": "⏎", "\t": "⇥", "\r": "␍"}
-
-
-def _visible(token: str) -> str:
-    """``token`` with control characters shown as symbols or escapes (HTML cannot carry most)."""
-    return "".join(
-        _SHOWN_CONTROLS.get(ch, f"\\x{ord(ch):02x}") if unicodedata.category(ch) == "Cc" else ch for ch in token
-    )
-
-
-# A <script> data block ends at the first "</script"; "<!--" changes how it is parsed; U+2028 and
-# U+2029 end a line in older JavaScript. Escaped as JSON escapes, the data reads back unchanged.
-_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"})
-
-
-def _script_json(data: object) -> str:
-    return json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")).translate(_SCRIPT_SAFE)

@@ -39,7 +39,7 @@ from cluster.report_scan import (
     scan_top_activations,
     sparsity_frequencies,
 )
-from cluster.report_svg import svg_line_chart
+from interp.svg import svg_line_chart
 from trainer.architectures import ReLUSAE
 from trainer.dictionary import dictionary_files, load_dictionary
 from trainer.layout import (
