@@ -75,12 +75,36 @@ Numbers are finite floats or None (JSON null), never NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from activation_cache.config import CacheConfig, DataConfig
+from activation_cache.eval_text import EvalText, held_out_text, text_source
+from activation_cache.hooking import spliced
+from activation_cache.text import pack_sequences, token_decoder
+from activation_cache.unembedding import logit_tokens, unembedding_of
+from interp.observe import Observer
+from interp.steering import (
+    FeatureEdit,
+    GenerationSettings,
+    Steerer,
+    edit_activations,
+    feature_activations,
+)
+from trainer.config import TrainConfig
+from trainer.evaluation import kl_divergence
+
 __all__ = [
+    "DOSES",
     "AuditResult",
     "Behaviour",
     "Continuations",
@@ -92,6 +116,11 @@ __all__ = [
     "FeatureAudit",
     "Leak",
     "Target",
+    "audit",
+    "audit_text",
+    "choose_features",
+    "format_audit",
+    "resolve_targets",
 ]
 
 Kind = Literal["amplify", "suppress"]
@@ -258,3 +287,620 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
+
+
+# --------------------------------------------------------------------------- text and targets
+
+
+def audit_text(observer: Observer, *, text: str | None = None, max_tokens: int = 4096) -> EvalText:
+    """The text to audit on: the held-out sequences of the dictionary's run (as its spliced
+    evaluation reads them), or ``text`` (a file, folder or ``packaged:...`` source, packed as the
+    run packs its text), the first ``max_tokens`` of it in whole sequences (at least one)."""
+    data = _run_data(observer)
+    if text is not None:
+        return text_source(data, text, max_tokens, observer.tokenizer)
+    run = observer.folder.run_config
+    if run is None:
+        raise ValueError(f"{observer.folder.uri}: no run config beside the dictionary to find its held-out text; "
+                         "give the text with --text")
+    cache, train = run.get("cache") or {}, run.get("train") or {}
+    return held_out_text(
+        pack_sequences(data, observer.tokenizer),
+        sequences_per_shard=int(cache.get("sequences_per_shard", CacheConfig.sequences_per_shard)),
+        holdout_fraction=float(train.get("holdout_fraction", TrainConfig.holdout_fraction)),
+        max_tokens=max_tokens, excluded=frozenset(observer.excluded), source=data.source,
+    )
+
+
+def _run_data(observer: Observer) -> DataConfig:
+    """The run's whole data section (its source too), else the text settings the dictionary records."""
+    run = observer.folder.run_config
+    if run is not None and "data" in run:
+        data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), run["data"]))
+        assert isinstance(data, DataConfig)
+        return data
+    return observer.folder.data_config()
+
+
+def resolve_targets(observer: Observer, targets: Sequence[str | int]) -> list[int]:
+    """Token ids of the given targets: an int is a token id, a string must be one token (checked
+    before the model loads; one line naming how it tokenizes otherwise)."""
+    if not targets:
+        raise ValueError("--target: no target given (leave it out to use the tokens the feature promotes)")
+    ids = []
+    for target in targets:
+        if isinstance(target, int):
+            if not 0 <= target < len(observer.tokenizer):
+                raise ValueError(f"target token id {target}: the tokenizer has ids 0..{len(observer.tokenizer) - 1}")
+            ids.append(target)
+            continue
+        found = observer.tokenizer(target, add_special_tokens=False)["input_ids"]
+        if len(found) != 1:
+            pieces = observer.tokenizer.convert_ids_to_tokens(found)
+            raise ValueError(f"--target {target!r}: tokenizes to {len(found)} tokens {pieces}; a target is one "
+                             "token (a word often needs its leading space, ' Paris')")
+        ids.append(found[0])
+    return list(dict.fromkeys(ids))
+
+
+def _promoted(observer: Observer, unembedding: Tensor, feature: int, n: int) -> list[Target]:
+    """The ``n`` tokens the feature's decoder direction promotes most, special tokens left out."""
+    skip = set(observer.excluded) | set(observer.tokenizer.all_special_ids)
+    [((ids, logits), _)] = logit_tokens(observer.sae.W_dec, unembedding, [feature], n + len(skip))
+    kept = [(i, v) for i, v in zip(ids, logits, strict=True) if i not in skip][:n]
+    texts = token_decoder(observer.tokenizer)([i for i, _ in kept])
+    return [Target(i, t, v) for (i, v), t in zip(kept, texts, strict=True)]
+
+
+def _unembedding(model: nn.Module) -> Tensor:
+    weight, note = unembedding_of(model)
+    if weight is None:
+        raise ValueError(f"{note}: the audit's default targets are the tokens a feature promotes through it; "
+                         "give the targets with --target")
+    return weight
+
+
+def choose_features(observer: Observer, tokens: Tensor | np.ndarray, *, n: int = 1, n_targets: int = 5,
+                    min_frequency: float = 0.005, max_frequency: float = 0.3) -> list[int]:
+    """Up to ``n`` live features with clear promoted tokens, best first: among the features that fire
+    on between ``min_frequency`` and ``max_frequency`` of the encoded tokens of ``tokens`` (and on
+    held-out text, where the dictionary records its features' maxima), those
+    whose top ``n_targets`` promoted tokens (special tokens left out) stand furthest out of the
+    vocabulary: the mean of their logits through the unembedding, in standard deviations of all
+    the vocabulary's logits above its mean."""
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    rows = _feature_rows(observer, tokens, None)
+    counts = torch.zeros(observer.folder.n_latents)
+    with torch.inference_mode():
+        for part in rows.split(1024):
+            code = observer.sae.encode(part)
+            if code.indices is None:
+                counts += (code.acts > 0).sum(dim=0).float().cpu()
+            else:
+                counts.index_add_(0, code.indices[code.acts > 0].cpu(), torch.ones(int((code.acts > 0).sum())))
+    frequency = counts / max(1, len(rows))
+    alive = (frequency >= min_frequency) & (frequency <= max_frequency)
+    if observer.folder.feature_max is not None:  # never fired on held-out text: no unit for "10x"
+        alive &= observer.folder.feature_max.cpu() > 0
+    live = torch.nonzero(alive).flatten()
+    if len(live) == 0:
+        return []
+    unembedding = _unembedding(observer.harvester().model)
+    skip = sorted(set(observer.excluded) | set(observer.tokenizer.all_special_ids))
+    scores = []
+    with torch.inference_mode():
+        for part in live.split(256):
+            logits = observer.sae.W_dec.detach()[part].float().cpu() @ unembedding.T
+            mean, std = logits.mean(dim=1), logits.std(dim=1)
+            logits[:, skip] = -math.inf
+            top = logits.topk(min(n_targets, logits.shape[1]), dim=1).values.mean(dim=1)
+            scores.append((top - mean) / std.clamp_min(1e-12))
+    order = torch.cat(scores).argsort(descending=True)
+    return live[order[:n]].tolist()
+
+
+# --------------------------------------------------------------------------- the hookpoint
+
+
+def _batches(tokens: Tensor, batch_tokens: int) -> list[slice]:
+    size = max(1, batch_tokens // tokens.shape[1])
+    return [slice(lo, lo + size) for lo in range(0, len(tokens), size)]
+
+
+def _encoded(observer: Observer, tokens: Tensor) -> Tensor:
+    return ~torch.isin(tokens, torch.tensor(sorted(observer.excluded), dtype=torch.long))
+
+
+def _sae_rows(observer: Observer, acts: Tensor) -> Tensor:
+    param = next(observer.sae.parameters())
+    return acts.to(device=param.device, dtype=param.dtype)
+
+
+@torch.inference_mode()
+def _feature_rows(observer: Observer, tokens: Tensor, batch: slice | None, batch_tokens: int = 2048) -> Tensor:
+    """The hookpoint's activations at the encoded positions of ``tokens`` (all of them, or one
+    batch of sequences), in the dictionary's dtype: the forward stops at the hookpoint."""
+    harvester, parts = observer.harvester(), []
+    for part in [batch] if batch is not None else _batches(tokens, batch_tokens):
+        acts = harvester(tokens[part])
+        parts.append(_sae_rows(observer, acts[_encoded(observer, tokens[part]).to(acts.device)]))
+    return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------- variants
+
+RowEdit = Callable[[Tensor], Tensor]
+"""(rows, d) activations at the encoded positions -> the variant's rows."""
+
+
+@dataclass
+class _Sums:
+    """Running sums of one variant's figures over its measured positions."""
+
+    target_logprob: float = 0.0
+    target_probability: float = 0.0
+    kl: float = 0.0
+    count: int = 0
+
+    def add(self, target_logprob: Tensor, kl: Tensor | None) -> None:
+        self.target_logprob += float(target_logprob.double().sum())
+        self.target_probability += float(target_logprob.double().exp().sum())
+        self.kl += 0.0 if kl is None else float(kl.double().sum())
+        self.count += target_logprob.numel()
+
+    def behaviour(self, unedited: _Sums) -> Behaviour:
+        n = max(1, self.count)
+        lp, p = self.target_logprob / n, self.target_probability / n
+        lp0, p0 = unedited.target_logprob / n, unedited.target_probability / n
+        return Behaviour(lp, lp - lp0, p, p - p0, self.kl / n)
+
+
+@dataclass
+class _Variant:
+    name: str
+    feature: int
+    edit_rows: RowEdit
+    measured: Literal["all", "firing"]
+    sums: _Sums = field(default_factory=_Sums)
+
+
+def _orthogonal_direction(direction: Tensor, seed: int) -> Tensor:
+    """A random direction orthogonal to ``direction``, of its norm (seeded; float64 arithmetic)."""
+    generator = torch.Generator().manual_seed(seed)
+    d = direction.detach().double().cpu()
+    r = torch.randn(d.shape, generator=generator, dtype=torch.float64)
+    unit = d / d.norm()
+    r = r - (r @ unit) * unit
+    return (r / r.norm() * d.norm()).to(dtype=direction.dtype, device=direction.device)
+
+
+def _along(sae: nn.Module, edit: FeatureEdit, direction: Tensor) -> RowEdit:
+    """``edit`` (one feature) with its change written along ``direction`` instead of its decoder row."""
+
+    def rows_edit(rows: Tensor) -> Tensor:
+        f, code = feature_activations(sae, rows, edit.features)
+        base = rows if edit.error_term == "keep" else sae.decode(code.acts, code.indices)
+        return base + (edit.edited(f) - f) @ direction[None]
+
+    return rows_edit
+
+
+def _where_firing(sae: nn.Module, feature: int, replace: RowEdit) -> RowEdit:
+    """``replace`` at the rows where ``feature`` fires, the rows unchanged elsewhere."""
+
+    def rows_edit(rows: Tensor) -> Tensor:
+        f, _ = feature_activations(sae, rows, [feature])
+        return torch.where(f > 0, replace(rows), rows)
+
+    return rows_edit
+
+
+def _projected_out(direction: Tensor) -> RowEdit:
+    unit = direction / direction.norm()
+    return lambda rows: rows - (rows @ unit)[:, None] * unit
+
+
+def _reconstructed(sae: nn.Module) -> RowEdit:
+    return lambda rows: sae.reconstruct(rows)[1]
+
+
+def _edited(sae: nn.Module, edit: FeatureEdit) -> RowEdit:
+    return lambda rows: edit_activations(sae, rows, edit)
+
+
+# --------------------------------------------------------------------------- cost
+
+
+@dataclass
+class _Counter:
+    text_tokens: int
+    forward_passes: int = 0
+    text_passes: int = 0
+    generated_tokens: int = 0
+    tokens_past_hookpoint: int = 0
+
+    def cost(self) -> Cost:
+        return Cost(self.forward_passes, self.text_passes, self.text_tokens, self.generated_tokens,
+                    self.tokens_past_hookpoint, self.tokens_past_hookpoint / max(1, self.text_tokens))
+
+
+# --------------------------------------------------------------------------- the audit
+
+
+@dataclass
+class _Plan:
+    """What the audit measures for one feature of the edit."""
+
+    feature: int
+    edit: FeatureEdit
+    kind: Kind
+    targets: list[Target]
+    targets_source: Literal["promoted", "given"]
+    activation: Tensor
+    """(n_sequences, context) the feature's activation on the unedited text, 0 where not encoded."""
+    dashboard: Tensor
+    """(n_sequences, context, 2): the value the edit sets and the feature's read-back."""
+    variants: list[_Variant] = field(default_factory=list)
+    unedited: dict[str, _Sums] = field(default_factory=lambda: {"all": _Sums(), "firing": _Sums()})
+    dose_unit: tuple[str, float] | None = None
+
+
+def _kind(edit: FeatureEdit) -> Kind:
+    return "suppress" if edit.mode in ("clamp", "scale") and edit.values[0] == 0 else "amplify"
+
+
+@torch.inference_mode()
+def _prepass(observer: Observer, tokens: Tensor, encoded: Tensor, edits: list[FeatureEdit],
+             batches: list[slice]) -> tuple[Tensor, Tensor]:
+    """Per edited feature, its activation, the value its edit sets and the read-back, at every
+    position: (n_features, n_sequences, context) and (n_features, n_sequences, context, 2)."""
+    sae = observer.sae
+    m = len(edits)
+    activation = torch.zeros(m, *tokens.shape)
+    dashboard = torch.zeros(m, *tokens.shape, 2)
+    for batch in batches:
+        rows = _feature_rows(observer, tokens, batch)
+        mask = encoded[batch]
+        for j, edit in enumerate(edits):
+            f, _ = feature_activations(sae, rows, edit.features)
+            read_back, _ = feature_activations(sae, edit_activations(sae, rows, edit), edit.features)
+            activation[j][batch][mask] = f[:, 0].float().cpu()
+            dashboard[j][batch][mask] = torch.stack([edit.edited(f)[:, 0], read_back[:, 0]], dim=-1).float().cpu()
+    return activation, dashboard
+
+
+def _plan_variants(plan: _Plan, observer: Observer, *, leak: bool, doses: Sequence[float], control_seed: int) -> None:
+    sae, edit = observer.sae, plan.edit
+    direction = sae.W_dec.detach()[plan.feature]
+    measured: Literal["all", "firing"] = "firing" if plan.kind == "suppress" else "all"
+    plan.variants += [
+        _Variant("steered", plan.feature, _edited(sae, edit), measured),
+        _Variant("control", plan.feature, _along(sae, edit, _orthogonal_direction(direction, control_seed)), measured),
+    ]
+    if leak:
+        zero = FeatureEdit(edit.features, (0.0,), "clamp", "keep")
+        plan.variants += [
+            _Variant("projected", plan.feature, _where_firing(sae, plan.feature, _projected_out(direction)), "firing"),
+            _Variant("zeroed", plan.feature, _edited(sae, zero), "firing"),
+            _Variant("reconstruction", plan.feature, _where_firing(sae, plan.feature, _reconstructed(sae)), "firing"),
+        ]
+    if plan.dose_unit is not None:
+        for multiple in doses:
+            dose = FeatureEdit(edit.features, (multiple * plan.dose_unit[1],), "clamp", edit.error_term)
+            plan.variants.append(_Variant(f"dose:{multiple}", plan.feature, _edited(sae, dose), "all"))
+
+
+@torch.inference_mode()
+def _logprobs(model: nn.Module, ids: Tensor) -> Tensor:
+    return torch.log_softmax(model(ids).logits.float(), dim=-1)
+
+
+@torch.inference_mode()
+def _text_passes(steerer: Steerer, tokens: Tensor, encoded: Tensor, plans: list[_Plan], batches: list[slice],
+                 counter: _Counter) -> None:
+    """Every plan's variants over the text, batch by batch, against the unedited run."""
+    observer, model = steerer.observer, steerer.model
+    device = model.get_input_embeddings().weight.device
+    counter.text_passes = 1 + sum(len(p.variants) for p in plans)
+    for batch in batches:
+        ids = tokens[batch].to(device)
+        mask = encoded[batch].to(device)
+        clean = _logprobs(model, ids)
+        positions = {plan.feature: {"all": mask, "firing": mask & (plan.activation[batch] > 0).to(device)}
+                     for plan in plans}
+        for plan in plans:
+            target_ids = [t.token_id for t in plan.targets]
+            for name, where in positions[plan.feature].items():
+                plan.unedited[name].add(clean[where][:, target_ids].logsumexp(dim=-1), None)
+            for variant in plan.variants:
+                where = positions[plan.feature][variant.measured]
+                with spliced(model, observer.hookpoint, _replacing(observer, mask, variant.edit_rows)):
+                    edited = _logprobs(model, ids)
+                variant.sums.add(edited[where][:, target_ids].logsumexp(dim=-1), kl_divergence(clean[where], edited[where]))
+        counter.forward_passes += counter.text_passes
+        counter.tokens_past_hookpoint += counter.text_passes * ids.numel()
+
+
+def _replacing(observer: Observer, mask: Tensor, edit_rows: RowEdit) -> Callable[[Tensor], Tensor]:
+    def replace(acts: Tensor) -> Tensor:
+        out = acts.clone()
+        out[mask] = edit_rows(_sae_rows(observer, acts[mask])).to(acts.dtype)
+        return out
+
+    return replace
+
+
+# --------------------------------------------------------------------------- continuations
+
+
+@dataclass
+class _Generated:
+    prompt: list[int]
+    new: list[int]
+
+
+def _generate(steerer: Steerer, prompts: list[list[int]], seeds: list[int], edit: FeatureEdit | None,
+              max_new_tokens: int, counter: _Counter) -> list[_Generated]:
+    out = []
+    for prompt in prompts:
+        for seed in seeds:
+            new, _ = steerer.generate(prompt, edit, GenerationSettings(max_new_tokens, seed))
+            counter.forward_passes += len(new)
+            counter.generated_tokens += len(new)
+            counter.tokens_past_hookpoint += len(prompt) + max(0, len(new) - 1)
+            out.append(_Generated(prompt, new))
+    return out
+
+
+@torch.inference_mode()
+def _coherence(model: nn.Module, generated: list[_Generated], counter: _Counter) -> float | None:
+    """The unedited model's mean loss (nats per token) on the generated tokens, after their prompts."""
+    device = model.get_input_embeddings().weight.device
+    total, count = 0.0, 0
+    for g in generated:
+        if not g.new:
+            continue
+        ids = torch.tensor([g.prompt + g.new], device=device)
+        logprobs = _logprobs(model, ids)[0, len(g.prompt) - 1: -1]
+        total -= float(logprobs.gather(-1, ids[0, len(g.prompt):, None]).double().sum())
+        count += len(g.new)
+        counter.forward_passes += 1
+        counter.tokens_past_hookpoint += ids.numel()
+    return total / count if count else None
+
+
+def _target_figures(generated: list[_Generated], targets: set[int]) -> tuple[float, float]:
+    """(share of continuations holding a target, target tokens per generated token)."""
+    holding = sum(any(t in targets for t in g.new) for g in generated)
+    n_tokens = sum(len(g.new) for g in generated)
+    hits = sum(sum(t in targets for t in g.new) for g in generated)
+    return holding / max(1, len(generated)), hits / max(1, n_tokens)
+
+
+def _continuations(steerer: Steerer, plan: _Plan, unedited: list[_Generated], steered: list[_Generated],
+                   seeds: list[int], max_new_tokens: int, counter: _Counter) -> Continuations:
+    targets = {t.token_id for t in plan.targets}
+    model, decode = steerer.model, steerer.observer.tokenizer.decode
+    rate0, share0 = _target_figures(unedited, targets)
+    rate1, share1 = _target_figures(steered, targets)
+    coherence0 = _coherence(model, unedited, counter)
+    coherence1 = _coherence(model, steered, counter)
+    examples = [Example(decode(u.prompt), decode(u.new), decode(s.new))
+                for u, s in zip(unedited[:: len(seeds)], steered[:: len(seeds)], strict=True)]
+    return Continuations(seeds, len(unedited) // len(seeds), max_new_tokens, rate0, rate1, share0, share1,
+                         _or_nan(coherence0), _or_nan(coherence1), examples)
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _default_prompts(tokens: Tensor, encoded: Tensor, n: int, length: int) -> list[list[int]]:
+    """The first ``length`` tokens of the first ``n`` sequences (each holding an encoded token)."""
+    prompts = [row[:length].tolist() for row, enc in zip(tokens, encoded, strict=True) if enc[:length].any()]
+    return prompts[:n]
+
+
+def audit(
+    steerer: Steerer, edit: FeatureEdit, tokens: Tensor | np.ndarray, *,
+    targets: Sequence[str | int] | None = None, n_targets: int = 5,
+    prompts: Sequence[Sequence[int]] | None = None, seeds: int | Sequence[int] = 5, max_new_tokens: int = 20,
+    leak: bool | None = None, doses: Sequence[float] | None = None, control_seed: int = 0,
+    batch_tokens: int = 1024, text_source: str = "the given tokens",
+) -> AuditResult:
+    """Audit ``edit`` on ``tokens`` (n_sequences x context token ids; ``audit_text`` finds the
+    run's held-out text), each of its features alone (the module docstring says what is measured).
+
+    ``targets``: token ids or one-token strings (default: each feature's ``n_targets`` most
+    promoted tokens). ``prompts`` (token ids) are continued with each of ``seeds`` (a count: seeds
+    0..n-1; or the seeds) for ``max_new_tokens``, unedited and steered (default: the first 16 tokens
+    of the first two sequences; none with ``seeds=0``). ``leak`` (default: for a suppression) adds the
+    leak's passes; ``doses`` (default: ``DOSES`` for an amplification, none for a suppression) the
+    dose-response's multiples. ``control_seed`` draws the control's random direction."""
+    observer = steerer.observer
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    if tokens.ndim != 2 or tokens.numel() == 0:
+        raise ValueError(f"tokens of shape {tuple(tokens.shape)}: expected (n_sequences, context) token ids")
+    if n_targets < 1:
+        raise ValueError(f"n_targets={n_targets} must be at least 1")
+    given = None if targets is None else resolve_targets(observer, targets)
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    encoded = _encoded(observer, tokens)
+    if not encoded.any():
+        raise ValueError(f"{text_source}: no token the dictionary encodes ({tokens.numel()} tokens, all left out)")
+    prompt_list = _default_prompts(tokens, encoded, 2, 16) if prompts is None else [list(p) for p in prompts]
+    edits = [FeatureEdit((f,), (v,), edit.mode, edit.error_term) for f, v in zip(edit.features, edit.values, strict=True)]
+    batches = _batches(tokens, batch_tokens)
+    activation, dashboard = _prepass(observer, tokens, encoded, edits, batches)
+    unembedding = _unembedding(steerer.model) if given is None else None
+    decode = token_decoder(observer.tokenizer)
+    notes: list[str] = []
+    plans = []
+    for j, single in enumerate(edits):
+        feature = single.features[0]
+        plan_targets = (_promoted(observer, unembedding, feature, n_targets) if unembedding is not None
+                        else [Target(i, t, None) for i, t in zip(given, decode(given), strict=True)])
+        plan = _Plan(feature, single, _kind(single), plan_targets, "given" if given else "promoted",
+                     activation[j], dashboard[j])
+        plan_doses = (DOSES if plan.kind == "amplify" else ()) if doses is None else tuple(doses)
+        if plan_doses:
+            plan.dose_unit = _dose_unit(observer, feature, activation[j], notes)
+        _plan_variants(plan, observer, leak=plan.kind == "suppress" if leak is None else leak, doses=plan_doses,
+                       control_seed=control_seed)
+        plans.append(plan)
+    counter = _Counter(text_tokens=tokens.numel())
+    _text_passes(steerer, tokens, encoded, plans, batches, counter)
+    unedited = _generate(steerer, prompt_list, seed_list, None, max_new_tokens, counter) if seed_list else []
+    features = [_feature_audit(steerer, plan, encoded, unedited, prompt_list, seed_list, max_new_tokens, counter)
+                for plan in plans]
+    return AuditResult(observer.folder.uri, observer.hookpoint, observer.model_name, text_source, len(tokens),
+                       int(encoded.sum()), seed_list, control_seed, features, counter.cost(), notes)
+
+
+def _dose_unit(observer: Observer, feature: int, activation: Tensor, notes: list[str]) -> tuple[str, float] | None:
+    maxima = observer.folder.feature_max
+    if maxima is not None and float(maxima[feature]) > 0:
+        return "held-out maximum", float(maxima[feature])
+    seen = float(activation.max())
+    if seen <= 0:
+        notes.append(f"feature {feature}: no held-out maximum recorded and it never fires on the audit text, "
+                     "so there is no unit for the dose-response")
+        return None
+    why = "records no held-out feature maxima" if maxima is None else f"records a held-out maximum of 0 for feature {feature}"
+    notes.append(f"the dictionary {why}: feature {feature}'s dose-response is in multiples of its largest "
+                 f"activation on the audit text, {seen:.4g}")
+    return "audit-text maximum", seen
+
+
+def _feature_audit(steerer: Steerer, plan: _Plan, encoded: Tensor, unedited_gens: list[_Generated],
+                   prompts: list[list[int]], seeds: list[int], max_new_tokens: int, counter: _Counter) -> FeatureAudit:
+    measured = "firing" if plan.kind == "suppress" else "all"
+    where = encoded & (plan.activation > 0) if measured == "firing" else encoded
+    n_positions = int(where.sum())
+    unedited = plan.unedited[measured]
+    variants = {v.name: v for v in plan.variants}
+    dashboard = Dashboard(_mean(plan.activation[where]), _mean(plan.dashboard[..., 0][where]),
+                          _mean(plan.dashboard[..., 1][where]))
+    continuations, dose_gens = None, {}
+    if seeds and prompts:
+        steered = _generate(steerer, prompts, seeds, plan.edit, max_new_tokens, counter)
+        continuations = _continuations(steerer, plan, unedited_gens, steered, seeds, max_new_tokens, counter)
+    leak = None
+    if "projected" in variants:
+        firing = plan.unedited["firing"]
+        drops = [firing.target_logprob - variants[name].sums.target_logprob
+                 for name in ("projected", "zeroed", "reconstruction")]
+        a, b, r = (d / max(1, firing.count) for d in drops)
+        leak = Leak(a, b, (a - b) / a if a > 0 else None, r)
+    dose_response = None
+    if plan.dose_unit is not None:
+        points = []
+        for variant in plan.variants:
+            if not variant.name.startswith("dose:"):
+                continue
+            multiple = float(variant.name.removeprefix("dose:"))
+            behaviour = variant.sums.behaviour(plan.unedited["all"])
+            coherence = None
+            if seeds and prompts:
+                dose = FeatureEdit(plan.edit.features, (multiple * plan.dose_unit[1],), "clamp", plan.edit.error_term)
+                dose_gens[multiple] = _generate(steerer, prompts, seeds, dose, max_new_tokens, counter)
+                coherence = _coherence(steerer.model, dose_gens[multiple], counter)
+            points.append(DosePoint(multiple, multiple * plan.dose_unit[1], behaviour.target_logprob,
+                                    behaviour.target_logprob_change, behaviour.kl_divergence, coherence))
+        dose_response = DoseResponse(plan.dose_unit[0], plan.dose_unit[1], points)  # type: ignore[arg-type]
+    steered_b = variants["steered"].sums.behaviour(unedited)
+    control_b = variants["control"].sums.behaviour(unedited)
+    audit_ = FeatureAudit(
+        plan.feature, plan.kind, plan.edit.mode, plan.edit.error_term, plan.edit.values[0], plan.targets,
+        plan.targets_source, n_positions, unedited.behaviour(unedited), dashboard, steered_b, control_b,
+        continuations, leak, dose_response, "",
+    )
+    return dataclasses.replace(audit_, summary=_summary(audit_))
+
+
+def _mean(values: Tensor) -> float:
+    return float(values.double().mean()) if values.numel() else math.nan
+
+
+def _summary(a: FeatureAudit) -> str:
+    targets = ", ".join(repr(t.token) for t in a.targets[:3]) + (", …" if len(a.targets) > 3 else "")
+    if a.n_positions == 0:
+        return (f"Feature {a.feature} never fires on the audit text, so there is nothing to suppress there."
+                if a.kind == "suppress" else "The audit text has no position the dictionary encodes.")
+    if a.kind == "suppress" and a.leak is not None:
+        lk = a.leak
+        share = "none of it measurable (the direction does not carry the targets)" if lk.leak is None else \
+            f"{lk.leak:.0%} of the direction's effect"
+        return (f"Zeroing feature {a.feature} with the error term kept lowers the log-probability of {targets} by "
+                f"{lk.zeroed_drop:.3g} nats where it fires, and projecting its decoder direction out of the whole "
+                f"activation by {lk.projected_drop:.3g}: {share} leaks past the suppression through what the "
+                f"dictionary does not explain (replacing the activation by its reconstruction: {lk.reconstruction_drop:.3g}).")
+    verb = "Suppressing" if a.kind == "suppress" else f"Setting ({a.mode} {a.value:.4g})"
+    return (f"{verb} feature {a.feature} moves the log-probability of {targets} by "
+            f"{a.steered.target_logprob_change:+.3g} nats (a random direction of equal norm: "
+            f"{a.control.target_logprob_change:+.3g}) at KL {a.steered.kl_divergence:.3g} nats; the dashboard reads "
+            f"{a.dashboard.feature_read_back:.4g} for the {a.dashboard.feature_set:.4g} set.")
+
+
+# --------------------------------------------------------------------------- the terminal
+
+
+def _f(value: float | None, spec: str = ".4g") -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _behaviour_rows(a: FeatureAudit) -> list[str]:
+    rows = [f"  {'':<13} {'log p(targets)':>15} {'change':>11} {'p(targets)':>11} {'KL (nats)':>10}"]
+    for name, b in (("unedited", a.unedited), ("steered", a.steered), ("control", a.control)):
+        rows.append(f"  {name:<13} {_f(b.target_logprob):>15} {_f(b.target_logprob_change, '+.4g'):>11} "
+                    f"{_f(b.target_probability):>11} {_f(b.kl_divergence):>10}")
+    return rows
+
+
+def _feature_lines(a: FeatureAudit) -> list[str]:
+    where = "every encoded position" if a.kind == "amplify" else "the positions where it fires"
+    lines = [
+        f"feature {a.feature}  {a.kind}: {a.mode} {a.value:.4g}, error term {a.error_term}; "
+        f"measured at {where} ({a.n_positions:,})",
+        f"  targets ({a.targets_source}): " + "  ".join(
+            repr(t.token) + ("" if t.logit is None else f" {t.logit:+.3g}") for t in a.targets),
+        f"  dashboard     before {_f(a.dashboard.feature_before)}   set {_f(a.dashboard.feature_set)}   "
+        f"read back {_f(a.dashboard.feature_read_back)}",
+        *_behaviour_rows(a),
+    ]
+    c = a.continuations
+    if c is not None:
+        lines += [
+            f"  continuations {len(c.seeds)} seeds x {c.n_prompts} prompts, {c.max_new_tokens} tokens: holding a target "
+            f"{_f(c.unedited_target_rate, '.0%')} -> {_f(c.steered_target_rate, '.0%')}, target tokens "
+            f"{_f(c.unedited_target_share, '.1%')} -> {_f(c.steered_target_share, '.1%')}, "
+            f"coherence (unedited loss, nats) {_f(c.unedited_coherence, '.3f')} -> {_f(c.steered_coherence, '.3f')}",
+        ]
+    if a.leak is not None:
+        lk = a.leak
+        lines.append(f"  leak          projected out {_f(lk.projected_drop)}   zeroed {_f(lk.zeroed_drop)}   "
+                     f"leak {_f(lk.leak, '.1%')}   reconstruction {_f(lk.reconstruction_drop)}  (drops, nats)")
+    if a.dose_response is not None:
+        d = a.dose_response
+        lines.append(f"  dose-response (clamp; x {d.unit} {d.unit_value:.4g})")
+        lines.append(f"  {'multiple':>9} {'value':>10} {'log p(targets)':>15} {'change':>11} {'KL':>10} {'coherence':>10}")
+        lines += [f"  {p.multiple:>9g} {p.value:>10.4g} {_f(p.target_logprob):>15} "
+                  f"{_f(p.target_logprob_change, '+.4g'):>11} {_f(p.kl_divergence):>10} {_f(p.coherence, '.3f'):>10}"
+                  for p in d.points]
+    lines.append(f"  {a.summary}")
+    return lines
+
+
+def format_audit(result: AuditResult) -> str:
+    """The audit as a terminal table: a header, then per feature its sections and summary."""
+    cost = result.cost
+    lines = [
+        f"dictionary  {result.dictionary}  ({result.hookpoint} of {result.model})",
+        f"text        {result.text_source}: {result.n_sequences} sequences, {result.n_encoded_tokens:,} encoded tokens",
+        f"cost        {cost.forward_passes:,} forward passes past the hookpoint ({cost.text_passes} over the text, "
+        f"{cost.generated_tokens:,} generated tokens): {cost.text_pass_equivalents:.1f}x one forward over the text",
+        *(f"note        {note}" for note in result.notes),
+    ]
+    for a in result.features:
+        lines += ["", *_feature_lines(a)]
+    return "\n".join(lines)
