@@ -7,10 +7,10 @@ suppressed feature's effect leaks past it through what the dictionary does not e
 
     steerer = Steerer(open_observer("store/runs/<run>/dictionary/model.layers.15"))
     text = audit_text(steerer.observer)                      # held-out text of the run
-    result = audit(steerer, steerer.edit([1205], "10x"), text.tokens, text_source=text.source)
+    result = audit(steerer, steerer.edit([1205], "10x"), text)
     print(format_audit(result))
 
-Every figure is measured on the audit text (``tokens``: n_sequences x context token ids), each
+Every figure is measured on the audit text (n_sequences x context token ids), each
 variant of the hookpoint's activation run through the rest of the model against the unedited run.
 A variant edits every position the dictionary encodes (BOS and the other tokens the training left
 out keep their activations); it is measured at the *measured positions*: every encoded position
@@ -702,22 +702,26 @@ def _default_prompts(tokens: Tensor, encoded: Tensor, n: int, length: int) -> li
 
 
 def audit(
-    steerer: Steerer, edit: FeatureEdit, tokens: Tensor | np.ndarray, *,
+    steerer: Steerer, edit: FeatureEdit, tokens: EvalText | Tensor | np.ndarray, *,
     targets: Sequence[str | int] | None = None, n_targets: int = 5,
     prompts: Sequence[Sequence[int]] | None = None, seeds: int | Sequence[int] = 5, max_new_tokens: int = 20,
     leak: bool | None = None, doses: Sequence[float] | None = None, control_seed: int = 0,
     batch_tokens: int = 1024, text_source: str = "the given tokens",
 ) -> AuditResult:
-    """Audit ``edit`` on ``tokens`` (n_sequences x context token ids; ``audit_text`` finds the
-    run's held-out text), each of its features alone (the module docstring says what is measured).
+    """Audit ``edit`` on ``tokens`` (n_sequences x context token ids, or the ``EvalText`` that
+    ``audit_text`` finds: the run's held-out text, its source named then), each of its features
+    alone (the module docstring says what is measured).
 
     ``targets``: token ids or one-token strings (default: each feature's ``n_targets`` most
     promoted tokens). ``prompts`` (token ids) are continued with each of ``seeds`` (a count: seeds
     0..n-1; or the seeds) for ``max_new_tokens``, unedited and steered (default: the first 16 tokens
     of the first two sequences; none with ``seeds=0``). ``leak`` (default: for a suppression) adds the
     leak's passes; ``doses`` (default: ``DOSES`` for an amplification, none for a suppression) the
-    dose-response's multiples. ``control_seed`` draws the control's random direction."""
+    dose-response's multiples. ``control_seed`` draws the control's random direction. The text runs
+    ``batch_tokens`` tokens at a time: each batch holds two (tokens, vocab) float32 log-probabilities."""
     observer = steerer.observer
+    if isinstance(tokens, EvalText):
+        text_source, tokens = tokens.source, tokens.tokens
     tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     if tokens.ndim != 2 or tokens.numel() == 0:
         raise ValueError(f"tokens of shape {tuple(tokens.shape)}: expected (n_sequences, context) token ids")

@@ -22,7 +22,7 @@ from activation_cache.hooking import (
 )
 from activation_cache.store import open_store
 from activation_cache.text import iter_documents, pack_sequences
-from interp.audit import audit, choose_features, format_audit
+from interp.audit import audit, audit_text, choose_features, format_audit
 from interp.loading import model_metadata
 from interp.observe import open_observer
 from interp.steering import Steerer
@@ -163,6 +163,24 @@ def test_amplifying_the_captured_direction_raises_its_token_and_the_control_hard
     assert cost.text_passes == 1 + 2 + 6 and cost.text_tokens == controlled[2].size
     assert cost.forward_passes >= cost.text_passes + cost.generated_tokens
     assert "random direction" in format_audit(result)
+
+
+def test_the_audit_text_is_the_given_source_packed_as_the_training_packed_its_text(controlled, tiny_corpus_dir):
+    steerer = _steerer(controlled, "full")
+    text = audit_text(steerer.observer, text=str(tiny_corpus_dir), max_tokens=512)
+    expected = pack_sequences(DataConfig(source=str(tiny_corpus_dir), max_tokens=512), steerer.observer.tokenizer)
+    assert text.tokens.shape == (2, 256) and (text.tokens == expected).all() and text.source == str(tiny_corpus_dir)
+    assert audit(steerer, steerer.edit([0], 0.0), text, seeds=0).text_source == str(tiny_corpus_dir)
+    with pytest.raises(ValueError, match="no run config beside the dictionary.*--text"):
+        audit_text(steerer.observer)
+
+
+def test_a_target_is_one_token(controlled):
+    steerer = _steerer(controlled, "full")
+    with pytest.raises(ValueError, match=r"^--target 'To be or not': tokenizes to \d+ tokens .*one token"):
+        audit(steerer, steerer.edit([0], 1.0), controlled[2], targets=["To be or not"])
+    [a] = audit(steerer, steerer.edit([0], 1.0), controlled[2], targets=[TARGET], seeds=0, doses=()).features
+    assert a.targets_source == "given" and [t.token_id for t in a.targets] == [TARGET] and a.targets[0].logit is None
 
 
 # --------------------------------------------------------------------------- the packaged model
