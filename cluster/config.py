@@ -160,13 +160,27 @@ class EvalConfig:
     """CPUs Ray reserves for the evaluation task (its torch thread count follows)."""
     num_gpus: float = 0.0
     """GPUs Ray gives the evaluation task (the model runs on the first if any)."""
+    audit_features: int = 3
+    """Feature cards of the report audited after the spliced evaluation (``interp.audit``: each
+    clamped high and zeroed, its target tokens' log-probability against a random direction's, KL,
+    and the suppression's leak), shown on the cards and in ``eval.json``'s ``audit``; 0: none."""
+    audit_tokens: int = 1024
+    """Held-out tokens the audit reads (the evaluation's first whole sequences, at least one):
+    about eight forward passes over them per audited feature."""
+    audit_multiple: float = 10.0
+    """The amplification clamps a feature to this multiple of its largest held-out activation."""
+    audit_seeds: int = 0
+    """Seeds of the sampled continuations (two prompts, 20 new tokens each, unedited and steered,
+    per feature and edit); 0 leaves them out of the job (``saeforge steer --audit`` samples 5)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "batch_size", "histogram_bins", "context_tokens"):
+        for name in ("max_tokens", "batch_size", "histogram_bins", "context_tokens", "audit_tokens",
+                     "audit_multiple"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"eval.{name}={getattr(self, name)} must be positive")
-        if self.worst_contexts < 0:
-            raise ValueError(f"eval.worst_contexts={self.worst_contexts} must be >= 0")
+        for name in ("worst_contexts", "audit_features", "audit_seeds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 0")
         if self.num_cpus <= 0 or self.num_gpus < 0:
             raise ValueError(f"eval.num_cpus={self.num_cpus} must be positive and eval.num_gpus={self.num_gpus} >= 0")
 

@@ -7,6 +7,11 @@ and the other excluded tokens keep their activations: the SAE never saw them) an
 are scored. The math is ``trainer.evaluation``'s; here are the model, the text, the object
 store and Ray. ``evaluate_in_ray`` runs it as a Ray task after training; ``evaluate_stored``
 runs it without Ray for ``saeforge eval``.
+
+With the model still loaded, a few of the report's feature cards are then audited
+(``interp.audit``, ``eval.audit_*``): each clamped to a multiple of its largest held-out
+activation and zeroed, on the first ``eval.audit_tokens`` of the same held-out text
+(``eval.json``'s ``audit`` section; the report draws its headline figures on those cards).
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,7 +44,12 @@ from activation_cache.hooking import (
 )
 from activation_cache.store import ObjectNotFound, ObjectStore, open_store
 from activation_cache.text import excluded_token_ids, pack_sequences
+from activation_cache.unembedding import unembedding_of
 from cluster.config import EvalConfig, JobConfig, job_from_dict
+from cluster.report_cards import FeatureCard, FeatureSample
+from interp.audit import audit, choose_features
+from interp.observe import Observer, open_observer
+from interp.steering import FeatureEdit, Steerer
 from trainer.dictionary import load_dictionary
 from trainer.evaluation import (
     ReconstructionErrorStats,
@@ -162,16 +174,100 @@ def _with_context(entry: dict, text: EvalText, tokenizer: Any, before: int) -> d
     return {**entry, "token": token, "context": f"{prefix}[[{token}]]{suffix}"}
 
 
+# --------------------------------------------------------------------------- the steer audit
+
+_LIVE_FREQUENCY = (0.005, 0.3)
+"""The firing frequencies ``interp.audit.choose_features`` calls live by default."""
+
+
+def _card_choice(cards: list[FeatureCard], sae: nn.Module, model: nn.Module, skip: set[int], n: int,
+                 n_targets: int = 5) -> list[int]:
+    """Up to ``n`` of the cards' latents, best first, by ``interp.audit.choose_features``'s
+    criterion restricted to them (scoring every latent would cost an (n_latents, vocab) product):
+    live (a held-out firing frequency in ``_LIVE_FREQUENCY``; fired among the scanned tokens when
+    the frequency is unknown), ranked by how far their ``n_targets`` most promoted tokens (``skip``
+    left out) stand out of the vocabulary's logits, in standard deviations above its mean."""
+    lo, hi = _LIVE_FREQUENCY
+    live = [c.index for c in cards if (lo <= c.frequency <= hi if c.frequency is not None else c.fired > 0)]
+    unembedding, _ = unembedding_of(model)
+    if not live or unembedding is None:
+        return []
+    with torch.inference_mode():
+        logits = sae.W_dec.detach()[live].float().cpu() @ unembedding.T
+        mean, std = logits.mean(dim=1), logits.std(dim=1)
+        logits[:, sorted(skip)] = -math.inf
+        top = logits.topk(min(n_targets, logits.shape[1]), dim=1).values.mean(dim=1)
+        order = ((top - mean) / std.clamp_min(1e-12)).argsort(descending=True)
+    return [live[i] for i in order[:n].tolist()]
+
+
+def _units(observer: Observer, features: list[int], cards: dict[int, FeatureCard], notes: list[str]) -> list[dict]:
+    """What the amplification multiplies per feature: its largest held-out activation as the
+    training recorded it, else the card's largest among the scanned tokens; a feature with
+    neither is only zeroed."""
+    maxima, units = observer.folder.feature_max, []
+    for feature in features:
+        if maxima is not None and float(maxima[feature]) > 0:
+            units.append({"feature": feature, "unit": "held-out maximum", "unit_value": float(maxima[feature])})
+        elif feature in cards and cards[feature].max_activation > 0:
+            units.append({"feature": feature, "unit": "scanned maximum", "unit_value": cards[feature].max_activation})
+        else:
+            notes.append(f"feature {feature}: no recorded maximum activation, so it is only zeroed")
+    return units
+
+
+def audit_cards(
+    uri: str, model: nn.Module, text: EvalText, cfg: EvalConfig, *, s3_options: dict | None = None,
+    cards: list[FeatureCard] | None = None, model_id: str | None = None,
+) -> dict:
+    """``eval.json``'s ``audit``: up to ``cfg.audit_features`` features (the best of ``cards``,
+    else ``choose_features``'s among all latents) each clamped to ``cfg.audit_multiple`` times its
+    maximum activation and zeroed, with the error term kept, on the first ``cfg.audit_tokens`` of
+    ``text``, with ``model`` (already loaded; ``model_id`` its source, checked against the
+    dictionary's). ``amplify`` and ``suppress`` are ``interp.audit.AuditResult.to_dict()``;
+    ``{"skipped": reason}`` when the dictionary cannot be audited."""
+    start = time.perf_counter()
+    try:
+        steerer = Steerer(open_observer(uri, s3_options=s3_options, loaded_model=model))
+    except ValueError as err:  # a dictionary with run-time normalisation cannot steer
+        return {"skipped": str(err)}
+    observer = steerer.observer
+    if model_id is not None and observer.model_name != model_id:
+        return {"skipped": f"the audit runs the dictionary's own model {observer.model_name}, not {model_id}"}
+    tokens = np.array(text.tokens[: max(1, cfg.audit_tokens // text.tokens.shape[1])])  # writable copy
+    if cards is not None:
+        skip = set(observer.excluded) | set(observer.tokenizer.all_special_ids)
+        features, chosen_from = _card_choice(cards, observer.sae, model, skip, cfg.audit_features), "report cards"
+    else:
+        features, chosen_from = choose_features(observer, tokens, n=cfg.audit_features), "all latents"
+    if not features:
+        return {"skipped": f"no live feature with promoted tokens among the {chosen_from}"}
+    notes: list[str] = []
+    units = _units(observer, features, {c.index: c for c in cards or []}, notes)
+    settings = {"seeds": cfg.audit_seeds, "doses": (), "text_source": text.source}
+    amplify = None
+    if units:
+        edit = FeatureEdit(tuple(u["feature"] for u in units), tuple(cfg.audit_multiple * u["unit_value"] for u in units))
+        amplify = audit(steerer, edit, tokens, **settings).to_dict()
+    suppress = audit(steerer, FeatureEdit(tuple(features), (0.0,) * len(features)), tokens, **settings).to_dict()
+    seconds = time.perf_counter() - start
+    log.info("%s: audited features %s on %d tokens in %.1f s", uri, features, tokens.size, seconds)
+    return {"features": features, "chosen_from": chosen_from, "multiple": cfg.audit_multiple, "units": units,
+            "amplify": amplify, "suppress": suppress, "seconds": round(seconds, 2), "notes": notes}
+
+
 # --------------------------------------------------------------------------- stored dictionaries
 
 
-def store_evaluation(folder: ObjectStore, result: SplicedEval) -> dict:
-    """Merge ``lm`` and ``unexplained`` into the folder's ``eval.json`` (the reconstruction
-    figures stay), written atomically; ``checksums.json``, if the folder has one, is rewritten
-    after it with the new file's checksum. Returns the merged evaluation."""
+def store_evaluation(folder: ObjectStore, result: SplicedEval, audit_section: dict | None = None) -> dict:
+    """Merge ``lm`` and ``unexplained`` (and ``audit``, when given) into the folder's
+    ``eval.json`` (the reconstruction figures stay), written atomically; ``checksums.json``, if
+    the folder has one, is rewritten after it with the new file's checksum. Returns the merged
+    evaluation."""
     from cluster.report_html import render_report
 
-    data = merged_eval(folder, {"lm": result.lm, "unexplained": result.unexplained})
+    sections = {"lm": result.lm, "unexplained": result.unexplained}
+    data = merged_eval(folder, sections if audit_section is None else {**sections, "audit": audit_section})
     written = {EVAL_FILE: data}
     if folder.exists(FEATURES_FILE):  # the report, drawn again with the new sections
         have = {n: folder.get_bytes(n) for n in (CONFIG_FILE, TRAINING_CURVES_FILE, FEATURES_FILE) if folder.exists(n)}
@@ -215,9 +311,14 @@ def evaluate_uris(
             _log_evaluation(logger, result)
         finally:
             logger.finish()
-        merged.append(store_evaluation(folder, result))
         log.info("%s: CE clean %.4f spliced %.4f ablated %.4f, recovered %.4f", uri, result.lm["clean_ce"],
                  result.lm["spliced_ce"], result.lm["ablated_ce"], result.lm["ce_recovered"])
+        audit_section = None
+        if cfg.audit_features > 0:  # the model is loaded already: the audit costs its forward passes only
+            cards = FeatureSample.from_json(folder.get_bytes(FEATURES_FILE)).cards if folder.exists(FEATURES_FILE) else None
+            audit_section = audit_cards(uri, model, text, cfg, s3_options=s3_options, cards=cards,
+                                        model_id=source.model_id)
+        merged.append(store_evaluation(folder, result, audit_section))
     return merged
 
 
