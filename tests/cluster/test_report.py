@@ -39,6 +39,7 @@ from cluster.report_scan import (
     scan_top_activations,
     sparsity_frequencies,
 )
+from interp.audit import AuditResult, Behaviour, Cost, Dashboard, FeatureAudit, Leak, Target
 from interp.svg import svg_line_chart
 from trainer.architectures import ReLUSAE
 from trainer.dictionary import dictionary_files, load_dictionary
@@ -366,6 +367,73 @@ def test_a_loss_spanning_decades_gets_a_log_axis():
     assert [html.unescape(t) for t in re.findall(r'text-anchor="end">([^<]+)<', svg)] == ["0.0001", "0.001", "0.01", "0.1", "1"]
 
 
+def _feature_audit(feature: int, kind: str, value: float, change: float, control: float, *,
+                   leak: float | None = None) -> FeatureAudit:
+    """One feature's audit with the given headline figures (the rest filled in plainly)."""
+    unedited = Behaviour(-3.0, 0.0, 0.05, 0.0, 0.0)
+    steered = Behaviour(-3.0 + change, change, 0.05, 0.0, 0.25)
+    return FeatureAudit(
+        feature=feature, kind=kind, mode="clamp", error_term="keep", value=value,
+        targets=[Target(7, " <script>", 0.5), Target(9, "\n", 0.4)], targets_source="promoted", n_positions=37,
+        unedited=unedited, dashboard=Dashboard(1.2, value, value * 0.98), steered=steered,
+        control=Behaviour(-3.0 + control, control, 0.05, 0.0, 0.01), continuations=None,
+        leak=None if leak is None else Leak(1.0, 1.0 - leak, leak, 1.5), dose_response=None,
+        summary=f"Feature {feature} leaks <b>{leak}</b>." if leak is not None else "",
+    )
+
+
+def _audit_result(features: list[FeatureAudit]) -> dict:
+    return AuditResult("d", HOOKPOINT, "tiny", "held-out units", 4, 992, [], 0, features,
+                       Cost(1, 1, 1024, 0, 1024, 1.0), []).to_dict()
+
+
+def test_the_audited_cards_show_the_audits_headline_figures(tiny_dictionary):
+    """eval.json's audit (cluster.evaluation.audit_cards) lands on the cards of the features it
+    audited, and only there; its tokens and sentences are escaped like every other text."""
+    report = build_report(tiny_dictionary.files, holdout=tiny_dictionary.holdout,
+                          decode=_decoder(tiny_dictionary.model_dir), options=ReportOptions(n_features=6))
+    cards = [c.index for c in FeatureSample.from_json(report[FEATURES_FILE]).cards]
+    first, second = cards[1], cards[4]
+    audit = {
+        "features": [first, second], "chosen_from": "report cards", "multiple": 10.0, "seconds": 3.5, "notes": [],
+        "units": [{"feature": first, "unit": "held-out maximum", "unit_value": 2.5},
+                  {"feature": second, "unit": "held-out maximum", "unit_value": 1.5}],
+        "amplify": _audit_result([_feature_audit(first, "amplify", 25.0, 2.34, 0.071),
+                                  _feature_audit(second, "amplify", 15.0, 0.5, -0.25)]),
+        "suppress": _audit_result([_feature_audit(first, "suppress", 0.0, -0.8, -0.01, leak=0.12),
+                                   _feature_audit(second, "suppress", 0.0, -0.1, 0.0, leak=None)]),
+    }
+    evaluation = {**json.loads(tiny_dictionary.files[EVAL_FILE]), "audit": audit}
+    page = render_report({**tiny_dictionary.files, **report, EVAL_FILE: json.dumps(evaluation).encode()})[REPORT_FILE].decode()
+
+    articles = dict(re.findall(r'<article class="feature" id="feature-(\d+)">(.*?)</article>', page, re.S))
+    assert sorted(int(i) for i in articles) == sorted(cards)
+    shown = {int(i) for i, body in articles.items() if 'class="audit"' in body}
+    assert shown == {first, second}
+
+    def cells(feature: int) -> list[list[str]]:
+        block = re.search(rf'<div class="audit" id="audit-{feature}">(.*?)</div>', articles[str(feature)], re.S).group(1)
+        rows = re.findall(r"<tr>(.*?)</tr>", block, re.S)[1:]  # after the header
+        return [[html.unescape(re.sub(r"<[^>]+>", "", c)) for c in re.findall(r"<td>(.*?)</td>", r, re.S)] for r in rows]
+
+    amplified, zeroed = cells(first)
+    assert amplified == ["clamped to 10× its held-out maximum (25)", "37", "+2.34", "+0.071", "0.25", "25 → 24.5", "—"]
+    assert zeroed == ["zeroed where it fires", "37", "-0.8", "-0.01", "0.25", "0 → 0", "12%"]
+    assert cells(second)[1][-1] == "—", "no leak figure where the direction does not carry the targets"
+    block = articles[str(first)]
+    assert "&lt;script&gt;" in block and "<script>" not in block and "⏎" in block, "target tokens escaped and visible"
+    assert "leaks &lt;b&gt;0.12&lt;/b&gt;." in block, "the suppression's sentence, escaped"
+    features = re.search(r'<section id="features">.*?</section>', page, re.S).group(0)
+    assert f'<a href="#audit-{first}">{first}</a>' in features and "3.5 s" in features
+    evaluation_section = re.search(r'<section id="evaluation">.*?</section>', page, re.S).group(0)
+    assert ">audit<" not in evaluation_section, "the audit is drawn on the cards, not dumped as a table"
+
+    skipped = {**evaluation, "audit": {"skipped": "no live feature with promoted tokens among the report cards"}}
+    page = render_report({**tiny_dictionary.files, **report, EVAL_FILE: json.dumps(skipped).encode()})[REPORT_FILE].decode()
+    assert 'class="audit"' not in page
+    assert "No steer audit: no live feature with promoted tokens among the report cards." in page
+
+
 # --------------------------------------------------------------------------- in a real browser
 
 
@@ -422,3 +490,4 @@ def test_the_report_renders_every_section_in_headless_chromium(tiny_dictionary, 
     width, height, pixels = png_size_and_pixels(shot.read_bytes())
     assert (width, height) == (1280, 2400)
     assert len(set(pixels)) > 64, "the screenshot shows content, not a blank page"
+
