@@ -20,7 +20,7 @@ CHART_CSS = """
 svg text{font-size:11px;fill:#333}svg .title{font-size:12px;font-weight:600}svg .label{fill:#555}
 svg .grid{stroke:#eceff3}svg .frame{fill:none;stroke:#9aa3ad}svg .series{fill:none;stroke:#2a6fdb;stroke-width:1.6}
 svg .dot{fill:#2a6fdb}svg .bar{fill:#e07a2f}svg .marker{stroke:#8a1c1c;stroke-dasharray:4 3}
-svg .reference{stroke:#5b6470;stroke-dasharray:5 4}svg .zero{stroke:#5b6470}svg .value{fill:#1d232b}
+svg .reference{stroke:#5b6470;stroke-dasharray:5 4}svg .zero{stroke:#5b6470}svg .value{fill:#1d232b}svg .inside{fill:#fff}
 """
 """The charts' styles (a page puts them in its stylesheet; ``.plots`` lays charts side by side)."""
 
@@ -103,10 +103,11 @@ def _svg(frame: _Frame, parts: list[str], label: str) -> str:
 
 
 def svg_line_chart(points: list[tuple[float, float]], *, title: str, x_label: str, y_label: str, log_y: bool = False,
-                   reference: tuple[float, str] | None = None) -> str:
+                   reference: tuple[float, str] | None = None, x_range: tuple[float, float] | None = None) -> str:
     """A line chart of (x, y) points as an inline SVG; ``log_y`` uses a log axis when every y is
     positive and they span at least a decade; ``reference`` (y, label) draws a dashed horizontal
-    line at y (on a linear axis), the axis stretched to show it."""
+    line at y (on a linear axis), the axis stretched to show it; the x axis covers ``x_range`` too
+    (charts drawn side by side share their x axis)."""
     points = _thin([(x, y) for x, y in points if math.isfinite(x) and math.isfinite(y)], 2000)
     frame = _Frame()
     if not points:
@@ -115,7 +116,8 @@ def svg_line_chart(points: list[tuple[float, float]], *, title: str, x_label: st
         reference = None
     extra = () if reference is None or log_y else (reference[0],)
     ys, y_axis, tick_text = _y_axis([y for _, y in points], log_y, extra)
-    x_axis = _axis(min(x for x, _ in points), max(x for x, _ in points))
+    xs = [x for x, _ in points] + list(x_range or ())
+    x_axis = _axis(min(xs), max(xs))
     parts = _axes_svg(frame, x_axis, y_axis, title=title, x_label=x_label, y_label=y_label, y_tick_text=tick_text)
     if extra:
         y = frame.y(extra[0], *y_axis[:2])
@@ -182,7 +184,8 @@ def svg_bar_chart(bars: list[tuple[str, float]], *, title: str, x_label: str) ->
     each with its value written beside it: a few figures compared at a glance."""
     bars = [(label, value) for label, value in bars if math.isfinite(value)]
     row = 24
-    frame = _Frame(width=440, height=28 + 12 + row * max(len(bars), 1) + 36, left=150, right=56, bottom=36)
+    left = 16 + round(6.2 * max((len(label) for label, _ in bars), default=0))  # room for the labels at 11px
+    frame = _Frame(width=300 + left, height=28 + 12 + row * max(len(bars), 1) + 36, left=left, right=56, bottom=36)
     if not bars:
         return _svg(frame, [f'<text class="title" x="{frame.left}" y="16">{html.escape(title)}: no finite values</text>'], title)
     lo, hi, ticks = _axis(min(0.0, *(v for _, v in bars)), max(0.0, *(v for _, v in bars)), target=4)
@@ -199,8 +202,11 @@ def svg_bar_chart(bars: list[tuple[str, float]], *, title: str, x_label: str) ->
         parts.append(f'<text class="label" x="{f.left - 8}" y="{y + 13}" text-anchor="end">{e(label)}</text>')
         parts.append(f'<rect class="bar" x="{x0:.2f}" y="{y}" width="{x1 - x0:.2f}" height="{row - 8}" '
                      f'data-value="{value!r}"><title>{e(label)}: {value:.4g}</title></rect>')
-        after, anchor = (x1 + 4, "start") if value >= 0 else (x0 - 4, "end")
-        parts.append(f'<text class="value" x="{after:.1f}" y="{y + 13}" text-anchor="{anchor}">{value:.4g}</text>')
+        # A negative value's figure goes left of its bar, or inside it where the labels leave no room.
+        at, anchor, inside = ((x1 + 4, "start", False) if value >= 0 else (x0 - 4, "end", False) if x0 - 48 > f.left
+                              else (x0 + 4, "start", True))
+        parts.append(f'<text class="value{" inside" if inside else ""}" x="{at:.1f}" y="{y + 13}" '
+                     f'text-anchor="{anchor}">{value:.4g}</text>')
     parts.append(f'<line class="zero" x1="{zero:.1f}" x2="{zero:.1f}" y1="{f.top}" y2="{f.height - f.bottom}"/>')
     parts.append(f'<text class="label" x="{(f.left + f.width - f.right) / 2:.1f}" y="{f.height - 6}" '
                  f'text-anchor="middle">{e(x_label)}</text>')

@@ -8,10 +8,9 @@ from __future__ import annotations
 import html
 import json
 import re
-from dataclasses import dataclass, field, replace
-from html.parser import HTMLParser
+from dataclasses import replace
 
-from browser import browse, chromium_path, png_size_and_pixels
+from browser import Element, browse, chromium_path, parse, png_size_and_pixels
 
 from interp.observe import Baseline, Observations, TextObservation, TokenObservation
 from interp.page import MAX_OPACITY, SATURATING_RELATIVE_ERROR, render_page
@@ -65,68 +64,6 @@ def visible(token: str) -> str:
 
 
 # --------------------------------------------------------------------------- reading a page
-
-
-@dataclass
-class Element:
-    tag: str
-    attrs: dict[str, str]
-    children: list[Element | str] = field(default_factory=list)
-
-    def text(self) -> str:
-        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
-
-    def walk(self):
-        yield self
-        for child in self.children:
-            if isinstance(child, Element):
-                yield from child.walk()
-
-    def find_all(self, tag: str | None = None, **attrs: str) -> list[Element]:
-        def matches(e: Element) -> bool:
-            return (tag is None or e.tag == tag) and all(
-                (v in e.attrs.get(k.rstrip("_"), "").split()) if k == "class_" else e.attrs.get(k.replace("_", "-")) == v
-                for k, v in attrs.items())
-        return [e for e in self.walk() if matches(e)]
-
-    def one(self, tag: str | None = None, **attrs: str) -> Element:
-        found = self.find_all(tag, **attrs)
-        assert len(found) == 1, f"{len(found)} <{tag} {attrs}>"
-        return found[0]
-
-
-_VOID = {"br", "meta", "link", "img", "input", "hr", "wbr", "source", "area", "base", "col", "embed", "track"}
-
-
-class _TreeBuilder(HTMLParser):
-    """The page as a tree, character references decoded: what a script reading the DOM sees."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.root = Element("#document", {})
-        self.stack = [self.root]
-
-    def handle_starttag(self, tag, attrs):
-        element = Element(tag, {k: v or "" for k, v in attrs})
-        self.stack[-1].children.append(element)
-        if tag not in _VOID:
-            self.stack.append(element)
-
-    def handle_endtag(self, tag):
-        for depth in range(len(self.stack) - 1, 0, -1):
-            if self.stack[depth].tag == tag:
-                del self.stack[depth:]
-                return
-
-    def handle_data(self, data):
-        self.stack[-1].children.append(data)
-
-
-def parse(page: str) -> Element:
-    builder = _TreeBuilder()
-    builder.feed(page)
-    builder.close()
-    return builder.root
 
 
 def run_tokens(dom: Element, text: int, shading: str = "relative-error") -> list[Element]:
