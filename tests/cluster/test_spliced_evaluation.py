@@ -4,6 +4,7 @@ known (an exact one, a zero one, a partial one), through ``saeforge eval`` and t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,14 @@ from activation_cache.hooking import (
 )
 from activation_cache.store import open_store
 from activation_cache.text import excluded_token_ids, pack_sequences
+from activation_cache.unembedding import unembedding_of
 from cluster.cli import main as saeforge
 from cluster.config import EvalConfig, to_dict
 from cluster.evaluation import evaluate_in_ray, held_out_text
 from cluster.pull import pull
+from cluster.report_cards import FeatureCard, FeatureSample
 from trainer.dictionary import dictionary_files
-from trainer.layout import split_dictionary_uri, write_dictionary
+from trainer.layout import FEATURES_FILE, REPORT_FILE, split_dictionary_uri, write_dictionary
 from trainer.sae import TopKSAE
 
 HOOKPOINT = "model.layers.1"
@@ -192,6 +195,66 @@ def test_eval_reads_the_runs_config_and_evaluates_its_held_out_units(model_dir, 
     assert cfg["metadata"]["hook_name"] == HOOKPOINT
 
 
+def _clarity(unembedding: torch.Tensor, latent: int, skip: list[int]) -> float:
+    """How far latent ``latent`` of the ±e_i dictionary promotes its 5 top tokens, by hand: its
+    logits are plus or minus one column of W_U."""
+    logits = unembedding[:, latent % 32] * (1 if latent < 32 else -1)
+    mean, std = logits.mean(), logits.std()
+    logits[skip] = -torch.inf
+    return ((logits.topk(5).values.mean() - mean) / std).item()
+
+
+def test_the_evaluation_audits_the_reports_clearest_live_cards_and_draws_the_figures_on_them(
+        model_dir, tiny_corpus_dir, tmp_path):
+    """With the model still loaded, the spliced evaluation audits the live feature cards whose
+    promoted tokens stand out most (eval.json's ``audit``) and the redrawn report shows the
+    figures on those cards. The latents are ±e_i, so zeroing one is projecting its direction out
+    where it fires (no leak), and a clamp far above the other coordinates reads back as the clamp
+    plus the coordinate the error term kept where the latent did not fire."""
+    folder = _save(tmp_path / "partial", _identity_sae(32, 8), model_dir)
+    live = [0, 3, 5, 33, 40, 60]  # +e_0, +e_3, +e_5, -e_1, -e_8, -e_28
+    cards = [FeatureCard(i, "random", 0.1, 5, 20.0 + i, []) for i in live]
+    cards += [FeatureCard(7, "frequent", 0.5, 90, 2.0, []), FeatureCard(9, "rare", 0.0, 0, 0.0, [])]
+    open_store(folder).put_bytes(FEATURES_FILE, FeatureSample(cards, 1024, "", False, 0).to_json())
+    assert saeforge(["eval", folder, "--text", str(tiny_corpus_dir), "--max-tokens", "1024"]) == 0
+    audit = _eval_json(folder)["audit"]
+
+    source = resolve_model_source(ModelConfig(name_or_path=str(model_dir)))
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    excluded = sorted(excluded_token_ids(DataConfig(), tokenizer) | set(tokenizer.all_special_ids))
+    unembedding, _ = unembedding_of(model)
+    expected = sorted(live, key=lambda i: -_clarity(unembedding, i, excluded))[:EvalConfig().audit_features]
+    assert (audit["features"], audit["chosen_from"]) == (expected, "report cards")
+    assert audit["units"] == [{"feature": f, "unit": "scanned maximum", "unit_value": 20.0 + f} for f in expected]
+
+    # The audit text: the evaluation's first 1,024 held-out tokens (here all of them, 4 sequences).
+    tokens = torch.from_numpy(pack_sequences(DataConfig(source=str(tiny_corpus_dir), max_tokens=1024), tokenizer))
+    acts = ActivationHarvester(model, HOOKPOINT)(tokens)
+    pre = torch.cat([acts, -acts], dim=-1)
+    top = pre.topk(8, dim=-1).indices
+    kept = ~torch.isin(tokens, torch.tensor(excluded))
+    amplify, suppress = audit["amplify"], audit["suppress"]
+    assert amplify["n_sequences"] == suppress["n_sequences"] == 4 and suppress["text_source"] == str(tiny_corpus_dir)
+    for f, up, down in zip(expected, amplify["features"], suppress["features"], strict=True):
+        assert up["feature"] == down["feature"] == f
+        assert up["value"] == pytest.approx(10 * (20.0 + f)) and up["dashboard"]["feature_set"] == pytest.approx(up["value"])
+        fires = (top == f).any(dim=-1) & (pre[..., f] > 0) & kept
+        # The error term keeps the coordinate where the latent did not fire: it reads back on top of the clamp.
+        read_back = up["value"] + torch.where(fires, 0.0, pre[..., f])[kept].double().mean().item()
+        assert up["dashboard"]["feature_read_back"] == pytest.approx(read_back, rel=1e-5)
+        assert (up["n_positions"], down["n_positions"]) == (kept.sum().item(), fires.sum().item())
+        assert down["leak"]["zeroed_drop"] == pytest.approx(down["leak"]["projected_drop"], abs=1e-5)
+    assert audit["seconds"] > 0
+
+    page = (Path(folder) / REPORT_FILE).read_text()
+    articles = dict(re.findall(r'<article class="feature" id="feature-(\d+)">(.*?)</article>', page, re.S))
+    assert {int(i) for i, body in articles.items() if f'id="audit-{i}"' in body} == set(expected)
+    for f, down in zip(expected, suppress["features"], strict=True):
+        block = re.search(rf'<div class="audit" id="audit-{f}">.*?</div>', articles[str(f)], re.S).group(0)
+        change = f"{down['steered']['target_logprob_change']:+.3g}"
+        assert f"<td>zeroed where it fires</td><td><span class=\"num\">{down['n_positions']:,}</span></td><td>{change}</td>" in block
+
+
 def test_held_out_text_takes_the_last_units_and_caps_whole_sequences():
     tokens = np.arange(10 * 4).reshape(10, 4)  # 10 sequences of 4 tokens, 3 per unit: units 0-2, 3-5, 6-8, 9
     text = held_out_text(tokens, sequences_per_shard=3, holdout_fraction=0.4, max_tokens=100,
@@ -235,3 +298,7 @@ def test_evaluate_in_ray_evaluates_each_dictionary_in_one_task(ray_cluster, mode
     assert [e["lm"]["ce_recovered"] for e in evaluations] == [pytest.approx(1.0, abs=1e-5), pytest.approx(0.0, abs=1e-6)]
     assert evaluations[0]["lm"]["n_tokens"] <= 4 * 31  # 128 tokens: the first 4 held-out sequences
     assert evaluations[0]["fvu"] == RECONSTRUCTION["fvu"]
+    # No report cards in these folders: the audit picks its own features among all the latents.
+    audit = evaluations[0]["audit"]
+    assert audit["chosen_from"] == "all latents" and 1 <= len(audit["features"]) <= EvalConfig().audit_features
+    assert [f["feature"] for f in audit["suppress"]["features"]] == audit["features"]
