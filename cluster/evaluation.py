@@ -47,7 +47,7 @@ from activation_cache.text import excluded_token_ids, pack_sequences
 from activation_cache.unembedding import unembedding_of
 from cluster.config import EvalConfig, JobConfig, job_from_dict
 from cluster.report_cards import FeatureCard, FeatureSample
-from interp.audit import audit, choose_features
+from interp.audit import audit
 from interp.observe import Observer, open_observer
 from interp.steering import FeatureEdit, Steerer
 from trainer.dictionary import load_dictionary
@@ -217,12 +217,12 @@ def _units(observer: Observer, features: list[int], cards: dict[int, FeatureCard
 
 
 def audit_cards(
-    uri: str, model: nn.Module, text: EvalText, cfg: EvalConfig, *, s3_options: dict | None = None,
-    cards: list[FeatureCard] | None = None, model_id: str | None = None,
+    uri: str, model: nn.Module, text: EvalText, cfg: EvalConfig, cards: list[FeatureCard], *,
+    s3_options: dict | None = None, model_id: str | None = None,
 ) -> dict:
-    """``eval.json``'s ``audit``: up to ``cfg.audit_features`` features (the best of ``cards``,
-    else ``choose_features``'s among all latents) each clamped to ``cfg.audit_multiple`` times its
-    maximum activation and zeroed, with the error term kept, on the first ``cfg.audit_tokens`` of
+    """``eval.json``'s ``audit``: up to ``cfg.audit_features`` of the report's ``cards`` (the
+    clearest live ones, ``_card_choice``) each clamped to ``cfg.audit_multiple`` times its maximum
+    activation and zeroed, with the error term kept, on the first ``cfg.audit_tokens`` of
     ``text``, with ``model`` (already loaded; ``model_id`` its source, checked against the
     dictionary's). ``amplify`` and ``suppress`` are ``interp.audit.AuditResult.to_dict()``;
     ``{"skipped": reason}`` when the dictionary cannot be audited."""
@@ -235,15 +235,12 @@ def audit_cards(
     if model_id is not None and observer.model_name != model_id:
         return {"skipped": f"the audit runs the dictionary's own model {observer.model_name}, not {model_id}"}
     tokens = np.array(text.tokens[: max(1, cfg.audit_tokens // text.tokens.shape[1])])  # writable copy
-    if cards is not None:
-        skip = set(observer.excluded) | set(observer.tokenizer.all_special_ids)
-        features, chosen_from = _card_choice(cards, observer.sae, model, skip, cfg.audit_features), "report cards"
-    else:
-        features, chosen_from = choose_features(observer, tokens, n=cfg.audit_features), "all latents"
+    skip = set(observer.excluded) | set(observer.tokenizer.all_special_ids)
+    features = _card_choice(cards, observer.sae, model, skip, cfg.audit_features)
     if not features:
-        return {"skipped": f"no live feature with promoted tokens among the {chosen_from}"}
+        return {"skipped": "no live feature card with promoted tokens"}
     notes: list[str] = []
-    units = _units(observer, features, {c.index: c for c in cards or []}, notes)
+    units = _units(observer, features, {c.index: c for c in cards}, notes)
     settings = {"seeds": cfg.audit_seeds, "doses": (), "text_source": text.source}
     amplify = None
     if units:
@@ -252,7 +249,7 @@ def audit_cards(
     suppress = audit(steerer, FeatureEdit(tuple(features), (0.0,) * len(features)), tokens, **settings).to_dict()
     seconds = time.perf_counter() - start
     log.info("%s: audited features %s on %d tokens in %.1f s", uri, features, tokens.size, seconds)
-    return {"features": features, "chosen_from": chosen_from, "multiple": cfg.audit_multiple, "units": units,
+    return {"features": features, "multiple": cfg.audit_multiple, "units": units,
             "amplify": amplify, "suppress": suppress, "seconds": round(seconds, 2), "notes": notes}
 
 
@@ -314,10 +311,11 @@ def evaluate_uris(
         log.info("%s: CE clean %.4f spliced %.4f ablated %.4f, recovered %.4f", uri, result.lm["clean_ce"],
                  result.lm["spliced_ce"], result.lm["ablated_ce"], result.lm["ce_recovered"])
         audit_section = None
-        if cfg.audit_features > 0:  # the model is loaded already: the audit costs its forward passes only
-            cards = FeatureSample.from_json(folder.get_bytes(FEATURES_FILE)).cards if folder.exists(FEATURES_FILE) else None
-            audit_section = audit_cards(uri, model, text, cfg, s3_options=s3_options, cards=cards,
-                                        model_id=source.model_id)
+        # The model is loaded already: the audit costs its forward passes only. Its features are
+        # among the report's cards (choosing among every latent costs an (n_latents, vocab) product).
+        if cfg.audit_features > 0 and folder.exists(FEATURES_FILE):
+            cards = FeatureSample.from_json(folder.get_bytes(FEATURES_FILE)).cards
+            audit_section = audit_cards(uri, model, text, cfg, cards, s3_options=s3_options, model_id=source.model_id)
         merged.append(store_evaluation(folder, result, audit_section))
     return merged
 

@@ -395,7 +395,7 @@ def test_the_audited_cards_show_the_audits_headline_figures(tiny_dictionary):
     cards = [c.index for c in FeatureSample.from_json(report[FEATURES_FILE]).cards]
     first, second = cards[1], cards[4]
     audit = {
-        "features": [first, second], "chosen_from": "report cards", "multiple": 10.0, "seconds": 3.5, "notes": [],
+        "features": [first, second], "multiple": 10.0, "seconds": 3.5, "notes": [],
         "units": [{"feature": first, "unit": "held-out maximum", "unit_value": 2.5},
                   {"feature": second, "unit": "held-out maximum", "unit_value": 1.5}],
         "amplify": _audit_result([_feature_audit(first, "amplify", 25.0, 2.34, 0.071),
@@ -428,10 +428,10 @@ def test_the_audited_cards_show_the_audits_headline_figures(tiny_dictionary):
     evaluation_section = re.search(r'<section id="evaluation">.*?</section>', page, re.S).group(0)
     assert ">audit<" not in evaluation_section, "the audit is drawn on the cards, not dumped as a table"
 
-    skipped = {**evaluation, "audit": {"skipped": "no live feature with promoted tokens among the report cards"}}
+    skipped = {**evaluation, "audit": {"skipped": "no live feature card with promoted tokens"}}
     page = render_report({**tiny_dictionary.files, **report, EVAL_FILE: json.dumps(skipped).encode()})[REPORT_FILE].decode()
     assert 'class="audit"' not in page
-    assert "No steer audit: no live feature with promoted tokens among the report cards." in page
+    assert "No steer audit: no live feature card with promoted tokens." in page
 
 
 # --------------------------------------------------------------------------- in a real browser

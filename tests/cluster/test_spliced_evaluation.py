@@ -224,7 +224,7 @@ def test_the_evaluation_audits_the_reports_clearest_live_cards_and_draws_the_fig
     excluded = sorted(excluded_token_ids(DataConfig(), tokenizer) | set(tokenizer.all_special_ids))
     unembedding, _ = unembedding_of(model)
     expected = sorted(live, key=lambda i: -_clarity(unembedding, i, excluded))[:EvalConfig().audit_features]
-    assert (audit["features"], audit["chosen_from"]) == (expected, "report cards")
+    assert audit["features"] == expected
     assert audit["units"] == [{"feature": f, "unit": "scanned maximum", "unit_value": 20.0 + f} for f in expected]
 
     # The audit text: the evaluation's first 1,024 held-out tokens (here all of them, 4 sequences).
@@ -290,6 +290,8 @@ def test_evaluate_in_ray_evaluates_each_dictionary_in_one_task(ray_cluster, mode
     run = tmp_path / "runs" / "tiny"
     exact = _save(run / "dictionary" / HOOKPOINT, _identity_sae(32, 32), model_dir)
     zero = _save(run / "sweep" / "zero" / "dictionary" / HOOKPOINT, _zero_sae(32), model_dir)
+    cards = [FeatureCard(i, "random", 0.1, 5, 3.0, []) for i in (0, 33)]
+    open_store(exact).put_bytes(FEATURES_FILE, FeatureSample(cards, 128, "", False, 0).to_json())
     tokenizer = load_tokenizer(resolve_model_source(job.model))
     tokens = pack_sequences(job.data, tokenizer)
     evaluations = evaluate_in_ray(job, [exact, zero], tokens=tokens, excluded_token_ids=excluded_token_ids(job.data, tokenizer),
@@ -298,7 +300,7 @@ def test_evaluate_in_ray_evaluates_each_dictionary_in_one_task(ray_cluster, mode
     assert [e["lm"]["ce_recovered"] for e in evaluations] == [pytest.approx(1.0, abs=1e-5), pytest.approx(0.0, abs=1e-6)]
     assert evaluations[0]["lm"]["n_tokens"] <= 4 * 31  # 128 tokens: the first 4 held-out sequences
     assert evaluations[0]["fvu"] == RECONSTRUCTION["fvu"]
-    # No report cards in these folders: the audit picks its own features among all the latents.
+    # The exact dictionary's two cards are audited in the same task; a folder without cards is not.
     audit = evaluations[0]["audit"]
-    assert audit["chosen_from"] == "all latents" and 1 <= len(audit["features"]) <= EvalConfig().audit_features
+    assert sorted(audit["features"]) == [0, 33] and "audit" not in evaluations[1]
     assert [f["feature"] for f in audit["suppress"]["features"]] == audit["features"]
