@@ -64,7 +64,7 @@ text, where none is recorded), ``unit_value``, ``points`` (``DosePoint``: ``mult
 clamped to ``multiple * unit_value`` at every encoded position).
 
 ``Cost``: ``forward_passes`` (calls of the model that run past the hookpoint: one per batch of
-the audit text per variant, one per generation step, one per continuation scored),
+the audit text per variant, one per generation step, one per batch of continuations scored),
 ``text_passes`` (variants run over the whole audit text, the unedited one included),
 ``text_tokens`` (tokens per such pass), ``generated_tokens``, ``tokens_past_hookpoint`` (positions
 run past the hookpoint in all), ``text_pass_equivalents`` (that over ``text_tokens``: the cost in
@@ -653,20 +653,29 @@ def _generate(steerer: Steerer, prompts: list[list[int]], seeds: list[int], edit
 
 
 @torch.inference_mode()
-def _coherence(model: nn.Module, generated: list[_Generated], counter: _Counter) -> float | None:
-    """The unedited model's mean loss (nats per token) on the generated tokens, after their prompts."""
+def _coherence(model: nn.Module, generated: list[_Generated], counter: _Counter, batch_tokens: int) -> float | None:
+    """The unedited model's mean loss (nats per token) on the generated tokens, after their prompts;
+    the continuations scored together, right-padded (a causal model's real positions never see
+    the padding), ``batch_tokens`` positions at a time."""
+    rows = [g for g in generated if g.new]
+    if not rows:
+        return None
     device = model.get_input_embeddings().weight.device
-    total, count = 0.0, 0
-    for g in generated:
-        if not g.new:
-            continue
-        ids = torch.tensor([g.prompt + g.new], device=device)
-        logprobs = _logprobs(model, ids)[0, len(g.prompt) - 1: -1]
-        total -= float(logprobs.gather(-1, ids[0, len(g.prompt):, None]).double().sum())
-        count += len(g.new)
+    width = max(len(g.prompt) + len(g.new) for g in rows)
+    total = 0.0
+    for lo in range(0, len(rows), max(1, batch_tokens // width)):
+        part = rows[lo: lo + max(1, batch_tokens // width)]
+        ids = torch.zeros(len(part), width, dtype=torch.long)
+        for r, g in enumerate(part):
+            ids[r, : len(g.prompt) + len(g.new)] = torch.tensor(g.prompt + g.new)
+        logprobs = _logprobs(model, ids.to(device)).cpu()
+        for r, g in enumerate(part):
+            start = len(g.prompt)
+            total -= float(logprobs[r, start - 1: start - 1 + len(g.new)].gather(-1, ids[r, start: start + len(g.new), None])
+                           .double().sum())
         counter.forward_passes += 1
         counter.tokens_past_hookpoint += ids.numel()
-    return total / count if count else None
+    return total / sum(len(g.new) for g in rows)
 
 
 def _target_figures(generated: list[_Generated], targets: set[int]) -> tuple[float, float]:
@@ -678,13 +687,13 @@ def _target_figures(generated: list[_Generated], targets: set[int]) -> tuple[flo
 
 
 def _continuations(steerer: Steerer, plan: _Plan, unedited: list[_Generated], steered: list[_Generated],
-                   seeds: list[int], max_new_tokens: int, counter: _Counter) -> Continuations:
+                   seeds: list[int], max_new_tokens: int, counter: _Counter, batch_tokens: int) -> Continuations:
     targets = {t.token_id for t in plan.targets}
     model, decode = steerer.model, steerer.observer.tokenizer.decode
     rate0, share0 = _target_figures(unedited, targets)
     rate1, share1 = _target_figures(steered, targets)
-    coherence0 = _coherence(model, unedited, counter)
-    coherence1 = _coherence(model, steered, counter)
+    coherence0 = _coherence(model, unedited, counter, batch_tokens)
+    coherence1 = _coherence(model, steered, counter, batch_tokens)
     examples = [Example(decode(u.prompt), decode(u.new), decode(s.new))
                 for u, s in zip(unedited[:: len(seeds)], steered[:: len(seeds)], strict=True)]
     return Continuations(seeds, len(unedited) // len(seeds), max_new_tokens, rate0, rate1, share0, share1,
@@ -755,8 +764,8 @@ def audit(
     counter = _Counter(text_tokens=tokens.numel())
     _text_passes(steerer, tokens, encoded, plans, batches, counter)
     unedited = _generate(steerer, prompt_list, seed_list, None, max_new_tokens, counter) if seed_list else []
-    features = [_feature_audit(steerer, plan, encoded, unedited, prompt_list, seed_list, max_new_tokens, counter)
-                for plan in plans]
+    features = [_feature_audit(steerer, plan, encoded, unedited, prompt_list, seed_list, max_new_tokens, counter,
+                               batch_tokens) for plan in plans]
     return AuditResult(observer.folder.uri, observer.hookpoint, observer.model_name, text_source, len(tokens),
                        int(encoded.sum()), seed_list, control_seed, features, counter.cost(), notes)
 
@@ -777,7 +786,8 @@ def _dose_unit(observer: Observer, feature: int, activation: Tensor, notes: list
 
 
 def _feature_audit(steerer: Steerer, plan: _Plan, encoded: Tensor, unedited_gens: list[_Generated],
-                   prompts: list[list[int]], seeds: list[int], max_new_tokens: int, counter: _Counter) -> FeatureAudit:
+                   prompts: list[list[int]], seeds: list[int], max_new_tokens: int, counter: _Counter,
+                   batch_tokens: int) -> FeatureAudit:
     measured = "firing" if plan.kind == "suppress" else "all"
     where = encoded & (plan.activation > 0) if measured == "firing" else encoded
     n_positions = int(where.sum())
@@ -788,7 +798,8 @@ def _feature_audit(steerer: Steerer, plan: _Plan, encoded: Tensor, unedited_gens
     continuations, dose_gens = None, {}
     if seeds and prompts:
         steered = _generate(steerer, prompts, seeds, plan.edit, max_new_tokens, counter)
-        continuations = _continuations(steerer, plan, unedited_gens, steered, seeds, max_new_tokens, counter)
+        continuations = _continuations(steerer, plan, unedited_gens, steered, seeds, max_new_tokens, counter,
+                                       batch_tokens)
     leak = None
     if "projected" in variants:
         firing = plan.unedited["firing"]
@@ -808,7 +819,7 @@ def _feature_audit(steerer: Steerer, plan: _Plan, encoded: Tensor, unedited_gens
             if seeds and prompts:
                 dose = FeatureEdit(plan.edit.features, (multiple * plan.dose_unit[1],), "clamp", plan.edit.error_term)
                 dose_gens[multiple] = _generate(steerer, prompts, seeds, dose, max_new_tokens, counter)
-                coherence = _coherence(steerer.model, dose_gens[multiple], counter)
+                coherence = _coherence(steerer.model, dose_gens[multiple], counter, batch_tokens)
             points.append(DosePoint(multiple, multiple * plan.dose_unit[1], behaviour.target_logprob,
                                     behaviour.target_logprob_change, behaviour.kl_divergence, coherence))
         dose_response = DoseResponse(plan.dose_unit[0], plan.dose_unit[1], points)  # type: ignore[arg-type]

@@ -211,14 +211,16 @@ def test_an_automatically_chosen_feature_amplified_on_the_packaged_model(package
     model, folder, text = packaged
     steerer = Steerer(open_observer(str(folder), loaded_model=model))
     [feature] = choose_features(steerer.observer, text, n=1)
-    result = audit(steerer, steerer.edit([feature], "10x"), text[:2], seeds=2, max_new_tokens=5,
+    # Twice the held-out maximum: at 10x this 40-step dictionary's direction breaks the model (KL
+    # about 10 nats) and every token's probability falls, the targets' with it.
+    result = audit(steerer, steerer.edit([feature], "2x"), text[:2], seeds=2, max_new_tokens=3,
                    prompts=[text[0, :8].tolist()], leak=True)
     [a] = result.features
     assert a.kind == "amplify" and len(a.targets) == 5 and a.targets_source == "promoted"
-    assert a.steered.target_logprob_change > a.control.target_logprob_change
+    assert a.steered.target_logprob_change > max(0.0, a.control.target_logprob_change)
     assert a.steered.target_probability_change > a.control.target_probability_change
     assert a.dose_response is not None and a.dose_response.unit == "held-out maximum"
-    assert a.value == pytest.approx(10 * a.dose_response.unit_value)
+    assert a.value == pytest.approx(2 * a.dose_response.unit_value)
     data = a.continuations, a.leak, a.dose_response
     assert all(section is not None for section in data)
     assert all(p.coherence is not None for p in a.dose_response.points)
