@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.hooking import (
@@ -18,9 +19,14 @@ from activation_cache.hooking import (
 from activation_cache.store import open_store
 from activation_cache.text import pack_sequences
 from interp.loading import model_metadata
-from trainer.activation_stats import ActivationStats, activation_stats_file
+from trainer.activation_stats import (
+    ActivationStats,
+    FeatureMaxima,
+    activation_stats_file,
+    feature_stats_file,
+)
 from trainer.dictionary import dictionary_files
-from trainer.layout import ACTIVATION_STATS_FILE, write_dictionary
+from trainer.layout import ACTIVATION_STATS_FILE, FEATURE_STATS_FILE, write_dictionary
 from trainer.sae import TopKSAE
 
 LAYER = 1  # the tiny Llama's hookpoint resid_post.1: hidden_states[2] in transformers' numbering
@@ -39,11 +45,18 @@ def train_topk(rows: torch.Tensor, n_latents: int, k: int, steps: int) -> TopKSA
     return sae.eval()
 
 
-def write_folder(folder: Path, sae: TopKSAE, hookpoint: str, model: ModelConfig, stats: ActivationStats | None) -> Path:
+def write_folder(folder: Path, sae: TopKSAE, hookpoint: str, model: ModelConfig, held_out: Tensor | None) -> Path:
+    """``sae`` as a dictionary folder; with ``held_out`` rows, the statistics a training job
+    records on them (activation mean and variance, each feature's largest activation)."""
     files = dictionary_files(sae, hookpoint=hookpoint, model_name="test", scale=1.0,
                              extra_metadata=model_metadata(model, DataConfig()), sparsity=None, eval_metrics={})
-    if stats is not None:
-        files[ACTIVATION_STATS_FILE] = activation_stats_file(stats)
+    if held_out is not None:
+        files[ACTIVATION_STATS_FILE] = activation_stats_file(ActivationStats.of(held_out))
+        maxima = FeatureMaxima(sae.n_latents)
+        with torch.no_grad():
+            code = sae.encode(held_out)
+        maxima.update(code.acts, code.indices)
+        files[FEATURE_STATS_FILE] = feature_stats_file(maxima.result())
     write_dictionary(open_store(str(folder)), files)
     return folder
 
@@ -51,7 +64,7 @@ def write_folder(folder: Path, sae: TopKSAE, hookpoint: str, model: ModelConfig,
 @pytest.fixture(scope="module")
 def tiny_dictionaries(tiny_model_dir, tiny_corpus_dir, tmp_path_factory) -> tuple[Path, Path]:
     """A TopK dictionary trained on the tiny Llama's layer-1 activations (BOS left out), twice:
-    with held-out statistics (from the last 8 sequences) and without."""
+    with held-out statistics and feature maxima (from the last 8 sequences) and without."""
     source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
     tokens = torch.from_numpy(pack_sequences(DataConfig(source=str(tiny_corpus_dir), context_length=32, max_tokens=32 * 48),
                                              load_tokenizer(source)))
@@ -60,7 +73,7 @@ def tiny_dictionaries(tiny_model_dir, tiny_corpus_dir, tmp_path_factory) -> tupl
     sae = train_topk(train, 64, 4, steps=60)
     model = ModelConfig(name_or_path=str(tiny_model_dir))
     root = tmp_path_factory.mktemp("observed")
-    with_stats = write_folder(root / "with-stats", sae, f"model.layers.{LAYER}", model, ActivationStats.of(held_out))
+    with_stats = write_folder(root / "with-stats", sae, f"model.layers.{LAYER}", model, held_out)
     return with_stats, write_folder(root / "without-stats", sae, f"model.layers.{LAYER}", model, None)
 
 

@@ -23,7 +23,6 @@ from activation_cache.hooking import (
 from activation_cache.text import iter_documents
 from cluster.cli import main as saeforge
 from interp.observe import open_observer
-from trainer.activation_stats import ActivationStats
 from trainer.layout import ACTIVATION_STATS_FILE, WEIGHTS_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -169,7 +168,7 @@ def test_observe_on_the_packaged_instruct_model_with_its_chat_template(tmp_path)
     tokens = torch.cat([torch.full((16, 1), tokenizer.bos_token_id), tokens], dim=1)
     acts = ActivationHarvester(model, "resid_post.15")(tokens)[:, 1:].reshape(-1, 576)
     sae = train_topk(acts[:-254], 1152, 16, steps=40)
-    folder = write_folder(tmp_path / "smollm", sae, "model.layers.15", ModelConfig(), ActivationStats.of(acts[-254:]))
+    folder = write_folder(tmp_path / "smollm", sae, "model.layers.15", ModelConfig(), acts[-254:])
     observer = open_observer(str(folder), loaded_model=model)
     result = observer.observe("Shall I compare thee to a summer's day?", top=4, chat=True)
     ids, hidden, dense, reconstruction = _independent(

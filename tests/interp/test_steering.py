@@ -105,3 +105,14 @@ def test_the_command_prints_both_continuations_and_writes_them_as_json(tiny_dict
     assert continuation["unedited_ids"] == expected.continuations[0].unedited_ids
     assert kept["error_term"] == "keep" and dropped["error_term"] == "drop"
     assert dropped["continuations"][0]["unedited_ids"] == continuation["unedited_ids"]
+
+
+def test_a_multiple_is_of_each_features_recorded_held_out_maximum(steerer, tiny_dictionaries):
+    from trainer.activation_stats import load_feature_stats
+    from trainer.layout import FEATURE_STATS_FILE
+
+    maxima = load_feature_stats((tiny_dictionaries[0] / FEATURE_STATS_FILE).read_bytes()).max_activation
+    live = maxima.nonzero().flatten()[:2].tolist()
+    edit = steerer.edit(live, "2.5x", mode="add")
+    assert edit.values == tuple(2.5 * float(maxima[f]) for f in live) and edit.mode == "add"
+
