@@ -69,6 +69,6 @@ def run_steer(request: SteerRequest) -> SteerOutcome:
         return SteerOutcome(steered, None)
     settings = request.audit
     text = audit_text(steerer.observer, text=settings.text, max_tokens=settings.max_tokens)
-    result = audit(steerer, edit, text.tokens, targets=list(settings.targets) or None, prompts=prompt_ids,
-                   seeds=settings.seeds, max_new_tokens=request.generation.max_new_tokens, text_source=text.source)
+    result = audit(steerer, edit, text, targets=list(settings.targets) or None, prompts=prompt_ids,
+                   seeds=settings.seeds, max_new_tokens=request.generation.max_new_tokens)
     return SteerOutcome(steered, result)
