@@ -116,3 +116,23 @@ def test_a_multiple_is_of_each_features_recorded_held_out_maximum(steerer, tiny_
     edit = steerer.edit(live, "2.5x", mode="add")
     assert edit.values == tuple(2.5 * float(maxima[f]) for f in live) and edit.mode == "add"
 
+
+
+def test_the_command_audits_the_steer_and_writes_the_audit_as_json_and_a_page(tiny_dictionaries, tiny_corpus_dir,
+                                                                             steerer, tmp_path, capsys):
+    with_stats, _ = tiny_dictionaries
+    ids = steerer.observer.token_ids(PROMPT)
+    feature = _busy_features(steerer, ids, 1)[0]
+    written, page = tmp_path / "audit.json", tmp_path / "audit.html"
+    assert saeforge(["steer", str(with_stats), "--feature", str(feature), "--value", "5x", "--prompt", PROMPT,
+                     "--max-new-tokens", "6", "--audit", "--text", str(tiny_corpus_dir), "--audit-tokens", "256",
+                     "--seeds", "2", "--json", str(written), "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(written.read_text())
+    [audited] = result["audit"]["features"]
+    assert audited["feature"] == feature and audited["kind"] == "amplify"
+    assert audited["value"] == pytest.approx(result["values"][0])
+    assert audited["dose_response"]["unit"] == "held-out maximum" and len(audited["dose_response"]["points"]) == 6
+    assert audited["continuations"]["seeds"] == [0, 1] and audited["summary"] in out
+    assert result["audit"]["text_source"] == str(tiny_corpus_dir) and result["audit"]["cost"]["forward_passes"] > 0
+    assert page.read_text().startswith("<!DOCTYPE html>") and f'id="feature-{feature}"' in page.read_text()
