@@ -736,38 +736,54 @@ def audit(
         raise ValueError(f"tokens of shape {tuple(tokens.shape)}: expected (n_sequences, context) token ids")
     if n_targets < 1:
         raise ValueError(f"n_targets={n_targets} must be at least 1")
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens={batch_tokens} must be at least 1")
+    GenerationSettings(max_new_tokens)  # checks it
     given = None if targets is None else resolve_targets(observer, targets)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if isinstance(seeds, int) and seeds < 0:
+        raise ValueError(f"seeds={seeds}: expected a count (0 for no continuations) or a list of seeds")
     encoded = _encoded(observer, tokens)
     if not encoded.any():
         raise ValueError(f"{text_source}: no token the dictionary encodes ({tokens.numel()} tokens, all left out)")
     prompt_list = _default_prompts(tokens, encoded, 2, 16) if prompts is None else [list(p) for p in prompts]
+    if any(not p for p in prompt_list):
+        raise ValueError("prompts: a prompt of no tokens; each is continued from at least one token")
     edits = [FeatureEdit((f,), (v,), edit.mode, edit.error_term) for f, v in zip(edit.features, edit.values, strict=True)]
     batches = _batches(tokens, batch_tokens)
     activation, dashboard = _prepass(observer, tokens, encoded, edits, batches)
     unembedding = _unembedding(steerer.model) if given is None else None
-    decode = token_decoder(observer.tokenizer)
     notes: list[str] = []
-    plans = []
-    for j, single in enumerate(edits):
-        feature = single.features[0]
-        plan_targets = (_promoted(observer, unembedding, feature, n_targets) if unembedding is not None
-                        else [Target(i, t, None) for i, t in zip(given, decode(given), strict=True)])
-        plan = _Plan(feature, single, _kind(single), plan_targets, "given" if given else "promoted",
-                     activation[j], dashboard[j])
-        plan_doses = (DOSES if plan.kind == "amplify" else ()) if doses is None else tuple(doses)
-        if plan_doses:
-            plan.dose_unit = _dose_unit(observer, feature, activation[j], notes)
-        _plan_variants(plan, observer, leak=plan.kind == "suppress" if leak is None else leak, doses=plan_doses,
-                       control_seed=control_seed)
-        plans.append(plan)
+    plans = [_plan(observer, single, activation[j], dashboard[j], unembedding=unembedding, given=given,
+                   n_targets=n_targets, leak=leak, doses=doses, control_seed=control_seed, notes=notes)
+             for j, single in enumerate(edits)]
     counter = _Counter(text_tokens=tokens.numel())
     _text_passes(steerer, tokens, encoded, plans, batches, counter)
     unedited = _generate(steerer, prompt_list, seed_list, None, max_new_tokens, counter) if seed_list else []
-    features = [_feature_audit(steerer, plan, encoded, unedited, prompt_list, seed_list, max_new_tokens, counter,
-                               batch_tokens) for plan in plans]
+    sampling = _Sampling(prompt_list, seed_list, max_new_tokens, batch_tokens)
+    features = [_feature_audit(steerer, plan, encoded, unedited, sampling, counter) for plan in plans]
     return AuditResult(observer.folder.uri, observer.hookpoint, observer.model_name, text_source, len(tokens),
                        int(encoded.sum()), seed_list, control_seed, features, counter.cost(), notes)
+
+
+def _plan(observer: Observer, edit: FeatureEdit, activation: Tensor, dashboard: Tensor, *,
+          unembedding: Tensor | None, given: list[int] | None, n_targets: int, leak: bool | None,
+          doses: Sequence[float] | None, control_seed: int, notes: list[str]) -> _Plan:
+    """One feature's plan: its targets, its kind, its dose unit and the variants to run."""
+    feature = edit.features[0]
+    if unembedding is not None:
+        targets, source = _promoted(observer, unembedding, feature, n_targets), "promoted"
+    else:
+        assert given is not None
+        decoded = token_decoder(observer.tokenizer)(given)
+        targets, source = [Target(i, t, None) for i, t in zip(given, decoded, strict=True)], "given"
+    plan = _Plan(feature, edit, _kind(edit), targets, source, activation, dashboard)  # type: ignore[arg-type]
+    plan_doses = (DOSES if plan.kind == "amplify" else ()) if doses is None else tuple(doses)
+    if plan_doses:
+        plan.dose_unit = _dose_unit(observer, feature, activation, notes)
+    _plan_variants(plan, observer, leak=plan.kind == "suppress" if leak is None else leak, doses=plan_doses,
+                   control_seed=control_seed)
+    return plan
 
 
 def _dose_unit(observer: Observer, feature: int, activation: Tensor, notes: list[str]) -> tuple[str, float] | None:
@@ -785,52 +801,69 @@ def _dose_unit(observer: Observer, feature: int, activation: Tensor, notes: list
     return "audit-text maximum", seen
 
 
+@dataclass(frozen=True)
+class _Sampling:
+    """How continuations are sampled and scored."""
+
+    prompts: list[list[int]]
+    seeds: list[int]
+    max_new_tokens: int
+    batch_tokens: int
+
+    def __bool__(self) -> bool:
+        return bool(self.prompts and self.seeds)
+
+
 def _feature_audit(steerer: Steerer, plan: _Plan, encoded: Tensor, unedited_gens: list[_Generated],
-                   prompts: list[list[int]], seeds: list[int], max_new_tokens: int, counter: _Counter,
-                   batch_tokens: int) -> FeatureAudit:
+                   sampling: _Sampling, counter: _Counter) -> FeatureAudit:
     measured = "firing" if plan.kind == "suppress" else "all"
     where = encoded & (plan.activation > 0) if measured == "firing" else encoded
-    n_positions = int(where.sum())
     unedited = plan.unedited[measured]
     variants = {v.name: v for v in plan.variants}
     dashboard = Dashboard(_mean(plan.activation[where]), _mean(plan.dashboard[..., 0][where]),
                           _mean(plan.dashboard[..., 1][where]))
-    continuations, dose_gens = None, {}
-    if seeds and prompts:
-        steered = _generate(steerer, prompts, seeds, plan.edit, max_new_tokens, counter)
-        continuations = _continuations(steerer, plan, unedited_gens, steered, seeds, max_new_tokens, counter,
-                                       batch_tokens)
-    leak = None
-    if "projected" in variants:
-        firing = plan.unedited["firing"]
-        drops = [firing.target_logprob - variants[name].sums.target_logprob
-                 for name in ("projected", "zeroed", "reconstruction")]
-        a, b, r = (d / max(1, firing.count) for d in drops)
-        leak = Leak(a, b, (a - b) / a if a > 0 else None, r)
-    dose_response = None
-    if plan.dose_unit is not None:
-        points = []
-        for variant in plan.variants:
-            if not variant.name.startswith("dose:"):
-                continue
-            multiple = float(variant.name.removeprefix("dose:"))
-            behaviour = variant.sums.behaviour(plan.unedited["all"])
-            coherence = None
-            if seeds and prompts:
-                dose = FeatureEdit(plan.edit.features, (multiple * plan.dose_unit[1],), "clamp", plan.edit.error_term)
-                dose_gens[multiple] = _generate(steerer, prompts, seeds, dose, max_new_tokens, counter)
-                coherence = _coherence(steerer.model, dose_gens[multiple], counter, batch_tokens)
-            points.append(DosePoint(multiple, multiple * plan.dose_unit[1], behaviour.target_logprob,
-                                    behaviour.target_logprob_change, behaviour.kl_divergence, coherence))
-        dose_response = DoseResponse(plan.dose_unit[0], plan.dose_unit[1], points)  # type: ignore[arg-type]
-    steered_b = variants["steered"].sums.behaviour(unedited)
-    control_b = variants["control"].sums.behaviour(unedited)
+    continuations = None
+    if sampling:
+        steered = _generate(steerer, sampling.prompts, sampling.seeds, plan.edit, sampling.max_new_tokens, counter)
+        continuations = _continuations(steerer, plan, unedited_gens, steered, sampling.seeds,
+                                       sampling.max_new_tokens, counter, sampling.batch_tokens)
     audit_ = FeatureAudit(
         plan.feature, plan.kind, plan.edit.mode, plan.edit.error_term, plan.edit.values[0], plan.targets,
-        plan.targets_source, n_positions, unedited.behaviour(unedited), dashboard, steered_b, control_b,
-        continuations, leak, dose_response, "",
+        plan.targets_source, int(where.sum()), unedited.behaviour(unedited), dashboard,
+        variants["steered"].sums.behaviour(unedited), variants["control"].sums.behaviour(unedited),
+        continuations, _leak(plan) if "projected" in variants else None,
+        _dose_response(steerer, plan, sampling, counter), "",
     )
     return dataclasses.replace(audit_, summary=_summary(audit_))
+
+
+def _leak(plan: _Plan) -> Leak:
+    """A, B and the reconstruction's drop, from the variants' sums at the firing positions."""
+    firing, variants = plan.unedited["firing"], {v.name: v for v in plan.variants}
+    a, b, r = ((firing.target_logprob - variants[name].sums.target_logprob) / max(1, firing.count)
+               for name in ("projected", "zeroed", "reconstruction"))
+    return Leak(a, b, (a - b) / a if a > 0 else None, r)
+
+
+def _dose_response(steerer: Steerer, plan: _Plan, sampling: _Sampling, counter: _Counter) -> DoseResponse | None:
+    """The dose variants' figures, with the coherence of continuations sampled at each dose."""
+    if plan.dose_unit is None:
+        return None
+    unit_name, unit = plan.dose_unit
+    points = []
+    for variant in plan.variants:
+        if not variant.name.startswith("dose:"):
+            continue
+        multiple = float(variant.name.removeprefix("dose:"))
+        behaviour = variant.sums.behaviour(plan.unedited["all"])
+        coherence = None
+        if sampling:
+            dose = FeatureEdit(plan.edit.features, (multiple * unit,), "clamp", plan.edit.error_term)
+            generated = _generate(steerer, sampling.prompts, sampling.seeds, dose, sampling.max_new_tokens, counter)
+            coherence = _coherence(steerer.model, generated, counter, sampling.batch_tokens)
+        points.append(DosePoint(multiple, multiple * unit, behaviour.target_logprob, behaviour.target_logprob_change,
+                                behaviour.kl_divergence, coherence))
+    return DoseResponse(unit_name, unit, points)  # type: ignore[arg-type]
 
 
 def _mean(values: Tensor) -> float:
@@ -844,12 +877,13 @@ def _summary(a: FeatureAudit) -> str:
                 if a.kind == "suppress" else "The audit text has no position the dictionary encodes.")
     if a.kind == "suppress" and a.leak is not None:
         lk = a.leak
-        share = "none of it measurable (the direction does not carry the targets)" if lk.leak is None else \
-            f"{lk.leak:.0%} of the direction's effect"
+        verdict = ("the direction does not carry the targets there, so no leak can be measured" if lk.leak is None
+                   else f"{lk.leak:.0%} of the direction's effect leaks past the suppression through what the "
+                   "dictionary does not explain")
         return (f"Zeroing feature {a.feature} with the error term kept lowers the log-probability of {targets} by "
                 f"{lk.zeroed_drop:.3g} nats where it fires, and projecting its decoder direction out of the whole "
-                f"activation by {lk.projected_drop:.3g}: {share} leaks past the suppression through what the "
-                f"dictionary does not explain (replacing the activation by its reconstruction: {lk.reconstruction_drop:.3g}).")
+                f"activation by {lk.projected_drop:.3g}: {verdict} (replacing the activation by its reconstruction: "
+                f"{lk.reconstruction_drop:.3g}).")
     verb = "Suppressing" if a.kind == "suppress" else f"Setting ({a.mode} {a.value:.4g})"
     return (f"{verb} feature {a.feature} moves the log-probability of {targets} by "
             f"{a.steered.target_logprob_change:+.3g} nats (a random direction of equal norm: "
