@@ -360,7 +360,13 @@ def evaluate_in_ray(
     )
     wandb = {"mode": job.logging.wandb_mode, "project": job.logging.project, "dir": str(Path(job.logging.dir).resolve())}
     task = ray.remote(num_cpus=eval_cfg.num_cpus, num_gpus=eval_cfg.num_gpus, max_retries=0)(_evaluate_task)
-    return ray.get(task.remote(list(dictionary_uris), job.model, text, eval_cfg, job.cache.s3_options(), wandb))
+    start = time.perf_counter()
+    merged = ray.get(task.remote(list(dictionary_uris), job.model, text, eval_cfg, job.cache.s3_options(), wandb))
+    audit_s = sum(e.get("audit", {}).get("seconds", 0.0) for e in merged if eval_cfg.audit_features > 0)
+    # Logged here: the task's own log lines stay in its worker.
+    log.info("evaluation task: %d dictionaries in %.1f s, of which the steer audit %.1f s", len(merged),
+             time.perf_counter() - start, audit_s)
+    return merged
 
 
 # --------------------------------------------------------------------------- saeforge eval
