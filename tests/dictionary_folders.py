@@ -3,13 +3,14 @@ interp tests observe and steer (``tiny_dictionaries``, a pytest plugin of tests/
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from activation_cache.config import DataConfig, ModelConfig
+from activation_cache.config import PACKAGED_MODEL, PACKAGED_TEXT, DataConfig, ModelConfig
 from activation_cache.hooking import (
     ActivationHarvester,
     load_model,
@@ -17,7 +18,7 @@ from activation_cache.hooking import (
     resolve_model_source,
 )
 from activation_cache.store import open_store
-from activation_cache.text import pack_sequences
+from activation_cache.text import iter_documents, pack_sequences
 from interp.loading import model_metadata
 from trainer.activation_stats import (
     ActivationStats,
@@ -27,7 +28,7 @@ from trainer.activation_stats import (
 )
 from trainer.dictionary import dictionary_files
 from trainer.layout import ACTIVATION_STATS_FILE, FEATURE_STATS_FILE, write_dictionary
-from trainer.sae import TopKSAE
+from trainer.sae import SparseCoder, TopKSAE
 
 LAYER = 1  # the tiny Llama's hookpoint resid_post.1: hidden_states[2] in transformers' numbering
 
@@ -45,7 +46,7 @@ def train_topk(rows: torch.Tensor, n_latents: int, k: int, steps: int) -> TopKSA
     return sae.eval()
 
 
-def write_folder(folder: Path, sae: TopKSAE, hookpoint: str, model: ModelConfig, held_out: Tensor | None) -> Path:
+def write_folder(folder: Path, sae: SparseCoder, hookpoint: str, model: ModelConfig, held_out: Tensor | None = None) -> Path:
     """``sae`` as a dictionary folder; with ``held_out`` rows, the statistics a training job
     records on them (activation mean and variance, each feature's largest activation)."""
     files = dictionary_files(sae, hookpoint=hookpoint, model_name="test", scale=1.0,
@@ -76,4 +77,28 @@ def tiny_dictionaries(tiny_model_dir, tiny_corpus_dir, tmp_path_factory) -> tupl
     with_stats = write_folder(root / "with-stats", sae, f"model.layers.{LAYER}", model, held_out)
     return with_stats, write_folder(root / "without-stats", sae, f"model.layers.{LAYER}", model, None)
 
+
+@dataclass(frozen=True)
+class PackagedDictionary:
+    model: nn.Module
+    """The packaged SmolLM2-135M-Instruct, loaded once for the session."""
+    folder: Path
+    """A TopK dictionary (1,152 latents, k 16, 40 steps) on its layer-15 activations over Shakespeare,
+    with the statistics a job records on its held-out rows."""
+    text: Tensor
+    """(4, 128) token ids, BOS first, the dictionary never trained on."""
+
+
+@pytest.fixture(scope="session")
+def packaged_dictionary(tmp_path_factory) -> PackagedDictionary:
+    source = resolve_model_source(ModelConfig(name_or_path=PACKAGED_MODEL))
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    stream = tokenizer(next(iter_documents(PACKAGED_TEXT))[1][:30000], add_special_tokens=False)["input_ids"]
+    tokens = torch.tensor(stream[: 20 * 127]).reshape(20, 127)
+    tokens = torch.cat([torch.full((20, 1), tokenizer.bos_token_id), tokens], dim=1)
+    acts = ActivationHarvester(model, "resid_post.15")(tokens[:16])[:, 1:].reshape(-1, 576)
+    sae = train_topk(acts[:-254], 1152, 16, steps=40)
+    folder = write_folder(tmp_path_factory.mktemp("smollm") / "dictionary", sae, "model.layers.15", ModelConfig(),
+                          acts[-254:])
+    return PackagedDictionary(model, folder, tokens[16:])
 

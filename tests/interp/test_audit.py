@@ -10,50 +10,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from dictionary_folders import train_topk
+from dictionary_folders import write_folder
 from tiny_model import build_tiny_model
 
-from activation_cache.config import PACKAGED_MODEL, DataConfig, ModelConfig
+from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.hooking import (
-    ActivationHarvester,
     load_model,
     load_tokenizer,
     resolve_model_source,
 )
-from activation_cache.store import open_store
-from activation_cache.text import iter_documents, pack_sequences
+from activation_cache.text import pack_sequences
 from interp.audit import audit, audit_text, choose_features, format_audit
-from interp.loading import model_metadata
 from interp.observe import open_observer
 from interp.steering import Steerer
-from trainer.activation_stats import (
-    ActivationStats,
-    FeatureMaxima,
-    activation_stats_file,
-    feature_stats_file,
-)
 from trainer.architectures import ReLUSAE
-from trainer.dictionary import dictionary_files
-from trainer.layout import ACTIVATION_STATS_FILE, FEATURE_STATS_FILE, write_dictionary
-from trainer.sae import SparseCoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HIDDEN = 32
 TARGET = 100  # the output token the direction controls (an ordinary byte-level BPE token)
 SHARES = {"full": 1.0, "half": 0.5, "hardly": 0.01}
-
-
-def _write(folder: Path, sae: SparseCoder, hookpoint: str, model: ModelConfig, *,
-           stats: ActivationStats | None = None, maxima: FeatureMaxima | None = None) -> Path:
-    files = dictionary_files(sae, hookpoint=hookpoint, model_name="test", scale=1.0,
-                             extra_metadata=model_metadata(model, DataConfig()), sparsity=None, eval_metrics={})
-    if stats is not None:
-        files[ACTIVATION_STATS_FILE] = activation_stats_file(stats)
-    if maxima is not None:
-        files[FEATURE_STATS_FILE] = feature_stats_file(maxima.result())
-    write_dictionary(open_store(str(folder)), files)
-    return folder
 
 
 # --------------------------------------------------------------------------- the known answer
@@ -114,7 +90,7 @@ def controlled(tmp_path_factory, tiny_corpus_dir):
     tokens = pack_sequences(DataConfig(source=str(tiny_corpus_dir), context_length=32, max_tokens=32 * 6),
                             load_tokenizer(source))
     config = ModelConfig(name_or_path=str(model_dir))
-    folders = {name: _write(root / name, _capturing(u, share), "model.layers.1", config) for name, share in SHARES.items()}
+    folders = {name: write_folder(root / name, _capturing(u, share), "model.layers.1", config) for name, share in SHARES.items()}
     return load_model(source), model_dir, tokens, folders
 
 
@@ -186,34 +162,13 @@ def test_a_target_is_one_token(controlled):
 # --------------------------------------------------------------------------- the packaged model
 
 
-@pytest.fixture(scope="module")
-def packaged(tmp_path_factory):
-    """The packaged instruct model, a TopK dictionary trained on its layer-15 activations over
-    Shakespeare (with held-out statistics and feature maxima), and a held-out audit text."""
-    source = resolve_model_source(ModelConfig(name_or_path=PACKAGED_MODEL))
-    model, tokenizer = load_model(source), load_tokenizer(source)
-    stream = tokenizer(next(iter_documents("packaged:shakespeare"))[1][:24000], add_special_tokens=False)["input_ids"]
-    tokens = torch.tensor(stream[: 20 * 63]).reshape(20, 63)
-    tokens = torch.cat([torch.full((20, 1), tokenizer.bos_token_id), tokens], dim=1)
-    acts = ActivationHarvester(model, "resid_post.15")(tokens[:16])[:, 1:].reshape(-1, 576)
-    train, held_out = acts[:-252], acts[-252:]
-    sae = train_topk(train, 1152, 16, steps=40)
-    maxima = FeatureMaxima(1152)
-    with torch.no_grad():
-        code = sae.encode(held_out)
-    maxima.update(code.acts, code.indices)
-    folder = _write(tmp_path_factory.mktemp("smollm") / "dictionary", sae, "model.layers.15", ModelConfig(),
-                    stats=ActivationStats.of(held_out), maxima=maxima)
-    return model, folder, tokens[16:]
-
-
-def test_an_automatically_chosen_feature_amplified_on_the_packaged_model(packaged):
-    model, folder, text = packaged
+def test_an_automatically_chosen_feature_amplified_on_the_packaged_model(packaged_dictionary):
+    model, folder, text = packaged_dictionary.model, packaged_dictionary.folder, packaged_dictionary.text
     steerer = Steerer(open_observer(str(folder), loaded_model=model))
     [feature] = choose_features(steerer.observer, text, n=1)
     # Twice the held-out maximum: at 10x this 40-step dictionary's direction breaks the model (KL
     # about 10 nats) and every token's probability falls, the targets' with it.
-    result = audit(steerer, steerer.edit([feature], "2x"), text[:2], seeds=2, max_new_tokens=3,
+    result = audit(steerer, steerer.edit([feature], "2x"), text[:2, :64], seeds=2, max_new_tokens=3,
                    prompts=[text[0, :8].tolist()], leak=True)
     [a] = result.features
     assert a.kind == "amplify" and len(a.targets) == 5 and a.targets_source == "promoted"

@@ -10,17 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from dictionary_folders import LAYER, train_topk, write_folder
+from dictionary_folders import LAYER
 from safetensors.torch import load_file
 
 from activation_cache.config import PACKAGED_MODEL, ModelConfig
 from activation_cache.hooking import (
-    ActivationHarvester,
-    load_model,
     load_tokenizer,
     resolve_model_source,
 )
-from activation_cache.text import iter_documents
 from cluster.cli import main as saeforge
 from interp.observe import open_observer
 from trainer.layout import ACTIVATION_STATS_FILE, WEIGHTS_FILE
@@ -157,18 +154,10 @@ def test_a_folder_saelens_wrote_observes_as_saelens_encodes(tiny_model_dir, tmp_
     _assert_matches(result.texts[0], ids, hidden, dense, reconstruction, special={1}, total_variance=variance, top=5)
 
 
-def test_observe_on_the_packaged_instruct_model_with_its_chat_template(tmp_path):
-    """The packaged model (SmolLM2-135M-Instruct) and a small dictionary trained here on its
+def test_observe_on_the_packaged_instruct_model_with_its_chat_template(packaged_dictionary):
+    """The packaged model (SmolLM2-135M-Instruct) and a small dictionary trained in the session on its
     layer-15 activations over Shakespeare; the text observed inside the chat template."""
-    source = resolve_model_source(ModelConfig(name_or_path=PACKAGED_MODEL))
-    model = load_model(source)
-    tokenizer = load_tokenizer(source)
-    stream = tokenizer(next(iter_documents("packaged:shakespeare"))[1][:20000], add_special_tokens=False)["input_ids"]
-    tokens = torch.tensor(stream[: 16 * 127]).reshape(16, 127)
-    tokens = torch.cat([torch.full((16, 1), tokenizer.bos_token_id), tokens], dim=1)
-    acts = ActivationHarvester(model, "resid_post.15")(tokens)[:, 1:].reshape(-1, 576)
-    sae = train_topk(acts[:-254], 1152, 16, steps=40)
-    folder = write_folder(tmp_path / "smollm", sae, "model.layers.15", ModelConfig(), acts[-254:])
+    model, folder = packaged_dictionary.model, packaged_dictionary.folder
     observer = open_observer(str(folder), loaded_model=model)
     result = observer.observe("Shall I compare thee to a summer's day?", top=4, chat=True)
     ids, hidden, dense, reconstruction = _independent(
@@ -176,7 +165,7 @@ def test_observe_on_the_packaged_instruct_model_with_its_chat_template(tmp_path)
         model=model, chat=True)
     assert result.texts[0].tokens[0].token == "<|im_start|>"
     stats = load_file(folder / ACTIVATION_STATS_FILE)
-    _assert_matches(result.texts[0], ids, hidden, dense, reconstruction, special=set(tokenizer.all_special_ids),
+    _assert_matches(result.texts[0], ids, hidden, dense, reconstruction, special=set(observer.tokenizer.all_special_ids),
                     total_variance=stats["variance"].double().sum().item(), top=4)
     encoded = [t for t in result.texts[0].tokens if t.encoded]
     assert len(encoded) < len(result.texts[0].tokens) - 3  # the template's <|im_start|>/<|im_end|> are left out
