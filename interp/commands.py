@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from interp.audit import AuditResult, audit, audit_text
+from activation_cache.text import check_source
+from interp.audit import AuditResult, audit, audit_text, resolve_targets
 from interp.observe import open_observer
 from interp.steering import ErrorTerm, FeatureEdit, GenerationSettings, Mode, Steerer, SteerResult
 
@@ -53,11 +54,17 @@ class SteerOutcome:
 
 def prepare(request: SteerRequest) -> tuple[Steerer, FeatureEdit, list[list[int]]]:
     """The steerer, the checked edit and the prompts' token ids: the dictionary, the model's
-    files, the features, the value and every prompt checked; the model's weights not loaded."""
+    files, the features, the value, every prompt, the audit's targets and text source checked;
+    the model's weights not loaded."""
     steerer = Steerer(open_observer(request.uri, model=request.model, hookpoint=request.hookpoint,
                                     s3_options=request.s3_options))
     edit = steerer.edit(request.features, request.value, mode=request.mode, error_term=request.error_term)
     prompt_ids = [steerer.observer.token_ids(p, chat=request.chat) for p in request.prompts]
+    if request.audit is not None:
+        if request.audit.targets:
+            resolve_targets(steerer.observer, list(request.audit.targets))
+        if request.audit.text is not None:
+            check_source(request.audit.text)
     return steerer, edit, prompt_ids
 
 

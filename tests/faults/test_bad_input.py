@@ -332,6 +332,9 @@ def test_observe_refuses_bad_input_before_the_model_loads(case, expected, guard_
     ("multiple_without_maxima", ("--value 10x", "records no held-out feature maxima")),
     ("empty_prompt", ("text ''", "tokenizes to no token the dictionary encodes")),
     ("zero_new_tokens", ("--max-new-tokens 0", "at least 1")),
+    ("target_of_two_tokens", ("--target 'To be'", "tokenizes to 2 tokens", "one token")),
+    ("missing_audit_text", ("data.source=", "no such file or folder")),
+    ("html_without_audit", ("--html", "add --audit")),
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_steer_refuses_bad_input_before_the_model_loads(case, expected, guard_model, tmp_path, capsys):
     """Each refusal is one line and comes before the model's weights load (they are garbage here)."""
@@ -341,6 +344,9 @@ def test_steer_refuses_bad_input_before_the_model_loads(case, expected, guard_mo
         "unknown_feature": {"--feature": "64"}, "feature_not_a_number": {"--feature": "3,x"},
         "value_not_a_number": {"--value": "lots"}, "multiple_without_maxima": {"--value": "10x"},
         "empty_prompt": {"--prompt": ""}, "zero_new_tokens": {"--max-new-tokens": "0"},
+        "target_of_two_tokens": {"--audit": None, "--target": "To be"},
+        "missing_audit_text": {"--audit": None, "--text": str(tmp_path / "absent")},
+        "html_without_audit": {"--html": str(tmp_path / "audit.html")},
     }[case])
-    args = [str(folder), "--model", str(guard_model), *(part for pair in options.items() for part in pair)]
+    args = [str(folder), "--model", str(guard_model), *(part for pair in options.items() for part in pair if part is not None)]
     _assert_refused(saeforge(["steer", *args]), capsys.readouterr(), "steer", *expected)
