@@ -244,7 +244,7 @@ def _steer(args: argparse.Namespace) -> int:
         outcome = run_steer(request)
     sys.stdout.write(format_steer(outcome.steer))
     if outcome.audit is not None:
-        from interp.audit import format_audit
+        from interp.terminal import format_audit
 
         sys.stdout.write("\n" + format_audit(outcome.audit))
     if args.json:

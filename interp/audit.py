@@ -2,7 +2,8 @@
 suppressed feature's effect leaks past it through what the dictionary does not explain.
 
     from interp import open_observer
-    from interp.audit import audit, audit_text, format_audit
+    from interp.audit import audit, audit_text
+    from interp.terminal import format_audit
     from interp.steering import Steerer
 
     steerer = Steerer(open_observer("store/runs/<run>/dictionary/model.layers.15"))
@@ -119,7 +120,6 @@ __all__ = [
     "audit",
     "audit_text",
     "choose_features",
-    "format_audit",
     "resolve_targets",
 ]
 
@@ -889,67 +889,3 @@ def _summary(a: FeatureAudit) -> str:
             f"{a.steered.target_logprob_change:+.3g} nats (a random direction of equal norm: "
             f"{a.control.target_logprob_change:+.3g}) at KL {a.steered.kl_divergence:.3g} nats; the dashboard reads "
             f"{a.dashboard.feature_read_back:.4g} for the {a.dashboard.feature_set:.4g} set.")
-
-
-# --------------------------------------------------------------------------- the terminal
-
-
-def _f(value: float | None, spec: str = ".4g") -> str:
-    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
-
-
-def _behaviour_rows(a: FeatureAudit) -> list[str]:
-    rows = [f"  {'':<13} {'log p(targets)':>15} {'change':>11} {'p(targets)':>11} {'KL (nats)':>10}"]
-    for name, b in (("unedited", a.unedited), ("steered", a.steered), ("control", a.control)):
-        rows.append(f"  {name:<13} {_f(b.target_logprob):>15} {_f(b.target_logprob_change, '+.4g'):>11} "
-                    f"{_f(b.target_probability):>11} {_f(b.kl_divergence):>10}")
-    return rows
-
-
-def _feature_lines(a: FeatureAudit) -> list[str]:
-    where = "every encoded position" if a.kind == "amplify" else "the positions where it fires"
-    lines = [
-        f"feature {a.feature}  {a.kind}: {a.mode} {a.value:.4g}, error term {a.error_term}; "
-        f"measured at {where} ({a.n_positions:,})",
-        f"  targets ({a.targets_source}): " + "  ".join(
-            repr(t.token) + ("" if t.logit is None else f" {t.logit:+.3g}") for t in a.targets),
-        f"  dashboard     before {_f(a.dashboard.feature_before)}   set {_f(a.dashboard.feature_set)}   "
-        f"read back {_f(a.dashboard.feature_read_back)}",
-        *_behaviour_rows(a),
-    ]
-    c = a.continuations
-    if c is not None:
-        lines += [
-            f"  continuations {len(c.seeds)} seeds x {c.n_prompts} prompts, {c.max_new_tokens} tokens: holding a target "
-            f"{_f(c.unedited_target_rate, '.0%')} -> {_f(c.steered_target_rate, '.0%')}, target tokens "
-            f"{_f(c.unedited_target_share, '.1%')} -> {_f(c.steered_target_share, '.1%')}, "
-            f"coherence (unedited loss, nats) {_f(c.unedited_coherence, '.3f')} -> {_f(c.steered_coherence, '.3f')}",
-        ]
-    if a.leak is not None:
-        lk = a.leak
-        lines.append(f"  leak          projected out {_f(lk.projected_drop)}   zeroed {_f(lk.zeroed_drop)}   "
-                     f"leak {_f(lk.leak, '.1%')}   reconstruction {_f(lk.reconstruction_drop)}  (drops, nats)")
-    if a.dose_response is not None:
-        d = a.dose_response
-        lines.append(f"  dose-response (clamp; x {d.unit} {d.unit_value:.4g})")
-        lines.append(f"  {'multiple':>9} {'value':>10} {'log p(targets)':>15} {'change':>11} {'KL':>10} {'coherence':>10}")
-        lines += [f"  {p.multiple:>9g} {p.value:>10.4g} {_f(p.target_logprob):>15} "
-                  f"{_f(p.target_logprob_change, '+.4g'):>11} {_f(p.kl_divergence):>10} {_f(p.coherence, '.3f'):>10}"
-                  for p in d.points]
-    lines.append(f"  {a.summary}")
-    return lines
-
-
-def format_audit(result: AuditResult) -> str:
-    """The audit as a terminal table: a header, then per feature its sections and summary."""
-    cost = result.cost
-    lines = [
-        f"dictionary  {result.dictionary}  ({result.hookpoint} of {result.model})",
-        f"text        {result.text_source}: {result.n_sequences} sequences, {result.n_encoded_tokens:,} encoded tokens",
-        f"cost        {cost.forward_passes:,} forward passes past the hookpoint ({cost.text_passes} over the text, "
-        f"{cost.generated_tokens:,} generated tokens): {cost.text_pass_equivalents:.1f}x one forward over the text",
-        *(f"note        {note}" for note in result.notes),
-    ]
-    for a in result.features:
-        lines += ["", *_feature_lines(a)]
-    return "\n".join(lines)

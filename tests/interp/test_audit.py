@@ -20,9 +20,10 @@ from activation_cache.hooking import (
     resolve_model_source,
 )
 from activation_cache.text import pack_sequences
-from interp.audit import audit, audit_text, choose_features, format_audit
+from interp.audit import audit, audit_text, choose_features
 from interp.observe import open_observer
 from interp.steering import Steerer
+from interp.terminal import format_audit
 from trainer.architectures import ReLUSAE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
