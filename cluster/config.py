@@ -160,13 +160,15 @@ class EvalConfig:
     """CPUs Ray reserves for the evaluation task (its torch thread count follows)."""
     num_gpus: float = 0.0
     """GPUs Ray gives the evaluation task (the model runs on the first if any)."""
-    audit_features: int = 3
+    audit_features: int = 2
     """Feature cards of the report audited after the spliced evaluation (``interp.audit``: each
     clamped high and zeroed, its target tokens' log-probability against a random direction's, KL,
-    and the suppression's leak), shown on the cards and in ``eval.json``'s ``audit``; 0: none."""
-    audit_tokens: int = 1024
+    and the suppression's leak), shown on the cards and in ``eval.json``'s ``audit``; 0: none.
+    Only cards firing at least 3 times in the audit's tokens qualify."""
+    audit_tokens: int = 256
     """Held-out tokens the audit reads (the evaluation's first whole sequences, at least one):
-    about eight forward passes over them per audited feature."""
+    about 7 forward passes over them per audited feature and 2 more (the default run: 16 s for 2
+    features on one CPU thread, docs/evaluation.md)."""
     audit_multiple: float = 10.0
     """The amplification clamps a feature to this multiple of its largest held-out activation."""
     audit_seeds: int = 0

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.eval_text import EvalText, held_out_text, text_source
 from activation_cache.hooking import (
+    ModelSource,
     load_model,
     load_tokenizer,
     resolve_hookpoint,
@@ -48,8 +49,9 @@ from activation_cache.unembedding import unembedding_of
 from cluster.config import EvalConfig, JobConfig, job_from_dict
 from cluster.report_cards import FeatureCard, FeatureSample
 from interp.audit import audit
-from interp.observe import Observer, open_observer
-from interp.steering import FeatureEdit, Steerer
+from interp.loading import read_dictionary_folder
+from interp.observe import Observer
+from interp.steering import FeatureEdit, Steerer, feature_activations
 from trainer.dictionary import load_dictionary
 from trainer.evaluation import (
     ReconstructionErrorStats,
@@ -176,26 +178,45 @@ def _with_context(entry: dict, text: EvalText, tokenizer: Any, before: int) -> d
 
 # --------------------------------------------------------------------------- the steer audit
 
-_LIVE_FREQUENCY = (0.005, 0.3)
-"""The firing frequencies ``interp.audit.choose_features`` calls live by default."""
+_MAX_FREQUENCY = 0.3
+"""The firing frequency above which ``interp.audit.choose_features`` calls a feature dense."""
+_MIN_FIRINGS = 3
+"""Firings a feature needs in the audit's tokens: its suppression is measured where it fires."""
 
 
-def _card_choice(cards: list[FeatureCard], sae: nn.Module, model: nn.Module, skip: set[int], n: int,
+@torch.inference_mode()
+def _firings(observer: Observer, tokens: np.ndarray, features: list[int]) -> tuple[Tensor, int]:
+    """How often each of ``features`` fires on the encoded positions of ``tokens``, and their count."""
+    ids = torch.from_numpy(tokens)
+    acts = observer.harvester()(ids)
+    encoded = ~torch.isin(ids, torch.tensor(sorted(observer.excluded), dtype=torch.long))
+    param = next(observer.sae.parameters())
+    rows = acts[encoded.to(acts.device)].to(device=param.device, dtype=param.dtype)
+    f, _ = feature_activations(observer.sae, rows, features)
+    return (f > 0).sum(dim=0).cpu(), len(rows)
+
+
+def _card_choice(observer: Observer, tokens: np.ndarray, cards: list[FeatureCard], n: int,
                  n_targets: int = 5) -> list[int]:
     """Up to ``n`` of the cards' latents, best first, by ``interp.audit.choose_features``'s
     criterion restricted to them (scoring every latent would cost an (n_latents, vocab) product):
-    live (a held-out firing frequency in ``_LIVE_FREQUENCY``; fired among the scanned tokens when
-    the frequency is unknown), ranked by how far their ``n_targets`` most promoted tokens (``skip``
-    left out) stand out of the vocabulary's logits, in standard deviations above its mean."""
-    lo, hi = _LIVE_FREQUENCY
-    live = [c.index for c in cards if (lo <= c.frequency <= hi if c.frequency is not None else c.fired > 0)]
-    unembedding, _ = unembedding_of(model)
-    if not live or unembedding is None:
+    among those firing at least ``_MIN_FIRINGS`` times on the encoded positions of ``tokens`` and
+    on at most ``_MAX_FREQUENCY`` of them, the ones whose ``n_targets`` most promoted tokens
+    (special and excluded tokens left out) stand out furthest from the vocabulary's logits, in
+    standard deviations above its mean."""
+    unembedding, _ = unembedding_of(observer.harvester().model)
+    indices = list(dict.fromkeys(c.index for c in cards))
+    if not indices or unembedding is None:
         return []
+    counts, n_rows = _firings(observer, tokens, indices)
+    live = [i for i, c in zip(indices, counts.tolist(), strict=True) if _MIN_FIRINGS <= c <= _MAX_FREQUENCY * n_rows]
+    if not live:
+        return []
+    skip = sorted(set(observer.excluded) | set(observer.tokenizer.all_special_ids))
     with torch.inference_mode():
-        logits = sae.W_dec.detach()[live].float().cpu() @ unembedding.T
+        logits = observer.sae.W_dec.detach()[live].float().cpu() @ unembedding.T
         mean, std = logits.mean(dim=1), logits.std(dim=1)
-        logits[:, sorted(skip)] = -math.inf
+        logits[:, skip] = -math.inf
         top = logits.topk(min(n_targets, logits.shape[1]), dim=1).values.mean(dim=1)
         order = ((top - mean) / std.clamp_min(1e-12)).argsort(descending=True)
     return [live[i] for i in order[:n].tolist()]
@@ -216,29 +237,34 @@ def _units(observer: Observer, features: list[int], cards: dict[int, FeatureCard
     return units
 
 
-def audit_cards(
-    uri: str, model: nn.Module, text: EvalText, cfg: EvalConfig, cards: list[FeatureCard], *,
-    s3_options: dict | None = None, model_id: str | None = None,
-) -> dict:
+def audit_observer(uri: str, model: nn.Module, tokenizer: Any, source: ModelSource, *, dtype: str,
+                   s3_options: dict | None = None) -> Observer:
+    """The dictionary at ``uri`` observed through the evaluation's ``model`` and ``tokenizer``,
+    already loaded (``open_observer`` would read the model's files again: seconds for a GGUF)."""
+    folder = read_dictionary_folder(uri, s3_options=s3_options)
+    observer = Observer(folder, model_name=source.model_id, source=source, dtype=dtype,
+                        hookpoint=resolve_hookpoint(model, folder.hook_name), tokenizer=tokenizer, max_positions=None)
+    observer.use_model(model)
+    return observer
+
+
+def audit_cards(observer: Observer, text: EvalText, cfg: EvalConfig, cards: list[FeatureCard]) -> dict:
     """``eval.json``'s ``audit``: up to ``cfg.audit_features`` of the report's ``cards`` (the
-    clearest live ones, ``_card_choice``) each clamped to ``cfg.audit_multiple`` times its maximum
-    activation and zeroed, with the error term kept, on the first ``cfg.audit_tokens`` of
-    ``text``, with ``model`` (already loaded; ``model_id`` its source, checked against the
-    dictionary's). ``amplify`` and ``suppress`` are ``interp.audit.AuditResult.to_dict()``;
-    ``{"skipped": reason}`` when the dictionary cannot be audited."""
+    clearest of those that fire often enough in the audit's tokens, ``_card_choice``)
+    each clamped to ``cfg.audit_multiple`` times its maximum activation and zeroed, with the error
+    term kept, on the first ``cfg.audit_tokens`` of ``text``. ``amplify`` and ``suppress`` are
+    ``interp.audit.AuditResult.to_dict()``; ``{"skipped": reason}`` when the dictionary cannot be
+    audited."""
     start = time.perf_counter()
     try:
-        steerer = Steerer(open_observer(uri, s3_options=s3_options, loaded_model=model))
+        steerer = Steerer(observer)
     except ValueError as err:  # a dictionary with run-time normalisation cannot steer
         return {"skipped": str(err)}
-    observer = steerer.observer
-    if model_id is not None and observer.model_name != model_id:
-        return {"skipped": f"the audit runs the dictionary's own model {observer.model_name}, not {model_id}"}
     tokens = np.array(text.tokens[: max(1, cfg.audit_tokens // text.tokens.shape[1])])  # writable copy
-    skip = set(observer.excluded) | set(observer.tokenizer.all_special_ids)
-    features = _card_choice(cards, observer.sae, model, skip, cfg.audit_features)
+    features = _card_choice(observer, tokens, cards, cfg.audit_features)
     if not features:
-        return {"skipped": "no live feature card with promoted tokens"}
+        return {"skipped": f"no feature card fires {_MIN_FIRINGS} times or more, on at most {_MAX_FREQUENCY:.0%}, "
+                           f"of the audit's {tokens.size:,} held-out tokens"}
     notes: list[str] = []
     units = _units(observer, features, {c.index: c for c in cards}, notes)
     settings = {"seeds": cfg.audit_seeds, "doses": (), "text_source": text.source}
@@ -248,7 +274,7 @@ def audit_cards(
         amplify = audit(steerer, edit, tokens, **settings).to_dict()
     suppress = audit(steerer, FeatureEdit(tuple(features), (0.0,) * len(features)), tokens, **settings).to_dict()
     seconds = time.perf_counter() - start
-    log.info("%s: audited features %s on %d tokens in %.1f s", uri, features, tokens.size, seconds)
+    log.info("%s: audited features %s on %d tokens in %.1f s", observer.folder.uri, features, tokens.size, seconds)
     return {"features": features, "multiple": cfg.audit_multiple, "units": units,
             "amplify": amplify, "suppress": suppress, "seconds": round(seconds, 2), "notes": notes}
 
@@ -315,7 +341,8 @@ def evaluate_uris(
         # among the report's cards (choosing among every latent costs an (n_latents, vocab) product).
         if cfg.audit_features > 0 and folder.exists(FEATURES_FILE):
             cards = FeatureSample.from_json(folder.get_bytes(FEATURES_FILE)).cards
-            audit_section = audit_cards(uri, model, text, cfg, cards, s3_options=s3_options, model_id=source.model_id)
+            observer = audit_observer(uri, model, tokenizer, source, dtype=model_cfg.dtype, s3_options=s3_options)
+            audit_section = audit_cards(observer, text, cfg, cards)
         merged.append(store_evaluation(folder, result, audit_section))
     return merged
 
