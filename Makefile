@@ -4,7 +4,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: run test bench bench-observe lint setup clean
+.PHONY: run test bench bench-observe bench-audit lint setup clean
 
 setup:
 	@bash scripts/setup.sh
@@ -24,6 +24,10 @@ bench:
 # observe against the bare forward to the hookpoint, at two dictionary widths (about 4 minutes).
 bench-observe: setup
 	$(VENV)/bin/python benchmarks/bench_observe.py --write benchmarks/RESULTS.md $(ARGS)
+
+# The steer audit of one feature on 4,096 held-out tokens against the bare forward (about 15 minutes).
+bench-audit: setup
+	$(VENV)/bin/python benchmarks/bench_audit.py --write benchmarks/RESULTS.md $(ARGS)
 
 clean:
 	rm -rf store outputs
