@@ -341,8 +341,12 @@ def evaluate_uris(
         # among the report's cards (choosing among every latent costs an (n_latents, vocab) product).
         if cfg.audit_features > 0 and folder.exists(FEATURES_FILE):
             cards = FeatureSample.from_json(folder.get_bytes(FEATURES_FILE)).cards
-            observer = audit_observer(uri, model, tokenizer, source, dtype=model_cfg.dtype, s3_options=s3_options)
-            audit_section = audit_cards(observer, text, cfg, cards)
+            try:
+                observer = audit_observer(uri, model, tokenizer, source, dtype=model_cfg.dtype, s3_options=s3_options)
+            except ValueError as err:  # it reads the whole folder: a file that differs from checksums.json
+                audit_section = {"skipped": str(err)}
+            else:
+                audit_section = audit_cards(observer, text, cfg, cards)
         merged.append(store_evaluation(folder, result, audit_section))
     return merged
 
