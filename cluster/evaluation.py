@@ -36,7 +36,6 @@ from tqdm import tqdm
 from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.eval_text import EvalText, held_out_text, text_source
 from activation_cache.hooking import (
-    ModelSource,
     load_model,
     load_tokenizer,
     resolve_hookpoint,
@@ -49,8 +48,7 @@ from activation_cache.unembedding import unembedding_of
 from cluster.config import EvalConfig, JobConfig, job_from_dict
 from cluster.report_cards import FeatureCard, FeatureSample
 from interp.audit import audit
-from interp.loading import read_dictionary_folder
-from interp.observe import Observer
+from interp.observe import Observer, open_observer
 from interp.steering import FeatureEdit, Steerer, feature_activations
 from trainer.dictionary import load_dictionary
 from trainer.evaluation import (
@@ -237,15 +235,11 @@ def _units(observer: Observer, features: list[int], cards: dict[int, FeatureCard
     return units
 
 
-def audit_observer(uri: str, model: nn.Module, tokenizer: Any, source: ModelSource, *, dtype: str,
+def audit_observer(uri: str, model: nn.Module, tokenizer: Any, model_cfg: ModelConfig, *,
                    s3_options: dict | None = None) -> Observer:
     """The dictionary at ``uri`` observed through the evaluation's ``model`` and ``tokenizer``,
-    already loaded (``open_observer`` would read the model's files again: seconds for a GGUF)."""
-    folder = read_dictionary_folder(uri, s3_options=s3_options)
-    observer = Observer(folder, model_name=source.model_id, source=source, dtype=dtype,
-                        hookpoint=resolve_hookpoint(model, folder.hook_name), tokenizer=tokenizer, max_positions=None)
-    observer.use_model(model)
-    return observer
+    already loaded: no file of the model is read again."""
+    return open_observer(uri, model=model_cfg, s3_options=s3_options, loaded_model=model, tokenizer=tokenizer)
 
 
 def audit_cards(observer: Observer, text: EvalText, cfg: EvalConfig, cards: list[FeatureCard]) -> dict:
@@ -342,7 +336,7 @@ def evaluate_uris(
         if cfg.audit_features > 0 and folder.exists(FEATURES_FILE):
             cards = FeatureSample.from_json(folder.get_bytes(FEATURES_FILE)).cards
             try:
-                observer = audit_observer(uri, model, tokenizer, source, dtype=model_cfg.dtype, s3_options=s3_options)
+                observer = audit_observer(uri, model, tokenizer, model_cfg, s3_options=s3_options)
             except ValueError as err:  # it reads the whole folder: a file that differs from checksums.json
                 audit_section = {"skipped": str(err)}
             else:

@@ -88,9 +88,11 @@ class DictionaryFolder:
         if feature is not None and not 0 <= feature < self.n_latents:
             raise ValueError(f"feature {feature}: the dictionary at {self.uri} has features 0..{self.n_latents - 1}")
 
-    def model_config(self, model: str | None = None) -> ModelConfig:
+    def model_config(self, model: str | ModelConfig | None = None) -> ModelConfig:
         """The model to run the dictionary with (the module docstring's order); ``model`` (a
-        directory or ``packaged:...``) overrides it."""
+        directory or ``packaged:...``, or a whole model config) overrides it."""
+        if isinstance(model, ModelConfig):
+            return model
         found = self._recorded_model()
         if model is not None:
             return ModelConfig(name_or_path=model, dtype=found.dtype if found else "float32")

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from activation_cache.config import ModelConfig
 from activation_cache.hooking import (
     INPUT_SUFFIX,
     ActivationHarvester,
@@ -260,21 +261,23 @@ def _preview(text: str, width: int = 40) -> str:
     return repr(text if len(text) <= width else text[: width - 1] + "…")
 
 
-def open_observer(uri: str, *, model: str | None = None, hookpoint: str | None = None,
-                  s3_options: dict | None = None, loaded_model: nn.Module | None = None) -> Observer:
+def open_observer(uri: str, *, model: str | ModelConfig | None = None, hookpoint: str | None = None,
+                  s3_options: dict | None = None, loaded_model: nn.Module | None = None,
+                  tokenizer: Any = None) -> Observer:
     """The dictionary at ``uri`` (ours or SAELens's; an object-store URI or a local folder) with
     its model's tokenizer: everything checked that can be before the model's weights load (the
     folder, the model files, the hookpoint, the widths). ``model`` (a directory or
     ``packaged:...``) overrides the dictionary's model; ``hookpoint`` overrides where it reads
-    (needed for a SAELens hook name with no known hookpoint). ``loaded_model``: that model,
-    already loaded (in a notebook, say), used instead of loading it again."""
+    (needed for a SAELens hook name with no known hookpoint). ``loaded_model`` and ``tokenizer``:
+    that model and its tokenizer, already loaded (in a notebook, or the job's evaluation), used
+    instead of reading the model's files again (seconds for a GGUF file)."""
     folder = read_dictionary_folder(uri, s3_options=s3_options)
     if "hook_name_out" in folder.cfg.get("metadata", {}):
         raise ValueError(f"{folder.uri}: a transcoder (reads {folder.hook_name}, writes "
                          f"{folder.cfg['metadata']['hook_name_out']}); observe reads and reconstructs one hookpoint")
     model_cfg = folder.model_config(model)
     source = resolve_model_source(model_cfg)
-    skeleton = model_skeleton(source)
+    skeleton = loaded_model if loaded_model is not None else model_skeleton(source)
     canonical = hookpoint_for(folder.hook_name, skeleton, override=hookpoint)
     module = dict(skeleton.named_modules())[canonical.removesuffix(INPUT_SUFFIX)]
     width = hookpoint_width(module, canonical.endswith(INPUT_SUFFIX), int(skeleton.config.hidden_size))
@@ -282,7 +285,7 @@ def open_observer(uri: str, *, model: str | None = None, hookpoint: str | None =
         raise ValueError(f"{folder.uri}: dictionary d_in={folder.sae.d_in} but {source.model_id} at {canonical} "
                          f"has width {width}")
     observer = Observer(folder, model_name=source.model_id, source=source, dtype=model_cfg.dtype,
-                        hookpoint=canonical, tokenizer=load_tokenizer(source),
+                        hookpoint=canonical, tokenizer=tokenizer if tokenizer is not None else load_tokenizer(source),
                         max_positions=getattr(skeleton.config, "max_position_embeddings", None))
     if loaded_model is not None:
         observer.use_model(loaded_model)
