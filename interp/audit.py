@@ -880,10 +880,10 @@ def _summary(a: FeatureAudit) -> str:
         verdict = ("the direction does not carry the targets there, so no leak can be measured" if lk.leak is None
                    else f"{lk.leak:.0%} of the direction's effect leaks past the suppression through what the "
                    "dictionary does not explain")
-        return (f"Zeroing feature {a.feature} with the error term kept lowers the log-probability of {targets} by "
-                f"{lk.zeroed_drop:.3g} nats where it fires, and projecting its decoder direction out of the whole "
-                f"activation by {lk.projected_drop:.3g}: {verdict} (replacing the activation by its reconstruction: "
-                f"{lk.reconstruction_drop:.3g}).")
+        return (f"Zeroing feature {a.feature} with the error term kept changes the log-probability of {targets} by "
+                f"{-lk.zeroed_drop:+.3g} nats where it fires, and projecting its decoder direction out of the whole "
+                f"activation by {-lk.projected_drop:+.3g}: {verdict} (replacing the activation by its "
+                f"reconstruction: {-lk.reconstruction_drop:+.3g}).")
     verb = "Suppressing" if a.kind == "suppress" else f"Setting ({a.mode} {a.value:.4g})"
     return (f"{verb} feature {a.feature} moves the log-probability of {targets} by "
             f"{a.steered.target_logprob_change:+.3g} nats (a random direction of equal norm: "
