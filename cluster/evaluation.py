@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -47,9 +46,9 @@ from activation_cache.text import excluded_token_ids, pack_sequences
 from activation_cache.unembedding import unembedding_of
 from cluster.config import EvalConfig, JobConfig, job_from_dict
 from cluster.report_cards import FeatureCard, FeatureSample
-from interp.audit import audit
+from interp.audit import audit, firing_counts, target_standout
 from interp.observe import Observer, open_observer
-from interp.steering import FeatureEdit, Steerer, feature_activations
+from interp.steering import FeatureEdit, Steerer
 from trainer.dictionary import load_dictionary
 from trainer.evaluation import (
     ReconstructionErrorStats,
@@ -182,41 +181,21 @@ _MIN_FIRINGS = 3
 """Firings a feature needs in the audit's tokens: its suppression is measured where it fires."""
 
 
-@torch.inference_mode()
-def _firings(observer: Observer, tokens: np.ndarray, features: list[int]) -> tuple[Tensor, int]:
-    """How often each of ``features`` fires on the encoded positions of ``tokens``, and their count."""
-    ids = torch.from_numpy(tokens)
-    acts = observer.harvester()(ids)
-    encoded = ~torch.isin(ids, torch.tensor(sorted(observer.excluded), dtype=torch.long))
-    param = next(observer.sae.parameters())
-    rows = acts[encoded.to(acts.device)].to(device=param.device, dtype=param.dtype)
-    f, _ = feature_activations(observer.sae, rows, features)
-    return (f > 0).sum(dim=0).cpu(), len(rows)
-
-
 def _card_choice(observer: Observer, tokens: np.ndarray, cards: list[FeatureCard], n: int,
                  n_targets: int = 5) -> list[int]:
     """Up to ``n`` of the cards' latents, best first, by ``interp.audit.choose_features``'s
     criterion restricted to them (scoring every latent would cost an (n_latents, vocab) product):
     among those firing at least ``_MIN_FIRINGS`` times on the encoded positions of ``tokens`` and
-    on at most ``_MAX_FREQUENCY`` of them, the ones whose ``n_targets`` most promoted tokens
-    (special and excluded tokens left out) stand out furthest from the vocabulary's logits, in
-    standard deviations above its mean."""
-    unembedding, _ = unembedding_of(observer.harvester().model)
+    on at most ``_MAX_FREQUENCY`` of them, the ones whose promoted tokens stand out furthest
+    (``interp.audit.target_standout``)."""
     indices = list(dict.fromkeys(c.index for c in cards))
-    if not indices or unembedding is None:
+    if not indices or unembedding_of(observer.harvester().model)[0] is None:
         return []
-    counts, n_rows = _firings(observer, tokens, indices)
-    live = [i for i, c in zip(indices, counts.tolist(), strict=True) if _MIN_FIRINGS <= c <= _MAX_FREQUENCY * n_rows]
+    counts, n_rows = firing_counts(observer, tokens)
+    live = [i for i in indices if _MIN_FIRINGS <= counts[i] <= _MAX_FREQUENCY * n_rows]
     if not live:
         return []
-    skip = sorted(set(observer.excluded) | set(observer.tokenizer.all_special_ids))
-    with torch.inference_mode():
-        logits = observer.sae.W_dec.detach()[live].float().cpu() @ unembedding.T
-        mean, std = logits.mean(dim=1), logits.std(dim=1)
-        logits[:, skip] = -math.inf
-        top = logits.topk(min(n_targets, logits.shape[1]), dim=1).values.mean(dim=1)
-        order = ((top - mean) / std.clamp_min(1e-12)).argsort(descending=True)
+    order = target_standout(observer, live, n_targets=n_targets).argsort(descending=True)
     return [live[i] for i in order[:n].tolist()]
 
 

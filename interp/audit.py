@@ -120,7 +120,9 @@ __all__ = [
     "audit",
     "audit_text",
     "choose_features",
+    "firing_counts",
     "resolve_targets",
+    "target_standout",
 ]
 
 Kind = Literal["amplify", "suppress"]
@@ -360,16 +362,10 @@ def _unembedding(model: nn.Module) -> Tensor:
     return weight
 
 
-def choose_features(observer: Observer, tokens: Tensor | np.ndarray, *, n: int = 1, n_targets: int = 5,
-                    min_frequency: float = 0.005, max_frequency: float = 0.3) -> list[int]:
-    """Up to ``n`` live features with clear promoted tokens, best first: among the features that fire
-    on between ``min_frequency`` and ``max_frequency`` of the encoded tokens of ``tokens`` (and on
-    held-out text, where the dictionary records its features' maxima), those
-    whose top ``n_targets`` promoted tokens (special tokens left out) stand furthest out of the
-    vocabulary: the mean of their logits through the unembedding, in standard deviations of all
-    the vocabulary's logits above its mean."""
-    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
-    rows = _feature_rows(observer, tokens, None)
+def firing_counts(observer: Observer, tokens: Tensor | np.ndarray) -> tuple[Tensor, int]:
+    """(n_latents,) how many of the encoded positions of ``tokens`` each latent fires on, and how
+    many encoded positions there are."""
+    rows = _feature_rows(observer, torch.as_tensor(np.asarray(tokens), dtype=torch.long), None)
     counts = torch.zeros(observer.folder.n_latents)
     with torch.inference_mode():
         for part in rows.split(1024):
@@ -378,24 +374,41 @@ def choose_features(observer: Observer, tokens: Tensor | np.ndarray, *, n: int =
                 counts += (code.acts > 0).sum(dim=0).float().cpu()
             else:
                 counts.index_add_(0, code.indices[code.acts > 0].cpu(), torch.ones(int((code.acts > 0).sum())))
-    frequency = counts / max(1, len(rows))
+    return counts, len(rows)
+
+
+def target_standout(observer: Observer, features: Sequence[int], *, n_targets: int = 5) -> Tensor:
+    """(len(features),) how clearly each feature promotes tokens: the mean logit of its top
+    ``n_targets`` promoted tokens through the unembedding (special and excluded tokens left out),
+    in standard deviations of all the vocabulary's logits above its mean."""
+    unembedding = _unembedding(observer.harvester().model)
+    skip = sorted(set(observer.excluded) | set(observer.tokenizer.all_special_ids))
+    scores = []
+    with torch.inference_mode():
+        for part in torch.as_tensor(list(features), dtype=torch.long).split(256):
+            logits = observer.sae.W_dec.detach()[part].float().cpu() @ unembedding.T
+            mean, std = logits.mean(dim=1), logits.std(dim=1)
+            logits[:, skip] = -math.inf
+            top = logits.topk(min(n_targets, logits.shape[1]), dim=1).values.mean(dim=1)
+            scores.append((top - mean) / std.clamp_min(1e-12))
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def choose_features(observer: Observer, tokens: Tensor | np.ndarray, *, n: int = 1, n_targets: int = 5,
+                    min_frequency: float = 0.005, max_frequency: float = 0.3) -> list[int]:
+    """Up to ``n`` live features with clear promoted tokens, best first: among the features that fire
+    on between ``min_frequency`` and ``max_frequency`` of the encoded tokens of ``tokens`` (and on
+    held-out text, where the dictionary records its features' maxima), those whose promoted tokens
+    stand furthest out of the vocabulary (``target_standout``)."""
+    counts, n_rows = firing_counts(observer, tokens)
+    frequency = counts / max(1, n_rows)
     alive = (frequency >= min_frequency) & (frequency <= max_frequency)
     if observer.folder.feature_max is not None:  # never fired on held-out text: no unit for "10x"
         alive &= observer.folder.feature_max.cpu() > 0
     live = torch.nonzero(alive).flatten()
     if len(live) == 0:
         return []
-    unembedding = _unembedding(observer.harvester().model)
-    skip = sorted(set(observer.excluded) | set(observer.tokenizer.all_special_ids))
-    scores = []
-    with torch.inference_mode():
-        for part in live.split(256):
-            logits = observer.sae.W_dec.detach()[part].float().cpu() @ unembedding.T
-            mean, std = logits.mean(dim=1), logits.std(dim=1)
-            logits[:, skip] = -math.inf
-            top = logits.topk(min(n_targets, logits.shape[1]), dim=1).values.mean(dim=1)
-            scores.append((top - mean) / std.clamp_min(1e-12))
-    order = torch.cat(scores).argsort(descending=True)
+    order = target_standout(observer, live.tolist(), n_targets=n_targets).argsort(descending=True)
     return live[order[:n]].tolist()
 
 
