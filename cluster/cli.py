@@ -170,9 +170,6 @@ def _observe(args: argparse.Namespace) -> int:
     configure_logging("WARNING")
     observer = open_observer(args.uri, model=args.model, hookpoint=args.hookpoint,
                              s3_options={"endpoint_url": args.endpoint_url})
-    observer.folder.check_feature(args.feature)
-    for text in texts:
-        observer.token_ids(text, chat=args.chat)  # every text checked before the model's weights load
     result = observer.observe(texts, top=args.top, feature=args.feature, chat=args.chat)
     sys.stdout.write(format_observations(result))
     if args.json:
@@ -235,13 +232,13 @@ def _steer(args: argparse.Namespace) -> int:
                             seeds=args.seeds) if args.audit else None,
     )
     configure_logging("WARNING")
-    prepare(request)  # the dictionary, model files, features, value and prompts checked before a model loads
+    prepared = prepare(request)  # the dictionary, model files, features, value and prompts checked before a model loads
     if args.address:
         from cluster.remote import run_on_cluster
 
-        outcome = run_on_cluster(args.address, run_steer, request)
+        outcome = run_on_cluster(args.address, run_steer, request)  # the task prepares it again, on its node
     else:
-        outcome = run_steer(request)
+        outcome = run_steer(request, prepared)
     sys.stdout.write(format_steer(outcome.steer))
     if outcome.audit is not None:
         from interp.terminal import format_audit

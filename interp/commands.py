@@ -68,9 +68,10 @@ def prepare(request: SteerRequest) -> tuple[Steerer, FeatureEdit, list[list[int]
     return steerer, edit, prompt_ids
 
 
-def run_steer(request: SteerRequest) -> SteerOutcome:
-    """The prompts continued with and without the edit, and the audit if asked for."""
-    steerer, edit, prompt_ids = prepare(request)
+def run_steer(request: SteerRequest, prepared: tuple[Steerer, FeatureEdit, list[list[int]]] | None = None) -> SteerOutcome:
+    """The prompts continued with and without the edit, and the audit if asked for; ``prepared``
+    is ``prepare(request)``'s result where the caller has it already (here, not across Ray)."""
+    steerer, edit, prompt_ids = prepared if prepared is not None else prepare(request)
     steered = steerer.steer(list(request.prompts), edit, request.generation, chat=request.chat)
     if request.audit is None:
         return SteerOutcome(steered, None)
