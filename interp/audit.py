@@ -102,7 +102,7 @@ from interp.steering import (
     feature_activations,
 )
 from trainer.config import TrainConfig
-from trainer.evaluation import kl_divergence
+from trainer.evaluation import kl_divergence, spliced_positions
 
 __all__ = [
     "DOSES",
@@ -421,7 +421,7 @@ def _batches(tokens: Tensor, batch_tokens: int) -> list[slice]:
 
 
 def _encoded(observer: Observer, tokens: Tensor) -> Tensor:
-    return ~torch.isin(tokens, torch.tensor(sorted(observer.excluded), dtype=torch.long))
+    return spliced_positions(tokens, observer.excluded)
 
 
 def _sae_rows(observer: Observer, acts: Tensor) -> Tensor:

@@ -45,6 +45,7 @@ from activation_cache.text import excluded_token_ids, token_decoder
 from interp.hooknames import hookpoint_for
 from interp.loading import DictionaryFolder, read_dictionary_folder
 from trainer.activation_stats import ActivationStats
+from trainer.evaluation import spliced_positions
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class Observer:
     @torch.inference_mode()
     def _encode(self, ids: list[int], *, top: int, feature: int | None) -> _Encoded:
         acts = self.harvester()(torch.tensor([ids]))[0]
-        encoded = ~torch.isin(torch.tensor(ids), torch.tensor(sorted(self.excluded), dtype=torch.long))
+        encoded = spliced_positions(torch.tensor(ids), self.excluded)
         param = next(self.sae.parameters())
         rows = acts[encoded.to(acts.device)].to(device=param.device, dtype=param.dtype)
         code, reconstruction = self.sae.reconstruct(rows)

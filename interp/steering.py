@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from activation_cache.hooking import spliced
 from interp.observe import Observer
+from trainer.evaluation import spliced_positions
 from trainer.sae import SparseCoder
 
 __all__ = ["FeatureEdit", "GenerationSettings", "SteerResult", "Steerer", "edit_activations", "parse_value"]
@@ -192,12 +193,12 @@ class Steerer:
             yield
             return
         model, sae = self.model, self.observer.sae
-        excluded = torch.tensor(sorted(self.observer.excluded), dtype=torch.long)
+        excluded = self.observer.excluded
         current: dict[str, Tensor] = {}
 
         def remember_ids(module: nn.Module, args: tuple, kwargs: dict) -> None:
             ids = args[0] if args else kwargs.get("input")
-            current["encoded"] = ~torch.isin(ids.cpu(), excluded)
+            current["encoded"] = spliced_positions(ids.cpu(), excluded)
 
         def replace(acts: Tensor) -> Tensor:
             encoded = current["encoded"].to(acts.device)
