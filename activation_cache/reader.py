@@ -16,6 +16,12 @@ shards as manifests listing them appear (each shard to the rank ``shard_rank(nam
 complete and every shard has been read; later epochs are planned as above over the complete cache. A resumed tailing reader
 replays the shards it had taken, in their order, so no row is lost or repeated; the shards after
 them come in the order the resumed reader finds them committed.
+
+Pairs (a transcoder's ``(x, y)``): with a ``target_store`` the epoch is planned on the input
+cache alone, exactly as above, and each batch is gathered from both caches at the same row
+indices. The two caches come from one forward pass, so a shard of one has the same name, rows,
+sequences and positions as the shard of the other; each pair is checked for that when it is
+read. A tailing paired reader counts a shard as committed once both manifests list it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ from activation_cache.schema import CorruptShardError, DecodedShard, decode_shar
 from activation_cache.store import ObjectNotFound, ObjectStore
 
 STATE_VERSION = 1
+
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+"""A reader's batch: the activations, or a paired reader's ``(x, y)``."""
 
 
 class TailingAborted(RuntimeError):
@@ -56,6 +65,32 @@ def read_shard(store: ObjectStore, entry: ShardEntry, *, as_float32: bool = True
     if len(shard.activations) != entry.rows:
         raise CorruptShardError(f"shard {entry.name}: {len(shard.activations)} rows, manifest says {entry.rows}")
     return shard
+
+
+def check_shard_pair(x: DecodedShard, y: DecodedShard, *, name: str, input_uri: str, target_uri: str) -> None:
+    """Refuse a shard pair whose rows are not the same tokens: equal row counts and equal
+    ``sequence_id``, ``position`` and ``token_id`` columns."""
+    if len(x.sequence_ids) != len(y.sequence_ids):
+        raise CorruptShardError(f"shard {name}: {len(x.sequence_ids)} rows in cache {input_uri} but "
+                                f"{len(y.sequence_ids)} in cache {target_uri}: not the same tokens")
+    for column in ("sequence_ids", "positions", "token_ids"):
+        a, b = getattr(x, column), getattr(y, column)
+        if not np.array_equal(a, b):
+            row = int(np.flatnonzero(a != b)[0])
+            raise CorruptShardError(f"shard {name}: row {row} has {column[:-1]} {a[row]} in cache {input_uri} but "
+                                    f"{b[row]} in cache {target_uri}: not the same tokens")
+
+
+def read_shard_pair(
+    input_store: ObjectStore, target_store: ObjectStore, input_entry: ShardEntry, target_entry: ShardEntry,
+    *, as_float32: bool = True,
+) -> tuple[DecodedShard, DecodedShard]:
+    """One shard of an input cache and the same shard of its target cache, each verified against
+    its manifest entry and the two against each other (``check_shard_pair``)."""
+    x = read_shard(input_store, input_entry, as_float32=as_float32)
+    y = read_shard(target_store, target_entry, as_float32=as_float32)
+    check_shard_pair(x, y, name=input_entry.name, input_uri=input_store.uri, target_uri=target_store.uri)
+    return x, y
 
 
 def shuffle_rows(chunks: Iterator[torch.Tensor], *, buffer_rows: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -119,53 +154,67 @@ class _ShardLoader:
 
     Reads run ahead of need while the shards held or in flight fit ``budget_bytes`` (measured as
     stored bytes, about the decoded size in the stored dtype); a shard the plan needs now is read
-    whatever the budget. Nothing is read for rows the plan skips (a resumed reader)."""
+    whatever the budget. Nothing is read for rows the plan skips (a resumed reader).
 
-    def __init__(self, store: ObjectStore, *, threads: int, budget_bytes: int):
-        self._store = store
+    With a ``target_store`` each shard is read with its target twin (``read_shard_pair``); the
+    budget counts both."""
+
+    def __init__(self, store: ObjectStore, *, threads: int, budget_bytes: int, target_store: ObjectStore | None = None):
+        self._store, self._target_store = store, target_store
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="saeforge-read")
         self._budget = budget_bytes
         self._entries: list[ShardEntry] = []
+        self._targets: list[ShardEntry | None] = []
+        self._sizes: list[int] = []
         self._remaining: list[int] = []
         self._futures: dict[int, Future] = {}
         self._held_bytes = 0
         self._next = 0
         """Position of the next shard ``top_up`` considers reading."""
 
-    def add(self, entry: ShardEntry, rows_needed: int) -> None:
+    def add(self, entry: ShardEntry, rows_needed: int, target: ShardEntry | None = None) -> None:
         """Register the next shard of the plan, in first-need order: its position is the count
-        of shards added before it."""
+        of shards added before it. ``target`` is its twin in the target cache (paired loaders)."""
+        if (target is None) != (self._target_store is None):
+            raise ValueError(f"shard {entry.name}: a target entry goes with a target store, and only with one")
         self._entries.append(entry)
+        self._targets.append(target)
+        self._sizes.append(entry.size_bytes + (target.size_bytes if target is not None else 0))
         self._remaining.append(rows_needed)
 
     def _submit(self, pos: int) -> Future:
         if pos not in self._futures:
-            entry = self._entries[pos]
-            self._futures[pos] = self._pool.submit(read_shard, self._store, entry, as_float32=False)
-            self._held_bytes += entry.size_bytes
+            entry, target = self._entries[pos], self._targets[pos]
+            if target is None:
+                self._futures[pos] = self._pool.submit(read_shard, self._store, entry, as_float32=False)
+            else:
+                self._futures[pos] = self._pool.submit(
+                    read_shard_pair, self._store, self._target_store, entry, target, as_float32=False)
+            self._held_bytes += self._sizes[pos]
         return self._futures[pos]
 
     def _release(self, pos: int) -> None:
         future = self._futures.pop(pos, None)
         if future is not None:
             future.cancel()
-            self._held_bytes -= self._entries[pos].size_bytes
+            self._held_bytes -= self._sizes[pos]
 
     def top_up(self) -> None:
         """Start reading the next needed shards while the budget allows (at least one in flight)."""
         while self._next < len(self._entries):
             pos = self._next
             if self._remaining[pos] > 0 and pos not in self._futures:
-                size = self._entries[pos].size_bytes
+                size = self._sizes[pos]
                 if self._futures and self._held_bytes + size > self._budget:
                     return
                 self._submit(pos)
             self._next += 1
 
-    def shard(self, pos: int) -> np.ndarray:
-        """The activations of shard ``pos`` as stored (bfloat16 as its int16 bits), waiting for
-        its read if need be."""
-        return self._submit(pos).result().activations
+    def shard(self, pos: int) -> tuple[np.ndarray, ...]:
+        """The activations of shard ``pos`` as stored (bfloat16 as its int16 bits), with its
+        target's after them in a paired loader, waiting for the read if need be."""
+        read = self._submit(pos).result()
+        return tuple(s.activations for s in read) if isinstance(read, tuple) else (read.activations,)
 
     def consume(self, pos: int, n: int) -> None:
         """Count ``n`` rows of shard ``pos`` as used (read or skipped); the shard is let go when
@@ -195,6 +244,12 @@ class ActivationReader:
     that is still being written (module docstring); it polls the manifest every
     ``poll_seconds`` and gives up with ``TimeoutError`` after ``follow_timeout_s`` without a new
     shard.
+
+    With ``target_store`` (a transcoder's target cache, filled by the same forward pass) each
+    batch is an ``(x, y)`` tuple of float32 tensors, (batch_size, d_in) and (batch_size, d_out):
+    the rows of both caches at the same row indices, planned on the input cache exactly as an
+    unpaired reader plans it (so its ``x`` are the unpaired reader's batches). ``target_shards``
+    are the target's entries of the same shards (default: the target's committed manifest).
     """
 
     def __init__(
@@ -202,6 +257,8 @@ class ActivationReader:
         store: ObjectStore,
         shards: Sequence[ShardEntry] | None = None,
         *,
+        target_store: ObjectStore | None = None,
+        target_shards: Sequence[ShardEntry] | None = None,
         rank: int,
         world_size: int,
         batch_size: int,
@@ -223,9 +280,11 @@ class ActivationReader:
                             ("read_threads", read_threads), ("prefetch_bytes", prefetch_bytes)):
             if value <= 0:
                 raise ValueError(f"{name}={value} must be positive")
-        if follow and shards is not None:
+        if follow and (shards is not None or target_shards is not None):
             raise ValueError("follow=True reads the manifest as it grows: pass shard_filter, not shards")
-        self.store = store
+        if target_shards is not None and target_store is None:
+            raise ValueError("target_shards were given without the target_store they belong to")
+        self.store, self.target_store = store, target_store
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.seed = batch_size, seed
         self.shuffle_buffer_rows = shuffle_buffer_rows
@@ -236,13 +295,14 @@ class ActivationReader:
         self.shard_rank = shard_rank or (lambda name: zlib.crc32(name.encode()) % world_size)
         self.abort = abort
         self._shards: list[ShardEntry] | None = None
-        if shards is not None:
-            self._set_shards(shards)
-        elif not follow:
-            manifest = self._manifest()
-            if manifest is None:
-                raise FileNotFoundError(f"no committed manifest in {store.uri}: not an activation cache")
-            self._set_shards(manifest.shards)
+        self._target_entries: dict[str, ShardEntry] = {}
+        """The target cache's entries by shard name (a paired reader's)."""
+        if not follow:
+            if shards is None:
+                shards = self._committed(self._manifest(), store).shards
+            if target_store is not None and target_shards is None:
+                target_shards = self._committed(self._target_manifest(), target_store).shards
+            self._set_shards(shards, target_shards)
         # Position: the epoch being read and the batches of it already yielded.
         self._epoch, self._batches_done = 0, 0
         self._restored: tuple[int, int] | None = None
@@ -251,23 +311,48 @@ class ActivationReader:
 
     # ------------------------------------------------------------------ the shard list
 
+    @property
+    def paired(self) -> bool:
+        """Whether batches are ``(x, y)`` pairs read from an input and a target cache."""
+        return self.target_store is not None
+
     def _manifest(self) -> Manifest | None:
         return load_manifest(self.store)
 
-    def _set_shards(self, shards: Sequence[ShardEntry]) -> None:
+    def _target_manifest(self) -> Manifest | None:
+        return None if self.target_store is None else load_manifest(self.target_store)
+
+    @staticmethod
+    def _committed(manifest: Manifest | None, store: ObjectStore) -> Manifest:
+        if manifest is None:
+            raise FileNotFoundError(f"no committed manifest in {store.uri}: not an activation cache")
+        return manifest
+
+    def _set_shards(self, shards: Sequence[ShardEntry], target_shards: Sequence[ShardEntry] | None = None) -> None:
         selected = [s for s in shards if self.shard_filter is None or self.shard_filter(s)]
         if not selected:
             raise ValueError(f"no committed shards to read in {self.store.uri}")
+        if self.target_store is not None:
+            self._target_entries.update({s.name: s for s in target_shards or ()})
+            missing = [s.name for s in selected if s.name not in self._target_entries]
+            if missing:
+                raise ValueError(f"shard {missing[0]} of cache {self.store.uri} is not in the manifest of its "
+                                 f"target cache {self.target_store.uri}: not a pair of caches of one forward pass")
         self._shards = sorted(selected, key=lambda s: s.name)
+
+    def _target_of(self, entry: ShardEntry) -> ShardEntry | None:
+        return self._target_entries[entry.name] if self.target_store is not None else None
 
     @property
     def shards(self) -> list[ShardEntry]:
         """The shards a planned epoch reads (for a tailing reader, once the cache is complete)."""
         if self._shards is None:
-            manifest = self._manifest()
-            if manifest is None or not manifest.complete:
-                raise RuntimeError(f"cache {self.store.uri} is still being written: its shards are not final")
-            self._set_shards(manifest.shards)
+            manifest, target = self._manifest(), self._target_manifest()
+            for m, store in ((manifest, self.store), (target, self.target_store)):
+                if store is not None and (m is None or not m.complete):
+                    raise RuntimeError(f"cache {store.uri} is still being written: its shards are not final")
+            assert manifest is not None
+            self._set_shards(manifest.shards, None if target is None else target.shards)
         assert self._shards is not None
         return self._shards
 
@@ -314,9 +399,9 @@ class ActivationReader:
 
     def _materialise(
         self, id_batches: Iterator[torch.Tensor], loader: _ShardLoader, offsets: list[int], skip: int
-    ) -> Iterator[torch.Tensor]:
-        """Turn batches of row ids (``offsets[pos] + row``) into activations, skipping the first
-        ``skip`` batches without reading them."""
+    ) -> Iterator[Batch]:
+        """Turn batches of row ids (``offsets[pos] + row``) into activations (pairs of them from
+        a paired loader), skipping the first ``skip`` batches without reading them."""
         starts = np.asarray(offsets)
         for index, id_batch in enumerate(id_batches):
             # numpy, not torch, from here: on a small CPU torch's thread pool spins after each
@@ -335,22 +420,27 @@ class ActivationReader:
                     loader.consume(p, len(where))
                 continue
             loader.top_up()
-            parts = []
+            parts = []  # per shard: its rows of each cache, gathered at the same indices
             for p, where in groups:
-                parts.append(loader.shard(p)[ids[where] - offsets[p]])
+                rows = ids[where] - offsets[p]
+                parts.append([activations[rows] for activations in loader.shard(p)])
                 loader.consume(p, len(where))
-            batch = _as_float32(np.concatenate(parts))
+            columns = tuple(_as_float32(np.concatenate(column)) for column in zip(*parts, strict=True))
             self._batches_done = index + 1
-            yield batch
+            yield columns if self.paired else columns[0]
 
-    def _planned_epoch(self, epoch: int, skip: int) -> Iterator[torch.Tensor]:
+    def _loader(self) -> _ShardLoader:
+        return _ShardLoader(self.store, threads=self.read_threads, budget_bytes=self.prefetch_bytes,
+                            target_store=self.target_store)
+
+    def _planned_epoch(self, epoch: int, skip: int) -> Iterator[Batch]:
         ordered, segments = self._segments(epoch)
-        loader = _ShardLoader(self.store, threads=self.read_threads, budget_bytes=self.prefetch_bytes)
+        loader = self._loader()
         # Row ids number this rank's segments' shards in the order their rows enter the buffer.
         offsets, chunks, offset = [], [], 0
         for segment in segments:
             entry = ordered[segment.pos]
-            loader.add(entry, segment.stop - segment.start)
+            loader.add(entry, segment.stop - segment.start, self._target_of(entry))
             offsets.append(offset)
             chunks.append(torch.arange(segment.start, segment.stop, dtype=torch.int64) + offset)
             offset += entry.rows
@@ -363,10 +453,24 @@ class ActivationReader:
         finally:
             loader.close()
 
-    def _tailed_epoch(self, skip: int, replay: list[str]) -> Iterator[torch.Tensor]:
+    def _listed(self) -> tuple[dict[str, ShardEntry], Manifest | None, bool]:
+        """The shards committed so far by name (a paired reader's: those both manifests list),
+        the input's manifest, and whether the cache (both caches) is complete."""
+        manifest = self._manifest()
+        listed = {} if manifest is None else {s.name: s for s in manifest.shards}
+        complete = manifest is not None and manifest.complete
+        if self.target_store is not None:
+            target = self._target_manifest()
+            twins = {} if target is None else {s.name: s for s in target.shards}
+            self._target_entries.update(twins)
+            listed = {name: s for name, s in listed.items() if name in twins}
+            complete = complete and target is not None and target.complete
+        return listed, manifest, complete
+
+    def _tailed_epoch(self, skip: int, replay: list[str]) -> Iterator[Batch]:
         """Epoch 0 of a tailing reader: this rank's shards as manifests list them, after the
         ``replay`` ones (a restored reader's, in their order)."""
-        loader = _ShardLoader(self.store, threads=self.read_threads, budget_bytes=self.prefetch_bytes)
+        loader = self._loader()
         offsets: list[int] = []
         self._followed = []
 
@@ -377,8 +481,7 @@ class ActivationReader:
                 reason = self.abort() if self.abort is not None else None
                 if reason:
                     raise TailingAborted(f"cache {self.store.uri}: stopped reading a cache still being written: {reason}")
-                manifest = self._manifest()
-                listed = {} if manifest is None else {s.name: s for s in manifest.shards}
+                listed, manifest, complete = self._listed()
                 missing = [name for name in replay if name not in listed]
                 if missing:
                     raise CorruptShardError(f"shard {missing[0]}: read before, no longer in {self.store.uri}'s manifest")
@@ -391,7 +494,8 @@ class ActivationReader:
                     taken.add(entry.name)
                     self._followed.append(entry.name)
                     yield entry
-                if manifest is not None and manifest.complete:
+                if complete:
+                    assert manifest is not None
                     self._set_shards(manifest.shards)
                     return
                 if fresh:
@@ -407,7 +511,7 @@ class ActivationReader:
         def chunks() -> Iterator[torch.Tensor]:
             offset = 0
             for entry in entries():
-                loader.add(entry, entry.rows)
+                loader.add(entry, entry.rows, self._target_of(entry))
                 offsets.append(offset)
                 yield torch.arange(offset, offset + entry.rows, dtype=torch.int64)
                 offset += entry.rows
@@ -423,7 +527,7 @@ class ActivationReader:
             return False
         return self.shard_rank(entry.name) == self.rank
 
-    def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         """This rank's batches for one epoch: from its start, or, for the epoch of a position
         restored by ``load_state_dict``, from that position."""
         skip, replay = 0, []
@@ -439,7 +543,7 @@ class ActivationReader:
             yield from self._planned_epoch(epoch, skip)
         self._epoch, self._batches_done = epoch + 1, 0
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Batch]:
         """Batches over epochs from the current position onward, forever; the caller stops."""
         epoch = self._restored[0] if self._restored is not None else self._epoch
         while True:
@@ -459,13 +563,19 @@ class ActivationReader:
                  "batches_done": self._batches_done, "followed": list(self._followed)}
         if self._shards is not None:
             state["shards"] = [s.name for s in self._shards]
+        if self.paired:
+            state["paired"] = True
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``; it must come from a reader of the same rank, batch size,
-        seed, shuffle buffer and shards."""
+        seed, shuffle buffer and shards, paired if this one is and unpaired if not."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"reader state version {state.get('version')!r}: expected {STATE_VERSION}")
+        if bool(state.get("paired", False)) != self.paired:
+            kinds = ("an unpaired", "a paired (x, y)")
+            raise ValueError(f"reader state was taken by {kinds[bool(state.get('paired', False))]} reader "
+                             f"but this is {kinds[self.paired]} reader: not the same job's data")
         for key, value in self._identity().items():
             if state.get(key) != value:
                 raise ValueError(f"reader state has {key}={state.get(key)!r} but this reader has {key}={value!r}")
