@@ -139,3 +139,43 @@ def load_manifest(store: ObjectStore) -> Manifest | None:
 def commit_manifest(store: ObjectStore, manifest: Manifest) -> None:
     """Publish ``manifest``: one atomic write; its shards must already be in the store."""
     store.put_bytes(MANIFEST_KEY, manifest.to_json())
+
+
+PAIRED_KEY_INPUTS = ("model", "revision", "model_dtype", "dataset", "tokenizer", "tokens_sha256", "context_length",
+                     "excluded_token_ids", "sequences_per_shard")
+"""The cache key inputs a transcoder's input and target caches must share: one forward pass of one
+model over one token stream fills both (the hookpoint, the width and the stored dtype may differ)."""
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_paired_caches(input: Manifest, target: Manifest, *, input_uri: str, target_uri: str) -> None:
+    """Refuse, in one line naming the first difference with both values, two caches that are not
+    the input and target of one forward pass: a different model, revision, model dtype, dataset,
+    tokenizer, token stream, context length, token exclusion or shard size (those ``key_inputs``
+    both manifests record: caches written before a key input existed are compared on the rest),
+    or different shards or row counts. Shard lists are compared whole once both caches are
+    complete; while either is still being written, the row counts of the shards both list."""
+    def refuse(what: str, a: object, b: object) -> None:
+        raise ValueError(f"input cache {input_uri} has {what}={_shown(a)} but target cache {target_uri} has "
+                         f"{what}={_shown(b)}: a transcoder's input and target must come from one forward pass "
+                         "over the same tokens")
+
+    for key in ("model", "revision"):
+        if getattr(input, key) != getattr(target, key):
+            refuse(key, getattr(input, key), getattr(target, key))
+    for key in PAIRED_KEY_INPUTS:
+        if key in input.key_inputs and key in target.key_inputs and input.key_inputs[key] != target.key_inputs[key]:
+            refuse(key, input.key_inputs[key], target.key_inputs[key])
+    rows, target_rows = {s.name: s.rows for s in input.shards}, {s.name: s.rows for s in target.shards}
+    if input.complete and target.complete and rows.keys() != target_rows.keys():
+        name = min(rows.keys() ^ target_rows.keys())
+        holder, other = (input_uri, target_uri) if name in rows else (target_uri, input_uri)
+        raise ValueError(f"shard {name} is in complete cache {holder} but not in complete cache {other}: a "
+                         "transcoder's input and target caches must list the same shards")
+    for name in sorted(rows.keys() & target_rows.keys()):
+        if rows[name] != target_rows[name]:
+            refuse(f"rows of shard {name}", rows[name], target_rows[name])
