@@ -11,9 +11,11 @@ architecture (``trainer.registry``) from its ``SAEConfig`` in one call.
   with a learned threshold so the saved dictionary runs as a JumpReLU; AuxK as TopK.
 * ``MatryoshkaBatchTopKSAE``: BatchTopK whose nested prefixes each reconstruct (Bussmann et al. 2025).
 
-Transcoders are any of these with ``target`` set (the output hookpoint's activations) and built
-with ``transcoder=True`` (``apply_b_dec_to_input=False``): the reconstruction, MSE, FVU and AuxK
-residual are measured against ``target``.
+Transcoders are any of these but Matryoshka (``trainer.registry.TRANSCODER_ARCHITECTURES``) with
+``target`` set (the output hookpoint's activations) and built with ``transcoder=True``
+(``apply_b_dec_to_input=False``), optionally with ``skip_connection=True`` (``W_skip``, the base
+class's): the reconstruction, MSE, FVU and AuxK residual are measured against ``target``, the
+reconstruction including the skip term.
 
 The decoder-norm constraint is the base class's: unit-norm architectures normalise the decoder
 rows inside ``forward`` from the raw parameter (``SparseCoder.decoder_weight``), so that it holds
@@ -157,12 +159,13 @@ class ReLUSAE(SparseCoder):
         unit_norm_decoder: bool = False,
         apply_b_dec_to_input: bool = False,
         decoder_init_norm: float = 0.1,
+        skip_connection: bool = False,
         seed: int | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(
             d_in, n_latents, d_out=d_out, seed=seed, dtype=dtype, apply_b_dec_to_input=apply_b_dec_to_input,
-            unit_norm_decoder=unit_norm_decoder, decoder_init_norm=decoder_init_norm,
+            unit_norm_decoder=unit_norm_decoder, decoder_init_norm=decoder_init_norm, skip_connection=skip_connection,
         )
         if sparsity_coefficient < 0:
             raise ValueError(f"sparsity_coefficient={sparsity_coefficient} must be >= 0")
@@ -255,12 +258,13 @@ class JumpReLUSAE(SparseCoder):
         unit_norm_decoder: bool = True,
         apply_b_dec_to_input: bool = False,
         decoder_init_norm: float = 1.0,
+        skip_connection: bool = False,
         seed: int | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(
             d_in, n_latents, d_out=d_out, seed=seed, dtype=dtype, apply_b_dec_to_input=apply_b_dec_to_input,
-            unit_norm_decoder=unit_norm_decoder, decoder_init_norm=decoder_init_norm,
+            unit_norm_decoder=unit_norm_decoder, decoder_init_norm=decoder_init_norm, skip_connection=skip_connection,
         )
         if sparsity_loss not in ("l0", "tanh"):
             raise ValueError(f"sparsity_loss={sparsity_loss!r}: expected 'l0' or 'tanh'")
@@ -363,12 +367,13 @@ class BatchTopKSAE(SparseCoder):
         apply_b_dec_to_input: bool = True,
         unit_norm_decoder: bool = True,
         decoder_init_norm: float = 1.0,
+        skip_connection: bool = False,
         seed: int | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(
             d_in, n_latents, d_out=d_out, seed=seed, dtype=dtype, apply_b_dec_to_input=apply_b_dec_to_input,
-            unit_norm_decoder=unit_norm_decoder, decoder_init_norm=decoder_init_norm,
+            unit_norm_decoder=unit_norm_decoder, decoder_init_norm=decoder_init_norm, skip_connection=skip_connection,
         )
         if not 0 < k <= n_latents:
             raise ValueError(f"k={k} must be in (0, n_latents={n_latents}]")
@@ -431,9 +436,14 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     reconstruct on their own, ``x̂_m = f[:m] W_dec[:m] + b_dec``, and the loss is the sum of the
     prefixes' MSEs (the paper's sum, as SAELens ``MatryoshkaBatchTopKTrainingSAE``) plus AuxK on
     the full model. ``mse`` and ``fvu`` report the full-width reconstruction. Saved as JumpReLU.
+
+    Not a transcoder (``transcoder_capable``): its prefix losses decode from ``b_dec`` alone, so
+    they would leave out a skip term, and nested prefixes are a recipe for reconstructing the
+    input, not tested as predictions of another hookpoint.
     """
 
     architecture = "matryoshka_batchtopk"
+    transcoder_capable = False
 
     def __init__(
         self,

@@ -45,7 +45,13 @@ class SAEConfig:
     """Nested prefix sizes ending at ``n_latents``; ``None``: n/8, n/4, n/2, n."""
     normalize_activations: bool = True
     """Scale inputs so their mean norm is sqrt(d_model) (statistics from the cache manifest);
-    the factor is folded into the saved weights, so the dictionary works on raw activations."""
+    the factor is folded into the saved weights, so the dictionary works on raw activations.
+    A transcoder scales its input and its target each by its own factor, both folded."""
+    skip_connection: bool = False
+    """Transcoders only (a job with a target hookpoint): add an affine skip path ``x W_skip``
+    (d_in x d_out, zero at the start) beside the sparse one, a skip transcoder (SAELens
+    ``skip_transcoder`` / ``jumprelu_skip_transcoder``). Its output is the dense, linear part of
+    the target the latents then need not explain."""
 
     def __post_init__(self) -> None:
         check_architecture(self.architecture)

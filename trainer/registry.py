@@ -8,7 +8,8 @@ builds it (each Ray Train worker) imports it by that path, so nothing has to be 
 each process first. Adding an architecture is its class and its ``conf/sae/<name>.yaml``
 (plus its line here for one that ships with saeforge).
 
-No torch here: composing and validating a config must stay cheap.
+No torch here: composing and validating a config must stay cheap (only
+``check_transcoder_architecture`` on a ``"module:Class"`` path imports that class, to read it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ BUILTIN_ARCHITECTURES = {
 ARCHITECTURES = tuple(BUILTIN_ARCHITECTURES)
 """The names of the architectures saeforge ships, in the order the docs list them."""
 
+TRANSCODER_ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu_l1", "relu_l1_unitnorm")
+"""The built-in architectures that can be trained as transcoders (``SparseCoder.transcoder_capable``):
+all but ``matryoshka_batchtopk``."""
+
 
 def check_architecture(name: str, *, setting: str = "sae.architecture") -> None:
     """Raise ValueError unless ``name`` is a built-in architecture or a ``"module:Class"`` path
@@ -38,6 +43,22 @@ def check_architecture(name: str, *, setting: str = "sae.architecture") -> None:
     raise ValueError(
         f"{setting}={name!r}: expected one of {list(ARCHITECTURES)} or a 'package.module:Class' path"
     )
+
+
+def check_transcoder_architecture(name: str, *, setting: str = "sae.architecture") -> None:
+    """Raise ValueError unless ``name`` (checked as ``check_architecture`` does) can be a
+    transcoder: a name in ``TRANSCODER_ARCHITECTURES``, or a ``"module:Class"`` path whose class,
+    imported now, is ``transcoder_capable``."""
+    check_architecture(name, setting=setting)
+    if name in TRANSCODER_ARCHITECTURES:
+        return
+    if name in BUILTIN_ARCHITECTURES:
+        raise ValueError(
+            f"{setting}={name!r} cannot be a transcoder: expected one of {list(TRANSCODER_ARCHITECTURES)} "
+            "or a 'package.module:Class' path of a transcoder_capable class"
+        )
+    if not getattr(architecture_class(name), "transcoder_capable", False):
+        raise ValueError(f"{setting}={name!r} cannot be a transcoder: its class sets transcoder_capable=False")
 
 
 def architecture_class(name: str) -> Any:

@@ -6,10 +6,13 @@ What the base owns, once for every architecture:
 
 * the parameters, in SAELens's layout: ``W_enc`` (d_in, n), ``b_enc`` (n,), ``W_dec`` (n, d_out),
   ``b_dec`` (d_out,), initialised tied (``tied_init``). ``d_out`` differs from ``d_in`` for a
-  transcoder, which must not subtract ``b_dec`` from its input (``apply_b_dec_to_input=False``);
+  transcoder, which must not subtract ``b_dec`` from its input (``apply_b_dec_to_input=False``).
+  A skip transcoder (``skip_connection=True``) also has ``W_skip`` (d_in, d_out), zero at
+  initialisation: an affine path ``x W_skip`` beside the sparse one (``skip_output``);
 * the decoder-norm rule (``decoder_weight``): rows normalised inside ``forward`` from the raw
   parameter, or used as they are (``unit_norm_decoder=False``);
-* the forward pass: ``reconstruct`` (``encode``, then ``decode``), the reconstruction error
+* the forward pass: ``reconstruct`` (``encode``, then ``decode``, plus ``skip_output``; ``decode``
+  alone is the sparse path), the reconstruction error
   (``trainer.losses.reconstruction_error``, the one MSE / FVU) against the target (``x``, or
   ``target=`` for a transcoder), and the loss ``fit_loss + sparsity_loss + aux_loss``. A subclass
   overrides the pieces that differ: ``encode`` always, the loss terms where it has them;
@@ -17,10 +20,9 @@ What the base owns, once for every architecture:
 * ``init_b_dec``, ``full_state_dict`` and building from an ``SAEConfig`` (``from_config``) or a
   saved ``cfg.json`` (``for_inference``).
 
-The next architectures fit the same shapes: an affine skip term is one more parameter,
-``W_skip`` (d_in, d_out), added in ``decode`` and folded beside the others; a cross-layer
-transcoder is one encoder and the decoders of several layers side by side in ``W_dec``'s columns
-(``d_out`` their summed widths, the targets concatenated the same way).
+The next architectures fit the same shapes: a cross-layer transcoder is one encoder and the
+decoders of several layers side by side in ``W_dec``'s columns (``d_out`` their summed widths, the
+targets concatenated the same way).
 
 Pure torch: nothing distributed (``trainer.feature_parallel`` wraps a model from outside).
 """
@@ -40,6 +42,7 @@ from trainer.kernels import (
     unit_norm_rows,
 )
 from trainer.losses import AUXK_COEFFICIENT, ReconstructionError, auxk_loss, reconstruction_error
+from trainer.registry import TRANSCODER_ARCHITECTURES
 
 # Norm of TopKSAE's initial encoder columns (its decoder rows start at unit norm): 1/sqrt(3), the
 # row norm of a kaiming-uniform ``nn.Linear`` whatever its width, which is where sparsify starts.
@@ -90,7 +93,8 @@ class ForwardOutput(NamedTuple):
     latent_indices: Tensor | None
     """TopK: (B, k) indices of the selected latents, in [0, n_latents). ``None`` for dense ones."""
     reconstruction: Tensor
-    """(B, d_out) decoder output, in the space of the target (``x`` for an SAE)."""
+    """(B, d_out) the prediction, in the space of the target (``x`` for an SAE): the decoder's
+    output plus, for a skip transcoder, ``skip_output(x)``."""
     mse: Tensor
     """Scalar: mean squared error against the target over all B * d_out elements (fp32)."""
     fvu: Tensor
@@ -136,6 +140,9 @@ class SparseCoder(nn.Module):
     """The name ``sae.architecture`` gives it (recorded in the dictionary's metadata)."""
     saelens_architecture: ClassVar[str]
     """The SAELens 6 inference architecture the saved dictionary uses."""
+    transcoder_capable: ClassVar[bool] = True
+    """Whether it can be trained as a transcoder (``from_config(..., transcoder=True)``): False
+    where the loss reconstructs the model's own input in a way a target cannot replace."""
     auxk_coefficient: float = 0.0
     """Weight of the AuxK loss over dead latents (``aux_loss``); 0 for architectures without it."""
     k_aux: int | None = None
@@ -153,6 +160,7 @@ class SparseCoder(nn.Module):
         unit_norm_decoder: bool,
         decoder_init_norm: float = 1.0,
         encoder_init_norm: float | None = None,
+        skip_connection: bool = False,
     ) -> None:
         super().__init__()
         d_out = d_in if d_out is None else d_out
@@ -164,6 +172,11 @@ class SparseCoder(nn.Module):
                 f"d_out={d_out} differs from d_in={d_in}: a transcoder cannot subtract b_dec from its "
                 "input (apply_b_dec_to_input=False)"
             )
+        if skip_connection and apply_b_dec_to_input:
+            raise ValueError(
+                "skip_connection=True needs a transcoder (apply_b_dec_to_input=False): a skip from the "
+                "input to its own reconstruction would learn the identity"
+            )
         w_enc, w_dec = tied_init(
             n_latents, d_in, d_out=d_out, seed=seed, decoder_norm=decoder_init_norm,
             encoder_norm=encoder_init_norm, dtype=dtype,
@@ -172,6 +185,8 @@ class SparseCoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_latents, dtype=dtype))
         self.W_dec = nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
+        # Zero at the start: the skip transcoder begins as the plain one (SAELens and sparsify do too).
+        self.W_skip = nn.Parameter(torch.zeros(d_in, d_out, dtype=dtype)) if skip_connection else None
         self.d_in, self.d_out, self.n_latents = d_in, d_out, n_latents
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.unit_norm_decoder = unit_norm_decoder
@@ -190,10 +205,23 @@ class SparseCoder(nn.Module):
         transcoder: bool = False,
     ) -> SparseCoder:
         """A freshly initialised model of the ``SAEConfig`` ``sae_cfg``. The base passes the width
-        and the common arguments; a subclass adds the settings it reads (``config_options``)."""
+        and the common arguments; a subclass adds the settings it reads (``config_options``).
+        ``transcoder=True`` builds a transcoder (``apply_b_dec_to_input=False``), with ``W_skip``
+        where ``sae_cfg.skip_connection`` is set; an architecture that is not ``transcoder_capable``
+        is refused."""
         options = dict(d_out=d_out, seed=seed, dtype=dtype, **cls.config_options(sae_cfg))
+        skip_connection = bool(getattr(sae_cfg, "skip_connection", False))
         if transcoder:
+            if not cls.transcoder_capable:
+                raise ValueError(
+                    f"sae.architecture={sae_cfg.architecture!r} cannot be a transcoder ({cls.__name__}."
+                    f"transcoder_capable is False): expected one of {list(TRANSCODER_ARCHITECTURES)}"
+                )
             options["apply_b_dec_to_input"] = False
+            if skip_connection:
+                options["skip_connection"] = True
+        elif skip_connection:
+            raise ValueError("sae.skip_connection=true needs a transcoder (a target hookpoint): build with transcoder=True")
         return cls(d_in, sae_cfg.n_latents, **options)
 
     @classmethod
@@ -204,10 +232,12 @@ class SparseCoder(nn.Module):
     @classmethod
     def for_inference(cls, cfg: dict[str, Any], dtype: torch.dtype) -> SparseCoder:
         """An empty model for the weights of a saved dictionary (``cfg.json``, SAELens's fields):
-        free decoder rows, so the folded ones are used as saved."""
+        free decoder rows, so the folded ones are used as saved; ``W_skip`` where the saved
+        architecture is a skip transcoder (``saved_with_skip``)."""
         return cls(
             cfg["d_in"], cfg["d_sae"], d_out=cfg.get("d_out"), seed=None, dtype=dtype,
             unit_norm_decoder=False, apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
+            skip_connection=saved_with_skip(cfg),
         )
 
     # ----------------------------------------------------------------------- forward
@@ -244,10 +274,17 @@ class SparseCoder(nn.Module):
             return acts @ self.decoder_weight() + self.b_dec
         return sparse_decode(acts, indices, self.W_dec, self.b_dec, unit_norm=self.unit_norm_decoder)
 
+    def skip_output(self, x: Tensor) -> Tensor | None:
+        """(B, d_in) -> (B, d_out) affine skip term ``x W_skip``; ``None`` without a skip connection."""
+        return None if self.W_skip is None else x @ self.W_skip
+
     def reconstruct(self, x: Tensor) -> tuple[Code, Tensor]:
-        """``encode`` then ``decode``: the step a parallel wrapper replaces whole."""
+        """``encode`` then ``decode``, plus ``skip_output`` where there is one: the whole
+        prediction, and the step a parallel wrapper replaces whole."""
         code = self.encode(x)
-        return code, self.decode(code.acts, code.indices)
+        reconstruction = self.decode(code.acts, code.indices)
+        skip = self.skip_output(x)
+        return code, reconstruction if skip is None else reconstruction + skip
 
     def forward(self, x: Tensor, *, target: Tensor | None = None, dead_mask: Tensor | None = None) -> ForwardOutput:
         """Reconstruct ``target`` (default ``x``) from ``x``. ``dead_mask`` (n_latents,) bool marks
@@ -324,8 +361,9 @@ class SparseCoder(nn.Module):
         ``(x s - b_dec) W_enc + b_enc == (x - b_dec / s)(s W_enc) + b_enc``: the pre-activations
         are unchanged, so a JumpReLU ``threshold`` is saved as is; the decoder's output is divided
         by the target's scale: ``W_dec / t`` (the ``decoder_weight`` rows), ``b_dec / t``. The same
-        fold as SAELens's ``fold_activation_norm_scaling_factor``. A model that subtracts ``b_dec``
-        from its input needs ``t == s``.
+        fold as SAELens's ``fold_activation_norm_scaling_factor``. A skip connection maps ``x s`` to
+        ``y t``, so ``W_skip * s / t`` (in our (d_in, d_out) layout; SAELens saves its transpose).
+        A model that subtracts ``b_dec`` from its input needs ``t == s``.
         """
         target_scale = scale if target_scale is None else target_scale
         for name, value in (("scale", scale), ("target_scale", target_scale)):
@@ -342,6 +380,8 @@ class SparseCoder(nn.Module):
             "W_dec": (self.decoder_weight() / target_scale).contiguous(),
             "b_dec": self.b_dec / target_scale,
         }
+        if self.W_skip is not None:
+            weights["W_skip"] = (self.W_skip * (scale / target_scale)).contiguous()
         threshold = self.inference_threshold()
         if threshold is not None:
             weights["threshold"] = threshold.detach().to(self.W_enc.dtype).contiguous()
@@ -354,6 +394,12 @@ class SparseCoder(nn.Module):
         A feature-parallel model (``trainer.feature_parallel.parallelize_features``) gathers its
         slices to its group's first rank, a collective, and returns ``None`` on the others."""
         return {**self.state_dict(), **(weights or {})}
+
+
+def saved_with_skip(cfg: dict[str, Any]) -> bool:
+    """Whether a saved dictionary's ``cfg.json`` names a skip transcoder: SAELens's
+    ``skip_transcoder`` and ``jumprelu_skip_transcoder``, saeforge's ``topk_skip_transcoder``."""
+    return str(cfg.get("architecture", "")).endswith("skip_transcoder")
 
 
 def geometric_median(points: Tensor, *, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
@@ -417,6 +463,7 @@ class TopKSAE(SparseCoder):
         kernel: str = "sparse",
         compute_dtype: torch.dtype | None = None,
         encoder_init_norm: float = ENCODER_INIT_NORM,
+        skip_connection: bool = False,
     ) -> None:
         if kernel not in _KERNELS:
             raise ValueError(f"kernel={kernel!r}: expected one of {sorted(_KERNELS)}")
@@ -425,6 +472,7 @@ class TopKSAE(SparseCoder):
         super().__init__(
             d_in, n_latents, d_out=d_out, seed=seed, dtype=dtype, apply_b_dec_to_input=apply_b_dec_to_input,
             unit_norm_decoder=unit_norm_decoder, encoder_init_norm=encoder_init_norm,
+            skip_connection=skip_connection,
         )
         self.k = k
         self.auxk_coefficient = auxk_coefficient
@@ -440,7 +488,7 @@ class TopKSAE(SparseCoder):
     def for_inference(cls, cfg: dict[str, Any], dtype: torch.dtype) -> TopKSAE:
         return cls(
             cfg["d_in"], cfg["d_sae"], cfg["k"], d_out=cfg.get("d_out"), dtype=dtype, unit_norm_decoder=False,
-            apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True),
+            apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True), skip_connection=saved_with_skip(cfg),
         )
 
     def encode(self, x: Tensor) -> Code:
