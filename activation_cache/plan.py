@@ -6,6 +6,11 @@ starts while the cache is still being written, from the shard names and row coun
 (the reader then tails the cache). No Ray: the trainer launch in ``cluster/train.py`` builds a
 plan per worker; the one collective (the statistics broadcast of a tailing plan) goes through
 ``torch.distributed`` when a process group is up.
+
+A transcoder's plan reads ``(x, y)`` pairs from its input cache and its target cache (one
+forward pass filled both, so they hold the same shards over the same tokens): the split, the
+steps and the input scale come from the input cache as for an SAE, and the target's own scale
+and mean from the target's manifest.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from activation_cache.manifest import Manifest, ShardEntry, load_manifest
+from activation_cache.manifest import Manifest, ShardEntry, check_paired_caches, load_manifest
 from activation_cache.reader import ActivationReader, TailingAborted
 from activation_cache.store import ObjectStore
 
@@ -65,6 +70,13 @@ class DataPlan:
     d_model: int
     rows_at_start: int
     """Rows committed when training started (all of them unless the cache was still being written)."""
+    target_scale: float | None = None
+    """A transcoder's: factor applied to every target activation (``input_scale`` of the target
+    cache); None for an SAE."""
+    target_mean: np.ndarray | None = None
+    """A transcoder's: the target cache's mean activation (unscaled), where b_dec starts."""
+    d_out: int | None = None
+    """A transcoder's: the target's width."""
 
 
 def holdout_count(n_shards: int, fraction: float) -> int:
@@ -115,20 +127,38 @@ def _capped(steps: int, settings: PlanSettings) -> int:
     return steps if settings.max_tokens is None else min(steps, settings.max_tokens // settings.batch_size)
 
 
-def complete_plan(cache: ObjectStore, manifest: Manifest, settings: PlanSettings, *, rank: int, world_size: int) -> DataPlan:
-    """The plan over a complete cache. ``rank`` and ``world_size`` are the data-parallel ones."""
+def complete_plan(
+    cache: ObjectStore, manifest: Manifest, settings: PlanSettings, *, rank: int, world_size: int,
+    target: tuple[ObjectStore, Manifest] | None = None,
+) -> DataPlan:
+    """The plan over a complete cache. ``rank`` and ``world_size`` are the data-parallel ones.
+    With ``target`` (a transcoder's target cache and its complete manifest) the reader yields
+    ``(x, y)`` pairs; the two caches must be a pair (``check_paired_caches``) and hold out the
+    same shards."""
     train_shards, holdout_shards = split_holdout(manifest.shards, settings.holdout_fraction)
-    reader = _reader(cache, settings, rank, world_size, shards=train_shards)
+    options: dict = {"shards": train_shards}
+    if target is not None:
+        target_cache, target_manifest = target
+        check_paired_caches(manifest, target_manifest, input_uri=cache.uri, target_uri=target_cache.uri)
+        options.update(target_store=target_cache, target_shards=target_manifest.shards)
+    reader = _reader(cache, settings, rank, world_size, **options)
     steps = _capped(sum(reader.batches_per_epoch(epoch) for epoch in range(settings.epochs)), settings)
-    return DataPlan(
+    plan = DataPlan(
         reader, steps, input_scale(manifest, settings.normalize), manifest.stats.mean(),
         [s.name for s in holdout_shards], manifest.d_model, manifest.rows,
     )
+    if target is not None:
+        plan.target_scale, plan.target_mean, plan.d_out = _target_statistics(target[1], settings)
+    return plan
+
+
+def _target_statistics(target: Manifest, settings: PlanSettings) -> tuple[float, np.ndarray, int]:
+    return input_scale(target, settings.normalize), target.stats.mean(), target.d_model
 
 
 def tailing_plan(
     cache: ObjectStore, expected_shards: dict[str, int], settings: PlanSettings, *, rank: int, world_size: int,
-    global_rank: int, abort: AbortReason,
+    global_rank: int, abort: AbortReason, target_cache: ObjectStore | None = None,
 ) -> DataPlan:
     """The plan over a cache still being written. The shard names and row counts are known ahead
     (``expected_shards``: {name: rows} of the complete cache), so the holdout split and the step
@@ -138,7 +168,10 @@ def tailing_plan(
     normalisation statistics are the manifest's once ``normalization_rows`` rows are committed,
     taken by global rank 0 and broadcast, so every rank starts from the same scale and b_dec.
     ``rank`` and ``world_size`` are the data-parallel ones (the reader's); ``global_rank`` is the
-    one in the process group. ``abort`` stops the reader and the waits once the fill has failed."""
+    one in the process group. ``abort`` stops the reader and the waits once the fill has failed.
+    With ``target_cache`` (a transcoder's target cache, filled by the same forward pass) the
+    reader yields ``(x, y)`` pairs, taking a shard once both manifests list it, and the target's
+    statistics are taken from its manifest once it too holds ``normalization_rows`` rows."""
     names = sorted(expected_shards)
     n_holdout = holdout_count(len(names), settings.holdout_fraction)
     train_names, holdout = names[:-n_holdout], names[-n_holdout:]
@@ -146,23 +179,38 @@ def tailing_plan(
     reader = _reader(
         cache, settings, rank, world_size, follow=True, follow_timeout_s=settings.follow_timeout_s,
         shard_filter=lambda entry: entry.name in position, shard_rank=lambda name: position[name] % world_size,
-        abort=abort,
+        abort=abort, target_store=target_cache,
     )
     local_batch = settings.batch_size // world_size
     rows = [expected_shards[n] for n in train_names]
     first_epoch = min(sum(rows[r::world_size]) for r in range(world_size)) // local_batch
     later_epochs = (sum(rows) // world_size) // local_batch
     steps = _capped(first_epoch + (settings.epochs - 1) * later_epochs, settings)
-    scale, mean, d_model, rows_at_start = _broadcast_statistics(
-        partial(_statistics, cache, settings, min(settings.normalization_rows, sum(rows)), abort), global_rank,
+    needed = min(settings.normalization_rows, sum(rows))
+    scale, mean, d_model, rows_at_start, target_statistics = _broadcast_statistics(
+        partial(_statistics, cache, settings, needed, abort, target_cache), global_rank,
     )
-    return DataPlan(reader, steps, scale, mean, holdout, d_model, rows_at_start)
+    plan = DataPlan(reader, steps, scale, mean, holdout, d_model, rows_at_start)
+    if target_statistics is not None:
+        plan.target_scale, plan.target_mean, plan.d_out = target_statistics
+    return plan
 
 
-def _statistics(cache: ObjectStore, settings: PlanSettings, needed: int, abort: AbortReason) -> tuple:
-    manifest = wait_for_manifest(cache, lambda m: m.rows >= needed, f"{needed} rows (train.normalization_rows)",
+def _statistics(
+    cache: ObjectStore, settings: PlanSettings, needed: int, abort: AbortReason, target_cache: ObjectStore | None,
+) -> tuple:
+    def wait(store: ObjectStore) -> Manifest:
+        return wait_for_manifest(store, lambda m: m.rows >= needed, f"{needed} rows (train.normalization_rows)",
                                  settings.follow_timeout_s, abort)
-    return input_scale(manifest, settings.normalize), manifest.stats.mean(), manifest.d_model, manifest.rows
+
+    manifest = wait(cache)
+    target_statistics = None
+    if target_cache is not None:
+        target = wait(target_cache)
+        check_paired_caches(manifest, target, input_uri=cache.uri, target_uri=target_cache.uri)
+        target_statistics = _target_statistics(target, settings)
+    return (input_scale(manifest, settings.normalize), manifest.stats.mean(), manifest.d_model, manifest.rows,
+            target_statistics)
 
 
 def _broadcast_statistics(take: Callable[[], tuple], global_rank: int) -> tuple:
