@@ -413,54 +413,66 @@ def _window_metrics(
 @torch.no_grad()
 def evaluate(
     sae: nn.Module,
-    batches: Iterable[Tensor],
+    batches: Iterable[Tensor] | Iterable[tuple[Tensor, Tensor]],
     *,
     scale: float,
+    target_scale: float | None = None,
     dead_tracker: DeadLatentTracker | None = None,
     feature_max: FeatureMaxima | None = None,
 ) -> dict[str, float]:
     """Reconstruction quality of ``sae`` (the bare module, e.g. ``engine.module``) on held-out raw
     activations, pooled over all of them.
 
-    Returns ``fvu`` (total squared error over total variance around the pooled mean), ``mse`` (per
-    element, in raw activation units), ``l0``, ``cosine``, ``dead_fraction`` (latents that never
-    fired on these tokens), ``n_tokens`` and ``nonfinite_rows_skipped`` (rows holding NaN or Inf,
-    left out of every figure). ``dead_tracker``, if given, is updated with the
+    ``batches`` are raw rows ``x``, or for a transcoder ``(x, y)`` pairs of raw input and target
+    rows: the model reads ``x * scale`` and its prediction, divided by ``target_scale`` (default
+    ``scale``), is measured against ``y``.
+
+    Returns ``fvu`` (total squared error over the target's total variance around its pooled mean),
+    ``mse`` (per element, in raw target units), ``l0``, ``cosine``, ``dead_fraction`` (latents that
+    never fired on these tokens), ``n_tokens`` and ``nonfinite_rows_skipped`` (rows holding NaN or
+    Inf in ``x`` or ``y``, left out of every figure). ``dead_tracker``, if given, is updated with the
     held-out firings: pass a fresh one to get held-out firing frequencies for the dictionary.
-    ``feature_max``, if given, is updated with each latent's activations, which are already the
-    saved dictionary's on raw rows (the fold leaves pre-activations unchanged).
+    ``feature_max``, if given, is updated with each latent's activations (encoded from ``x``), which
+    are already the saved dictionary's on raw rows (the fold leaves pre-activations unchanged).
     """
-    if not scale > 0:
-        raise ValueError(f"scale={scale} must be positive")
+    target_scale = scale if target_scale is None else target_scale
+    for name, value in (("scale", scale), ("target_scale", target_scale)):
+        if not value > 0:
+            raise ValueError(f"{name}={value} must be positive")
     was_training = sae.training
     sae.eval()  # BatchTopK runs as its saved JumpReLU and leaves its threshold alone
     try:
-        return _evaluate(sae, batches, scale=scale, dead_tracker=dead_tracker, feature_max=feature_max)
+        return _evaluate(
+            sae, batches, scale=scale, target_scale=target_scale, dead_tracker=dead_tracker, feature_max=feature_max
+        )
     finally:
         sae.train(was_training)
 
 
 def _evaluate(
-    sae: nn.Module, batches: Iterable[Tensor], *, scale: float, dead_tracker: DeadLatentTracker | None,
-    feature_max: FeatureMaxima | None,
+    sae: nn.Module, batches: Iterable[Tensor] | Iterable[tuple[Tensor, Tensor]], *, scale: float,
+    target_scale: float, dead_tracker: DeadLatentTracker | None, feature_max: FeatureMaxima | None,
 ) -> dict[str, float]:
     param = next(sae.parameters())
     stats = PooledReconstructionStats()
     total_fired = torch.zeros(sae.n_latents, dtype=torch.int64, device=param.device)
     n_skipped = 0
-    for x in batches:
+    for batch in batches:
+        x, y = batch if isinstance(batch, tuple) else (batch, None)
         x_raw = x.to(device=param.device, dtype=torch.float32)
         inputs = (x_raw * scale).to(param.dtype)
+        y_raw = x_raw if y is None else y.to(device=param.device, dtype=torch.float32)
+        targets = inputs if y is None else (y_raw * target_scale).to(param.dtype)
         # Rows with NaN or Inf (a cache keeps them; training skips their batches) would make
         # every pooled figure NaN: they are left out and counted. Each row is encoded on its own.
-        finite = torch.isfinite(inputs).all(dim=-1)
+        finite = torch.isfinite(inputs).all(dim=-1) & torch.isfinite(targets).all(dim=-1)
         if not finite.all():
             n_skipped += int((~finite).sum().item())
-            x_raw, inputs = x_raw[finite], inputs[finite]
+            x_raw, inputs, y_raw, targets = x_raw[finite], inputs[finite], y_raw[finite], targets[finite]
             if not len(inputs):
                 continue
-        out: ForwardOutput = sae(inputs)
-        stats.update(x_raw, out.reconstruction.float() / scale, out.latent_acts)
+        out: ForwardOutput = sae(inputs) if y is None else sae(inputs, target=targets)
+        stats.update(y_raw, out.reconstruction.float() / target_scale, out.latent_acts)
         counts = output_fire_counts(out.latent_acts, out.latent_indices, sae.n_latents)
         total_fired += counts
         if dead_tracker is not None:
@@ -471,4 +483,3 @@ def _evaluate(
     result["dead_fraction"] = (total_fired == 0).float().mean().item()
     result["nonfinite_rows_skipped"] = n_skipped
     return result
-
