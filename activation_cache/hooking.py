@@ -270,6 +270,43 @@ def hookpoint_width(module: nn.Module, is_input: bool, hidden_size: int) -> int:
     return hidden_size
 
 
+def _checked(canonical: str, replace: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``replace`` with its result checked against the activations' shape and cast to their
+    dtype and device (an fp32 SAE may splice into a bf16 model)."""
+
+    def replaced(acts: torch.Tensor) -> torch.Tensor:
+        new = replace(acts)
+        if new.shape != acts.shape:
+            raise ValueError(f"hookpoint {canonical}: replacement shape {tuple(new.shape)} but activations {tuple(acts.shape)}")
+        return new.to(dtype=acts.dtype, device=acts.device)
+
+    return replaced
+
+
+def _hook_activations(module: nn.Module, canonical: str, change: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Register a hook that passes the activations at ``canonical`` (the module's output, or its
+    input for ``:input``, as ``MultiHarvester`` reads them) to ``change``; a tensor returned
+    replaces them (a decoder layer's tuple output keeps its other members), None leaves them."""
+    if canonical.endswith(INPUT_SUFFIX):
+        def pre_hook(module, args, kwargs):
+            if args:
+                new = change(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            name = next(iter(kwargs))  # the first keyword argument, as MultiHarvester reads it
+            new = change(kwargs[name])
+            return None if new is None else (args, {**kwargs, name: new})
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(module, args, output):
+        new = change(output[0] if isinstance(output, tuple) else output)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return module.register_forward_hook(hook)
+
+
 @contextmanager
 def spliced(model: nn.Module, hookpoint: str, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[str]:
     """While active, every forward pass of ``model`` runs to the logits with the activations at
@@ -282,29 +319,47 @@ def spliced(model: nn.Module, hookpoint: str, replace: Callable[[torch.Tensor], 
     """
     canonical = resolve_hookpoint(model, hookpoint)
     module = dict(model.named_modules())[canonical.removesuffix(INPUT_SUFFIX)]
-
-    def replaced(acts: torch.Tensor) -> torch.Tensor:
-        new = replace(acts)
-        if new.shape != acts.shape:
-            raise ValueError(f"hookpoint {canonical}: replacement shape {tuple(new.shape)} but activations {tuple(acts.shape)}")
-        return new.to(dtype=acts.dtype, device=acts.device)
-
-    if canonical.endswith(INPUT_SUFFIX):
-        def pre_hook(module, args, kwargs):
-            if args:
-                return (replaced(args[0]), *args[1:]), kwargs
-            name = next(iter(kwargs))  # the first keyword argument, as MultiHarvester reads it
-            return args, {**kwargs, name: replaced(kwargs[name])}
-
-        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-        def hook(module, args, output):
-            if isinstance(output, tuple):
-                return (replaced(output[0]), *output[1:])
-            return replaced(output)
-
-        handle = module.register_forward_hook(hook)
+    handle = _hook_activations(module, canonical, _checked(canonical, replace))
     try:
         yield canonical
     finally:
         handle.remove()
+
+
+@contextmanager
+def spliced_pair(
+    model: nn.Module, input_hookpoint: str, target_hookpoint: str,
+    replace: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Iterator[tuple[str, str]]:
+    """While active, every forward pass of ``model`` captures the activations at
+    ``input_hookpoint`` and replaces those at ``target_hookpoint`` by ``replace(input_acts,
+    target_acts)`` in the same pass (a transcoder's prediction of an MLP's output from its
+    input); yields the canonical (input, target) hookpoints.
+
+    The input must be computed before the target's activations (an MLP's input before its
+    output); a forward in which the target comes first raises one line. ``replace`` returns a
+    tensor of the target's shape, cast to its dtype and device. The hooks are removed on exit.
+    """
+    canonical_in, canonical_out = resolve_hookpoint(model, input_hookpoint), resolve_hookpoint(model, target_hookpoint)
+    modules = dict(model.named_modules())
+    captured: list[torch.Tensor] = []
+
+    def capture(acts: torch.Tensor) -> None:
+        captured[:] = [acts]
+
+    def replaced(target: torch.Tensor) -> torch.Tensor:
+        if not captured:
+            raise ValueError(f"target hookpoint {canonical_out} runs before input hookpoint {canonical_in} in the "
+                             "forward pass: a splice needs the input computed first (e.g. an MLP's input, then its output)")
+        return replace(captured.pop(), target)
+
+    # Each forward starts with nothing captured: a previous pass's input must never be used.
+    handles = [model.register_forward_pre_hook(lambda module, args: captured.clear())]
+    handles.append(_hook_activations(modules[canonical_in.removesuffix(INPUT_SUFFIX)], canonical_in, capture))
+    handles.append(_hook_activations(modules[canonical_out.removesuffix(INPUT_SUFFIX)], canonical_out,
+                                     _checked(canonical_out, replaced)))
+    try:
+        yield canonical_in, canonical_out
+    finally:
+        for handle in handles:
+            handle.remove()

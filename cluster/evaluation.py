@@ -4,7 +4,10 @@ real model on held-out text (``eval.json``'s ``lm`` and ``unexplained`` sections
 Three forward passes per batch: clean, with the hookpoint's activations replaced by the SAE's
 reconstruction, and with them zero-ablated. Only the positions the cache keeps are replaced (BOS
 and the other excluded tokens keep their activations: the SAE never saw them) and only those
-are scored. The math is ``trainer.evaluation``'s; here are the model, the text, the object
+are scored. A transcoder (cfg.json's ``metadata.hook_name_out``) reads its input hookpoint and
+replaces its target hookpoint's activations with its prediction in the same pass
+(``activation_cache.hooking.spliced_pair``); the zero-ablation and the per-token error are the
+target's. The math is ``trainer.evaluation``'s; here are the model, the text, the object
 store and Ray. ``evaluate_in_ray`` runs it as a Ray task after training; ``evaluate_stored``
 runs it without Ray for ``saeforge eval``.
 
@@ -40,6 +43,7 @@ from activation_cache.hooking import (
     resolve_hookpoint,
     resolve_model_source,
     spliced,
+    spliced_pair,
 )
 from activation_cache.store import ObjectNotFound, ObjectStore, open_store
 from activation_cache.text import excluded_token_ids, pack_sequences
@@ -64,6 +68,7 @@ from trainer.layout import (
     RUN_CONFIG_FILE,
     TRAINING_CURVES_FILE,
     WEIGHTS_FILE,
+    dictionary_folder_name,
     merged_eval,
     read_run_config,
     rewrite_files,
@@ -86,17 +91,19 @@ class SplicedEval(NamedTuple):
 
 
 def load_sae(files: dict[str, bytes]) -> tuple[nn.Module, dict]:
-    """The dictionary (acting on raw activations) in eval mode, and its cfg.json; transcoders are refused."""
+    """The dictionary (acting on raw activations) in eval mode, and its cfg.json."""
     sae, cfg = load_dictionary(files)
-    if "hook_name_out" in cfg.get("metadata", {}):
-        raise ValueError(f"{CONFIG_FILE} architecture={cfg['architecture']!r} is a transcoder: the spliced evaluation "
-                         "replaces one hookpoint's activations with their own reconstruction")
     return sae.eval(), cfg
 
 
+def target_hookpoint(cfg: dict) -> str | None:
+    """A transcoder's target hookpoint (cfg.json's ``metadata.hook_name_out``); None for an SAE."""
+    return cfg.get("metadata", {}).get("hook_name_out")
+
+
 class _Splice:
-    """The replacement at the hookpoint: the SAE's reconstruction at the spliced positions
-    (their errors recorded), or zeros there."""
+    """The replacement at the (target) hookpoint: the dictionary's prediction at the spliced
+    positions (their errors recorded), or zeros there."""
 
     def __init__(self, sae: nn.Module, errors: ReconstructionErrorStats) -> None:
         self.sae, self.errors = sae, errors
@@ -108,25 +115,33 @@ class _Splice:
         self.sequences = sequence_ids[:, None].expand_as(mask)[mask]
         self.positions = torch.arange(mask.shape[1]).expand_as(mask)[mask]
 
-    def _rows(self, acts: Tensor) -> tuple[Tensor, Tensor]:
-        if acts.shape[-1] != self.sae.d_in:
-            raise ValueError(f"dictionary d_in={self.sae.d_in} but the hookpoint's activations have d={acts.shape[-1]}")
+    def _rows(self, acts: Tensor, width: str) -> tuple[Tensor, Tensor]:
+        if acts.shape[-1] != getattr(self.sae, width):
+            raise ValueError(f"dictionary {width}={getattr(self.sae, width)} but the "
+                             f"{'input ' if width == 'd_in' else ''}hookpoint's activations have d={acts.shape[-1]}")
         flat = acts.reshape(-1, acts.shape[-1])
         return flat, self.mask.reshape(-1).to(flat.device)
 
-    def reconstruct(self, acts: Tensor) -> Tensor:
-        flat, keep = self._rows(acts)
-        x = flat[keep].to(device=self.param.device, dtype=self.param.dtype)
+    def predict(self, inputs: Tensor, target: Tensor) -> Tensor:
+        """``target`` with the dictionary's prediction from ``inputs`` (its reconstruction, with
+        the skip term of a skip transcoder) at the spliced positions."""
+        flat_in, keep = self._rows(inputs, "d_in")
+        flat_out, keep_out = self._rows(target, "d_out")
+        x = flat_in[keep].to(device=self.param.device, dtype=self.param.dtype)
         if x.shape[0] == 0:
-            return acts
-        x_hat = self.sae(x).reconstruction
-        self.errors.update(x.float(), x_hat.float(), sequences=self.sequences, positions=self.positions)
-        out = flat.clone()
-        out[keep] = x_hat.to(device=out.device, dtype=out.dtype)
-        return out.view_as(acts)
+            return target
+        _, prediction = self.sae.reconstruct(x)
+        y = flat_out[keep_out].to(device=prediction.device)
+        self.errors.update(y.float(), prediction.float(), sequences=self.sequences, positions=self.positions)
+        out = flat_out.clone()
+        out[keep_out] = prediction.to(device=out.device, dtype=out.dtype)
+        return out.view_as(target)
+
+    def reconstruct(self, acts: Tensor) -> Tensor:
+        return self.predict(acts, acts)
 
     def ablate(self, acts: Tensor) -> Tensor:
-        flat, keep = self._rows(acts)
+        flat, keep = self._rows(acts, "d_out")
         out = flat.clone()
         out[keep] = 0
         return out.view_as(acts)
@@ -135,31 +150,44 @@ class _Splice:
 @torch.inference_mode()
 def evaluate_spliced(
     sae: nn.Module, model: nn.Module, hookpoint: str, text: EvalText, tokenizer: Any, *, cfg: EvalConfig,
+    target: str | None = None,
 ) -> SplicedEval:
     """Splice ``sae`` (acting on raw activations) into ``model`` at ``hookpoint`` and evaluate it
-    on ``text``: clean / spliced / zero-ablated next-token losses and the per-token error."""
+    on ``text``: clean / spliced / zero-ablated next-token losses and the per-token error.
+
+    A transcoder names its ``target`` hookpoint: it reads ``hookpoint`` and its prediction
+    replaces ``target``'s activations in the same pass; ``target`` is what is zero-ablated and
+    what the per-token error (target - prediction) measures. ``lm`` names the hookpoint(s)."""
     hookpoint = resolve_hookpoint(model, hookpoint)
+    target = None if target is None else resolve_hookpoint(model, target)
+    replaced_at = target or hookpoint
     device = model.get_input_embeddings().weight.device
     sae = sae.to(device)
     losses, errors = SplicedLossStats(), ReconstructionErrorStats()
     splice = _Splice(sae, errors)
     starts = range(0, len(text.tokens), cfg.batch_size)
-    for lo in tqdm(starts, desc=f"eval {hookpoint}", unit="batch", disable=None, file=sys.stderr):
+    name = hookpoint if target is None else dictionary_folder_name(hookpoint, target)
+    for lo in tqdm(starts, desc=f"eval {name}", unit="batch", disable=None, file=sys.stderr):
         # Copies: the token and sequence-id arrays arrive read-only from Ray's object store.
         ids = torch.tensor(text.tokens[lo : lo + cfg.batch_size])
         splice.batch(spliced_positions(ids, text.excluded_token_ids), torch.tensor(text.sequence_ids[lo: lo + cfg.batch_size]))
         ids = ids.to(device)
         clean = model(input_ids=ids, use_cache=False).logits
-        with spliced(model, hookpoint, splice.reconstruct):
-            replaced = model(input_ids=ids, use_cache=False).logits
-        with spliced(model, hookpoint, splice.ablate):
+        if target is None:
+            with spliced(model, hookpoint, splice.reconstruct):
+                replaced = model(input_ids=ids, use_cache=False).logits
+        else:
+            with spliced_pair(model, hookpoint, target, splice.predict):
+                replaced = model(input_ids=ids, use_cache=False).logits
+        with spliced(model, replaced_at, splice.ablate):
             ablated = model(input_ids=ids, use_cache=False).logits
         losses.update(clean_logits=clean, spliced_logits=replaced, ablated_logits=ablated, token_ids=ids,
                       mask=scored_positions(ids, text.excluded_token_ids))
     unexplained = errors.result(histogram_bins=cfg.histogram_bins, n_worst=cfg.worst_contexts)
     worst = unexplained.pop("worst_tokens")
     unexplained["worst_contexts"] = [_with_context(entry, text, tokenizer, cfg.context_tokens) for entry in worst]
-    lm = {**losses.result(), "text": text.source}
+    lm = {**losses.result(), "text": text.source, "hookpoint": hookpoint,
+          **({} if target is None else {"target_hookpoint": target})}
     return SplicedEval(lm, unexplained, errors.error_norms())
 
 
@@ -174,6 +202,8 @@ def _with_context(entry: dict, text: EvalText, tokenizer: Any, before: int) -> d
 
 
 # --------------------------------------------------------------------------- the steer audit
+
+_TRANSCODER_AUDIT = "the evaluation's steer audit does not edit transcoder features yet"
 
 _MAX_FREQUENCY = 0.3
 """The firing frequency above which ``interp.audit.choose_features`` calls a feature dense."""
@@ -301,7 +331,8 @@ def evaluate_uris(
     for uri in uris:
         folder = open_store(uri, s3_options=s3_options)
         sae, sae_cfg = load_sae(_read_dictionary(folder))
-        result = evaluate_spliced(sae, model, sae_cfg["metadata"]["hook_name"], text, tokenizer, cfg=cfg)
+        result = evaluate_spliced(sae, model, sae_cfg["metadata"]["hook_name"], text, tokenizer, cfg=cfg,
+                                  target=target_hookpoint(sae_cfg))
         logger = make_run_logger(uri, sae_cfg) if make_run_logger else NullLogger()
         try:
             _log_evaluation(logger, result)
@@ -312,7 +343,10 @@ def evaluate_uris(
         audit_section = None
         # The model is loaded already: the audit costs its forward passes only. Its features are
         # among the report's cards (choosing among every latent costs an (n_latents, vocab) product).
-        if cfg.audit_features > 0 and folder.exists(FEATURES_FILE):
+        if cfg.audit_features > 0 and target_hookpoint(sae_cfg) is not None:
+            log.info("%s: steer audit skipped: %s", uri, _TRANSCODER_AUDIT)
+            audit_section = {"skipped": _TRANSCODER_AUDIT}
+        elif cfg.audit_features > 0 and folder.exists(FEATURES_FILE):
             cards = FeatureSample.from_json(folder.get_bytes(FEATURES_FILE)).cards
             try:
                 observer = audit_observer(uri, model, tokenizer, model_cfg, s3_options=s3_options)
@@ -330,7 +364,8 @@ def evaluate_uris(
 def _wandb_name(uri: str, sae_cfg: dict) -> str:
     _, variant = split_dictionary_uri(uri)
     meta = sae_cfg["metadata"]
-    return "-".join(filter(None, (meta.get("run_name"), variant, meta["hook_name"], "eval")))
+    hookpoints = dictionary_folder_name(meta["hook_name"], target_hookpoint(sae_cfg))
+    return "-".join(filter(None, (meta.get("run_name"), variant, hookpoints, "eval")))
 
 
 def _evaluate_task(
@@ -442,6 +477,8 @@ def format_table(evaluation: dict) -> str:
 
     lines = [
         f"text             {lm['text']} ({lm['n_tokens']:,} tokens scored)",
+        *([f"spliced          reads {lm['hookpoint']} -> writes {lm['target_hookpoint']}"]
+          if "target_hookpoint" in lm else []),
         f"CE clean         {figure(lm['clean_ce'])}",
         f"CE spliced       {figure(lm['spliced_ce'])}   (delta {figure(lm['delta_lm_loss'], '+.4f')})",
         f"CE zero-ablated  {figure(lm['ablated_ce'])}",

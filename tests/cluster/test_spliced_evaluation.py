@@ -19,6 +19,7 @@ from activation_cache.hooking import (
     load_tokenizer,
     resolve_model_source,
     spliced,
+    spliced_pair,
 )
 from activation_cache.store import open_store
 from activation_cache.text import excluded_token_ids, pack_sequences
@@ -33,6 +34,8 @@ from trainer.layout import FEATURES_FILE, REPORT_FILE, split_dictionary_uri, wri
 from trainer.sae import TopKSAE
 
 HOOKPOINT = "model.layers.1"
+MLP_IN, MLP_OUT = "model.layers.1.mlp:input", "model.layers.1.mlp"
+"""A transcoder's two ends: layer 1's MLP input and output."""
 RECONSTRUCTION = {"fvu": 0.25, "l0": 3.0, "dead_fraction": 0.0}
 """Stand-ins for the figures training writes: ``saeforge eval`` must keep them."""
 
@@ -307,3 +310,131 @@ def test_evaluate_in_ray_evaluates_each_dictionary_in_one_task(ray_cluster, mode
     assert "audit" not in evaluations[0] and "audit" not in evaluations[1]
     assert len(audit["features"]) == EvalConfig().audit_features and set(audit["features"]) <= set(range(0, 64, 3))
     assert [f["feature"] for f in audit["suppress"]["features"]] == audit["features"]
+
+
+# --------------------------------------------------------------------------- transcoders
+
+
+def _mlp_sides(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, output) of layer 1's MLP for ``tokens`` (B, S), read with hooks registered here."""
+    seen = {}
+    mlp = model.model.layers[1].mlp
+    handles = [mlp.register_forward_pre_hook(lambda module, args: seen.setdefault("in", args[0])),
+               mlp.register_forward_hook(lambda module, args, out: seen.setdefault("out", out))]
+    with torch.inference_mode():
+        model(input_ids=tokens)
+    for handle in handles:
+        handle.remove()
+    return seen["in"], seen["out"]
+
+
+@pytest.fixture(scope="module")
+def transcoder(model_dir, tiny_corpus_dir) -> TopKSAE:
+    """A TopK transcoder of layer 1's MLP (input -> output), trained for 150 steps on the corpus."""
+    source = resolve_model_source(ModelConfig(name_or_path=str(model_dir)))
+    tokens = pack_sequences(DataConfig(source=str(tiny_corpus_dir), context_length=32, max_tokens=32 * 64),
+                            load_tokenizer(source))
+    x, y = (side.reshape(-1, 32) for side in _mlp_sides(load_model(source), torch.from_numpy(tokens)))
+    torch.manual_seed(0)
+    sae = TopKSAE(32, 128, 8, d_out=32, apply_b_dec_to_input=False, seed=0)
+    sae.init_b_dec(y, method="mean")
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for _ in range(150):
+        rows = torch.randint(0, len(x), (256,))
+        loss = sae(x[rows], target=y[rows]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return sae.eval()
+
+
+def _hand_prediction(sae: TopKSAE, x: torch.Tensor) -> torch.Tensor:
+    """The TopK transcoder's output from its weights: the k largest of relu(x W_enc + b_enc),
+    decoded with unit-norm rows of W_dec, plus b_dec (no b_dec subtracted from the input)."""
+    pre = torch.relu(x @ sae.W_enc + sae.b_enc)
+    top = pre.topk(sae.k, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+    return acts @ (sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)) + sae.b_dec
+
+
+def _next_token_losses(logits: torch.Tensor, tokens: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    losses = -log_probs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return losses[scored[:, :-1]]
+
+
+def test_a_transcoder_spliced_into_its_mlp_gives_the_losses_of_a_hand_made_splice(
+        model_dir, tiny_corpus_dir, transcoder, tmp_path):
+    """``saeforge eval`` on a transcoder folder: the MLP's output replaced by the transcoder's
+    prediction from the MLP's input (kept positions only), the MLP's output zeroed for the
+    baseline; every figure equals the same splice done here with plain torch hooks."""
+    folder = tmp_path / "transcoder"
+    files = dictionary_files(transcoder, hookpoint=MLP_IN, hookpoint_out=MLP_OUT, model_name=str(model_dir), scale=1.0,
+                             extra_metadata={"run_name": "tiny"}, sparsity=None, eval_metrics=RECONSTRUCTION)
+    write_dictionary(open_store(str(folder)), files)
+    assert saeforge(["eval", str(folder), "--text", str(tiny_corpus_dir), "--max-tokens", "512"]) == 0
+    evaluation = _eval_json(str(folder))
+    lm, unexplained = evaluation["lm"], evaluation["unexplained"]
+    assert (lm["hookpoint"], lm["target_hookpoint"]) == (MLP_IN, MLP_OUT)
+
+    source = resolve_model_source(ModelConfig(name_or_path=str(model_dir)))
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    data = DataConfig(source=str(tiny_corpus_dir), max_tokens=512)
+    tokens = torch.from_numpy(pack_sequences(data, tokenizer))
+    kept = ~torch.isin(tokens, torch.tensor(sorted(excluded_token_ids(data, tokenizer))))
+    mlp = model.model.layers[1].mlp
+    x, y = _mlp_sides(model, tokens)
+    with torch.no_grad():
+        prediction = torch.where(kept[..., None], _hand_prediction(transcoder, x), y)
+    logits = {}
+    with torch.inference_mode():
+        logits["clean"] = model(input_ids=tokens).logits
+        for name, output in (("spliced", prediction), ("ablated", torch.where(kept[..., None], 0.0, y))):
+            handle = mlp.register_forward_hook(lambda module, args, out, output=output: output)
+            logits[name] = model(input_ids=tokens).logits
+            handle.remove()
+    ce = {name: _next_token_losses(value, tokens, kept) for name, value in logits.items()}
+    log_clean, log_spliced = (torch.log_softmax(logits[n][:, :-1].double(), dim=-1)[kept[:, :-1]] for n in ("clean", "spliced"))
+    kl = (log_clean.exp() * (log_clean - log_spliced)).sum(dim=-1)
+    assert lm["n_tokens"] == len(ce["clean"]) == kept[:, :-1].sum()
+    for name in ("clean", "spliced", "ablated"):
+        assert lm[f"{name}_ce"] == pytest.approx(ce[name].mean().item(), rel=1e-5)
+    assert lm["kl_divergence"] == pytest.approx(kl.mean().item(), rel=1e-4, abs=1e-7)
+    clean, spliced_ce, ablated = (ce[n].mean().item() for n in ("clean", "spliced", "ablated"))
+    assert lm["ce_recovered"] == pytest.approx((ablated - spliced_ce) / (ablated - clean), rel=1e-4)
+    assert clean < spliced_ce < ablated and lm["ce_recovered"] > 0.5  # a useful transcoder, short of exact
+
+    # The unexplained error is the target's: |MLP output - prediction| per kept token.
+    norms = (y - prediction).norm(dim=-1)
+    assert unexplained["n_tokens"] == kept.sum()
+    assert unexplained["error_norm"]["max"] == pytest.approx(norms[kept].max().item(), rel=1e-4)
+    for entry in unexplained["worst_contexts"]:
+        assert entry["error_norm"] == pytest.approx(norms[entry["sequence"], entry["position"]].item(), rel=1e-4)
+    assert {k: evaluation[k] for k in RECONSTRUCTION} == RECONSTRUCTION
+
+
+def test_a_splice_pair_replaces_the_target_from_the_input_of_the_same_pass_and_refuses_the_reverse_order(model_dir):
+    model = load_model(resolve_model_source(ModelConfig(name_or_path=str(model_dir))))
+    ids = torch.randint(3, 200, (2, 10))
+    x, y = _mlp_sides(model, ids)
+    seen = []
+    with torch.inference_mode():
+        clean = model(input_ids=ids).logits
+        with spliced_pair(model, "mlp_in.1", "mlp_out.1", lambda acts, target: seen.append(acts) or target) as names:
+            same = model(input_ids=ids).logits
+        # The MLP itself (its forward, without the hooks), applied to its input inside the splice: the clean forward again.
+        with spliced_pair(model, "mlp_in.1", "mlp_out.1", lambda acts, target: model.model.layers[1].mlp.forward(acts)):
+            recomputed = model(input_ids=ids).logits
+        with pytest.raises(ValueError, match=r"^target hookpoint model\.layers\.1\.mlp:input runs before input "
+                                             r"hookpoint model\.layers\.1\.mlp in the forward pass"):
+            with spliced_pair(model, "mlp_out.1", "mlp_in.1", lambda acts, target: target):
+                model(input_ids=ids)
+        with pytest.raises(ValueError, match="runs before input hookpoint model.layers.2"):
+            with spliced_pair(model, "resid_post.2", "mlp_out.1", lambda acts, target: target):
+                model(input_ids=ids)
+        after = model(input_ids=ids).logits
+    assert names == (MLP_IN, MLP_OUT)
+    torch.testing.assert_close(seen[0], x, rtol=0, atol=0)
+    torch.testing.assert_close(same, clean, rtol=0, atol=0)
+    torch.testing.assert_close(recomputed, clean)
+    torch.testing.assert_close(after, clean, rtol=0, atol=0)
