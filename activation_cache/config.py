@@ -29,6 +29,11 @@ class ModelConfig:
     hookpoints: list[str] = field(default_factory=list)
     """Several hookpoints captured from one forward pass, each to its own cache and its own
     dictionary (the forward stops after the deepest); when given, ``hookpoint`` is not used."""
+    target_hookpoint: str | None = None
+    """Set, the job trains a transcoder: it reads ``hookpoint`` and predicts the activations at
+    this hookpoint (same syntax; e.g. ``mlp_in.6`` -> ``mlp_out.6``, an MLP's input and output).
+    Both are cached from one forward pass, each in its own cache (reusable by SAE jobs on either),
+    and their widths may differ. ``None``: the job trains SAEs."""
     dtype: str = "float32"
     """Dtype the model runs in."""
     batch_size: int = 8
@@ -54,10 +59,25 @@ class ModelConfig:
         repeated = [h for i, h in enumerate(self.hookpoints) if h in self.hookpoints[:i]]
         if repeated:
             raise ValueError(f"model.hookpoints={list(self.hookpoints)}: {repeated[0]!r} is listed twice")
+        if self.target_hookpoint is not None:
+            if not self.target_hookpoint:
+                raise ValueError("model.target_hookpoint='' must name a module path or 'mlp_out.<layer>' (or null)")
+            if self.hookpoints:
+                raise ValueError(
+                    f"model.target_hookpoint={self.target_hookpoint!r} trains a transcoder from model.hookpoint, "
+                    f"but model.hookpoints={list(self.hookpoints)} trains one SAE each: give one or the other"
+                )
+            if self.target_hookpoint == self.hookpoint:
+                raise ValueError(
+                    f"model.target_hookpoint={self.target_hookpoint!r} is model.hookpoint itself: a transcoder "
+                    "predicts another hookpoint (an SAE needs no target)"
+                )
 
     @property
     def all_hookpoints(self) -> list[str]:
-        """The hookpoints to cache, in the order given."""
+        """The hookpoints to cache, in the order given (a transcoder's input, then its target)."""
+        if self.target_hookpoint is not None:
+            return [self.hookpoint, self.target_hookpoint]
         return list(self.hookpoints) or [self.hookpoint]
 
 

@@ -48,6 +48,8 @@ def _train(args: argparse.Namespace) -> int:
         lines += [
             f"hookpoint        {hp.hookpoint}" + (f"  (sweep variant {hp.variant})" if hp.variant else ""),
             f"cache            {hp.cache_uri} ({'reused' if hp.cache_reused else 'built'})",
+            *([f"transcoder to    {hp.target_hookpoint}", f"target cache     {hp.target_cache_uri}"]
+              if hp.target_hookpoint else []),
             f"tokens cached    {hp.tokens_cached:,}",
             f"tokens trained   {ev.get('train_tokens', 0):,}",
             *_skipped_lines(ev),

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from activation_cache.config import CacheConfig, DataConfig, ModelConfig
 from cluster.sweep import SweepConfig, variants
 from trainer.config import DeepSpeedConfig, SAEConfig, TrainConfig
+from trainer.registry import check_transcoder_architecture
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -215,7 +216,27 @@ class JobConfig:
             self.run.name = self.resume
             RunConfig.__post_init__(self.run)
         for variant in variants(self.sae, self.train.lr, self.sweep):
-            self._check_grid(variant.sae, f"sweep variant {variant.name}: " if variant.name else "")
+            where = f"sweep variant {variant.name}: " if variant.name else ""
+            self._check_grid(variant.sae, where)
+            self._check_transcoder(variant.sae, where)
+
+    def _check_transcoder(self, sae: SAEConfig, where: str) -> None:
+        """A transcoder (``model.target_hookpoint``) needs an architecture that can predict another
+        hookpoint; a skip connection needs a transcoder."""
+        target = self.model.target_hookpoint
+        if target is None:
+            if sae.skip_connection:
+                raise ValueError(
+                    where + "sae.skip_connection=true adds an affine skip from the input to the target: "
+                    "it needs model.target_hookpoint (a transcoder)"
+                )
+            return
+        check_transcoder_architecture(sae.architecture)
+        if self.deepspeed.feature_parallel > 1:
+            raise ValueError(
+                where + f"deepspeed.feature_parallel={self.deepspeed.feature_parallel} is for SAEs: a transcoder "
+                f"(model.target_hookpoint={target!r}) trains data-parallel only (feature_parallel=1)"
+            )
 
     def _check_grid(self, sae: SAEConfig, where: str) -> None:
         workers, feature_parallel = self.cluster.num_train_workers, self.deepspeed.feature_parallel

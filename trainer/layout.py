@@ -84,6 +84,16 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *filter(None, (part.strip("/") for part in parts))])
 
 
+TRANSCODER_FOLDER_JOIN = "-to-"
+"""Joins a transcoder's two hookpoints in its folder name (``dictionary_folder_name``)."""
+
+
+def dictionary_folder_name(hookpoint: str, target_hookpoint: str | None = None) -> str:
+    """The folder of a dictionary under ``dictionary/``: its hookpoint, or for a transcoder both
+    ends, ``<input>-to-<target>`` (``model.layers.6.mlp:input-to-model.layers.6.mlp``)."""
+    return hookpoint if target_hookpoint is None else f"{hookpoint}{TRANSCODER_FOLDER_JOIN}{target_hookpoint}"
+
+
 def dictionary_uri(run_uri: str, hookpoint: str, *, variant: str = "") -> str:
     """``<run>/dictionary/<hookpoint>``, or ``<run>/sweep/<variant>/dictionary/<hookpoint>``."""
     if variant:

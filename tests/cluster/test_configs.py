@@ -42,6 +42,9 @@ REFUSED = {
     # The multi-node preset's 1M latents split 8 ways need the plain TopK SAE.
     **{frozenset({"experiment=multi_node", f"sae={arch}"}): "needs sae.architecture='topk'"
        for arch in ("batchtopk", "jumprelu", "matryoshka", "relu_l1")},
+    # A transcoder trains data-parallel only, and Matryoshka's prefix losses cannot take a target.
+    frozenset({"experiment=multi_node", "hookpoints=mlp_transcoder"}): "a transcoder .* trains data-parallel only",
+    frozenset({"hookpoints=mlp_transcoder", "sae=matryoshka"}): "cannot be a transcoder",
 }
 
 # Groups composed with each other group's options in turn (pairs), not in the full product: the
@@ -225,3 +228,16 @@ def test_bad_layouts_fail_with_one_line(overrides, message):
         compose_job(overrides)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_the_transcoder_preset_names_both_ends_and_overrides_pick_a_layer():
+    """``hookpoints=mlp_transcoder`` is the middle layer's MLP input predicting its output; the two
+    fields take any layer or module path, and a skip term or another architecture composes on top."""
+    job = compose_job(["hookpoints=mlp_transcoder"])
+    assert (job.model.hookpoint, job.model.target_hookpoint) == ("mlp_in.mid", "mlp_out.mid")
+    assert job.model.all_hookpoints == ["mlp_in.mid", "mlp_out.mid"]
+    job = compose_job(["model.hookpoint=model.layers.6.mlp.down_proj:input", "model.target_hookpoint=mlp_out.6",
+                       "sae=batchtopk", "sae.skip_connection=true"])
+    assert job.model.all_hookpoints == ["model.layers.6.mlp.down_proj:input", "mlp_out.6"]
+    assert job.sae.skip_connection and job.sae.architecture == "batchtopk"
+    assert compose_job([]).model.target_hookpoint is None

@@ -109,6 +109,21 @@ CASES = {
                                                   "deepspeed.feature_parallel=3", "must divide cluster.num_train_workers=2"),
     "hookpoint_layer_out_of_range": Case(("model.hookpoint=resid_post.9",), "'resid_post.9'", "model has 4 layers (0..3)"),
     "hookpoint_unknown_module": Case(("model.hookpoint=model.nope",), "'model.nope'", "expected a module path"),
+    "transcoder_target_layer_out_of_range": Case(("model.hookpoint=mlp_in.1", "model.target_hookpoint=mlp_out.9"),
+                                                 "'mlp_out.9'", "model has 4 layers (0..3)"),
+    "transcoder_target_unknown_module": Case(("model.hookpoint=mlp_in.1", "model.target_hookpoint=model.layers.1.mlp.nope"),
+                                             "'model.layers.1.mlp.nope'", "expected a module path"),
+    "transcoder_architecture_that_cannot_be_one": Case(
+        ("model.hookpoint=mlp_in.1", "model.target_hookpoint=mlp_out.1", "sae=matryoshka"),
+        "sae.architecture='matryoshka_batchtopk'", "cannot be a transcoder"),
+    "transcoder_with_hookpoints_list": Case(
+        ("model.target_hookpoint=mlp_out.1", "model.hookpoints=[mlp_in.1,resid_post.1]"),
+        "model.target_hookpoint='mlp_out.1'", "give one or the other"),
+    "skip_connection_without_a_target": Case(("sae.skip_connection=true",), "sae.skip_connection=true",
+                                             "it needs model.target_hookpoint"),
+    "transcoder_feature_parallel": Case(
+        ("model.hookpoint=mlp_in.1", "model.target_hookpoint=mlp_out.1", "deepspeed.feature_parallel=2",
+         "sae.auxk_coefficient=0"), "deepspeed.feature_parallel=2", "trains data-parallel only"),
     "hookpoints_naming_one_place_twice": Case(("model.hookpoints=[resid_post.1,model.layers.1]",),
                                               "'resid_post.1' and 'model.layers.1'", "both name model.layers.1"),
     "zero_stage": Case(("deepspeed.zero_stage=4",), "deepspeed.zero_stage=4", "must be 0, 1, 2 or 3"),
@@ -204,6 +219,28 @@ def test_a_cache_whose_d_model_differs_from_the_model_is_refused(guard_model, ti
     before = sorted(p for p in (tmp_path / "store").rglob("*"))
     code = saeforge(["train", *base])
     _assert_refused(code, capsys.readouterr(), "train", "holds d_model=64", "expects d_model=32")
+    assert sorted(p for p in (tmp_path / "store").rglob("*")) == before, "a refused job wrote beside the cache"
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_transcoder_whose_target_cache_holds_another_token_stream_is_refused(
+    guard_model, tiny_corpus_dir, tmp_path, capsys, monkeypatch
+):
+    """The input and target caches of a transcoder must hold the same tokens of one model: a target
+    cache at the job's key that records another token stream is refused before Ray starts or
+    anything is written beside it."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    base = [*_base(tmp_path, guard_model, tiny_corpus_dir), "model.hookpoint=mlp_in.1", "model.target_hookpoint=mlp_out.1"]
+    job = compose_job(base)
+    plans = plan_caches(job, open_store(absolute_uri(job.cache.uri)))
+    for plan, tokens in zip(plans, ("", "0" * 64), strict=True):
+        inputs = {**plan.key_inputs, **({"tokens_sha256": tokens} if tokens else {})}
+        commit_manifest(open_store(plan.uri), Manifest(
+            cache_key=plan.key, key_inputs=inputs, model=plan.meta.model, revision=plan.meta.revision,
+            hookpoint=plan.hookpoint, d_model=plan.meta.d_model, dtype=plan.meta.dtype))
+    before = sorted(p for p in (tmp_path / "store").rglob("*"))
+    code = saeforge(["train", *base])
+    _assert_refused(code, capsys.readouterr(), "train", "tokens_sha256", "0000000000")
     assert sorted(p for p in (tmp_path / "store").rglob("*")) == before, "a refused job wrote beside the cache"
     assert not (tmp_path / "outputs").exists()
 
