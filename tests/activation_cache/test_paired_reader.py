@@ -15,7 +15,7 @@ from cache_writer import CacheWriter, write_cache
 
 from activation_cache.errors import CorruptShardError
 from activation_cache.manifest import Manifest, check_paired_caches, load_manifest
-from activation_cache.plan import PlanSettings, complete_plan, split_holdout
+from activation_cache.plan import PlanSettings, complete_plan, split_holdout, tailing_plan
 from activation_cache.reader import ActivationReader, read_shard, read_shard_pair
 from activation_cache.store import LocalStore
 
@@ -205,3 +205,19 @@ def test_a_tailing_paired_reader_takes_a_shard_once_both_caches_list_it(tmp_path
     assert sorted(t for r in range(2) for t in _tokens(results[r])) == ALL_TOKENS
     later = [t for r in range(2) for t in _tokens(readers[r].epoch(1))]
     assert sorted(later) == ALL_TOKENS, "later epochs are planned over both complete caches"
+
+
+def test_a_tailing_plan_pairs_the_caches_and_takes_the_target_statistics(pair):
+    inputs, targets = pair
+    expected = {s.name: s.rows for s in _manifest(inputs).shards}
+    # No process group: each plan takes the statistics itself, as global rank 0 would for all.
+    plans = [tailing_plan(inputs, expected, SETTINGS, rank=r, world_size=2, global_rank=0, abort=lambda: None,
+                          target_cache=targets) for r in range(2)]
+    y_all = y_rows(np.repeat(np.arange(len(ROWS)), ROWS), np.concatenate([np.arange(n) for n in ROWS]))
+    np.testing.assert_allclose(plans[0].target_mean, y_all.mean(0), rtol=1e-9)
+    assert plans[0].d_out == D_OUT and plans[0].target_scale == pytest.approx(
+        np.sqrt(D_OUT) / np.linalg.norm(y_all, axis=1).mean(), rel=1e-9)
+    train = [(seq, pos) for seq, rows in enumerate(ROWS) if f"shards/unit-{seq:06d}.arrow" not in plans[0].holdout
+             for pos in range(rows)]
+    seen = [t for plan in plans for t in _tokens(plan.reader.epoch(0))]
+    assert len(set(seen)) == len(seen) and set(seen) <= set(train) and len(seen) >= len(train) - 2 * 16
