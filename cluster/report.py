@@ -89,18 +89,20 @@ def build_report(
     ``training_curves.json`` when there is one).
 
     ``holdout`` yields held-out shards with provenance (read lazily: only the first
-    ``options.max_tokens`` rows are encoded); ``decode`` turns token ids into display strings
-    (``token_decoder(tokenizer)``; None shows ids); ``unembedding`` is the model's W_U
-    (vocab, d_model), None when it has none, with ``unembedding_note`` saying how it was obtained.
+    ``options.max_tokens`` rows are encoded; a transcoder's are its input hookpoint's, what its
+    features read); ``decode`` turns token ids into display strings (``token_decoder(tokenizer)``;
+    None shows ids); ``unembedding`` is the model's W_U (vocab, d_model), None when it has none,
+    with ``unembedding_note`` saying how it was obtained. The promoted tokens are the decoder rows
+    (what a transcoder's features write) through it, where its width is the decoder's ``d_out``.
     The held-out rows are encoded on ``device``. The same inputs give the same bytes.
     """
-    sae, _ = load_dictionary(dict(files))
+    sae, cfg = load_dictionary(dict(files))
     sae.to(device)
     frequencies = sparsity_frequencies(files[SPARSITY_FILE]) if SPARSITY_FILE in files else None
     features = sample_features(frequencies, sae.n_latents, options.n_features, seed=options.seed)
     scan = scan_top_activations(sae, holdout, [f for f, _ in features], n_examples=options.n_examples,
                                 max_tokens=options.max_tokens)
-    logits_reason = _unembedding_problem(unembedding, sae.d_in)
+    logits_reason = _unembedding_problem(unembedding, sae.d_out, transcoder="hook_name_out" in cfg.get("metadata", {}))
     logit_ids = None if logits_reason else logit_tokens(sae.W_dec, unembedding, scan.features, options.n_logit_tokens)
     cards = feature_cards(features, frequencies, scan, logit_ids, decode=decode or _show_ids,
                           before=options.context_before, after=options.context_after)
@@ -144,13 +146,16 @@ def report_artifact_name(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(["report", *filter(None, parts)]))
 
 
-def _unembedding_problem(unembedding: Tensor | None, d_in: int) -> str | None:
+def _unembedding_problem(unembedding: Tensor | None, d_out: int, *, transcoder: bool) -> str | None:
     if unembedding is None:
         return "no unembedding was given"
-    if unembedding.ndim != 2 or unembedding.shape[1] != d_in:
-        return (f"the unembedding has shape {tuple(unembedding.shape)}, not (vocab, d_in={d_in}): "
-                "the dictionary does not write into the model's residual width")
-    return None
+    if unembedding.ndim == 2 and unembedding.shape[1] == d_out:
+        return None
+    if transcoder:
+        return (f"the logit lens does not apply: the transcoder writes d_out={d_out} but the unembedding "
+                f"has shape {tuple(unembedding.shape)}, not the model's residual width")
+    return (f"the unembedding has shape {tuple(unembedding.shape)}, not (vocab, d_in={d_out}): "
+            "the dictionary does not write into the model's residual width")
 
 
 def _show_ids(ids: list[int]) -> list[str]:

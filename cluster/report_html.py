@@ -6,6 +6,11 @@ Sections (each an element with a fixed id): ``#summary``, ``#training-curves``,
 cards of the features ``eval.json``'s ``audit`` audited (``cluster.evaluation.audit_cards``)
 carry its headline figures (``.audit``, id ``audit-<latent>``).
 
+A transcoder's page (cfg.json's ``metadata.hook_name_out``) says in its header which hookpoint
+it reads and which it writes; its cards show what each feature reads (top-activating contexts at
+the input hookpoint) and what it writes (the tokens its decoder row promotes), and a skip
+transcoder's page says its skip term is not a feature.
+
 Every text that comes from the data (tokens, metadata, eval keys) is HTML-escaped, and the page's
 Content-Security-Policy allows no script at all: a token is untrusted text. No torch here:
 ``render_report`` redraws the page cheaply whenever ``eval.json`` changes (the spliced
@@ -74,7 +79,11 @@ def render_html(
 ) -> str:
     """The report page: a pure function of its arguments."""
     metadata = cfg.get("metadata", {})
-    title = f"SAE report: {metadata.get('hook_name', '?')} of {metadata.get('model_name', '?')}"
+    ends = _transcoder_ends(cfg)
+    if ends is None:
+        title = f"SAE report: {metadata.get('hook_name', '?')} of {metadata.get('model_name', '?')}"
+    else:
+        title = f"Transcoder report: reads {ends[0]} -> writes {ends[1]} of {metadata.get('model_name', '?')}"
     sections = [
         ("summary", "Summary", _summary_html(cfg, evaluation)),
         ("training-curves", "Training curves", _curves_html(curves)),
@@ -84,7 +93,7 @@ def render_html(
     if "unexplained" in evaluation:
         sections.append(("unexplained", "What the dictionary leaves unexplained",
                          _unexplained_html(evaluation["unexplained"])))
-    sections.append(("features", "Features", _features_html(sample, evaluation.get("audit"))))
+    sections.append(("features", "Features", _features_html(sample, evaluation.get("audit"), cfg)))
     nav = "".join(f'<a href="#{sid}">{html.escape(name)}</a>' for sid, name, _ in sections)
     body = "".join(f'<section id="{sid}"><h2>{html.escape(name)}</h2>{content}</section>' for sid, name, content in sections)
     return (
@@ -97,13 +106,27 @@ def render_html(
     )
 
 
+def _transcoder_ends(cfg: dict[str, Any]) -> tuple[str, str] | None:
+    """(input hookpoint, target hookpoint) of a transcoder's cfg.json; None for an SAE."""
+    metadata = cfg.get("metadata", {})
+    if "hook_name_out" not in metadata:
+        return None
+    return str(metadata.get("hook_name", "?")), str(metadata["hook_name_out"])
+
+
+def _has_skip(cfg: dict[str, Any]) -> bool:
+    """A skip transcoder: SAELens's ``skip_transcoder`` names, and ours for TopK, say ``skip``."""
+    return "skip" in str(cfg.get("architecture", ""))
+
+
 def _summary_html(cfg: dict[str, Any], evaluation: dict[str, Any]) -> str:
     metadata = cfg.get("metadata", {})
     rows: list[tuple[str, Any]] = [
         ("model", metadata.get("model_name")), ("hookpoint", metadata.get("hook_name")),
         *([("output hookpoint", metadata["hook_name_out"])] if "hook_name_out" in metadata else []),
         ("architecture", f"{cfg.get('architecture')} (trained as {metadata.get('training_architecture', '?')})"),
-        ("d_in", cfg.get("d_in")), ("latents (d_sae)", cfg.get("d_sae")),
+        ("d_in", cfg.get("d_in")), *([("d_out", cfg["d_out"])] if "d_out" in cfg else []),
+        ("latents (d_sae)", cfg.get("d_sae")),
         *([("k", cfg["k"])] if "k" in cfg else []),
         *[(key, metadata[key]) for key in ("run_name", "cache_key") if key in metadata],
         *[(f"held-out {key}" if key not in ("train_tokens", "train_steps") else key, evaluation[key])
@@ -154,7 +177,17 @@ def _evaluation_html(evaluation: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def _features_html(sample: FeatureSample | None, audit: Any = None) -> str:
+def _features_html(sample: FeatureSample | None, audit: Any = None, cfg: dict[str, Any] | None = None) -> str:
+    ends = _transcoder_ends(cfg or {})
+    skip = ""
+    if ends is not None and _has_skip(cfg or {}):
+        skip = ('<p class="note">This is a skip transcoder: beside its features it adds an affine skip term '
+                "(W_skip, a dense map of the whole input) to its prediction. The skip term is not a feature: it "
+                "has no card, reads every input direction at once and is not edited by steering a feature.</p>")
+    return skip + _feature_cards_html(sample, audit, ends)
+
+
+def _feature_cards_html(sample: FeatureSample | None, audit: Any, ends: tuple[str, str] | None) -> str:
     if sample is None:
         return f'<p class="note">No feature sample was computed for this dictionary ({FEATURES_FILE} is missing).</p>'
     if not sample.cards:
@@ -162,6 +195,10 @@ def _features_html(sample: FeatureSample | None, audit: Any = None) -> str:
     intro = (f'<p class="note">{len(sample.cards)} latents, drawn (seed {sample.seed}) from the most frequent, middle '
              "and rarest thirds of the live latents; contexts are the top activations among the first "
              f"{sample.rows_scanned:,} held-out tokens, with the activating token highlighted.</p>")
+    if ends is not None:
+        intro += (f'<p class="note">A transcoder feature reads {html.escape(ends[0])} (its top-activating '
+                  f"contexts, encoded from that hookpoint's held-out activations) and writes "
+                  f"{html.escape(ends[1])} (its decoder row; the tokens it promotes through the unembedding).</p>")
     if sample.has_logits:
         intro += f'<p class="note">{html.escape(sample.logits_note)}</p>'
     else:
@@ -173,25 +210,26 @@ def _features_html(sample: FeatureSample | None, audit: Any = None) -> str:
     )
     audited = _audited(audit)
     intro += _audit_intro(audit, audited)
-    cards = "".join(_card_html(c, sample.has_logits, audited.get(c.index, "")) for c in sample.cards)
+    cards = "".join(_card_html(c, sample.has_logits, audited.get(c.index, ""), ends) for c in sample.cards)
     return f'{intro}{index}<div class="cards">{cards}</div>'
 
 
-def _card_html(card: FeatureCard, has_logits: bool, audit: str = "") -> str:
+def _card_html(card: FeatureCard, has_logits: bool, audit: str = "", ends: tuple[str, str] | None = None) -> str:
+    reads, writes = ("", "") if ends is None else (f" (reads {ends[0]})", f" (writes {ends[1]})")
     frequency = "unknown" if card.frequency is None else f"{card.frequency:.3g}" + (
         f" (1 in {1 / card.frequency:,.0f} tokens)" if card.frequency > 0 else "")
     parts = [
         f'<article class="feature" id="feature-{card.index}"><h3>Latent {card.index}'
         f'<span class="band">{html.escape(card.band)}</span></h3>',
         f'<p class="note">held-out firing frequency {frequency} · fired on {card.fired:,} scanned tokens · '
-        f"max activation {card.max_activation:.4g}</p><h4>Top-activating contexts</h4>",
+        f"max activation {card.max_activation:.4g}</p><h4>Top-activating contexts{html.escape(reads)}</h4>",
     ]
     if card.contexts:
         parts.append('<ol class="contexts">' + "".join(_context_html(c) for c in card.contexts) + "</ol>")
     else:
         parts.append('<p class="note">It did not fire on the scanned tokens.</p>')
     if has_logits:
-        parts.append("<h4>Promoted tokens</h4>" + _chips(card.promoted, ""))
+        parts.append(f"<h4>Promoted tokens{html.escape(writes)}</h4>" + _chips(card.promoted, ""))
         parts.append("<h4>Suppressed tokens</h4>" + _chips(card.suppressed, " neg"))
     return "".join(parts) + audit + "</article>"
 

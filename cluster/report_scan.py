@@ -105,7 +105,8 @@ def scan_top_activations(
 ) -> Scan:
     """Encode up to ``max_tokens`` rows of ``shards`` (raw activations; ``sae`` acts on raw
     activations, as ``load_dictionary`` gives it) and keep each feature's ``n_examples`` largest
-    activations with their rows' provenance."""
+    activations with their rows' provenance. For a transcoder the shards are its input
+    hookpoint's: the contexts show what a feature reads."""
     index = torch.tensor(list(features), dtype=torch.int64)
     param = next(sae.parameters())
     top = _TopActivations(n_examples, len(index))
@@ -120,7 +121,7 @@ def scan_top_activations(
             provenance.append((shard.token_ids[:take], shard.sequence_ids[:take], shard.positions[:take]))
             for start in range(0, take, chunk_rows):
                 x = shard.activations[start : min(take, start + chunk_rows)]
-                acts = _feature_activations(sae(x.to(device=param.device, dtype=param.dtype)), index.to(param.device))
+                acts = _feature_activations(sae.encode(x.to(device=param.device, dtype=param.dtype)), index.to(param.device))
                 top.add(acts, torch.isfinite(x).all(dim=-1).to(acts.device), rows + start)
             rows += take
             if rows >= max_tokens:
@@ -133,13 +134,14 @@ def scan_top_activations(
     return Scan(list(features), top.values, rows, top.row_ids, top.fired, token_ids, sequence_ids, positions)
 
 
-def _feature_activations(out: Any, index: Tensor) -> Tensor:
-    """(B, len(index)) float32 activations of the latents ``index`` from any architecture's output:
-    TopK's (B, k) values with indices, or a dense architecture's (B, n_latents)."""
-    if out.latent_indices is None:
-        return out.latent_acts[:, index].float().cpu()
-    hit = out.latent_indices.unsqueeze(-1) == index  # (B, k, n_features)
-    return (out.latent_acts.float().unsqueeze(-1) * hit).sum(dim=1).cpu()
+def _feature_activations(code: Any, index: Tensor) -> Tensor:
+    """(B, len(index)) float32 activations of the latents ``index`` from any architecture's
+    ``encode`` (``trainer.sae.Code``): TopK's (B, k) values with indices, or a dense
+    architecture's (B, n_latents)."""
+    if code.indices is None:
+        return code.acts[:, index].float().cpu()
+    hit = code.indices.unsqueeze(-1) == index  # (B, k, n_features)
+    return (code.acts.float().unsqueeze(-1) * hit).sum(dim=1).cpu()
 
 
 # --------------------------------------------------------------------------- the cards

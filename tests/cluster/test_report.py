@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from browser import browse, chromium_path, png_size_and_pixels
+from safetensors.torch import load as load_safetensors
 
 from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.hooking import (
@@ -50,6 +51,7 @@ from trainer.layout import (
     REPORT_FILE,
     SPARSITY_FILE,
     TRAINING_CURVES_FILE,
+    WEIGHTS_FILE,
 )
 from trainer.loop import evaluate
 from trainer.metrics import DeadLatentTracker, firing_histogram
@@ -491,3 +493,86 @@ def test_the_report_renders_every_section_in_headless_chromium(tiny_dictionary, 
     assert (width, height) == (1280, 2400)
     assert len(set(pixels)) > 64, "the screenshot shows content, not a blank page"
 
+
+
+# --------------------------------------------------------------------------- transcoders
+
+MLP_IN, MLP_OUT = "model.layers.1.mlp:input", "model.layers.1.mlp"
+
+
+@pytest.fixture(scope="module")
+def mlp_input_shards(tiny_model_dir, tiny_corpus_dir, tmp_path_factory) -> list[DecodedShard]:
+    """The tiny Llama's layer-1 MLP inputs (BOS excluded) as real shards: what a transcoder of
+    that MLP reads, as the job passes them to the report."""
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
+    tokenizer = load_tokenizer(source)
+    tokens = pack_sequences(DataConfig(source=str(tiny_corpus_dir), context_length=32, max_tokens=32 * 16), tokenizer)
+    harvester = ActivationHarvester(load_model(source), "mlp_in.1")
+    meta = ShardMeta(model="tiny", revision=source.revision, hookpoint=MLP_IN, d_model=32, dtype="float32", cache_key="i")
+    store = LocalStore(tmp_path_factory.mktemp("mlp-in-cache"))
+    return [
+        read_shard(store, produce_shard(unit, harvester=harvester, store=store, meta=meta, batch_size=8,
+                                        excluded_token_ids=frozenset(tokenizer.all_special_ids)).entry)
+        for unit in split_units(tokens, 8)
+    ]
+
+
+def _transcoder_files(target: str, d_out: int) -> dict[str, bytes]:
+    transcoder = TopKSAE(32, 64, 4, d_out=d_out, apply_b_dec_to_input=False, seed=0)
+    return dictionary_files(transcoder, hookpoint=MLP_IN, hookpoint_out=target, model_name="tiny", scale=1.0,
+                            extra_metadata={}, sparsity=None, eval_metrics={"fvu": 0.3})
+
+
+def test_a_transcoders_cards_show_what_each_feature_reads_and_writes(tiny_model_dir, mlp_input_shards):
+    """Reads: each card's contexts are the feature's largest activations on the input
+    hookpoint's rows, encoded by hand from the saved weights. Writes: its promoted tokens are
+    those its saved decoder row points along through the model's unembedding."""
+    files = _transcoder_files(MLP_OUT, 32)
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
+    W_U, note = load_unembedding(source)
+    decode = _decoder(tiny_model_dir)
+    report = build_report(files, holdout=mlp_input_shards, decode=decode, unembedding=W_U, unembedding_note=note,
+                          options=ReportOptions(n_features=6, n_logit_tokens=5))
+    page, sample = report[REPORT_FILE].decode(), FeatureSample.from_json(report[FEATURES_FILE])
+    assert f"<h1>Transcoder report: reads {MLP_IN} -&gt; writes {MLP_OUT} of tiny</h1>" in page
+    assert "skip term" not in page
+
+    weights = load_safetensors(files[WEIGHTS_FILE])
+    x = torch.cat([s.activations for s in mlp_input_shards])
+    pre = torch.relu(x @ weights["W_enc"] + weights["b_enc"])
+    top = pre.topk(4, dim=-1)
+    dense = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+    assert sample.has_logits and len(sample.cards) == 6 and sample.rows_scanned == len(x)
+    for card in sample.cards:
+        column = dense[:, card.index]
+        assert card.max_activation == pytest.approx(column.max().item(), rel=1e-5)
+        assert card.fired == int((column > 0).sum())
+        logits = W_U @ weights["W_dec"][card.index]
+        promoted = logits.topk(5)
+        assert [t for t, _ in card.promoted] == decode(promoted.indices.tolist())
+        assert [v for _, v in card.promoted] == pytest.approx(promoted.values.tolist(), rel=1e-5)
+        article = re.search(rf'<article class="feature" id="feature-{card.index}">(.*?)</article>', page, re.S).group(1)
+        assert f"<h4>Top-activating contexts (reads {MLP_IN})</h4>" in article
+        assert f"<h4>Promoted tokens (writes {MLP_OUT})</h4>" in article
+
+
+def test_a_transcoder_writing_another_width_has_no_logit_lens_and_a_skip_term_is_no_feature(
+        tiny_model_dir, mlp_input_shards):
+    """A transcoder into the MLP's 64 neurons (down_proj's input) writes no residual direction:
+    the page says in one line that the logit lens does not apply. A skip transcoder's page says
+    its skip term is not a feature."""
+    target = "model.layers.1.mlp.down_proj:input"
+    files = _transcoder_files(target, 64)
+    W_U, note = load_unembedding(resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir))))
+    report = build_report(files, holdout=mlp_input_shards, unembedding=W_U, unembedding_note=note,
+                          options=ReportOptions(n_features=3))
+    page = report[REPORT_FILE].decode()
+    assert f"reads {MLP_IN} -&gt; writes {target}" in page
+    assert ("Promoted tokens are unavailable: the logit lens does not apply: the transcoder writes d_out=64 but the "
+            f"unembedding has shape {tuple(W_U.shape)}, not the model&#x27;s residual width.") in page
+    assert "<h4>Promoted tokens" not in page and not FeatureSample.from_json(report[FEATURES_FILE]).has_logits
+    assert "<td>d_out</td><td>64</td>" in page
+
+    cfg = json.loads(files[CONFIG_FILE])
+    skip = render_report({**files, **report, CONFIG_FILE: json.dumps({**cfg, "architecture": "skip_transcoder"}).encode()})
+    assert "The skip term is not a feature" in skip[REPORT_FILE].decode()
