@@ -92,7 +92,7 @@ def render_html(
     ]
     if "unexplained" in evaluation:
         sections.append(("unexplained", "What the dictionary leaves unexplained",
-                         _unexplained_html(evaluation["unexplained"])))
+                         _unexplained_html(evaluation["unexplained"], transcoder=ends is not None)))
     sections.append(("features", "Features", _features_html(sample, evaluation.get("audit"), cfg)))
     nav = "".join(f'<a href="#{sid}">{html.escape(name)}</a>' for sid, name, _ in sections)
     body = "".join(f'<section id="{sid}"><h2>{html.escape(name)}</h2>{content}</section>' for sid, name, content in sections)
@@ -115,8 +115,9 @@ def _transcoder_ends(cfg: dict[str, Any]) -> tuple[str, str] | None:
 
 
 def _has_skip(cfg: dict[str, Any]) -> bool:
-    """A skip transcoder: SAELens's ``skip_transcoder`` names, and ours for TopK, say ``skip``."""
-    return "skip" in str(cfg.get("architecture", ""))
+    """A skip transcoder: ``skip_transcoder``, ``jumprelu_skip_transcoder`` (SAELens's) or
+    ``topk_skip_transcoder`` (ours); ``trainer.sae.saved_with_skip``'s rule, without torch."""
+    return str(cfg.get("architecture", "")).endswith("skip_transcoder")
 
 
 def _summary_html(cfg: dict[str, Any], evaluation: dict[str, Any]) -> str:
@@ -362,9 +363,10 @@ def _value_html(value: Any) -> str:
     return _number(value)
 
 
-def _unexplained_html(unexplained: Any) -> str:
+def _unexplained_html(unexplained: Any, *, transcoder: bool = False) -> str:
     """``eval.json``'s ``unexplained`` (``cluster.evaluation``): the error summaries as one table,
-    the error-norm histogram as a plot, the worst tokens in their contexts; any other key as is."""
+    the error-norm histogram as a plot, the worst tokens in their contexts; any other key as is.
+    A transcoder's error is its target's minus its prediction."""
     if not isinstance(unexplained, dict):
         return _value_html(unexplained)
     rest = dict(unexplained)
@@ -377,7 +379,8 @@ def _unexplained_html(unexplained: Any) -> str:
         rest.pop("error_norm_histogram")
         parts.append('<div class="plots">' + svg_histogram(
             histogram["edges"], histogram["tokens"], title="tokens by reconstruction-error norm",
-            x_label="‖x − x̂‖ (raw activation units)", y_label="tokens") + "</div>")
+            x_label="‖y − ŷ‖: target − prediction (raw units)" if transcoder else "‖x − x̂‖ (raw activation units)",
+            y_label="tokens") + "</div>")
     worst = rest.get("worst_contexts")
     if isinstance(worst, list) and worst and all(isinstance(w, dict) for w in worst):
         rest.pop("worst_contexts")

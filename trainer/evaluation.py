@@ -9,6 +9,11 @@ Two accumulators, fed batch by batch and read once at the end:
   the reconstruction-error norm and of the per-token fraction of variance unexplained, and the
   tokens where the error is largest.
 
+For a transcoder the substituted activations are its target hookpoint's (its prediction from
+the input hookpoint), the zero-ablated ones too, and the error is the target's minus the
+prediction: wherever "activations" and "reconstruction" are said below, read "target" and
+"prediction".
+
 Positions follow one convention: ``mask[b, t]`` says whether the prediction made at position
 ``t`` (of token ``t + 1``) is scored; ``scored_positions`` builds it.
 """
@@ -159,8 +164,9 @@ class ReconstructionErrorStats:
 
     @torch.no_grad()
     def update(self, x: Tensor, reconstruction: Tensor, *, sequences: Tensor, positions: Tensor) -> None:
-        """Add a batch: raw activations and their reconstructions (N, d), and where each token
-        is (its sequence index and position, each (N,)). Tokens with NaN or Inf are counted, not kept."""
+        """Add a batch: raw activations and their reconstructions (N, d) (a transcoder's target
+        and prediction), and where each token is (its sequence index and position, each (N,)).
+        Tokens with NaN or Inf are counted, not kept."""
         if x.shape != reconstruction.shape or x.ndim != 2:
             raise ValueError(f"x {tuple(x.shape)} and reconstruction {tuple(reconstruction.shape)} must be the same (N, d)")
         if sequences.shape != (x.shape[0],) or positions.shape != (x.shape[0],):
