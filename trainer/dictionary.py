@@ -17,13 +17,26 @@ function on raw activations:
 | ``batchtopk``, ``matryoshka_batchtopk``     | ``jumprelu``             | + the learned threshold     |
 
 Any other architecture (``trainer.registry``) saves as the SAELens architecture its class names
-(``saelens_architecture``). A transcoder (``hookpoint_out`` given) saves ReLU as ``transcoder``
-and JumpReLU-style as ``jumprelu_transcoder`` (both with ``d_out`` and
-``metadata.hook_name_out``); SAELens has no TopK transcoder, so a TopK one saves as ``topk`` with
-``apply_b_dec_to_input=false``. The Anthropic ReLU variant differs from the plain one only in
+(``saelens_architecture``). The Anthropic ReLU variant differs from the plain one only in
 training (its L1 is weighted by decoder norms): at inference both are a plain ReLU, which is what
-``standard`` runs. ``load_dictionary`` rebuilds each SAELens architecture as the registered
-architecture that runs it (``INFERENCE_ARCHITECTURES``).
+``standard`` runs.
+
+A transcoder (``hookpoint_out`` given) saves with ``d_out``, ``apply_b_dec_to_input=false`` and
+``metadata.hook_name_out``; a skip transcoder adds ``W_skip`` in SAELens's layout (d_out, d_in),
+the transpose of ``SparseCoder.W_skip``:
+
+| inference of the training architecture      | transcoder               | skip transcoder              |
+| ------------------------------------------- | ------------------------ | ---------------------------- |
+| ReLU (``relu_l1``, ``relu_l1_unitnorm``)    | ``transcoder``           | ``skip_transcoder``          |
+| JumpReLU (``jumprelu``, ``batchtopk``)      | ``jumprelu_transcoder``  | ``jumprelu_skip_transcoder`` |
+| TopK (``topk``), ``d_out == d_in``          | ``topk``                 | ``topk_skip_transcoder`` *   |
+| TopK (``topk``), ``d_out != d_in``          | ``topk_transcoder`` *    | ``topk_skip_transcoder`` *   |
+
+SAELens 6 has no TopK transcoder class: its ``topk`` SAE computes a TopK transcoder without a skip
+whose widths agree (it subtracts ``b_dec`` only where ``apply_b_dec_to_input``, and adds it after
+decoding), so that one saves as ``topk``. The names marked * are saeforge's own: SAELens refuses
+them (no such architecture) and ``load_dictionary`` reads them. ``load_dictionary`` rebuilds
+each saved architecture as the registered architecture that runs it (``INFERENCE_ARCHITECTURES``).
 
 ``load_dictionary`` also reads the folders SAELens itself writes (``SAE.save_model``), with the
 encodings SAELens computes after ``SAE.load_from_disk`` (``tests/interp/test_saelens_folders.py``):
@@ -82,14 +95,26 @@ _RESERVED_METADATA = {
     "model_name", "hook_name", "hook_name_out", "sae_lens_version", "sae_lens_training_version",
     "training_architecture",
 }
-_TRANSCODER_ARCHITECTURES = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder", "topk": "topk"}
-INFERENCE_ARCHITECTURES = {
-    "topk": "topk", "standard": "relu_l1", "transcoder": "relu_l1",
-    "jumprelu": "jumprelu", "jumprelu_transcoder": "jumprelu",
+# SAELens inference architecture of the SAE -> (transcoder, skip transcoder) names; a TopK
+# transcoder whose widths agree is SAELens's own topk (``saelens_architecture``).
+_TRANSCODER_ARCHITECTURES = {
+    "standard": ("transcoder", "skip_transcoder"),
+    "jumprelu": ("jumprelu_transcoder", "jumprelu_skip_transcoder"),
+    "topk": ("topk_transcoder", "topk_skip_transcoder"),
 }
-"""SAELens 6 architecture of a saved dictionary -> the registered architecture that computes it
-on raw activations (with a free decoder, so the folded rows are used as saved)."""
-_JUMPRELU_ARCHITECTURES = ("jumprelu", "jumprelu_transcoder")
+INFERENCE_ARCHITECTURES = {
+    "topk": "topk", "topk_transcoder": "topk", "topk_skip_transcoder": "topk",
+    "standard": "relu_l1", "transcoder": "relu_l1", "skip_transcoder": "relu_l1",
+    "jumprelu": "jumprelu", "jumprelu_transcoder": "jumprelu", "jumprelu_skip_transcoder": "jumprelu",
+}
+"""Architecture of a saved dictionary (SAELens 6's, or saeforge's ``topk_transcoder`` and
+``topk_skip_transcoder``) -> the registered architecture that computes it on raw activations
+(with a free decoder, so the folded rows are used as saved; ``W_skip`` for the skip transcoders)."""
+SAEFORGE_ONLY_ARCHITECTURES = ("topk_transcoder", "topk_skip_transcoder")
+"""Saved architectures SAELens has no class for (it refuses the folder); ``load_dictionary`` reads them."""
+_TOPK_ARCHITECTURES = ("topk", "topk_transcoder", "topk_skip_transcoder")
+_JUMPRELU_ARCHITECTURES = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+_SKIP_ARCHITECTURES = ("skip_transcoder", "jumprelu_skip_transcoder", "topk_skip_transcoder")
 NORMALIZE_ACTIVATIONS = (
     "none", "expected_average_only_in", "constant_norm_rescale", "layer_norm", "covariance_whitening",
 )
@@ -124,13 +149,17 @@ def dictionary_files(
     if clash:
         raise ValueError(f"extra_metadata may not set {sorted(clash)}: they are written from the arguments")
     transcoder = hookpoint_out is not None
+    if sae.W_skip is not None and not transcoder:
+        raise ValueError("the SAE has a skip connection (W_skip): a skip transcoder needs hookpoint_out, its target")
     if transcoder and sae.apply_b_dec_to_input:
         raise ValueError(
             f"hookpoint_out={hookpoint_out!r} makes this a transcoder, but the SAE subtracts b_dec "
             "from its input (apply_b_dec_to_input=True); build it with transcoder=True"
         )
     folded = sae.folded_weights(scale, target_scale=target_scale)
-    weights = {name: tensor.cpu() for name, tensor in folded.items()}
+    if "W_skip" in folded:
+        folded["W_skip"] = folded["W_skip"].T  # SAELens's layout: (d_out, d_in)
+    weights = {name: tensor.cpu().contiguous() for name, tensor in folded.items()}
     metadata = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,
@@ -161,9 +190,15 @@ def dictionary_files(
 
 
 def saelens_architecture(sae: SparseCoder, *, transcoder: bool = False) -> str:
-    """The SAELens 6 inference architecture ``sae`` saves as (see the module docstring's table)."""
+    """The architecture ``sae`` saves as (see the module docstring's tables): SAELens 6's, or one
+    of ``SAEFORGE_ONLY_ARCHITECTURES`` for a TopK transcoder SAELens cannot run."""
     base = sae.saelens_architecture
-    return _TRANSCODER_ARCHITECTURES[base] if transcoder else base
+    if not transcoder:
+        return base
+    plain, skip = _TRANSCODER_ARCHITECTURES[base]
+    if sae.W_skip is not None:
+        return skip
+    return "topk" if base == "topk" and sae.d_out == sae.d_in else plain
 
 
 def sae_config(sae: SparseCoder, metadata: dict[str, Any], *, transcoder: bool = False) -> dict[str, Any]:
@@ -182,13 +217,13 @@ def sae_config(sae: SparseCoder, metadata: dict[str, Any], *, transcoder: bool =
         "reshape_activations": "none",
         "metadata": metadata,
     }
-    if architecture == "topk":
+    if architecture in _TOPK_ARCHITECTURES:
         cfg["k"] = sae.k
         # Our TopK selects on raw pre-activations; SAELens must not rescale them by decoder norms
         # (the folded decoder rows have norm 1 / scale).
         cfg["rescale_acts_by_decoder_norm"] = False
-    if architecture in ("transcoder", "jumprelu_transcoder") or sae.d_out != sae.d_in:
-        cfg["d_out"] = sae.d_out  # a TopK transcoder to another width: beyond what SAELens's topk loads
+    if transcoder or sae.d_out != sae.d_in:
+        cfg["d_out"] = sae.d_out
     return cfg
 
 
@@ -196,9 +231,11 @@ def load_dictionary(files: dict[str, bytes]) -> tuple[SparseCoder | InputNormali
     """Rebuild the SAE (acting on raw activations) and its config from a dictionary folder's files:
     ``dictionary_files`` output, or a folder SAELens wrote (``SAE.save_model``).
 
-    ``topk`` gives a ``TopKSAE``, ``standard`` / ``transcoder`` a ``ReLUSAE``, ``jumprelu`` /
-    ``jumprelu_transcoder`` a ``JumpReLUSAE`` (``log_threshold = log(threshold)``), all with a free
-    decoder so the folded rows are used as saved (``INFERENCE_ARCHITECTURES``). A TopK saved with
+    ``topk`` / ``topk_transcoder`` / ``topk_skip_transcoder`` give a ``TopKSAE``, ``standard`` /
+    ``transcoder`` / ``skip_transcoder`` a ``ReLUSAE``, ``jumprelu`` / ``jumprelu_transcoder`` /
+    ``jumprelu_skip_transcoder`` a ``JumpReLUSAE`` (``log_threshold = log(threshold)``), all with
+    a free decoder so the folded rows are used as saved (``INFERENCE_ARCHITECTURES``); the skip
+    transcoders with ``W_skip`` (saved (d_out, d_in), transposed back). A TopK saved with
     ``rescale_acts_by_decoder_norm=true`` has its decoder norms folded into the weights; a per-token
     ``normalize_activations`` (``constant_norm_rescale``, ``layer_norm``) wraps the SAE in
     ``InputNormalizedCoder``; the other modes run as SAELens runs them (the module docstring).
@@ -216,12 +253,14 @@ def load_dictionary(files: dict[str, bytes]) -> tuple[SparseCoder | InputNormali
     architecture = cfg["architecture"]
     _check_weights(
         weights, d_in=cfg["d_in"], d_sae=cfg["d_sae"], d_out=cfg.get("d_out", cfg["d_in"]),
-        with_threshold=architecture in _JUMPRELU_ARCHITECTURES,
+        with_threshold=architecture in _JUMPRELU_ARCHITECTURES, with_skip=architecture in _SKIP_ARCHITECTURES,
     )
     dtype = _DTYPES_BY_NAME[cfg["dtype"].removeprefix("torch.")]
-    if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+    if architecture in _TOPK_ARCHITECTURES and cfg.get("rescale_acts_by_decoder_norm", False):
         weights = _fold_decoder_norms(weights)
     state = {name: tensor.to(dtype) for name, tensor in weights.items()}
+    if "W_skip" in state:
+        state["W_skip"] = state["W_skip"].T.contiguous()
     sae = architecture_class(INFERENCE_ARCHITECTURES[architecture]).for_inference(cfg, dtype)
     if "threshold" in state:
         # A zero threshold (an untrained BatchTopK estimate) becomes log 0 = -inf, whose exp is 0.
@@ -392,25 +431,37 @@ def _check_config(cfg: dict[str, Any]) -> None:
         )
     if cfg.get("dtype", "").removeprefix("torch.") not in _DTYPES_BY_NAME:
         raise ValueError(f"{CONFIG_FILE} dtype={cfg.get('dtype')!r}: expected one of {sorted(_DTYPES_BY_NAME)}")
-    integer_keys = ("d_in", "d_sae", "k") if architecture == "topk" else ("d_in", "d_sae")
+    integer_keys = ("d_in", "d_sae", "k") if architecture in _TOPK_ARCHITECTURES else ("d_in", "d_sae")
     integer_keys += ("d_out",) if "d_out" in cfg else ()
     for key in integer_keys:
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
             raise ValueError(f"{CONFIG_FILE} {key}={cfg.get(key)!r} must be a positive integer")
-    if architecture == "topk" and cfg["k"] > cfg["d_sae"]:
+    if architecture in _TOPK_ARCHITECTURES and cfg["k"] > cfg["d_sae"]:
         raise ValueError(f"{CONFIG_FILE} k={cfg['k']} exceeds d_sae={cfg['d_sae']}")
     if cfg.get("apply_b_dec_to_input", True) and cfg.get("d_out", cfg["d_in"]) != cfg["d_in"]:
         raise ValueError(
             f"{CONFIG_FILE} d_out={cfg['d_out']} differs from d_in={cfg['d_in']} with apply_b_dec_to_input=true"
         )
+    if architecture in _SKIP_ARCHITECTURES and cfg.get("apply_b_dec_to_input", True):
+        raise ValueError(f"{CONFIG_FILE} architecture={architecture!r} needs apply_b_dec_to_input=false")
+    if architecture.endswith("transcoder") and cfg.get("normalize_activations", "none") in _PER_TOKEN_NORMALIZATION:
+        # SAELens normalises a transcoder's input per token but never maps its output back (its
+        # Transcoder.decode skips run_time_activation_norm_fn_out): not a function saeforge runs.
+        raise ValueError(
+            f"{CONFIG_FILE} architecture={architecture!r} with normalize_activations="
+            f"{cfg['normalize_activations']!r} is not supported: expected 'none' for a transcoder"
+        )
 
 
 def _check_weights(
-    weights: dict[str, Tensor], *, d_in: int, d_sae: int, d_out: int, with_threshold: bool = False
+    weights: dict[str, Tensor], *, d_in: int, d_sae: int, d_out: int, with_threshold: bool = False,
+    with_skip: bool = False,
 ) -> None:
     expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
     if with_threshold:
         expected["threshold"] = (d_sae,)
+    if with_skip:
+        expected["W_skip"] = (d_out, d_in)
     if weights.keys() != expected.keys():
         raise ValueError(
             f"{WEIGHTS_FILE} holds {sorted(weights)}, expected {sorted(expected)}"
