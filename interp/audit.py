@@ -13,13 +13,18 @@ suppressed feature's effect leaks past it through what the dictionary does not e
 
 Every figure is measured on the audit text (n_sequences x context token ids), each
 variant of the hookpoint's activation run through the rest of the model against the unedited run.
+For a transcoder, "the activation" below is its target's (where it writes, e.g. an MLP's output):
+its features are encoded from its input in the same pass, and every variant rewrites the target
+(``interp.steering.rewritten``); the dashboard's read-back is then the feature encoded from the
+input of the edited pass, which the edit, downstream of it, does not change (a note says so).
 A variant edits every position the dictionary encodes (BOS and the other tokens the training left
 out keep their activations); it is measured at the *measured positions*: every encoded position
 for an amplification, the positions where the feature fires on the unedited text for a
 suppression (a clamp or scale to 0, where only those positions change).
 
 The *targets* are the tokens the feature's decoder direction promotes most through the
-unembedding (``activation_cache.unembedding.logit_tokens``, special tokens left out), or the
+unembedding (``activation_cache.unembedding.logit_tokens``, special tokens left out; only where the
+dictionary writes vectors of the model's hidden size, else the targets must be given), or the
 tokens given. The *target log-probability* at a position is ``log sum_{t in targets} p(t)`` of the
 next-token distribution there, averaged over the measured positions; its *change* is the variant's
 minus the unedited model's; the *KL* is the mean ``KL(unedited || variant)`` in nats.
@@ -28,7 +33,8 @@ Result fields (stable: the HTML page and the report draw them):
 
 ``AuditResult``: ``dictionary``, ``hookpoint``, ``model``, ``text_source``, ``n_sequences``,
 ``n_encoded_tokens``, ``seeds``, ``control_seed``, ``features`` (one ``FeatureAudit`` per edited
-feature, each audited alone), ``cost`` (``Cost``), ``notes``.
+feature, each audited alone), ``cost`` (``Cost``), ``notes``, ``hookpoint_out`` (where a
+transcoder writes; None for an SAE).
 
 ``FeatureAudit``: ``feature``, ``kind`` (``amplify`` | ``suppress``), ``mode``, ``error_term``,
 ``value`` (raw units), ``targets`` (``Target``: ``token_id``, ``token``, ``logit`` per unit of
@@ -90,7 +96,6 @@ from torch import Tensor, nn
 
 from activation_cache.config import CacheConfig, DataConfig
 from activation_cache.eval_text import EvalText, held_out_text, text_source
-from activation_cache.hooking import spliced
 from activation_cache.text import pack_sequences, token_decoder
 from activation_cache.unembedding import logit_tokens, unembedding_of
 from interp.observe import Observer
@@ -100,6 +105,7 @@ from interp.steering import (
     Steerer,
     edit_activations,
     feature_activations,
+    rewritten,
 )
 from trainer.config import TrainConfig
 from trainer.evaluation import kl_divergence, spliced_positions
@@ -121,6 +127,7 @@ __all__ = [
     "audit_text",
     "choose_features",
     "firing_counts",
+    "logit_lens_refusal",
     "resolve_targets",
     "target_standout",
 ]
@@ -272,6 +279,8 @@ class AuditResult:
     features: list[FeatureAudit]
     cost: Cost
     notes: list[str]
+    hookpoint_out: str | None = None
+    """Where a transcoder writes (its features read at ``hookpoint``); None for an SAE."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values; NaN or infinity (none should occur) become None."""
@@ -354,8 +363,24 @@ def _promoted(observer: Observer, unembedding: Tensor, feature: int, n: int) -> 
     return [Target(i, t, v) for (i, v), t in zip(kept, texts, strict=True)]
 
 
-def _unembedding(model: nn.Module) -> Tensor:
-    weight, note = unembedding_of(model)
+def logit_lens_refusal(observer: Observer) -> str | None:
+    """Why the tokens a feature promotes cannot be read through the unembedding (one line), or None:
+    the decoder rows must be vectors of the model's hidden size (an SAE or transcoder writing to the
+    residual stream, an attention or MLP output), not, say, an MLP's neurons."""
+    hidden = observer.hidden_size
+    d_out = int(observer.sae.d_out)
+    if hidden is None or d_out == hidden:
+        return None
+    return (f"{observer.folder.uri}: the logit lens does not apply: the dictionary writes d_out={d_out} at "
+            f"{observer.output_hookpoint}, the unembedding reads the model's hidden size {hidden}; "
+            "give the targets with --target")
+
+
+def _unembedding(observer: Observer) -> Tensor:
+    refusal = logit_lens_refusal(observer)
+    if refusal is not None:
+        raise ValueError(refusal)
+    weight, note = unembedding_of(observer.harvester().model)
     if weight is None:
         raise ValueError(f"{note}: the audit's default targets are the tokens a feature promotes through it; "
                          "give the targets with --target")
@@ -381,7 +406,7 @@ def target_standout(observer: Observer, features: Sequence[int], *, n_targets: i
     """(len(features),) how clearly each feature promotes tokens: the mean logit of its top
     ``n_targets`` promoted tokens through the unembedding (special and excluded tokens left out),
     in standard deviations of all the vocabulary's logits above its mean."""
-    unembedding = _unembedding(observer.harvester().model)
+    unembedding = _unembedding(observer)
     skip = sorted(set(observer.excluded) | set(observer.tokenizer.all_special_ids))
     scores = []
     with torch.inference_mode():
@@ -431,8 +456,9 @@ def _sae_rows(observer: Observer, acts: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def _feature_rows(observer: Observer, tokens: Tensor, batch: slice | None, batch_tokens: int = 2048) -> Tensor:
-    """The hookpoint's activations at the encoded positions of ``tokens`` (all of them, or one
-    batch of sequences), in the dictionary's dtype: the forward stops at the hookpoint."""
+    """The activations the dictionary reads (a transcoder's input) at the encoded positions of
+    ``tokens`` (all of them, or one batch of sequences), in the dictionary's dtype: the forward
+    stops at the hookpoint."""
     harvester, parts = observer.harvester(), []
     for part in [batch] if batch is not None else _batches(tokens, batch_tokens):
         acts = harvester(tokens[part])
@@ -442,8 +468,9 @@ def _feature_rows(observer: Observer, tokens: Tensor, batch: slice | None, batch
 
 # --------------------------------------------------------------------------- variants
 
-RowEdit = Callable[[Tensor], Tensor]
-"""(rows, d) activations at the encoded positions -> the variant's rows."""
+RowEdit = Callable[[Tensor, Tensor], Tensor]
+"""(x, y) -> y': at the encoded positions, the rows the dictionary reads (rows, d_in) and those it
+reconstructs (rows, d_out; for an SAE the same rows) -> the variant's rows of the latter."""
 
 
 @dataclass
@@ -490,9 +517,9 @@ def _orthogonal_direction(direction: Tensor, seed: int) -> Tensor:
 def _along(sae: nn.Module, edit: FeatureEdit, direction: Tensor) -> RowEdit:
     """``edit`` (one feature) with its change written along ``direction`` instead of its decoder row."""
 
-    def rows_edit(rows: Tensor) -> Tensor:
-        f, code = feature_activations(sae, rows, edit.features)
-        base = rows if edit.error_term == "keep" else sae.decode(code.acts, code.indices)
+    def rows_edit(x: Tensor, y: Tensor) -> Tensor:
+        f, _ = feature_activations(sae, x, edit.features)
+        base = y if edit.error_term == "keep" else sae.reconstruct(x)[1]
         return base + (edit.edited(f) - f) @ direction[None]
 
     return rows_edit
@@ -501,24 +528,24 @@ def _along(sae: nn.Module, edit: FeatureEdit, direction: Tensor) -> RowEdit:
 def _where_firing(sae: nn.Module, feature: int, replace: RowEdit) -> RowEdit:
     """``replace`` at the rows where ``feature`` fires, the rows unchanged elsewhere."""
 
-    def rows_edit(rows: Tensor) -> Tensor:
-        f, _ = feature_activations(sae, rows, [feature])
-        return torch.where(f > 0, replace(rows), rows)
+    def rows_edit(x: Tensor, y: Tensor) -> Tensor:
+        f, _ = feature_activations(sae, x, [feature])
+        return torch.where(f > 0, replace(x, y), y)
 
     return rows_edit
 
 
 def _projected_out(direction: Tensor) -> RowEdit:
     unit = direction / direction.norm()
-    return lambda rows: rows - (rows @ unit)[:, None] * unit
+    return lambda x, y: y - (y @ unit)[:, None] * unit
 
 
 def _reconstructed(sae: nn.Module) -> RowEdit:
-    return lambda rows: sae.reconstruct(rows)[1]
+    return lambda x, y: sae.reconstruct(x)[1]
 
 
 def _edited(sae: nn.Module, edit: FeatureEdit) -> RowEdit:
-    return lambda rows: edit_activations(sae, rows, edit)
+    return lambda x, y: edit_activations(sae, x, edit, target=y)
 
 
 # --------------------------------------------------------------------------- cost
@@ -576,7 +603,9 @@ def _prepass(observer: Observer, tokens: Tensor, encoded: Tensor, edits: list[Fe
         mask = encoded[batch]
         for j, edit in enumerate(edits):
             f, _ = feature_activations(sae, rows, edit.features)
-            read_back, _ = feature_activations(sae, edit_activations(sae, rows, edit), edit.features)
+            # A transcoder's edit is written downstream of the input its features are read from.
+            read_from = rows if observer.hookpoint_out is not None else edit_activations(sae, rows, edit)
+            read_back, _ = feature_activations(sae, read_from, edit.features)
             activation[j][batch][mask] = f[:, 0].float().cpu()
             dashboard[j][batch][mask] = torch.stack([edit.edited(f)[:, 0], read_back[:, 0]], dim=-1).float().cpu()
     return activation, dashboard
@@ -627,17 +656,17 @@ def _text_passes(steerer: Steerer, tokens: Tensor, encoded: Tensor, plans: list[
                 plan.unedited[name].add(clean[where][:, target_ids].logsumexp(dim=-1), None)
             for variant in plan.variants:
                 where = positions[plan.feature][variant.measured]
-                with spliced(model, observer.hookpoint, _replacing(observer, mask, variant.edit_rows)):
+                with rewritten(observer, _replacing(observer, mask, variant.edit_rows)):
                     edited = _logprobs(model, ids)
                 variant.sums.add(edited[where][:, target_ids].logsumexp(dim=-1), kl_divergence(clean[where], edited[where]))
         counter.forward_passes += counter.text_passes
         counter.tokens_past_hookpoint += counter.text_passes * ids.numel()
 
 
-def _replacing(observer: Observer, mask: Tensor, edit_rows: RowEdit) -> Callable[[Tensor], Tensor]:
-    def replace(acts: Tensor) -> Tensor:
-        out = acts.clone()
-        out[mask] = edit_rows(_sae_rows(observer, acts[mask])).to(acts.dtype)
+def _replacing(observer: Observer, mask: Tensor, edit_rows: RowEdit) -> Callable[[Tensor, Tensor], Tensor]:
+    def replace(x: Tensor, y: Tensor) -> Tensor:
+        out = y.clone()
+        out[mask] = edit_rows(_sae_rows(observer, x[mask.to(x.device)]), _sae_rows(observer, y[mask])).to(y.dtype)
         return out
 
     return replace
@@ -765,8 +794,11 @@ def audit(
     edits = [FeatureEdit((f,), (v,), edit.mode, edit.error_term) for f, v in zip(edit.features, edit.values, strict=True)]
     batches = _batches(tokens, batch_tokens)
     activation, dashboard = _prepass(observer, tokens, encoded, edits, batches)
-    unembedding = _unembedding(steerer.model) if given is None else None
+    unembedding = _unembedding(observer) if given is None else None
     notes: list[str] = []
+    if observer.hookpoint_out is not None:
+        notes.append(f"a transcoder: its features are read from {observer.hookpoint} and the edits write to "
+                     f"{observer.hookpoint_out}, downstream, so the dashboard's read-back is the value before the edit")
     plans = [_plan(observer, single, activation[j], dashboard[j], unembedding=unembedding, given=given,
                    n_targets=n_targets, leak=leak, doses=doses, control_seed=control_seed, notes=notes)
              for j, single in enumerate(edits)]
@@ -776,7 +808,8 @@ def audit(
     sampling = _Sampling(prompt_list, seed_list, max_new_tokens, batch_tokens)
     features = [_feature_audit(steerer, plan, encoded, unedited, sampling, counter) for plan in plans]
     return AuditResult(observer.folder.uri, observer.hookpoint, observer.model_name, text_source, len(tokens),
-                       int(encoded.sum()), seed_list, control_seed, features, counter.cost(), notes)
+                       int(encoded.sum()), seed_list, control_seed, features, counter.cost(), notes,
+                       observer.hookpoint_out)
 
 
 def _plan(observer: Observer, edit: FeatureEdit, activation: Tensor, dashboard: Tensor, *,

@@ -34,7 +34,7 @@ import html
 import math
 from typing import TYPE_CHECKING
 
-from interp.markup import BASE_CSS, script_json, visible
+from interp.markup import BASE_CSS, describe_hookpoints, script_json, visible
 from interp.svg import CHART_CSS, svg_bar_chart, svg_line_chart
 
 if TYPE_CHECKING:  # drawing the page needs no torch; the result's module imports it
@@ -65,7 +65,7 @@ svg .bar{fill:#2a6fdb}
 
 def render_audit_page(result: AuditResult) -> str:
     """The page: a pure function of ``result`` (the module docstring says what it shows)."""
-    title = f"saeforge steer audit: {result.hookpoint} of {result.model}"
+    title = f"saeforge steer audit: {describe_hookpoints(result.hookpoint, result.hookpoint_out)} of {result.model}"
     sections = [_feature_section(result, a) for a in result.features] or [
         '<section id="no-features"><h2>No feature audited</h2></section>']
     nav = "".join(f'<a href="#feature-{a.feature}">feature {a.feature}</a>' for a in result.features)
@@ -86,7 +86,8 @@ def render_audit_page(result: AuditResult) -> str:
 def _header_table(result: AuditResult) -> str:
     seeds = ", ".join(str(s) for s in result.seeds) or "none"
     rows = [
-        ("dictionary", result.dictionary), ("model", result.model), ("hookpoint", result.hookpoint),
+        ("dictionary", result.dictionary), ("model", result.model),
+        ("hookpoint", describe_hookpoints(result.hookpoint, result.hookpoint_out)),
         ("text", result.text_source),
         ("tokens", f"{result.n_sequences:,} sequences, {result.n_encoded_tokens:,} tokens the dictionary encodes"),
         ("seeds", f"continuations sampled with seeds {seeds}; the random direction drawn with seed {result.control_seed}"),

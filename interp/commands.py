@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from activation_cache.text import check_source
-from interp.audit import AuditResult, audit, audit_text, resolve_targets
+from interp.audit import AuditResult, audit, audit_text, logit_lens_refusal, resolve_targets
 from interp.observe import open_observer
 from interp.steering import ErrorTerm, FeatureEdit, GenerationSettings, Mode, Steerer, SteerResult
 
@@ -63,6 +63,8 @@ def prepare(request: SteerRequest) -> tuple[Steerer, FeatureEdit, list[list[int]
     if request.audit is not None:
         if request.audit.targets:
             resolve_targets(steerer.observer, list(request.audit.targets))
+        elif (refusal := logit_lens_refusal(steerer.observer)) is not None:
+            raise ValueError(refusal)
         if request.audit.text is not None:
             check_source(request.audit.text)
     return steerer, edit, prompt_ids

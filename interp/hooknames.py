@@ -95,17 +95,19 @@ def hookpoint_from_hook_name(hook_name: str, model: nn.Module) -> str | None:
     return None
 
 
-def hookpoint_for(hook_name: str, model: nn.Module, override: str | None = None) -> str:
+def hookpoint_for(hook_name: str, model: nn.Module, override: str | None = None, *, field: str = "hook_name",
+                  give: str = "--hookpoint") -> str:
     """The hookpoint a dictionary recorded as ``hook_name`` reads on ``model``: ``override`` (the
     user's ``--hookpoint``, resolved) if given, else the mapping of ``hookpoint_from_hook_name``;
-    one line naming the hook if there is none."""
+    one line naming the hook if there is none. ``field`` and ``give`` name, in that line, the
+    cfg.json field the name came from and how to override it (a transcoder's ``hook_name_out``)."""
     if override is not None:
         return resolve_hookpoint(model, override)
     hookpoint = hookpoint_from_hook_name(hook_name, model)
     if hookpoint is None:
         raise ValueError(
-            f"dictionary hook_name {hook_name!r} has no known hookpoint in {type(model).__name__}: give "
-            "--hookpoint (a module path or resid_post|attn_out|mlp_out|mlp_in.<layer>)"
+            f"dictionary {field} {hook_name!r} has no known hookpoint in {type(model).__name__}: give "
+            f"{give} (a module path or resid_post|attn_out|mlp_out|mlp_in.<layer>)"
         )
     return hookpoint
 

@@ -67,7 +67,8 @@ class DictionaryFolder:
     cfg: dict[str, Any]
     """Its ``cfg.json``."""
     stats: ActivationStats | None
-    """The held-out activation mean and variance the training job recorded; None if absent."""
+    """The held-out activation mean and variance the training job recorded, of what the dictionary
+    reconstructs (a transcoder's target); None if absent."""
     run_config: dict[str, Any] | None
     """The run's resolved job config, when the folder sits in its run."""
     feature_max: Tensor | None = None
@@ -78,6 +79,19 @@ class DictionaryFolder:
     def hook_name(self) -> str:
         """Where the dictionary reads: our hookpoint, or SAELens's (TransformerLens-style) hook name."""
         return dictionary_hook_name(self.cfg)
+
+    @property
+    def hook_name_out(self) -> str | None:
+        """Where a transcoder writes (``metadata.hook_name_out``, ours or SAELens's name, mapped to a
+        hookpoint as ``hook_name`` is); None for an SAE, which reconstructs where it reads."""
+        name = (self.cfg.get("metadata") or {}).get("hook_name_out")
+        return name if isinstance(name, str) and name else None
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether the dictionary reads one hookpoint and predicts another (its ``stats`` are then
+        the target's: what its prediction's error is measured against)."""
+        return self.hook_name_out is not None
 
     @property
     def n_latents(self) -> int:

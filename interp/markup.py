@@ -1,5 +1,6 @@
 """What our self-contained pages share (the training report, observe's page, the steer audit's
-page): the base stylesheet, tokens made visible, and data embedded as JSON in a ``<script>`` block.
+page): the base stylesheet, tokens made visible, data embedded as JSON in a ``<script>`` block, and
+where a dictionary acts, in words (also the terminal's).
 
 Pure string building, no torch: the training report imports it to redraw its page cheaply.
 """
@@ -9,7 +10,12 @@ from __future__ import annotations
 import json
 import unicodedata
 
-__all__ = ["BASE_CSS", "script_json", "visible"]
+__all__ = ["BASE_CSS", "describe_hookpoints", "script_json", "visible"]
+
+
+def describe_hookpoints(hookpoint: str, hookpoint_out: str | None) -> str:
+    """Where a dictionary acts: its hookpoint, or ``reads <in> -> writes <out>`` for a transcoder."""
+    return hookpoint if hookpoint_out is None else f"reads {hookpoint} -> writes {hookpoint_out}"
 
 BASE_CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1d232b;background:#f6f7f9}

@@ -19,6 +19,12 @@ means the token is reconstructed as well as a typical held-out token of a dictio
 The mean and variance are those the training job recorded (``activation_stats.safetensors``);
 a dictionary without them (older ones, SAELens's) gets them computed on the observed tokens, and
 the result says so (``Baseline.source``).
+
+A transcoder reads one hookpoint and predicts another (``metadata.hook_name_out``, e.g. an MLP's
+input and output): its features are encoded from the input's activation ``x``, and the error is
+that of its prediction of the target's activation ``y`` in the same forward pass,
+``y - sae.reconstruct(x)`` (the sparse path, plus the skip term where it has one), against the
+target's statistics (a transcoder folder records the target's).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from activation_cache.config import ModelConfig
 from activation_cache.hooking import (
     INPUT_SUFFIX,
     ActivationHarvester,
+    MultiHarvester,
     hookpoint_width,
     load_model,
     load_tokenizer,
@@ -44,6 +51,7 @@ from activation_cache.hooking import (
 from activation_cache.text import excluded_token_ids, token_decoder
 from interp.hooknames import hookpoint_for
 from interp.loading import DictionaryFolder, read_dictionary_folder
+from interp.markup import describe_hookpoints
 from trainer.activation_stats import ActivationStats
 from trainer.evaluation import spliced_positions
 
@@ -99,12 +107,20 @@ class Observations:
 
     dictionary: str
     hookpoint: str
+    """Where the dictionary reads."""
     model: str
     n_latents: int
     top: int
     feature: int | None
     baseline: Baseline
     texts: list[TextObservation]
+    hookpoint_out: str | None = None
+    """Where a transcoder writes (what its errors are errors of); None for an SAE."""
+
+    @property
+    def where(self) -> str:
+        """``model.layers.3`` for an SAE, ``reads <in> -> writes <out>`` for a transcoder."""
+        return describe_hookpoints(self.hookpoint, self.hookpoint_out)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values: features as ``{"id", "activation"}`` objects."""
@@ -121,7 +137,8 @@ class Observations:
 
 
 class _Encoded:
-    """One text's encoded rows, before the baseline divides their squared errors."""
+    """One text's encoded rows, before the baseline divides their squared errors; ``rows`` are
+    what the dictionary reconstructs (a transcoder's target)."""
 
     def __init__(self, ids: list[int], encoded: Tensor, rows: Tensor, top: tuple[Tensor, Tensor], l0: Tensor,
                  squared_error: Tensor, activation: Tensor | None) -> None:
@@ -134,18 +151,35 @@ class Observer:
     ``open_observer``; the model's weights load at the first ``observe``."""
 
     def __init__(self, folder: DictionaryFolder, *, model_name: str, source: Any, dtype: str, hookpoint: str,
-                 tokenizer: Any, max_positions: int | None) -> None:
+                 tokenizer: Any, max_positions: int | None, hookpoint_out: str | None = None,
+                 hidden_size: int | None = None) -> None:
         self.folder, self.model_name, self.hookpoint, self.tokenizer = folder, model_name, hookpoint, tokenizer
+        self.hookpoint_out = hookpoint_out
+        """Where a transcoder writes (canonical hookpoint); None for an SAE."""
+        self.hidden_size = hidden_size
+        """The model's hidden size (what its unembedding reads), where known before it loads."""
         self._source, self._dtype, self.max_positions = source, dtype, max_positions
         data = folder.data_config()
         self.excluded = excluded_token_ids(data, tokenizer)
         self.prepend_bos = data.prepend_bos and tokenizer.bos_token_id is not None
         self._harvester: ActivationHarvester | None = None
+        self._pair: MultiHarvester | None = None
         self._decode = token_decoder(tokenizer)
 
     @property
     def sae(self) -> nn.Module:
         return self.folder.sae
+
+    @property
+    def output_hookpoint(self) -> str:
+        """Where the dictionary's reconstruction lives, and so where a steer edits: the target
+        hookpoint of a transcoder, the hookpoint itself for an SAE."""
+        return self.hookpoint_out or self.hookpoint
+
+    @property
+    def where(self) -> str:
+        """``model.layers.3``, or ``reads <in> -> writes <out>`` for a transcoder."""
+        return describe_hookpoints(self.hookpoint, self.hookpoint_out)
 
     # ----------------------------------------------------------------------- tokens
 
@@ -173,28 +207,42 @@ class Observer:
     def use_model(self, model: nn.Module) -> None:
         """Run ``model`` (the dictionary's model, already loaded) instead of loading it."""
         self._harvester = ActivationHarvester(model, self.hookpoint)
+        if self.hookpoint_out is not None:
+            self._pair = MultiHarvester(model, [self.hookpoint, self.hookpoint_out])
         self.folder.sae.to(model.get_input_embeddings().weight.device)
 
     def harvester(self) -> ActivationHarvester:
-        """The harvester on the model, which loads at the first call."""
+        """The harvester on the model up to where the dictionary reads (a transcoder's input),
+        which loads at the first call."""
         if self._harvester is None:
             log.info("loading %s", self.model_name)
             self.use_model(load_model(self._source, dtype=self._dtype))
         assert self._harvester is not None
         return self._harvester
 
+    def inputs_and_targets(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(batch, seq, d_in) activations the dictionary reads and (batch, seq, d_out) those it
+        reconstructs, from one forward pass (the same tensor twice for an SAE)."""
+        harvester = self.harvester()
+        if self._pair is None:
+            acts = harvester(input_ids)
+            return acts, acts
+        pair = self._pair(input_ids)
+        return pair[self.hookpoint], pair[self.output_hookpoint]
+
     @torch.inference_mode()
     def _encode(self, ids: list[int], *, top: int, feature: int | None) -> _Encoded:
-        acts = self.harvester()(torch.tensor([ids]))[0]
+        acts, targets = (t[0] for t in self.inputs_and_targets(torch.tensor([ids])))
         encoded = spliced_positions(torch.tensor(ids), self.excluded)
         param = next(self.sae.parameters())
         rows = acts[encoded.to(acts.device)].to(device=param.device, dtype=param.dtype)
+        target_rows = targets[encoded.to(targets.device)].to(device=param.device).float()
         code, reconstruction = self.sae.reconstruct(rows)
         dense = _dense_top(code, top)
         l0 = (code.acts > 0).sum(dim=-1)
         activation = None if feature is None else _feature_activation(code, feature)
-        squared_error = (rows.float() - reconstruction.float()).pow(2).sum(dim=-1)
-        return _Encoded(ids, encoded, rows.float(), dense, l0, squared_error, activation)
+        squared_error = (target_rows - reconstruction.float()).pow(2).sum(dim=-1)
+        return _Encoded(ids, encoded, target_rows, dense, l0, squared_error, activation)
 
     def observe(self, texts: str | list[str], *, top: int = 5, feature: int | None = None,
                 chat: bool = False) -> Observations:
@@ -213,6 +261,7 @@ class Observer:
             dictionary=self.folder.uri, hookpoint=self.hookpoint, model=self.model_name, n_latents=self.folder.n_latents,
             top=top, feature=feature, baseline=baseline,
             texts=[TextObservation(text, self._tokens(e, stats)) for text, e in zip(texts, encoded, strict=True)],
+            hookpoint_out=self.hookpoint_out,
         )
 
     def _baseline(self, encoded: list[_Encoded]) -> tuple[Baseline, ActivationStats]:
@@ -262,32 +311,46 @@ def _preview(text: str, width: int = 40) -> str:
     return repr(text if len(text) <= width else text[: width - 1] + "…")
 
 
+def _check_width(folder: DictionaryFolder, skeleton: nn.Module, model_id: str, hookpoint: str, name: str,
+                 expected: int) -> None:
+    module = dict(skeleton.named_modules())[hookpoint.removesuffix(INPUT_SUFFIX)]
+    width = hookpoint_width(module, hookpoint.endswith(INPUT_SUFFIX), int(skeleton.config.hidden_size))
+    if width != expected:
+        raise ValueError(f"{folder.uri}: dictionary {name}={expected} but {model_id} at {hookpoint} has width {width}")
+
+
 def open_observer(uri: str, *, model: str | ModelConfig | None = None, hookpoint: str | None = None,
                   s3_options: dict | None = None, loaded_model: nn.Module | None = None,
-                  tokenizer: Any = None) -> Observer:
+                  tokenizer: Any = None, hookpoint_out: str | None = None) -> Observer:
     """The dictionary at ``uri`` (ours or SAELens's; an object-store URI or a local folder) with
     its model's tokenizer: everything checked that can be before the model's weights load (the
     folder, the model files, the hookpoint, the widths). ``model`` (a directory or
     ``packaged:...``) overrides the dictionary's model; ``hookpoint`` overrides where it reads
-    (needed for a SAELens hook name with no known hookpoint). ``loaded_model`` and ``tokenizer``:
+    (needed for a SAELens hook name with no known hookpoint) and ``hookpoint_out`` where a
+    transcoder writes (its ``metadata.hook_name_out`` otherwise). ``loaded_model`` and ``tokenizer``:
     that model and its tokenizer, already loaded (in a notebook, or the job's evaluation), used
     instead of reading the model's files again (seconds for a GGUF file)."""
     folder = read_dictionary_folder(uri, s3_options=s3_options)
-    if "hook_name_out" in folder.cfg.get("metadata", {}):
-        raise ValueError(f"{folder.uri}: a transcoder (reads {folder.hook_name}, writes "
-                         f"{folder.cfg['metadata']['hook_name_out']}); observe reads and reconstructs one hookpoint")
     model_cfg = folder.model_config(model)
     source = resolve_model_source(model_cfg)
     skeleton = loaded_model if loaded_model is not None else model_skeleton(source)
     canonical = hookpoint_for(folder.hook_name, skeleton, override=hookpoint)
-    module = dict(skeleton.named_modules())[canonical.removesuffix(INPUT_SUFFIX)]
-    width = hookpoint_width(module, canonical.endswith(INPUT_SUFFIX), int(skeleton.config.hidden_size))
-    if width != folder.sae.d_in:
-        raise ValueError(f"{folder.uri}: dictionary d_in={folder.sae.d_in} but {source.model_id} at {canonical} "
-                         f"has width {width}")
+    _check_width(folder, skeleton, source.model_id, canonical, "d_in", folder.sae.d_in)
+    canonical_out = None
+    if folder.hook_name_out is not None:
+        canonical_out = hookpoint_for(folder.hook_name_out, skeleton, override=hookpoint_out,
+                                      field="hook_name_out", give="hookpoint_out= (open_observer)")
+        if canonical_out == canonical:
+            raise ValueError(f"{folder.uri}: a transcoder reading and writing the same place {canonical}; "
+                             "expected a target hookpoint other than its input")
+        _check_width(folder, skeleton, source.model_id, canonical_out, "d_out", folder.sae.d_out)
+    elif hookpoint_out is not None:
+        raise ValueError(f"hookpoint_out={hookpoint_out!r}: {folder.uri} is an SAE (no metadata.hook_name_out); "
+                         "only a transcoder writes to another hookpoint")
     observer = Observer(folder, model_name=source.model_id, source=source, dtype=model_cfg.dtype,
                         hookpoint=canonical, tokenizer=tokenizer if tokenizer is not None else load_tokenizer(source),
-                        max_positions=getattr(skeleton.config, "max_position_embeddings", None))
+                        max_positions=getattr(skeleton.config, "max_position_embeddings", None),
+                        hookpoint_out=canonical_out, hidden_size=int(skeleton.config.hidden_size))
     if loaded_model is not None:
         observer.use_model(loaded_model)
     return observer

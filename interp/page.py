@@ -114,7 +114,7 @@ _CSP = f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{_SCR
 
 def render_page(obs: Observations) -> str:
     """The page: a pure function of ``obs`` (the module docstring says what it shows)."""
-    title = f"saeforge observe: {obs.hookpoint} of {obs.model}"
+    title = f"saeforge observe: {obs.where} of {obs.model}"
     worst = _worst_token(obs)
     texts = "".join(_text_html(obs, number, worst) for number in range(1, len(obs.texts) + 1))
     return (
@@ -136,7 +136,7 @@ def render_page(obs: Observations) -> str:
 
 def _header_table(obs: Observations) -> str:
     rows = [
-        ("dictionary", obs.dictionary), ("model", obs.model), ("hookpoint", obs.hookpoint),
+        ("dictionary", obs.dictionary), ("model", obs.model), ("hookpoint", obs.where),
         ("features", f"{obs.n_latents:,}"), ("per token", f"its top {obs.top} features by activation"),
         ("baseline", _baseline_sentence(obs)),
     ]

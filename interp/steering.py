@@ -13,6 +13,16 @@ training left out, BOS and the other special tokens, keep their activations, as 
 evaluation), the prompt's and each generated token's; with the KV cache each step edits the new
 position only, which is what recomputing the whole sequence would do, since the edit is per token.
 
+A transcoder reads ``x`` at its input hookpoint and predicts ``y`` at its target hookpoint; its
+features are encoded from ``x`` and an edit changes ``y``, in the same forward pass:
+
+    y + (f' - f) @ W_dec[features]
+
+so the transcoder's error (``y`` minus its prediction) flows on unchanged; ``error_term="drop"``
+substitutes the edited prediction (sparse path, skip term, ``b_dec``) for ``y``. The input runs
+before the target in the forward pass (an MLP's input before its output), so the pass captures
+``x`` and edits ``y`` once it is computed; generation does the same at each step.
+
     from interp import open_observer
     from interp.steering import FeatureEdit, Steerer
 
@@ -25,20 +35,22 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from activation_cache.hooking import spliced
+from activation_cache.hooking import INPUT_SUFFIX, spliced
 from interp.observe import Observer
 from trainer.evaluation import spliced_positions
 from trainer.sae import SparseCoder
 
-__all__ = ["FeatureEdit", "GenerationSettings", "SteerResult", "Steerer", "edit_activations", "parse_value"]
+__all__ = [
+    "FeatureEdit", "GenerationSettings", "SteerResult", "Steerer", "edit_activations", "parse_value", "rewritten",
+]
 
 Mode = Literal["clamp", "add", "scale"]
 ErrorTerm = Literal["keep", "drop"]
@@ -98,22 +110,69 @@ def parse_value(text: str) -> tuple[float, bool]:
 def feature_activations(sae: nn.Module, x: Tensor, features: Sequence[int]) -> tuple[Tensor, object]:
     """(rows, len(features)) activations of ``features`` on ``x`` (0 where one did not fire), and the code."""
     code = sae.encode(x)
-    index = torch.tensor(list(features), device=x.device)
+    return _selected(code, features), code
+
+
+def _selected(code: Any, features: Sequence[int]) -> Tensor:
+    index = torch.tensor(list(features), device=code.acts.device)
     if code.indices is None:
-        return code.acts[:, index], code
+        return code.acts[:, index]
     hits = code.indices.unsqueeze(-1) == index  # (rows, k, m)
-    return (code.acts.unsqueeze(-1) * hits).sum(dim=1), code
+    return (code.acts.unsqueeze(-1) * hits).sum(dim=1)
 
 
-def edit_activations(sae: nn.Module, x: Tensor, edit: FeatureEdit) -> Tensor:
-    """``x`` (rows, d_in) with ``edit`` applied (the module docstring's formula), in ``x``'s dtype."""
+def edit_activations(sae: nn.Module, x: Tensor, edit: FeatureEdit, target: Tensor | None = None) -> Tensor:
+    """What the dictionary reconstructs, with ``edit`` applied (the module docstring's formulas):
+    ``target`` (rows, d_out; a transcoder's target activations) or, for an SAE, ``x`` itself,
+    edited through the features encoded from ``x`` (rows, d_in); in the dtype of what is edited."""
     rows = x.to(next(sae.parameters()).dtype)
-    f, code = feature_activations(sae, rows, edit.features)
-    directions = sae.W_dec[list(edit.features)]
-    delta = (edit.edited(f) - f) @ directions
+    y = x if target is None else target
     if edit.error_term == "keep":
-        return x + delta.to(x.dtype)
-    return (sae.decode(code.acts, code.indices) + delta).to(x.dtype)
+        f, _ = feature_activations(sae, rows, edit.features)
+        base = y
+    else:
+        code, base = sae.reconstruct(rows)  # the full prediction: a skip transcoder's skip term too
+        f = _selected(code, edit.features)
+    delta = (edit.edited(f) - f) @ sae.W_dec[list(edit.features)]
+    return (base + delta.to(base.dtype)).to(y.dtype)
+
+
+@contextmanager
+def rewritten(observer: Observer, replace: Callable[[Tensor, Tensor], Tensor]) -> Iterator[None]:
+    """While active, every forward pass of the observer's model runs with the activations ``y`` at
+    the dictionary's output hookpoint (``Observer.output_hookpoint``) replaced by ``replace(x, y)``,
+    ``x`` the activations at its input hookpoint in the same pass (``y`` itself for an SAE), both
+    (batch, seq, d). A transcoder whose target runs before its input is refused when it runs."""
+    model = observer.harvester().model
+    if observer.hookpoint_out is None:
+        with spliced(model, observer.hookpoint, lambda acts: replace(acts, acts)):
+            yield
+        return
+    captured: dict[str, Tensor] = {}
+    module = dict(model.named_modules())[observer.hookpoint.removesuffix(INPUT_SUFFIX)]
+    if observer.hookpoint.endswith(INPUT_SUFFIX):
+        def capture_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["x"] = args[0] if args else next(iter(kwargs.values()))  # as MultiHarvester reads it
+
+        handle = module.register_forward_pre_hook(capture_input, with_kwargs=True)
+    else:
+        def capture_output(module: nn.Module, args: tuple, output: Any) -> None:
+            captured["x"] = output[0] if isinstance(output, tuple) else output
+
+        handle = module.register_forward_hook(capture_output)
+
+    def replace_target(y: Tensor) -> Tensor:
+        x = captured.pop("x", None)
+        if x is None:
+            raise RuntimeError(f"{observer.folder.uri}: the target {observer.hookpoint_out} ran before the input "
+                               f"{observer.hookpoint} in the forward pass; a transcoder must read before it writes")
+        return replace(x, y)
+
+    try:
+        with spliced(model, observer.hookpoint_out, replace_target):
+            yield
+    finally:
+        handle.remove()
 
 
 @dataclass(frozen=True)
@@ -148,6 +207,8 @@ class SteerResult:
     max_new_tokens: int
     seed: int | None
     continuations: list[Continuation]
+    hookpoint_out: str | None = None
+    """Where a transcoder writes, and so where the edit applies; None for an SAE (at ``hookpoint``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,7 +218,8 @@ class SteerResult:
 
 
 class Steerer:
-    """A dictionary with its model (an ``Observer``), steering generation at its hookpoint."""
+    """A dictionary with its model (an ``Observer``), steering generation where it writes: its
+    hookpoint, or a transcoder's target hookpoint (the module docstring)."""
 
     def __init__(self, observer: Observer) -> None:
         if not isinstance(observer.sae, SparseCoder):
@@ -187,8 +249,8 @@ class Steerer:
 
     @contextmanager
     def applied(self, edit: FeatureEdit | None) -> Iterator[None]:
-        """While active, every forward pass of the model runs with ``edit`` at the hookpoint
-        (nothing when ``edit`` is None), at the positions the dictionary encodes."""
+        """While active, every forward pass of the model runs with ``edit`` where the dictionary
+        writes (nothing when ``edit`` is None), at the positions the dictionary encodes."""
         if edit is None:
             yield
             return
@@ -200,15 +262,15 @@ class Steerer:
             ids = args[0] if args else kwargs.get("input")
             current["encoded"] = spliced_positions(ids.cpu(), excluded)
 
-        def replace(acts: Tensor) -> Tensor:
-            encoded = current["encoded"].to(acts.device)
-            out = acts.clone()
-            out[encoded] = edit_activations(sae, acts[encoded], edit)
+        def replace(x: Tensor, y: Tensor) -> Tensor:
+            encoded = current["encoded"].to(y.device)
+            out = y.clone()
+            out[encoded] = edit_activations(sae, x[encoded.to(x.device)], edit, target=y[encoded])
             return out
 
         handle = model.get_input_embeddings().register_forward_pre_hook(remember_ids, with_kwargs=True)
         try:
-            with spliced(model, self.observer.hookpoint, replace):
+            with rewritten(self.observer, replace):
                 yield
         finally:
             handle.remove()
@@ -246,4 +308,5 @@ class Steerer:
             continuations.append(Continuation(prompt, ids, decode(unedited, skip_special_tokens=False),
                                               decode(steered, skip_special_tokens=False), unedited, steered))
         return SteerResult(self.observer.folder.uri, self.observer.hookpoint, list(edit.features), list(edit.values),
-                           edit.mode, edit.error_term, settings.max_new_tokens, settings.seed, continuations)
+                           edit.mode, edit.error_term, settings.max_new_tokens, settings.seed, continuations,
+                           self.observer.hookpoint_out)

@@ -7,6 +7,7 @@ import math
 import textwrap
 
 from interp.audit import AuditResult, FeatureAudit
+from interp.markup import describe_hookpoints
 from interp.observe import Observations, TokenObservation
 from interp.steering import SteerResult
 
@@ -18,11 +19,18 @@ def _token(text: str) -> str:
     return shown if len(shown) <= _TOKEN_WIDTH else shown[: _TOKEN_WIDTH - 2] + "…'"
 
 
+def _at(hookpoint: str, hookpoint_out: str | None) -> str:
+    """``at model.layers.3``, or ``reads <in> -> writes <out>`` for a transcoder."""
+    return f"at {hookpoint}" if hookpoint_out is None else describe_hookpoints(hookpoint, hookpoint_out)
+
+
 def _baseline_line(obs: Observations) -> str:
     b = obs.baseline
+    of = "" if obs.hookpoint_out is None else f" at the target {obs.hookpoint_out}"
     if b.source == "held-out":
-        return f"baseline    held-out mean and variance the training recorded ({b.n_tokens:,} tokens, total variance {b.total_variance:.4g})"
-    return (f"baseline    computed on the {b.n_tokens:,} observed tokens (total variance {b.total_variance:.4g}): "
+        return (f"baseline    held-out mean and variance the training recorded{of} ({b.n_tokens:,} tokens, "
+                f"total variance {b.total_variance:.4g})")
+    return (f"baseline    computed on the {b.n_tokens:,} observed tokens{of} (total variance {b.total_variance:.4g}): "
             "the dictionary records no held-out mean and variance")
 
 
@@ -41,7 +49,7 @@ def _row(token: TokenObservation, feature: int | None) -> str:
 def format_observations(obs: Observations) -> str:
     """The whole result as text, one row per token."""
     lines = [
-        f"dictionary  {obs.dictionary}  ({obs.n_latents:,} features at {obs.hookpoint} of {obs.model})",
+        f"dictionary  {obs.dictionary}  ({obs.n_latents:,} features {_at(obs.hookpoint, obs.hookpoint_out)} of {obs.model})",
         _baseline_line(obs),
     ]
     figures = f"{'err norm':>9}  {'rel err':>8}  {'L0':>4}"
@@ -69,7 +77,7 @@ def format_steer(result: SteerResult, width: int = 56) -> str:
                          for f, v in zip(result.features, result.values, strict=True))
     decoding = "greedy" if result.seed is None else f"sampled, seed {result.seed}"
     lines = [
-        f"dictionary  {result.dictionary}  (at {result.hookpoint})",
+        f"dictionary  {result.dictionary}  ({_at(result.hookpoint, result.hookpoint_out)})",
         f"edit        {result.mode}: {features}; error term {'kept' if result.error_term == 'keep' else 'dropped'}",
         f"decoding    {decoding}, up to {result.max_new_tokens} new tokens",
     ]
@@ -135,7 +143,7 @@ def format_audit(result: AuditResult) -> str:
     """The audit as a terminal table: a header, then per feature its sections and summary."""
     cost = result.cost
     lines = [
-        f"dictionary  {result.dictionary}  ({result.hookpoint} of {result.model})",
+        f"dictionary  {result.dictionary}  ({describe_hookpoints(result.hookpoint, result.hookpoint_out)} of {result.model})",
         f"text        {result.text_source}: {result.n_sequences} sequences, {result.n_encoded_tokens:,} encoded tokens",
         f"cost        {cost.forward_passes:,} forward passes past the hookpoint ({cost.text_passes} over the text, "
         f"{cost.generated_tokens:,} generated tokens): {cost.text_pass_equivalents:.1f}x one forward over the text",

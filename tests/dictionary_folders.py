@@ -1,5 +1,6 @@
 """Small TopK dictionaries trained in a test and written as real dictionary folders: the ones the
-interp tests observe and steer (``tiny_dictionaries``, a pytest plugin of tests/conftest.py)."""
+interp tests observe and steer (``tiny_dictionaries``, ``tiny_transcoders``; a pytest plugin of
+tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from activation_cache.config import PACKAGED_MODEL, PACKAGED_TEXT, DataConfig, ModelConfig
 from activation_cache.hooking import (
     ActivationHarvester,
+    MultiHarvester,
     load_model,
     load_tokenizer,
     resolve_model_source,
@@ -31,6 +33,8 @@ from trainer.layout import ACTIVATION_STATS_FILE, FEATURE_STATS_FILE, write_dict
 from trainer.sae import SparseCoder, TopKSAE
 
 LAYER = 1  # the tiny Llama's hookpoint resid_post.1: hidden_states[2] in transformers' numbering
+MLP_IN, MLP_OUT = f"model.layers.{LAYER}.mlp:input", f"model.layers.{LAYER}.mlp"
+"""The tiny transcoders' input and target: the layer-1 MLP's input and output."""
 
 
 def train_topk(rows: torch.Tensor, n_latents: int, k: int, steps: int) -> TopKSAE:
@@ -46,13 +50,35 @@ def train_topk(rows: torch.Tensor, n_latents: int, k: int, steps: int) -> TopKSA
     return sae.eval()
 
 
-def write_folder(folder: Path, sae: SparseCoder, hookpoint: str, model: ModelConfig, held_out: Tensor | None = None) -> Path:
+def train_topk_transcoder(x: Tensor, y: Tensor, n_latents: int, k: int, steps: int, *,
+                          skip_connection: bool = False) -> TopKSAE:
+    """A TopK transcoder predicting ``y`` from ``x`` (rows of each), with ``W_skip`` if asked."""
+    torch.manual_seed(0)
+    sae = TopKSAE(x.shape[1], n_latents, k, d_out=y.shape[1], apply_b_dec_to_input=False, seed=0,
+                  skip_connection=skip_connection)
+    sae.init_b_dec(y, method="mean")
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for _ in range(steps):
+        batch = torch.randint(0, len(x), (256,))
+        loss = sae(x[batch], target=y[batch]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return sae.eval()
+
+
+def write_folder(folder: Path, sae: SparseCoder, hookpoint: str, model: ModelConfig, held_out: Tensor | None = None,
+                 *, hookpoint_out: str | None = None, held_out_target: Tensor | None = None) -> Path:
     """``sae`` as a dictionary folder; with ``held_out`` rows, the statistics a training job
-    records on them (activation mean and variance, each feature's largest activation)."""
+    records on them (activation mean and variance, each feature's largest activation). A
+    transcoder names its target in ``hookpoint_out``; its mean and variance are the target's,
+    ``held_out_target`` (the rows at the target of the same tokens)."""
     files = dictionary_files(sae, hookpoint=hookpoint, model_name="test", scale=1.0,
-                             extra_metadata=model_metadata(model, DataConfig()), sparsity=None, eval_metrics={})
+                             extra_metadata=model_metadata(model, DataConfig()), sparsity=None, eval_metrics={},
+                             hookpoint_out=hookpoint_out)
     if held_out is not None:
-        files[ACTIVATION_STATS_FILE] = activation_stats_file(ActivationStats.of(held_out))
+        reconstructed = held_out if held_out_target is None else held_out_target
+        files[ACTIVATION_STATS_FILE] = activation_stats_file(ActivationStats.of(reconstructed))
         maxima = FeatureMaxima(sae.n_latents)
         with torch.no_grad():
             code = sae.encode(held_out)
@@ -62,14 +88,20 @@ def write_folder(folder: Path, sae: SparseCoder, hookpoint: str, model: ModelCon
     return folder
 
 
+def _tiny_tokens(tiny_model_dir: Path, tiny_corpus_dir: Path) -> tuple[nn.Module, Tensor]:
+    """The tiny Llama and 48 sequences of 32 tokens of the tiny corpus, BOS first."""
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
+    tokens = torch.from_numpy(pack_sequences(DataConfig(source=str(tiny_corpus_dir), context_length=32, max_tokens=32 * 48),
+                                             load_tokenizer(source)))
+    return load_model(source), tokens
+
+
 @pytest.fixture(scope="module")
 def tiny_dictionaries(tiny_model_dir, tiny_corpus_dir, tmp_path_factory) -> tuple[Path, Path]:
     """A TopK dictionary trained on the tiny Llama's layer-1 activations (BOS left out), twice:
     with held-out statistics and feature maxima (from the last 8 sequences) and without."""
-    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
-    tokens = torch.from_numpy(pack_sequences(DataConfig(source=str(tiny_corpus_dir), context_length=32, max_tokens=32 * 48),
-                                             load_tokenizer(source)))
-    acts = ActivationHarvester(load_model(source), f"resid_post.{LAYER}")(tokens)[:, 1:].reshape(-1, 32)
+    model, tokens = _tiny_tokens(tiny_model_dir, tiny_corpus_dir)
+    acts = ActivationHarvester(model, f"resid_post.{LAYER}")(tokens)[:, 1:].reshape(-1, 32)
     train, held_out = acts[: -8 * 31], acts[-8 * 31:]
     sae = train_topk(train, 64, 4, steps=60)
     model = ModelConfig(name_or_path=str(tiny_model_dir))
@@ -102,3 +134,60 @@ def packaged_dictionary(tmp_path_factory) -> PackagedDictionary:
                           acts[-254:])
     return PackagedDictionary(model, folder, tokens[16:])
 
+
+
+@dataclass(frozen=True)
+class TinyTranscoders:
+    """TopK transcoders (64 latents, k 4, 80 steps) from the tiny Llama's layer-1 MLP input
+    (``MLP_IN``) to its output (``MLP_OUT``), trained on the rows of 40 sequences (BOS left out)."""
+
+    with_stats: Path
+    """With the statistics a job records on the last 8 sequences' rows: the target's mean and
+    variance, each feature's largest activation (encoded from the input)."""
+    without_stats: Path
+
+
+@dataclass(frozen=True)
+class _MLPRows:
+    model: ModelConfig
+    x: Tensor
+    """(rows, 32) the MLP's input at every token but BOS of 48 tiny-corpus sequences."""
+    y: Tensor
+    """(rows, 32) its output at the same tokens."""
+    held_out: int = -8 * 31
+    """The last 8 sequences' rows are held out."""
+
+
+@pytest.fixture(scope="module")
+def _tiny_mlp_rows(tiny_model_dir, tiny_corpus_dir) -> _MLPRows:
+    model, tokens = _tiny_tokens(tiny_model_dir, tiny_corpus_dir)
+    pair = MultiHarvester(model, [MLP_IN, MLP_OUT])(tokens)
+    x, y = (pair[h][:, 1:].reshape(-1, 32) for h in (MLP_IN, MLP_OUT))
+    return _MLPRows(ModelConfig(name_or_path=str(tiny_model_dir)), x, y)
+
+
+def _train_transcoder(rows: _MLPRows, *, skip_connection: bool = False) -> TopKSAE:
+    held = rows.held_out
+    return train_topk_transcoder(rows.x[:held], rows.y[:held], 64, 4, steps=80, skip_connection=skip_connection)
+
+
+def _transcoder_folder(rows: _MLPRows, folder: Path, sae: TopKSAE, *, stats: bool) -> Path:
+    held = rows.held_out
+    if not stats:
+        return write_folder(folder, sae, MLP_IN, rows.model, hookpoint_out=MLP_OUT)
+    return write_folder(folder, sae, MLP_IN, rows.model, rows.x[held:], hookpoint_out=MLP_OUT,
+                        held_out_target=rows.y[held:])
+
+
+@pytest.fixture(scope="module")
+def tiny_transcoders(_tiny_mlp_rows, tmp_path_factory) -> TinyTranscoders:
+    root, sae = tmp_path_factory.mktemp("transcoders"), _train_transcoder(_tiny_mlp_rows)
+    return TinyTranscoders(_transcoder_folder(_tiny_mlp_rows, root / "with-stats", sae, stats=True),
+                           _transcoder_folder(_tiny_mlp_rows, root / "without-stats", sae, stats=False))
+
+
+@pytest.fixture(scope="module")
+def tiny_skip_transcoder(_tiny_mlp_rows, tmp_path_factory) -> Path:
+    """As ``tiny_transcoders.with_stats``, a skip transcoder (``W_skip``) trained the same way."""
+    return _transcoder_folder(_tiny_mlp_rows, tmp_path_factory.mktemp("skip-transcoder") / "dictionary",
+                              _train_transcoder(_tiny_mlp_rows, skip_connection=True), stats=True)
