@@ -4,6 +4,7 @@
 #   VENV           where the environment lives (default: .venv)
 #   SAEFORGE_EXTRAS  pip extras to install (unset: test; "test,bench" for the benchmarks;
 #                    set and empty: the runtime alone, as the node image installs it)
+# With the test extra it also builds circuit-tracer's own venv (scripts/setup_circuit_tracer.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
@@ -31,7 +32,14 @@ fi
 
 inputs_hash() { cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16; }
 want="$(inputs_hash)-$EXTRAS"
+# circuit-tracer runs in a venv of its own (its transformers pin), for tests/interp/test_circuit_tracer.py.
+circuit_tracer_venv() {
+    if [[ ",$EXTRAS," == *",test,"* ]]; then
+        bash scripts/setup_circuit_tracer.sh
+    fi
+}
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+    circuit_tracer_venv
     exit 0
 fi
 if [[ -n "$chromium_missing" ]]; then
@@ -70,3 +78,4 @@ if [[ ",$EXTRAS," == *",bench,"* ]]; then
     "${PIP[@]}" install -q -c "$constraints" --no-deps "dictionary-learning==0.1.0" "nnsight==0.3.7"
 fi
 echo "$want" > "$STAMP"
+circuit_tracer_venv
