@@ -291,6 +291,30 @@ def _add_steer_parser(sub: argparse._SubParsersAction) -> None:
     command.set_defaults(func=_steer)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from interp.circuit_tracer import CONFIG_FILE, export_circuit_tracer
+
+    files = export_circuit_tracer(args.uris, Path(args.out), model_name=args.model,
+                                  s3_options={"endpoint_url": args.endpoint_url})
+    where = Path(args.out).resolve()
+    sys.stdout.write(f"wrote {len(files) - 1} per-layer transcoders for circuit-tracer to {where}\n"
+                     f"load with: circuit-tracer attribute --transcoder_set {where} --backend nnsight ... "
+                     f"(or load_transcoders on {where / CONFIG_FILE})\n")
+    return 0
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="write dictionaries in a layout another tool loads")
+    formats = export.add_subparsers(dest="export_format", required=True)
+    command = formats.add_parser("circuit-tracer", help="per-layer MLP transcoders (layers 0..n-1) as circuit-tracer's "
+                                 "config.yaml + layer_{i}.safetensors")
+    command.add_argument("uris", nargs="+", help="transcoder dictionary URIs, one per layer: s3://... or local paths")
+    command.add_argument("--out", required=True, help="local directory to write into")
+    command.add_argument("--model", default=None, help="model name for config.yaml (default: the dictionaries' model_name)")
+    command.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    command.set_defaults(func=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeforge", description="Train sparse autoencoders on a Ray cluster.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -307,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_observe_parser(sub)
     _add_steer_parser(sub)
+    _add_export_parser(sub)
     add_job_commands(sub)  # submit, status, logs, stop, list
     return parser
 
@@ -320,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, StoreError, CorruptShardError, JobFailed) as err:
-        command = " ".join(filter(None, (args.command, getattr(args, "cache_command", None))))
+        command = " ".join(filter(None, (args.command, getattr(args, "cache_command", None),
+                                             getattr(args, "export_format", None))))
         sys.stderr.write(f"saeforge {command}: error: {err}\n")
         return 2
 
