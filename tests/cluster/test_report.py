@@ -517,8 +517,8 @@ def mlp_input_shards(tiny_model_dir, tiny_corpus_dir, tmp_path_factory) -> list[
     ]
 
 
-def _transcoder_files(target: str, d_out: int) -> dict[str, bytes]:
-    transcoder = TopKSAE(32, 64, 4, d_out=d_out, apply_b_dec_to_input=False, seed=0)
+def _transcoder_files(target: str, d_out: int, *, skip: bool = False) -> dict[str, bytes]:
+    transcoder = TopKSAE(32, 64, 4, d_out=d_out, apply_b_dec_to_input=False, seed=0, skip_connection=skip)
     return dictionary_files(transcoder, hookpoint=MLP_IN, hookpoint_out=target, model_name="tiny", scale=1.0,
                             extra_metadata={}, sparsity=None, eval_metrics={"fvu": 0.3})
 
@@ -573,6 +573,7 @@ def test_a_transcoder_writing_another_width_has_no_logit_lens_and_a_skip_term_is
     assert "<h4>Promoted tokens" not in page and not FeatureSample.from_json(report[FEATURES_FILE]).has_logits
     assert "<td>d_out</td><td>64</td>" in page
 
-    cfg = json.loads(files[CONFIG_FILE])
-    skip = render_report({**files, **report, CONFIG_FILE: json.dumps({**cfg, "architecture": "skip_transcoder"}).encode()})
-    assert "The skip term is not a feature" in skip[REPORT_FILE].decode()
+    skip = build_report(_transcoder_files(MLP_OUT, 32, skip=True), holdout=mlp_input_shards, unembedding=W_U,
+                        options=ReportOptions(n_features=3))[REPORT_FILE].decode()
+    assert "The skip term is not a feature" in skip and "skip term" not in page
+    assert "<td>architecture</td><td>topk_skip_transcoder (trained as topk)</td>" in skip
