@@ -43,7 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from activation_cache.hooking import INPUT_SUFFIX, spliced
+from activation_cache.hooking import spliced, spliced_pair
 from interp.observe import Observer
 from trainer.evaluation import spliced_positions
 from trainer.sae import SparseCoder
@@ -142,37 +142,15 @@ def rewritten(observer: Observer, replace: Callable[[Tensor, Tensor], Tensor]) -
     """While active, every forward pass of the observer's model runs with the activations ``y`` at
     the dictionary's output hookpoint (``Observer.output_hookpoint``) replaced by ``replace(x, y)``,
     ``x`` the activations at its input hookpoint in the same pass (``y`` itself for an SAE), both
-    (batch, seq, d). A transcoder whose target runs before its input is refused when it runs."""
+    (batch, seq, d). A transcoder whose target runs before its input is refused when it runs
+    (``activation_cache.hooking.spliced_pair``)."""
     model = observer.harvester().model
     if observer.hookpoint_out is None:
         with spliced(model, observer.hookpoint, lambda acts: replace(acts, acts)):
             yield
         return
-    captured: dict[str, Tensor] = {}
-    module = dict(model.named_modules())[observer.hookpoint.removesuffix(INPUT_SUFFIX)]
-    if observer.hookpoint.endswith(INPUT_SUFFIX):
-        def capture_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["x"] = args[0] if args else next(iter(kwargs.values()))  # as MultiHarvester reads it
-
-        handle = module.register_forward_pre_hook(capture_input, with_kwargs=True)
-    else:
-        def capture_output(module: nn.Module, args: tuple, output: Any) -> None:
-            captured["x"] = output[0] if isinstance(output, tuple) else output
-
-        handle = module.register_forward_hook(capture_output)
-
-    def replace_target(y: Tensor) -> Tensor:
-        x = captured.pop("x", None)
-        if x is None:
-            raise RuntimeError(f"{observer.folder.uri}: the target {observer.hookpoint_out} ran before the input "
-                               f"{observer.hookpoint} in the forward pass; a transcoder must read before it writes")
-        return replace(x, y)
-
-    try:
-        with spliced(model, observer.hookpoint_out, replace_target):
-            yield
-    finally:
-        handle.remove()
+    with spliced_pair(model, observer.hookpoint, observer.hookpoint_out, replace):
+        yield
 
 
 @dataclass(frozen=True)

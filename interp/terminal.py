@@ -19,9 +19,11 @@ def _token(text: str) -> str:
     return shown if len(shown) <= _TOKEN_WIDTH else shown[: _TOKEN_WIDTH - 2] + "…'"
 
 
-def _at(hookpoint: str, hookpoint_out: str | None) -> str:
-    """``at model.layers.3``, or ``reads <in> -> writes <out>`` for a transcoder."""
-    return f"at {hookpoint}" if hookpoint_out is None else describe_hookpoints(hookpoint, hookpoint_out)
+def _at(hookpoint: str, hookpoint_out: str | None, model: str | None = None) -> str:
+    """``at model.layers.3 [of <model>]``, or ``[of <model>, ]reads <in> -> writes <out>`` for a transcoder."""
+    if hookpoint_out is None:
+        return f"at {hookpoint}" + (f" of {model}" if model else "")
+    return (f"of {model}, " if model else "") + describe_hookpoints(hookpoint, hookpoint_out)
 
 
 def _baseline_line(obs: Observations) -> str:
@@ -49,7 +51,7 @@ def _row(token: TokenObservation, feature: int | None) -> str:
 def format_observations(obs: Observations) -> str:
     """The whole result as text, one row per token."""
     lines = [
-        f"dictionary  {obs.dictionary}  ({obs.n_latents:,} features {_at(obs.hookpoint, obs.hookpoint_out)} of {obs.model})",
+        f"dictionary  {obs.dictionary}  ({obs.n_latents:,} features {_at(obs.hookpoint, obs.hookpoint_out, obs.model)})",
         _baseline_line(obs),
     ]
     figures = f"{'err norm':>9}  {'rel err':>8}  {'L0':>4}"

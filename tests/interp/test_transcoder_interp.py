@@ -133,6 +133,8 @@ def test_observe_encodes_the_mlp_input_and_measures_the_prediction_of_its_output
     path = tiny_transcoders.with_stats if folder == "plain" else tiny_skip_transcoder
     weights = load_file(path / WEIGHTS_FILE)
     assert ("W_skip" in weights) == (folder == "skip")
+    if folder == "skip":
+        assert weights["W_skip"].abs().max() > 1e-3, "the skip term stayed at its zero initialisation"
     total_variance = load_file(path / ACTIVATION_STATS_FILE)["variance"].double().sum().item()
     observer = open_observer(str(path), loaded_model=steerer.model, tokenizer=steerer.observer.tokenizer)
     result = observer.observe(TEXTS, top=3, feature=5)
