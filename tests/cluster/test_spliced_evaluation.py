@@ -30,7 +30,13 @@ from cluster.evaluation import evaluate_in_ray, held_out_text
 from cluster.pull import pull
 from cluster.report_cards import FeatureCard, FeatureSample
 from trainer.dictionary import dictionary_files
-from trainer.layout import FEATURES_FILE, REPORT_FILE, split_dictionary_uri, write_dictionary
+from trainer.layout import (
+    FEATURES_FILE,
+    REPORT_FILE,
+    dictionary_folder_name,
+    split_dictionary_uri,
+    write_dictionary,
+)
 from trainer.sae import TopKSAE
 
 HOOKPOINT = "model.layers.1"
@@ -450,3 +456,31 @@ def test_a_splice_pair_replaces_the_target_from_the_input_of_the_same_pass_and_r
     torch.testing.assert_close(same, clean, rtol=0, atol=0)
     torch.testing.assert_close(recomputed, clean)
     torch.testing.assert_close(after, clean, rtol=0, atol=0)
+
+
+def test_eval_on_a_transcoder_runs_dictionary_uses_the_runs_held_out_units_and_skips_the_audit(
+        model_dir, tiny_corpus_dir, transcoders, tmp_path, caplog):
+    """``saeforge eval`` on ``<run>/dictionary/<input>-to-<target>`` of a transcoder job: the run's
+    config.json gives the model and the held-out units; the steer audit is skipped, saying why."""
+    job = tiny_job(str(tmp_path / "store"), tmp_path, model_dir, tiny_corpus_dir,
+                   f"model.hookpoint={MLP_IN}", f"model.target_hookpoint={MLP_OUT}")
+    run = tmp_path / "runs" / "tiny"
+    open_store(str(run)).put_bytes("config.json", json.dumps(to_dict(job)).encode())
+    folder = run / "dictionary" / dictionary_folder_name(MLP_IN, MLP_OUT)
+    files = dictionary_files(transcoders["transcoder"], hookpoint=MLP_IN, hookpoint_out=MLP_OUT,
+                             model_name=str(model_dir), scale=1.0, extra_metadata={"run_name": "tiny"}, sparsity=None,
+                             eval_metrics=RECONSTRUCTION)
+    write_dictionary(open_store(str(folder)), files)
+    cards = [FeatureCard(i, "random", 0.1, 5, 3.0, []) for i in range(0, 128, 9)]
+    open_store(str(folder)).put_bytes(FEATURES_FILE, FeatureSample(cards, 128, "", False, 0).to_json())
+    with caplog.at_level("INFO", logger="cluster.evaluation"):
+        assert saeforge(["eval", str(folder)]) == 0
+    evaluation = _eval_json(str(folder))
+    lm = evaluation["lm"]
+    assert (lm["hookpoint"], lm["target_hookpoint"], lm["text"]) == (MLP_IN, MLP_OUT, f"held-out units of {tiny_corpus_dir}")
+    assert lm["spliced_ce"] < lm["ablated_ce"]
+    assert {w["sequence"] for w in evaluation["unexplained"]["worst_contexts"]} <= set(range(40, 48))
+    assert evaluation["audit"] == {"skipped": "the evaluation's steer audit does not edit transcoder features yet"}
+    assert "steer audit skipped" in caplog.text
+    page = (folder / REPORT_FILE).read_text()
+    assert f"reads {MLP_IN} -&gt; writes {MLP_OUT}" in page and "spliced LM: ce_recovered" in page
