@@ -22,7 +22,7 @@ from activation_cache.hooking import describe_model, load_tokenizer, resolve_mod
 from activation_cache.inspection import CACHES_DIR, SHARDS_DIR
 from activation_cache.keys import cache_key
 from activation_cache.lease import LeaseClaim
-from activation_cache.manifest import MANIFEST_KEY, Manifest, load_manifest
+from activation_cache.manifest import MANIFEST_KEY, Manifest, check_paired_caches, load_manifest
 from activation_cache.plan import holdout_count
 from activation_cache.producing import split_units, unit_rows
 from activation_cache.schema import CorruptShardError, ShardMeta, sha256_hex
@@ -60,6 +60,10 @@ class HookpointResult:
     eval: dict
     variant: str = ""
     """The sweep variant ('' when the job is not a sweep)."""
+    target_hookpoint: str | None = None
+    """A transcoder's target hookpoint (``hookpoint`` is its input); None for an SAE."""
+    target_cache_uri: str | None = None
+    """The target hookpoint's cache."""
 
 
 @dataclass
@@ -154,10 +158,12 @@ def check_existing_caches(job: JobConfig, plans: list[CachePlan]) -> None:
     """Refuse, before anything is written or Ray starts, a cache already at a plan's key whose
     manifest is unreadable, disagrees with the model's d_model or the job's dtype, or lists a shard
     its store lacks. One listing per cache, no shard read: a cache can hold terabytes, and the
-    reader checks each shard's size and checksum as it reads it."""
+    reader checks each shard's size and checksum as it reads it. A transcoder's two caches must
+    record the same model and token stream (``check_paired_caches``)."""
+    manifests = {}
     for plan in plans:
         store = open_store(plan.uri, s3_options=job.cache.s3_options())
-        manifest = _existing_manifest(store, plan)  # a truncated or garbled manifest raises, naming it
+        manifest = manifests[plan.uri] = _existing_manifest(store, plan)  # a garbled manifest raises, naming it
         if not manifest.shards:
             continue
         present = set(store.list(SHARDS_DIR))
@@ -168,6 +174,9 @@ def check_existing_caches(job: JobConfig, plans: list[CachePlan]) -> None:
                 f"shard {missing[0]}{more}: listed in {store.uri}/{MANIFEST_KEY} but missing from the store; "
                 f"`saeforge cache verify {store.uri}` checks every shard, deleting the cache rebuilds it"
             )
+    for source, target in _trainings(job, plans):
+        if target is not None:
+            check_paired_caches(manifests[source.uri], manifests[target.uri], input_uri=source.uri, target_uri=target.uri)
 
 
 def _init_ray(job: JobConfig) -> None:
@@ -300,9 +309,18 @@ def expected_shards(job: JobConfig, plan: CachePlan) -> dict[str, int]:
     return {u.shard_name: unit_rows(u, plan.excluded_token_ids) for u in units}
 
 
+def _trainings(job: JobConfig, plans: list[CachePlan]) -> list[tuple[CachePlan, CachePlan | None]]:
+    """What the job trains, as (input cache, target cache or None): one SAE per hookpoint, or one
+    transcoder from the first cache (``model.hookpoint``) to the second (``model.target_hookpoint``)."""
+    if job.model.target_hookpoint is not None:
+        return [(plans[0], plans[1])]
+    return [(p, None) for p in plans]
+
+
 def _train_plans(job: JobConfig, plans: list[CachePlan], root: ObjectStore, run_name: str) -> list[TrainPlan]:
     runs_root = absolute_uri(job.run.uri) if job.run.uri else join_uri(root.uri, RUNS_DIR)
-    several = len(plans) > 1
+    trainings = _trainings(job, plans)
+    several = len(trainings) > 1
     # The caches of one job share their tokens and exclusions, so their shards have the same rows.
     expected = expected_shards(job, plans[0]) if job.cluster.train_while_caching else None
     return [
@@ -312,8 +330,9 @@ def _train_plans(job: JobConfig, plans: list[CachePlan], root: ObjectStore, run_
             checkpoint_uri=checkpoint_root(join_uri(runs_root, run_name), p.hookpoint, several_hookpoints=several),
             wandb_dir=str(Path(job.logging.dir).resolve() / run_name / (p.hookpoint if several else "")),
             expected_shards=expected,
+            target_cache_uri=target.uri if target else None, target_hookpoint=target.hookpoint if target else None,
         )
-        for p in plans
+        for p, target in trainings
     ]
 
 
@@ -400,8 +419,10 @@ def run_job(job: JobConfig) -> JobResult:
                 hookpoint=p.hookpoint, cache_uri=p.uri, cache_reused=report.reused[p.hookpoint],
                 tokens_cached=report.manifests[p.hookpoint].rows,
                 dictionary_uri=dictionary_uri(t, variant), eval=by_variant[variant.name], variant=variant.name,
+                target_hookpoint=target.hookpoint if target else None,
+                target_cache_uri=target.uri if target else None,
             )
-            for p, t, by_variant in zip(plans, train_plans, evals, strict=True)
+            for (p, target), t, by_variant in zip(_trainings(job, plans), train_plans, evals, strict=True)
             for variant in variants(job.sae, job.train.lr, job.sweep)
         ],
         producer_tokens_per_second=report.producer_tokens_per_second, seconds=time.perf_counter() - start,

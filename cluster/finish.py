@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.manifest import Manifest
 from activation_cache.plan import wait_for_manifest
-from activation_cache.reader import read_shard
+from activation_cache.reader import read_shard, read_shard_pair
 from activation_cache.store import ObjectStore
 from cluster.report import report_with_model
 from interp.loading import model_metadata
@@ -56,43 +56,75 @@ class HeldOut:
     last) are committed: how long to wait for them."""
     abort: Callable[[], str | None]
     """Why the cache fill failed, once it has (the wait stops with it)."""
+    target_cache: ObjectStore | None = None
+    """A transcoder's target cache: the same held-out shards at its target hookpoint."""
 
     def manifest(self) -> Manifest:
         """The committed manifest, once it lists every held-out shard."""
-        return wait_for_manifest(self.cache, lambda m: set(self.shard_names) <= {s.name for s in m.shards},
+        return self._manifest(self.cache)
+
+    def target_manifest(self) -> Manifest | None:
+        """The target cache's manifest, once it lists every held-out shard (None for an SAE)."""
+        return None if self.target_cache is None else self._manifest(self.target_cache)
+
+    def _manifest(self, cache: ObjectStore) -> Manifest:
+        return wait_for_manifest(cache, lambda m: set(self.shard_names) <= {s.name for s in m.shards},
                                  "held-out shards", self.timeout_s, self.abort)
+
+    def rows(self, manifest: Manifest) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        """Every held-out row, shard by shard: the input rows, or a transcoder's aligned
+        ``(input, target)`` pairs (each pair of shards checked to hold the same tokens)."""
+        entries = {s.name: s for s in manifest.shards}
+        target_manifest = self.target_manifest()
+        if self.target_cache is None or target_manifest is None:
+            for name in self.shard_names:
+                yield read_shard(self.cache, entries[name]).activations
+            return
+        targets = {s.name: s for s in target_manifest.shards}
+        for name in self.shard_names:
+            x, y = read_shard_pair(self.cache, self.target_cache, entries[name], targets[name])
+            yield x.activations, y.activations
 
 
 def _held_out_metrics(
-    sae: nn.Module, held_out: HeldOut, manifest: Manifest, scale: float,
+    sae: nn.Module, held_out: HeldOut, manifest: Manifest, scale: float, target_scale: float | None,
 ) -> tuple[dict, torch.Tensor, ActivationStats, FeatureStats]:
     """The reconstruction figures on every held-out row, each latent's firing frequency there, the
-    raw held-out rows' mean and variance, and each latent's largest activation there."""
-    entries = {s.name: s for s in manifest.shards}
-    rows = (read_shard(held_out.cache, entries[name]).activations for name in held_out.shard_names)
+    raw held-out targets' mean and variance, and each latent's largest activation there."""
     firing = DeadLatentTracker(sae.n_latents)  # held-out firing frequencies, for the sparsity file
-    # The stats describe the reconstruction target's rows, here the SAE's input rows, read once for
-    # both (a transcoder's target would be its output hookpoint's rows).
+    # The stats describe the reconstruction target's rows (an SAE's input, a transcoder's target):
+    # what observe measures a token's relative error against. Each row is read once for both.
     moments = RunningMoments()
     maxima = FeatureMaxima(sae.n_latents)  # the saved dictionary's units on raw rows (evaluate's docstring)
-    metrics = evaluate(sae, moments.pass_through(rows), scale=scale, dead_tracker=firing, feature_max=maxima)
+    metrics = evaluate(sae, _counting_targets(held_out.rows(manifest), moments), scale=scale,
+                       target_scale=target_scale, dead_tracker=firing, feature_max=maxima)
     frequencies = firing.frequencies()
     metrics["dense_fraction"] = dense_fraction(frequencies)
     return metrics, frequencies, moments.result(), maxima.result()
 
 
+def _counting_targets(batches: Iterator, moments: RunningMoments) -> Iterator:
+    """``batches`` (rows, or ``(input, target)`` pairs) unchanged, each target block added to ``moments``."""
+    for batch in batches:
+        moments.update(batch[1] if isinstance(batch, tuple) else batch)
+        yield batch
+
+
 def write_trained_dictionary(
     sae: nn.Module, *, folder: ObjectStore, held_out: HeldOut, scale: float, hookpoint: str, run_name: str,
     summary: dict[str, Any], curves: list[dict], model: ModelConfig, data: DataConfig, logger: MetricLogger,
-    artifact: str,
+    artifact: str, target_scale: float | None = None, target_hookpoint: str | None = None,
 ) -> None:
     """Evaluate ``sae`` (trained on activations times ``scale``) on the held-out rows, log the
     figures, and write its dictionary folder; the report (drawn with ``model``'s unembedding) is
     logged as the wandb artifact ``artifact``. ``summary`` (the training's counts) joins eval.json.
     cfg.json records ``model`` and the token exclusions of ``data``, so a copy of the folder away
-    from its run (pulled) still finds its model for ``saeforge observe``."""
+    from its run (pulled) still finds its model for ``saeforge observe``. A transcoder (its target
+    rows in ``held_out.target_cache``, trained on targets times ``target_scale``) names its target
+    in ``target_hookpoint``; its stats are the target's."""
     manifest = held_out.manifest()
-    metrics, frequencies, activation_stats, feature_stats = _held_out_metrics(sae, held_out, manifest, scale)
+    metrics, frequencies, activation_stats, feature_stats = _held_out_metrics(
+        sae, held_out, manifest, scale, target_scale)
     metrics.update(summary)
     logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=summary["train_steps"])
     counts, edges = firing_histogram(frequencies, bins=torch.linspace(-10, 0, 41))
@@ -100,7 +132,7 @@ def write_trained_dictionary(
     files = dictionary_files(
         sae, hookpoint=hookpoint, model_name=manifest.model, scale=scale,
         extra_metadata={"cache_key": manifest.cache_key, "run_name": run_name, **model_metadata(model, data)},
-        sparsity=frequencies, eval_metrics=metrics,
+        sparsity=frequencies, eval_metrics=metrics, hookpoint_out=target_hookpoint, target_scale=target_scale,
     )
     files[ACTIVATION_STATS_FILE] = activation_stats_file(activation_stats)
     files[FEATURE_STATS_FILE] = feature_stats_file(feature_stats)

@@ -22,7 +22,7 @@ import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from activation_cache.manifest import load_manifest
+from activation_cache.manifest import Manifest, load_manifest
 from activation_cache.plan import DataPlan, PlanSettings, complete_plan, tailing_plan
 from activation_cache.schema import CorruptShardError
 from activation_cache.store import ObjectNotFound, ObjectStore, open_store
@@ -43,7 +43,12 @@ from trainer.engine import (
     wrap_in_deepspeed,
 )
 from trainer.feature_parallel import ParallelGrid, build_grid, parallelize_features
-from trainer.layout import PRODUCERS_FAILED_FILE, TRAINING_FAILED_FILE, read_eval
+from trainer.layout import (
+    PRODUCERS_FAILED_FILE,
+    TRAINING_FAILED_FILE,
+    dictionary_folder_name,
+    read_eval,
+)
 from trainer.layout import dictionary_uri as layout_dictionary_uri
 from trainer.loggers import make_logger
 from trainer.loop import DictionaryTrainer, NonFiniteError, StepSchedule
@@ -76,10 +81,17 @@ class TrainPlan:
     expected_shards: dict[str, int] | None = None
     """{shard name: rows} of the complete cache when training may start before the cache is
     complete (``cluster.train_while_caching``); None trains on a complete cache only."""
+    target_cache_uri: str | None = None
+    """A transcoder's target cache (the same tokens at ``target_hookpoint``); None for an SAE."""
+    target_hookpoint: str | None = None
+    """A transcoder's target hookpoint; its dictionary folder names both ends."""
 
 
-def _build_sae(sae_cfg: SAEConfig, seed: int, d_model: int) -> torch.nn.Module:
-    return build_sae(sae_cfg, d_in=d_model, seed=seed)
+def _build_sae(sae_cfg: SAEConfig, seed: int, source: DataPlan) -> torch.nn.Module:
+    """The SAE, or with a target in ``source`` the transcoder from ``d_model`` to ``d_out``."""
+    if source.d_out is None:
+        return build_sae(sae_cfg, d_in=source.d_model, seed=seed)
+    return build_sae(sae_cfg, d_in=source.d_model, d_out=source.d_out, seed=seed, transcoder=True)
 
 
 def _lr_schedule(train_cfg, total_steps: int) -> dict:
@@ -125,15 +137,23 @@ def plan_settings(job: JobConfig) -> PlanSettings:
 def _data_plan(job: JobConfig, plan: TrainPlan, rank: int, world_size: int, *, global_rank: int) -> DataPlan:
     """This worker's data plan: over the complete cache, or tailing it while it is written
     (``plan.expected_shards``; also once complete, so a restarted run resumes a tailing reader)."""
-    cache = open_store(plan.cache_uri, s3_options=job.cache.s3_options())
+    s3 = job.cache.s3_options()
+    cache = open_store(plan.cache_uri, s3_options=s3)
+    target_cache = open_store(plan.target_cache_uri, s3_options=s3) if plan.target_cache_uri else None
     if plan.expected_shards is not None:
-        run = open_store(plan.run_uri, s3_options=job.cache.s3_options())
+        run = open_store(plan.run_uri, s3_options=s3)
         return tailing_plan(cache, plan.expected_shards, plan_settings(job), rank=rank, world_size=world_size,
-                            global_rank=global_rank, abort=partial(_abort_reason, run))
+                            global_rank=global_rank, abort=partial(_abort_reason, run), target_cache=target_cache)
+    target = (target_cache, _complete_manifest(target_cache)) if target_cache is not None else None
+    return complete_plan(cache, _complete_manifest(cache), plan_settings(job), rank=rank, world_size=world_size,
+                         target=target)
+
+
+def _complete_manifest(cache: ObjectStore) -> Manifest:
     manifest = load_manifest(cache)
     if manifest is None or not manifest.complete:
-        raise RuntimeError(f"cache {plan.cache_uri} is not complete")
-    return complete_plan(cache, manifest, plan_settings(job), rank=rank, world_size=world_size)
+        raise RuntimeError(f"cache {cache.uri} is not complete")
+    return manifest
 
 
 @dataclass
@@ -152,10 +172,12 @@ def _start_dictionary(
     job: JobConfig, plan: TrainPlan, variant: Variant, source: DataPlan, rank: int, world_size: int,
     grid: ParallelGrid | None,
 ) -> _Dictionary:
-    sae = _build_sae(variant.sae, job.train.seed, source.d_model)
+    sae = _build_sae(variant.sae, job.train.seed, source)
     if grid is not None:  # each rank of a feature group keeps its slice of the latents
         parallelize_features(sae, group=grid.feature_group)
-    sae.init_b_dec(torch.tensor(source.mean, dtype=torch.float32)[None] * source.scale, method="mean")
+    # b_dec starts at the mean of what the dictionary predicts: its input, or a transcoder's target.
+    centre, centre_scale = (source.mean, source.scale) if source.d_out is None else (source.target_mean, source.target_scale)
+    sae.init_b_dec(torch.tensor(centre, dtype=torch.float32)[None] * centre_scale, method="mean")
     lr = variant.lr if variant.lr is not None else job.train.learning_rate(variant.sae.n_latents)
     engine = wrap_in_deepspeed(
         sae, train_cfg=job.train, deepspeed_cfg=job.deepspeed, lr=lr, world_size=world_size, grid=grid,
@@ -171,7 +193,7 @@ def _start_dictionary(
         config=config, dir=plan.wandb_dir, group=plan.label if variant.name else None,
     )
     trainer = DictionaryTrainer(
-        engine, scale=source.scale, max_steps=source.steps, logger=logger,
+        engine, scale=source.scale, target_scale=source.target_scale, max_steps=source.steps, logger=logger,
         log_every=job.train.log_every_steps, dead_tracker=DeadLatentTracker(variant.sae.n_latents),
         dead_after_tokens=job.train.dead_after_tokens,
         world_size=grid.data_parallel if grid else world_size, data_group=grid.data_group if grid else None,
@@ -252,7 +274,7 @@ def _finish_dictionary(
     # A feature-parallel model gathers its slices to rank 0 of each feature group.
     state = engine.module.full_state_dict(master_weights(engine))
     if rank == 0:
-        final = _build_sae(dictionary.variant.sae, job.train.seed, source.d_model)
+        final = _build_sae(dictionary.variant.sae, job.train.seed, source)
         final.load_state_dict(state)
         summary = dictionary.trainer.summary()
         summary_metrics = {"train_tokens": summary.tokens, "train_steps": summary.steps,
@@ -260,10 +282,12 @@ def _finish_dictionary(
                            **{f"train_{k}": int(v) for k, v in summary.nonfinite.metrics().items()}}
         write_trained_dictionary(
             final, folder=open_store(dictionary.uri, s3_options=job.cache.s3_options()),
-            held_out=_held_out(job, plan, source), scale=source.scale, hookpoint=plan.hookpoint,
+            held_out=_held_out(job, plan, source), scale=source.scale, target_scale=source.target_scale,
+            hookpoint=plan.hookpoint, target_hookpoint=plan.target_hookpoint,
             run_name=plan.run_name, summary=summary_metrics, curves=dictionary.trainer.history, model=job.model,
             data=job.data, logger=dictionary.logger,
-            artifact=report_artifact_name(plan.run_name, dictionary.variant.name, plan.hookpoint),
+            artifact=report_artifact_name(plan.run_name, dictionary.variant.name,
+                                          dictionary_folder_name(plan.hookpoint, plan.target_hookpoint)),
         )
     dictionary.logger.finish()
     shutdown_engine(engine)
@@ -271,13 +295,16 @@ def _finish_dictionary(
 
 def _held_out(job: JobConfig, plan: TrainPlan, source: DataPlan) -> HeldOut:
     s3 = job.cache.s3_options()
+    target = open_store(plan.target_cache_uri, s3_options=s3) if plan.target_cache_uri else None
     return HeldOut(open_store(plan.cache_uri, s3_options=s3), source.holdout, job.train.follow_timeout_s,
-                   partial(_abort_reason, open_store(plan.run_uri, s3_options=s3)))
+                   partial(_abort_reason, open_store(plan.run_uri, s3_options=s3)), target_cache=target)
 
 
 def dictionary_uri(plan: TrainPlan, variant: Variant) -> str:
-    """Where the dictionary of ``variant`` (of ``plan``'s hookpoint) is written."""
-    return layout_dictionary_uri(plan.run_uri, plan.hookpoint, variant=variant.name)
+    """Where the dictionary of ``variant`` (of ``plan``'s hookpoint, or hookpoints for a transcoder)
+    is written."""
+    folder = dictionary_folder_name(plan.hookpoint, plan.target_hookpoint)
+    return layout_dictionary_uri(plan.run_uri, folder, variant=variant.name)
 
 
 def _record_permanent_failure(store: ObjectStore, err: Exception) -> None:
