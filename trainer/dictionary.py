@@ -345,7 +345,8 @@ class InputNormalizedCoder(nn.Module):
     """A saved SAE that SAELens runs on per-token normalised inputs (``normalize_activations``
     ``constant_norm_rescale``: ``x * sqrt(d_in) / |x|``; ``layer_norm``: ``(x - mean) / (std + 1e-5)``),
     with the ``SparseCoder`` calls that use a dictionary: ``encode``, ``decode``, ``reconstruct``,
-    ``forward``, and ``d_in``, ``d_out``, ``n_latents``, ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``.
+    ``skip_output``, ``forward``, and ``d_in``, ``d_out``, ``n_latents``, ``W_enc``, ``b_enc``,
+    ``W_dec``, ``b_dec``, ``W_skip`` (``None``).
 
     It takes raw activations and gives reconstructions in raw space: each token is normalised
     before ``coder`` encodes it and the reconstruction is mapped back with that token's statistics,
@@ -379,6 +380,13 @@ class InputNormalizedCoder(nn.Module):
     @property
     def b_dec(self) -> Tensor:
         return self.coder.b_dec
+
+    W_skip = None
+    """Never a skip transcoder: ``load_dictionary`` refuses per-token normalisation for transcoders."""
+
+    def skip_output(self, x: Tensor) -> None:
+        """No skip term (see ``W_skip``): as ``SparseCoder.skip_output`` without one."""
+        return None
 
     def normalize(self, x: Tensor) -> tuple[Tensor, _Stats]:
         """(B, d_in) raw -> (the normalised tokens ``coder`` reads, the per-token statistics)."""
