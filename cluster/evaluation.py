@@ -50,7 +50,7 @@ from activation_cache.text import excluded_token_ids, pack_sequences
 from activation_cache.unembedding import unembedding_of
 from cluster.config import EvalConfig, JobConfig, job_from_dict
 from cluster.report_cards import FeatureCard, FeatureSample
-from interp.audit import audit, firing_counts, target_standout
+from interp.audit import audit, firing_counts, logit_lens_refusal, target_standout
 from interp.observe import Observer, open_observer
 from interp.steering import FeatureEdit, Steerer
 from trainer.dictionary import load_dictionary
@@ -203,8 +203,6 @@ def _with_context(entry: dict, text: EvalText, tokenizer: Any, before: int) -> d
 
 # --------------------------------------------------------------------------- the steer audit
 
-_TRANSCODER_AUDIT = "the evaluation's steer audit does not edit transcoder features yet"
-
 _MAX_FREQUENCY = 0.3
 """The firing frequency above which ``interp.audit.choose_features`` calls a feature dense."""
 _MIN_FIRINGS = 3
@@ -257,12 +255,18 @@ def audit_cards(observer: Observer, text: EvalText, cfg: EvalConfig, cards: list
     each clamped to ``cfg.audit_multiple`` times its maximum activation and zeroed, with the error
     term kept, on the first ``cfg.audit_tokens`` of ``text``. ``amplify`` and ``suppress`` are
     ``interp.audit.AuditResult.to_dict()``; ``{"skipped": reason}`` when the dictionary cannot be
-    audited."""
+    audited. A transcoder's features are edited where it writes (its target hookpoint), with its
+    error kept; one whose target is not the model's hidden width (no logit lens, so no promoted
+    tokens to target) is skipped, saying so."""
     start = time.perf_counter()
     try:
         steerer = Steerer(observer)
     except ValueError as err:  # a dictionary with run-time normalisation cannot steer
         return {"skipped": str(err)}
+    refusal = logit_lens_refusal(observer)
+    if refusal is not None:
+        log.info("steer audit skipped: %s", refusal)
+        return {"skipped": refusal}
     tokens = np.array(text.tokens[: max(1, cfg.audit_tokens // text.tokens.shape[1])])  # writable copy
     features = _card_choice(observer, tokens, cards, cfg.audit_features)
     if not features:
@@ -343,10 +347,7 @@ def evaluate_uris(
         audit_section = None
         # The model is loaded already: the audit costs its forward passes only. Its features are
         # among the report's cards (choosing among every latent costs an (n_latents, vocab) product).
-        if cfg.audit_features > 0 and target_hookpoint(sae_cfg) is not None:
-            log.info("%s: steer audit skipped: %s", uri, _TRANSCODER_AUDIT)
-            audit_section = {"skipped": _TRANSCODER_AUDIT}
-        elif cfg.audit_features > 0 and folder.exists(FEATURES_FILE):
+        if cfg.audit_features > 0 and folder.exists(FEATURES_FILE):
             cards = FeatureSample.from_json(folder.get_bytes(FEATURES_FILE)).cards
             try:
                 observer = audit_observer(uri, model, tokenizer, model_cfg, s3_options=s3_options)

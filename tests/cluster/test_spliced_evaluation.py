@@ -458,10 +458,11 @@ def test_a_splice_pair_replaces_the_target_from_the_input_of_the_same_pass_and_r
     torch.testing.assert_close(after, clean, rtol=0, atol=0)
 
 
-def test_eval_on_a_transcoder_runs_dictionary_uses_the_runs_held_out_units_and_skips_the_audit(
-        model_dir, tiny_corpus_dir, transcoders, tmp_path, caplog):
+def test_eval_on_a_transcoder_runs_dictionary_uses_the_runs_held_out_units_and_audits_its_cards(
+        model_dir, tiny_corpus_dir, transcoders, tmp_path):
     """``saeforge eval`` on ``<run>/dictionary/<input>-to-<target>`` of a transcoder job: the run's
-    config.json gives the model and the held-out units; the steer audit is skipped, saying why."""
+    config.json gives the model and the held-out units; the steer audit edits two of its report
+    cards' features where it writes (the MLP's output), the error kept, and the page shows it."""
     job = tiny_job(str(tmp_path / "store"), tmp_path, model_dir, tiny_corpus_dir,
                    f"model.hookpoint={MLP_IN}", f"model.target_hookpoint={MLP_OUT}")
     run = tmp_path / "runs" / "tiny"
@@ -473,14 +474,40 @@ def test_eval_on_a_transcoder_runs_dictionary_uses_the_runs_held_out_units_and_s
     write_dictionary(open_store(str(folder)), files)
     cards = [FeatureCard(i, "random", 0.1, 5, 3.0, []) for i in range(0, 128, 9)]
     open_store(str(folder)).put_bytes(FEATURES_FILE, FeatureSample(cards, 128, "", False, 0).to_json())
-    with caplog.at_level("INFO", logger="cluster.evaluation"):
-        assert saeforge(["eval", str(folder)]) == 0
+    assert saeforge(["eval", str(folder)]) == 0
     evaluation = _eval_json(str(folder))
     lm = evaluation["lm"]
     assert (lm["hookpoint"], lm["target_hookpoint"], lm["text"]) == (MLP_IN, MLP_OUT, f"held-out units of {tiny_corpus_dir}")
     assert lm["spliced_ce"] < lm["ablated_ce"]
     assert {w["sequence"] for w in evaluation["unexplained"]["worst_contexts"]} <= set(range(40, 48))
-    assert evaluation["audit"] == {"skipped": "the evaluation's steer audit does not edit transcoder features yet"}
-    assert "steer audit skipped" in caplog.text
+    audit = evaluation["audit"]
+    assert len(audit["features"]) == EvalConfig().audit_features and set(audit["features"]) <= {c.index for c in cards}
+    for kind in ("amplify", "suppress"):
+        assert [f["feature"] for f in audit[kind]["features"]] == audit["features"]
+        assert {f["error_term"] for f in audit[kind]["features"]} == {"keep"}
     page = (folder / REPORT_FILE).read_text()
     assert f"reads {MLP_IN} -&gt; writes {MLP_OUT}" in page and "spliced LM: ce_recovered" in page
+    assert all(f'id="audit-{f}"' in page for f in audit["features"])
+
+
+def test_a_transcoder_into_the_mlps_neurons_is_evaluated_and_its_audit_skipped_without_a_logit_lens(
+        model_dir, tiny_corpus_dir, tmp_path, caplog):
+    """A transcoder whose target is the MLP's 64 neurons (down_proj's input) splices there, and
+    its audit, which targets the tokens a feature promotes through the unembedding, is skipped in
+    one line."""
+    target = "model.layers.1.mlp.down_proj:input"
+    folder = tmp_path / "neurons"
+    sae = TopKSAE(32, 128, 8, d_out=64, apply_b_dec_to_input=False, seed=0)
+    write_dictionary(open_store(str(folder)), dictionary_files(
+        sae, hookpoint=MLP_IN, hookpoint_out=target, model_name=str(model_dir), scale=1.0, extra_metadata={},
+        sparsity=None, eval_metrics=RECONSTRUCTION))
+    cards = [FeatureCard(i, "random", 0.1, 5, 3.0, []) for i in range(0, 128, 9)]
+    open_store(str(folder)).put_bytes(FEATURES_FILE, FeatureSample(cards, 128, "", False, 0).to_json())
+    with caplog.at_level("INFO", logger="cluster.evaluation"):
+        assert saeforge(["eval", str(folder), "--text", str(tiny_corpus_dir), "--max-tokens", "256"]) == 0
+    evaluation = _eval_json(str(folder))
+    assert (evaluation["lm"]["target_hookpoint"], evaluation["lm"]["n_tokens"]) == (target, 254)
+    assert evaluation["lm"]["ablated_ce"] > evaluation["lm"]["clean_ce"]
+    skipped = evaluation["audit"]["skipped"]
+    assert "the logit lens does not apply: the dictionary writes d_out=64" in skipped and "\n" not in skipped
+    assert f"steer audit skipped: {skipped}" in caplog.text
