@@ -111,6 +111,101 @@ def test_hook_name_is_read_from_metadata_or_the_top_level_of_older_files() -> No
         dictionary_hook_name({"metadata": {"model_name": "gpt2"}})
 
 
+# --------------------------------------------------------------------------- our transcoder folders
+
+TC_D_IN, TC_D_OUT, TC_SCALE, TC_TARGET_SCALE = 16, 10, 1.9, 0.7
+# (training architecture, skip, d_out) -> (cfg.json architecture, SAELens class name)
+SAELENS_TRANSCODERS = {
+    ("relu_l1", False, TC_D_OUT): ("transcoder", "Transcoder"),
+    ("relu_l1", True, TC_D_OUT): ("skip_transcoder", "SkipTranscoder"),
+    ("jumprelu", False, TC_D_OUT): ("jumprelu_transcoder", "JumpReLUTranscoder"),
+    ("jumprelu", True, TC_D_OUT): ("jumprelu_skip_transcoder", "JumpReLUSkipTranscoder"),
+    ("batchtopk", False, TC_D_OUT): ("jumprelu_transcoder", "JumpReLUTranscoder"),
+    ("batchtopk", True, TC_D_OUT): ("jumprelu_skip_transcoder", "JumpReLUSkipTranscoder"),
+    ("topk", False, TC_D_IN): ("topk", "TopKSAE"),
+}
+
+
+def _our_transcoder(architecture: str, *, skip: bool, d_out: int, seed: int) -> SparseCoder:
+    """One of our transcoders with every weight off its initial value, as after training."""
+    from trainer.architectures import build_sae
+    from trainer.config import SAEConfig
+
+    cfg = SAEConfig(architecture=architecture, n_latents=D_SAE, k=K, skip_connection=skip)
+    sae = build_sae(cfg, d_in=TC_D_IN, d_out=d_out, seed=seed, transcoder=True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sae.named_parameters():
+            if name == "log_threshold":
+                param.uniform_(-2.0, 0.0, generator=generator)
+            else:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    if architecture == "batchtopk":  # one training-mode pass estimates its threshold
+        sae(torch.randn(64, TC_D_IN, generator=generator) * TC_SCALE, target=torch.zeros(64, d_out))
+    return sae.eval()
+
+
+def _write_transcoder(sae: SparseCoder, folder: Path) -> dict[str, bytes]:
+    from trainer.dictionary import dictionary_files
+
+    files = dictionary_files(
+        sae, hookpoint="model.layers.1.mlp:input", hookpoint_out="model.layers.1.mlp", model_name="tiny",
+        scale=TC_SCALE, target_scale=TC_TARGET_SCALE, extra_metadata={}, sparsity=None, eval_metrics={},
+    )
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize(("architecture", "skip", "d_out"), list(SAELENS_TRANSCODERS))
+@torch.no_grad()
+def test_our_transcoder_folders_load_in_saelens_with_identical_outputs(
+    tmp_path: Path, architecture: str, skip: bool, d_out: int
+) -> None:
+    from sae_lens import SAE
+
+    seed = list(SAELENS_TRANSCODERS).index((architecture, skip, d_out))
+    ours = _our_transcoder(architecture, skip=skip, d_out=d_out, seed=seed)
+    files = _write_transcoder(ours, tmp_path)
+    saved_as, class_name = SAELENS_TRANSCODERS[architecture, skip, d_out]
+    theirs = SAE.load_from_disk(tmp_path)
+    assert type(theirs).__name__ == class_name and theirs.cfg.architecture() == saved_as
+    assert theirs.cfg.d_in == TC_D_IN and theirs.W_dec.shape == (D_SAE, d_out)
+    x = torch.randn(60, TC_D_IN, generator=torch.Generator().manual_seed(50 + seed)) * 1.5
+    expected = theirs(x)  # SkipTranscoder.forward adds its W_skip term
+    expected_acts = theirs.encode(x)
+    assert (expected_acts > 0).any() and (expected_acts == 0).any()
+    loaded, cfg = load_dictionary(files)
+    code, prediction = loaded.reconstruct(x)
+    tight = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(prediction, expected, **tight)
+    torch.testing.assert_close(_dense(code, D_SAE), expected_acts, **tight)
+    # ... and both are the trained model's prediction, rescaled to raw target units (up to the
+    # fold's rounding: the scales are multiplied into the weights, not the activations).
+    torch.testing.assert_close(expected, ours.reconstruct(x * TC_SCALE)[1] / TC_TARGET_SCALE)
+    if skip:
+        assert theirs.W_skip.shape == (d_out, TC_D_IN)
+        torch.testing.assert_close(loaded.skip_output(x), x @ theirs.W_skip.T, **tight)
+    assert cfg["metadata"]["hook_name_out"] == "model.layers.1.mlp"
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@torch.no_grad()
+def test_topk_transcoders_saelens_cannot_run_are_refused_there_and_load_in_ours(tmp_path: Path, skip: bool) -> None:
+    from sae_lens import SAE
+
+    ours = _our_transcoder("topk", skip=skip, d_out=TC_D_OUT, seed=30 + skip)
+    files = _write_transcoder(ours, tmp_path)
+    saved_as = "topk_skip_transcoder" if skip else "topk_transcoder"
+    with pytest.raises(KeyError, match=saved_as):  # SAELens knows no such architecture
+        SAE.load_from_disk(tmp_path)
+    loaded, cfg = load_dictionary(files)
+    assert cfg["architecture"] == saved_as and (cfg["d_out"], cfg["k"]) == (TC_D_OUT, K)
+    x = torch.randn(60, TC_D_IN, generator=torch.Generator().manual_seed(31)) * 1.5
+    expected = ours.reconstruct(x * TC_SCALE)[1] / TC_TARGET_SCALE
+    torch.testing.assert_close(loaded.reconstruct(x)[1], expected)
+
+
 # --------------------------------------------------------------------------- hook names
 
 LAYER = 1
