@@ -118,6 +118,17 @@ def test_a_skip_transcoder_job_saves_its_skip_term_where_saelens_reads_it(
     store = str(tmp_path / "store")
     [hp] = run_job(tiny_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, *TRANSCODER, "sae=batchtopk",
                             "sae.skip_connection=true", "run.name=skip")).hookpoints
-    sae, _ = _check_transcoder_folder(hp, tmp_path, architecture="jumprelu_skip_transcoder", skip=True)
+    sae, evaluation = _check_transcoder_folder(hp, tmp_path, architecture="jumprelu_skip_transcoder", skip=True)
     assert sae.W_skip.abs().sum() > 0, "the skip term trained"
+
+    # The pulled folder finds its model (cfg.json's metadata) and observes through both ends,
+    # measuring relative errors against the target's held-out variance saved beside it.
+    out = tmp_path / "observed.json"
+    assert saeforge(["observe", str(tmp_path / "pulled" / "jumprelu_skip_transcoder"), "--text",
+                     "the quick brown fox jumps over the lazy dog", "--json", str(out)]) == 0
+    observed = json.loads(out.read_text())
+    assert (observed["hookpoint"], observed["hookpoint_out"]) == ("model.layers.1.mlp:input", "model.layers.1.mlp")
+    assert observed["baseline"]["source"] == "held-out"
+    tokens = [t for t in observed["texts"][0]["tokens"] if t["encoded"]]
+    assert tokens and all(t["relative_error"] >= 0 and t["l0"] >= 0 for t in tokens)
 
