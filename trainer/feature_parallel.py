@@ -128,7 +128,8 @@ def parallelize_features(model: SparseCoder, *, group: ProcessGroup | None) -> S
     Preconditions: ``torch.distributed`` is initialised; every rank of ``group`` passes the same
     model (same seed or state), built for this: a ``TopKSAE`` with the sparse kernel, ``b_dec``
     subtracted from the input, unit-norm decoder rows and no AuxK (its dead-latent columns would
-    need another collective); its ``n_latents`` divisible by the group's size; in ``forward``
+    need another collective), which rules out transcoders (they keep ``b_dec`` off the input, and
+    this split has no ``W_skip``); its ``n_latents`` divisible by the group's size; in ``forward``
     every rank of the group passes the same batch. The divisibility is checked before anything
     is copied, so a model built on the meta device fails without allocating.
     """
