@@ -42,7 +42,6 @@ from trainer.kernels import (
     unit_norm_rows,
 )
 from trainer.losses import AUXK_COEFFICIENT, ReconstructionError, auxk_loss, reconstruction_error
-from trainer.registry import TRANSCODER_ARCHITECTURES
 
 # Norm of TopKSAE's initial encoder columns (its decoder rows start at unit norm): 1/sqrt(3), the
 # row norm of a kaiming-uniform ``nn.Linear`` whatever its width, which is where sparsify starts.
@@ -215,7 +214,7 @@ class SparseCoder(nn.Module):
             if not cls.transcoder_capable:
                 raise ValueError(
                     f"sae.architecture={sae_cfg.architecture!r} cannot be a transcoder ({cls.__name__}."
-                    f"transcoder_capable is False): expected one of {list(TRANSCODER_ARCHITECTURES)}"
+                    "transcoder_capable is False): expected one of trainer.registry.TRANSCODER_ARCHITECTURES"
                 )
             options["apply_b_dec_to_input"] = False
             if skip_connection:
