@@ -83,10 +83,25 @@ class JobShape:
     """Hookpoints whose cache is already complete: reused, their producers skipped."""
     hookpoint_widths: tuple[int, ...] = ()
     """What each hookpoint captures (``mlp.down_proj:input``: intermediate_size); empty: d_model each."""
+    transcoder: bool = False
+    """The job trains one transcoder from the first hookpoint to the second (``model.target_hookpoint``)
+    instead of one SAE per hookpoint."""
+    skip_connection: bool = False
+    """The transcoder has ``W_skip`` (d_in x d_out)."""
 
     @property
     def widths(self) -> tuple[int, ...]:
         return self.hookpoint_widths or (self.d_model,) * self.n_hookpoints
+
+    @property
+    def dictionary_widths(self) -> list[tuple[int, int]]:
+        """(d_in, d_out) of each dictionary a variant trains: one per hookpoint, or the transcoder's."""
+        return [(self.widths[0], self.widths[1])] if self.transcoder else [(w, w) for w in self.widths]
+
+    def parameters(self, n_latents: int, d_in: int, d_out: int) -> int:
+        """One dictionary's parameters: ``n (d_in + d_out) + n + d_out``, plus a skip's ``d_in d_out``."""
+        skip = d_in * d_out if self.transcoder and self.skip_connection else 0
+        return n_latents * (d_in + d_out) + n_latents + d_out + skip
 
 
 class CostEstimate(NamedTuple):
@@ -116,20 +131,21 @@ class CostEstimate(NamedTuple):
     trainer_seconds: float
 
 
-def _worker_bytes(job: JobConfig, n_latents: int, k: int, d: int) -> tuple[float, float]:
+def _worker_bytes(job: JobConfig, shape: JobShape, n_latents: int, k: int, d_in: int, d_out: int) -> tuple[float, float]:
     """(state, working) bytes of one variant on one worker: benchmarks/plan_scale.py's model with
-    this job's precision and per-rank batch."""
+    this job's precision and per-rank batch (``d_in == d_out == d`` for an SAE)."""
     f = job.deepspeed.feature_parallel
     dp = job.cluster.num_train_workers // f
     stage = job.deepspeed.zero_stage
-    params = (2 * n_latents * d + n_latents) / f + d  # b_dec (d values) is replicated
+    replicated = shape.parameters(0, d_in, d_out)  # b_dec and a skip's W_skip are not split by features
+    params = (shape.parameters(n_latents, d_in, d_out) - replicated) / f + replicated
     divisors = {"weights": dp if stage >= 3 else 1, "grads": dp if stage >= 2 else 1, "optimizer": dp if stage >= 1 else 1}
     per_byte = STATE_BYTES[job.deepspeed.precision]
     state = sum(params * per_byte[part] / divisors[part] for part in per_byte)
     batch = job.train.batch_size // dp
-    working = 2 * batch * d * 4 + batch * ENCODER_CHUNK_LATENTS * 2 + 4 * batch * k * 8
+    working = batch * (d_in + d_out) * 4 + batch * ENCODER_CHUNK_LATENTS * 2 + 4 * batch * k * 8
     if stage == 3:  # the forward gathers the slice's whole W_enc and W_dec
-        working += 2 * per_byte["weights"] * n_latents * d / f
+        working += per_byte["weights"] * n_latents * (d_in + d_out) / f
     return state, working
 
 
@@ -147,10 +163,12 @@ def estimate_cost(job: JobConfig, shape: JobShape) -> CostEstimate:
         trained = min(trained, job.train.max_tokens)
     # The hookpoints train one after another, a sweep's variants at once: the widest hookpoint's
     # variants together are the peak.
-    memory = max(([_worker_bytes(job, v.sae.n_latents, v.sae.k, w) for v in dictionaries] for w in widths),
+    pairs = shape.dictionary_widths
+    memory = max(([_worker_bytes(job, shape, v.sae.n_latents, v.sae.k, *pair) for v in dictionaries] for pair in pairs),
                  key=lambda parts: sum(state + working for state, working in parts))
-    trainer_flops = sum(trained * trainer_flops_per_token(d_model=w, n_latents=v.sae.n_latents)
-                        for w in widths for v in dictionaries)
+    # The encoder's GEMM reads d_in (a transcoder's input width).
+    trainer_flops = sum(trained * trainer_flops_per_token(d_model=d_in, n_latents=v.sae.n_latents)
+                        for d_in, _ in pairs for v in dictionaries)
     producer_cpus = job.cluster.num_producers * job.cluster.producer_num_cpus
     trainer_rate = job.cluster.num_train_workers * job.cluster.train_worker_num_cpus * TRAINER_FLOPS_PER_CPU
     if job.deepspeed.precision == "bf16":
@@ -158,8 +176,8 @@ def estimate_cost(job: JobConfig, shape: JobShape) -> CostEstimate:
     return CostEstimate(
         tokens=tokens,
         activation_bytes=shape.rows * sum(widths) * DTYPE_BYTES[job.cache.dtype],
-        sae_parameters=sum(2 * v.sae.n_latents * w + v.sae.n_latents + w for w in widths for v in dictionaries),
-        dictionaries=shape.n_hookpoints * len(dictionaries),
+        sae_parameters=sum(shape.parameters(v.sae.n_latents, *pair) for pair in pairs for v in dictionaries),
+        dictionaries=len(pairs) * len(dictionaries),
         state_bytes_per_worker=sum(state for state, _ in memory),
         working_bytes_per_worker=sum(working for _, working in memory),
         model_bytes_per_producer=shape.model_parameters * DTYPE_BYTES[job.model.dtype],
@@ -211,7 +229,10 @@ def format_estimate(job: JobConfig, shape: JobShape, est: CostEstimate) -> str:
         ("tokens", f"{shape.tokens:,} forwarded, {shape.rows:,} activation rows{per}"
                    + ("" if est.tokens else " (cached already)")),
         ("activation cache", f"{_bytes(est.activation_bytes)} ({shape.rows:,} rows x {widths} x {job.cache.dtype})"),
-        ("SAE parameters", f"{est.sae_parameters:,} in {est.dictionaries} dictionar{'y' if est.dictionaries == 1 else 'ies'} (2 n d + n + d each)"),
+        ("SAE parameters", f"{est.sae_parameters:,} in {est.dictionaries} dictionar{'y' if est.dictionaries == 1 else 'ies'} "
+                           + ("(n (d_in + d_out) + n + d_out" + (" + d_in d_out skip" if shape.skip_connection else "")
+                              + f" each: a transcoder {shape.widths[0]} -> {shape.widths[1]})"
+                              if shape.transcoder else "(2 n d + n + d each)")),
         ("memory per worker", f"{_bytes(est.state_bytes_per_worker)} weights, gradients, Adam ({grid}) "
                               f"+ {_bytes(est.working_bytes_per_worker)} per step"),
         ("model per producer", f"{_bytes(est.model_bytes_per_producer)} ({shape.model_parameters:,} parameters, {job.model.dtype})"),
@@ -280,6 +301,7 @@ def describe_job(job: JobConfig) -> JobShape:
     return JobShape(
         tokens=int(plans[0].tokens.size), rows=sum(shards.values()), train_rows=sum(shards[n] for n in names[:-held_out]),
         d_model=d_model, n_hookpoints=len(plans), hookpoint_widths=tuple(p.meta.d_model for p in plans), layers_run=min(layers_run, n_layers), n_layers=n_layers,
+        transcoder=job.model.target_hookpoint is not None, skip_connection=job.sae.skip_connection,
         model_parameters=total, non_embedding_parameters=non_embedding,
         caches_complete=sum(_cache_complete(job, p.uri) for p in plans),
     )

@@ -95,3 +95,19 @@ def test_the_cost_model_loads_without_ray_or_torch():
             "print(sorted(m for m in ('ray', 'torch', 'transformers', 'deepspeed') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+def test_estimate_of_a_transcoder_counts_one_dictionary_from_its_input_to_its_target():
+    """The MLP's neurons (1,536) predicting its output (576), with a skip term: one dictionary of
+    n (d_in + d_out) + n + d_out + d_in d_out parameters, two caches, the encoder GEMM at d_in."""
+    job = compose_job(["model.hookpoint=model.layers.15.mlp.down_proj:input", "model.target_hookpoint=mlp_out.15",
+                       "sae=batchtopk", "sae.skip_connection=true", "sae.n_latents=8192", "train.epochs=1"])
+    shape = replace(SMOLLM2, n_hookpoints=2, hookpoint_widths=(1536, 576), transcoder=True, skip_connection=True)
+    est = estimate.estimate_cost(job, shape)
+    assert est.dictionaries == 1
+    assert est.sae_parameters == 8192 * (1536 + 576) + 8192 + 576 + 1536 * 576
+    assert est.activation_bytes == 130_558 * (1536 + 576) * 4, "both caches"
+    neurons_sae = estimate.estimate_cost(job, replace(SMOLLM2, d_model=1536))
+    assert est.trainer_flops == neurons_sae.trainer_flops, "the encoder reads the 1,536-wide input"
+    assert neurons_sae.state_bytes_per_worker > est.state_bytes_per_worker > estimate.estimate_cost(job, SMOLLM2).state_bytes_per_worker
+    assert "a transcoder 1536 -> 576" in estimate.format_estimate(job, shape, est)
