@@ -50,12 +50,10 @@ def train_topk(rows: torch.Tensor, n_latents: int, k: int, steps: int) -> TopKSA
     return sae.eval()
 
 
-def train_topk_transcoder(x: Tensor, y: Tensor, n_latents: int, k: int, steps: int, *,
-                          skip_connection: bool = False) -> TopKSAE:
-    """A TopK transcoder predicting ``y`` from ``x`` (rows of each), with ``W_skip`` if asked."""
-    torch.manual_seed(0)
-    sae = TopKSAE(x.shape[1], n_latents, k, d_out=y.shape[1], apply_b_dec_to_input=False, seed=0,
-                  skip_connection=skip_connection)
+def fit_transcoder(sae: SparseCoder, x: Tensor, y: Tensor, steps: int, *, seed: int = 0) -> SparseCoder:
+    """``sae`` (built as a transcoder) trained to predict ``y`` from ``x`` (rows of each): ``b_dec``
+    at ``y``'s mean, then ``steps`` Adam steps on 256 random rows; returned in eval mode."""
+    torch.manual_seed(seed)
     sae.init_b_dec(y, method="mean")
     optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
     for _ in range(steps):
@@ -65,6 +63,14 @@ def train_topk_transcoder(x: Tensor, y: Tensor, n_latents: int, k: int, steps: i
         loss.backward()
         optimizer.step()
     return sae.eval()
+
+
+def train_topk_transcoder(x: Tensor, y: Tensor, n_latents: int, k: int, steps: int, *,
+                          skip_connection: bool = False) -> TopKSAE:
+    """A TopK transcoder predicting ``y`` from ``x`` (rows of each), with ``W_skip`` if asked."""
+    sae = TopKSAE(x.shape[1], n_latents, k, d_out=y.shape[1], apply_b_dec_to_input=False, seed=0,
+                  skip_connection=skip_connection)
+    return fit_transcoder(sae, x, y, steps)
 
 
 def write_folder(folder: Path, sae: SparseCoder, hookpoint: str, model: ModelConfig, held_out: Tensor | None = None,

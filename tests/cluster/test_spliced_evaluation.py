@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dictionary_folders import train_topk_transcoder
 from tiny_job import tiny_job
 
 from activation_cache.config import DataConfig, ModelConfig
@@ -344,17 +345,7 @@ def transcoders(model_dir, tiny_corpus_dir) -> dict[str, TopKSAE]:
     x, y = (side.reshape(-1, 32) for side in _mlp_sides(load_model(source), torch.from_numpy(tokens)))
     trained = {}
     for kind, skip in (("transcoder", False), ("skip transcoder", True)):
-        torch.manual_seed(0)
-        sae = TopKSAE(32, 128, 8, d_out=32, apply_b_dec_to_input=False, seed=0, skip_connection=skip)
-        sae.init_b_dec(y, method="mean")
-        optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
-        for _ in range(150):
-            rows = torch.randint(0, len(x), (256,))
-            loss = sae(x[rows], target=y[rows]).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        trained[kind] = sae.eval()
+        trained[kind] = train_topk_transcoder(x, y, 128, 8, steps=150, skip_connection=skip)
     return trained
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from dictionary_folders import fit_transcoder
 from safetensors.torch import load, load_file, save_file
 from tiny_model import build_tiny_model, write_corpus
 
@@ -90,19 +91,10 @@ def scale_of(rows: torch.Tensor) -> float:
 def train_transcoder(x: torch.Tensor, y: torch.Tensor, architecture: str, skip: bool, l1: float | None, seed: int):
     """A transcoder trained a few steps on the scaled rows, as a job trains it (the scales are folded on saving)."""
     x, y = x * scale_of(x), y * scale_of(y)
-    torch.manual_seed(seed)
     sae = build_sae(SAEConfig(architecture=architecture, n_latents=N_LATENTS, k=4, skip_connection=skip,
                               sparsity_coefficient=l1),
                     d_in=x.shape[1], d_out=y.shape[1], transcoder=True, seed=seed)
-    sae.init_b_dec(y, method="mean")
-    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    for _ in range(80):
-        batch = torch.randint(0, len(x), (256,))
-        loss = sae(x[batch], target=y[batch]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return sae.eval()
+    return fit_transcoder(sae, x, y, 80, seed=seed)
 
 
 @pytest.fixture(scope="module")
