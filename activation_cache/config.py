@@ -34,6 +34,11 @@ class ModelConfig:
     this hookpoint (same syntax; e.g. ``mlp_in.6`` -> ``mlp_out.6``, an MLP's input and output).
     Both are cached from one forward pass, each in its own cache (reusable by SAE jobs on either),
     and their widths may differ. ``None``: the job trains SAEs."""
+    clt_layers: list[int] = field(default_factory=list)
+    """``[first, last]`` (inclusive): the job trains one cross-layer transcoder over these layers.
+    Layer l's features read its MLP input (``mlp_in.l``) and write to the MLP outputs
+    (``mlp_out.l'``) of layer l and every later covered layer; each of the 2 x L hookpoints is cached
+    (one forward pass). ``sae.n_latents`` and ``sae.k`` are then per layer. Empty: no CLT."""
     dtype: str = "float32"
     """Dtype the model runs in."""
     batch_size: int = 8
@@ -59,6 +64,8 @@ class ModelConfig:
         repeated = [h for i, h in enumerate(self.hookpoints) if h in self.hookpoints[:i]]
         if repeated:
             raise ValueError(f"model.hookpoints={list(self.hookpoints)}: {repeated[0]!r} is listed twice")
+        if self.clt_layers:
+            self._check_clt_layers()
         if self.target_hookpoint is not None:
             if not self.target_hookpoint:
                 raise ValueError("model.target_hookpoint='' must name a module path or 'mlp_out.<layer>' (or null)")
@@ -73,9 +80,30 @@ class ModelConfig:
                     "predicts another hookpoint (an SAE needs no target)"
                 )
 
+    def _check_clt_layers(self) -> None:
+        layers = list(self.clt_layers)
+        if len(layers) != 2 or not all(isinstance(layer, int) and layer >= 0 for layer in layers):
+            raise ValueError(f"model.clt_layers={layers}: expected [first, last], two layer numbers >= 0")
+        if layers[0] > layers[1]:
+            raise ValueError(f"model.clt_layers={layers}: out of order, expected [first, last] with first <= last")
+        if self.hookpoints or self.target_hookpoint is not None:
+            raise ValueError(
+                f"model.clt_layers={layers} trains a cross-layer transcoder on the MLPs of those layers: "
+                "leave model.hookpoints and model.target_hookpoint unset"
+            )
+
+    @property
+    def clt_layer_numbers(self) -> list[int]:
+        """The layers a cross-layer transcoder covers, in order (empty: no CLT)."""
+        return list(range(self.clt_layers[0], self.clt_layers[1] + 1)) if self.clt_layers else []
+
     @property
     def all_hookpoints(self) -> list[str]:
-        """The hookpoints to cache, in the order given (a transcoder's input, then its target)."""
+        """The hookpoints to cache, in the order given (a transcoder's input, then its target; a
+        CLT's inputs layer by layer, then its targets)."""
+        if self.clt_layers:
+            layers = self.clt_layer_numbers
+            return [f"mlp_in.{layer}" for layer in layers] + [f"mlp_out.{layer}" for layer in layers]
         if self.target_hookpoint is not None:
             return [self.hookpoint, self.target_hookpoint]
         return list(self.hookpoints) or [self.hookpoint]

@@ -22,6 +22,9 @@ from cluster.sweep import SweepConfig, variants
 from trainer.config import DeepSpeedConfig, SAEConfig, TrainConfig
 from trainer.registry import check_transcoder_architecture
 
+CLT_ARCHITECTURES = ("jumprelu", "topk")
+"""The activations a cross-layer transcoder is built with (``trainer.clt``)."""
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -218,7 +221,10 @@ class JobConfig:
         for variant in variants(self.sae, self.train.lr, self.sweep):
             where = f"sweep variant {variant.name}: " if variant.name else ""
             self._check_grid(variant.sae, where)
-            self._check_transcoder(variant.sae, where)
+            if self.model.clt_layers:
+                self._check_clt(variant.sae, where)
+            else:
+                self._check_transcoder(variant.sae, where)
 
     def _check_transcoder(self, sae: SAEConfig, where: str) -> None:
         """A transcoder (``model.target_hookpoint``) needs an architecture that can predict another
@@ -238,6 +244,21 @@ class JobConfig:
                 f"(model.target_hookpoint={target!r}) trains data-parallel only (feature_parallel=1)"
             )
 
+    def _check_clt(self, sae: SAEConfig, where: str) -> None:
+        """A cross-layer transcoder (``model.clt_layers``) is JumpReLU or TopK, without a skip term;
+        its latents per layer split evenly over the feature-parallel ranks (``_check_grid``)."""
+        layers = self.model.clt_layers
+        if sae.architecture not in CLT_ARCHITECTURES:
+            raise ValueError(
+                where + f"sae.architecture={sae.architecture!r} cannot be a cross-layer transcoder "
+                f"(model.clt_layers={list(layers)}): expected one of {list(CLT_ARCHITECTURES)}"
+            )
+        if sae.skip_connection:
+            raise ValueError(
+                where + f"sae.skip_connection=true with model.clt_layers={list(layers)}: a cross-layer "
+                "transcoder has no skip term (train per-layer skip transcoders with model.target_hookpoint)"
+            )
+
     def _check_grid(self, sae: SAEConfig, where: str) -> None:
         workers, feature_parallel = self.cluster.num_train_workers, self.deepspeed.feature_parallel
         if workers % feature_parallel:
@@ -245,8 +266,9 @@ class JobConfig:
                 where + f"deepspeed.feature_parallel={feature_parallel} must divide cluster.num_train_workers={workers}"
             )
         if sae.n_latents % feature_parallel:
+            per_layer = " (latents per layer: each layer's split evenly over the ranks)" if self.model.clt_layers else ""
             raise ValueError(
-                where + f"deepspeed.feature_parallel={feature_parallel} must divide sae.n_latents={sae.n_latents}"
+                where + f"deepspeed.feature_parallel={feature_parallel} must divide sae.n_latents={sae.n_latents}{per_layer}"
             )
         data_parallel = workers // feature_parallel
         if self.train.batch_size % data_parallel:
@@ -255,7 +277,8 @@ class JobConfig:
                 where + f"train.batch_size={self.train.batch_size} must be divisible by "
                 f"cluster.num_train_workers={workers}{split} (the data-parallel ranks)"
             )
-        if feature_parallel > 1 and (sae.architecture != "topk" or sae.auxk_coefficient != 0):
+        # A cross-layer transcoder splits each layer's latents itself (trainer.feature_parallel).
+        if feature_parallel > 1 and not self.model.clt_layers and (sae.architecture != "topk" or sae.auxk_coefficient != 0):
             raise ValueError(
                 where + f"deepspeed.feature_parallel={feature_parallel} needs sae.architecture='topk' with "
                 f"sae.auxk_coefficient=0 (the sharded SAE has no AuxK), got sae.architecture="

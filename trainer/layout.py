@@ -88,10 +88,18 @@ TRANSCODER_FOLDER_JOIN = "-to-"
 """Joins a transcoder's two hookpoints in its folder name (``dictionary_folder_name``)."""
 
 
-def dictionary_folder_name(hookpoint: str, target_hookpoint: str | None = None) -> str:
+CLT_FOLDER_PREFIX = "clt-"
+"""Starts a cross-layer transcoder's folder name (``dictionary_folder_name(..., clt=True)``)."""
+
+
+def dictionary_folder_name(hookpoint: str, target_hookpoint: str | None = None, *, clt: bool = False) -> str:
     """The folder of a dictionary under ``dictionary/``: its hookpoint, or for a transcoder both
-    ends, ``<input>-to-<target>`` (``model.layers.6.mlp:input-to-model.layers.6.mlp``)."""
-    return hookpoint if target_hookpoint is None else f"{hookpoint}{TRANSCODER_FOLDER_JOIN}{target_hookpoint}"
+    ends, ``<input>-to-<target>`` (``model.layers.6.mlp:input-to-model.layers.6.mlp``); a
+    cross-layer transcoder, given its first layer's input and its last layer's target, is
+    ``clt-<first input>-to-<last target>``."""
+    if target_hookpoint is None:
+        return hookpoint
+    return f"{CLT_FOLDER_PREFIX if clt else ''}{hookpoint}{TRANSCODER_FOLDER_JOIN}{target_hookpoint}"
 
 
 def dictionary_uri(run_uri: str, hookpoint: str, *, variant: str = "") -> str:

@@ -45,6 +45,9 @@ REFUSED = {
     # A transcoder trains data-parallel only, and Matryoshka's prefix losses cannot take a target.
     frozenset({"experiment=multi_node", "hookpoints=mlp_transcoder"}): "a transcoder .* trains data-parallel only",
     frozenset({"hookpoints=mlp_transcoder", "sae=matryoshka"}): "cannot be a transcoder",
+    # A cross-layer transcoder is JumpReLU or TopK.
+    **{frozenset({"hookpoints=clt", f"sae={arch}"}): "cannot be a cross-layer transcoder"
+       for arch in ("batchtopk", "matryoshka", "relu_l1")},
 }
 
 # Groups composed with each other group's options in turn (pairs), not in the full product: the
@@ -241,3 +244,13 @@ def test_the_transcoder_preset_names_both_ends_and_overrides_pick_a_layer():
     assert job.model.all_hookpoints == ["model.layers.6.mlp.down_proj:input", "mlp_out.6"]
     assert job.sae.skip_connection and job.sae.architecture == "batchtopk"
     assert compose_job([]).model.target_hookpoint is None
+
+
+def test_the_clt_preset_covers_a_range_of_mlps():
+    """``hookpoints=clt`` caches the MLP input and output of every covered layer (inputs first),
+    and ``model.clt_layers`` picks the range."""
+    job = compose_job(["hookpoints=clt", "sae=jumprelu"])
+    assert job.model.clt_layer_numbers == list(range(12, 18))
+    assert job.model.all_hookpoints == [f"mlp_in.{i}" for i in range(12, 18)] + [f"mlp_out.{i}" for i in range(12, 18)]
+    job = compose_job(["model.clt_layers=[0,1]", "deepspeed.feature_parallel=2", "sae.auxk_coefficient=0"])
+    assert job.model.all_hookpoints == ["mlp_in.0", "mlp_in.1", "mlp_out.0", "mlp_out.1"]

@@ -124,6 +124,15 @@ CASES = {
     "transcoder_feature_parallel": Case(
         ("model.hookpoint=mlp_in.1", "model.target_hookpoint=mlp_out.1", "deepspeed.feature_parallel=2",
          "sae.auxk_coefficient=0"), "deepspeed.feature_parallel=2", "trains data-parallel only"),
+    "clt_layers_out_of_order": Case(("model.clt_layers=[3,1]",), "model.clt_layers=[3, 1]", "expected [first, last] with first <= last"),
+    "clt_layers_beyond_the_model": Case(("model.clt_layers=[2,7]",), "'mlp_in.4'", "model has 4 layers (0..3)"),
+    "clt_layers_not_a_range": Case(("model.clt_layers=[1]",), "model.clt_layers=[1]", "expected [first, last]"),
+    "clt_latents_not_splitting_over_the_ranks": Case(
+        ("model.clt_layers=[0,3]", "sae=jumprelu", "sae.n_latents=100", "deepspeed.feature_parallel=8",
+         "cluster.num_train_workers=8", "train.batch_size=64"),
+        "deepspeed.feature_parallel=8 must divide sae.n_latents=100", "latents per layer"),
+    "clt_architecture": Case(("model.clt_layers=[0,3]", "sae=relu_l1"), "sae.architecture='relu_l1'",
+                             "cannot be a cross-layer transcoder"),
     "hookpoints_naming_one_place_twice": Case(("model.hookpoints=[resid_post.1,model.layers.1]",),
                                               "'resid_post.1' and 'model.layers.1'", "both name model.layers.1"),
     "zero_stage": Case(("deepspeed.zero_stage=4",), "deepspeed.zero_stage=4", "must be 0, 1, 2 or 3"),
