@@ -292,14 +292,19 @@ def _add_steer_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from interp.circuit_tracer import CONFIG_FILE, export_circuit_tracer
+    from interp.circuit_tracer import CONFIG_FILE, clt_encoder_file, export_circuit_tracer
 
     files = export_circuit_tracer(args.uris, Path(args.out), model_name=args.model,
                                   s3_options={"endpoint_url": args.endpoint_url})
     where = Path(args.out).resolve()
-    sys.stdout.write(f"wrote {len(files) - 1} per-layer transcoders for circuit-tracer to {where}\n"
+    if clt_encoder_file(0) in files:
+        n_layers = sum(clt_encoder_file(layer) in files for layer in range(len(files)))
+        what, loader = f"a cross-layer transcoder over layers 0..{n_layers - 1}", f"load_clt on {where}"
+    else:
+        what, loader = f"{len(files) - 1} per-layer transcoders", f"load_transcoders on {where / CONFIG_FILE}"
+    sys.stdout.write(f"wrote {what} for circuit-tracer to {where}\n"
                      f"load with: circuit-tracer attribute --transcoder_set {where} --backend nnsight ... "
-                     f"(or load_transcoders on {where / CONFIG_FILE})\n")
+                     f"(or {loader})\n")
     return 0
 
 
@@ -307,8 +312,10 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="write dictionaries in a layout another tool loads")
     formats = export.add_subparsers(dest="export_format", required=True)
     command = formats.add_parser("circuit-tracer", help="per-layer MLP transcoders (layers 0..n-1) as circuit-tracer's "
-                                 "config.yaml + layer_{i}.safetensors")
-    command.add_argument("uris", nargs="+", help="transcoder dictionary URIs, one per layer: s3://... or local paths")
+                                 "config.yaml + layer_{i}.safetensors, or one cross-layer transcoder (all layers "
+                                 "from 0) as its config.yaml + W_enc_{i} / W_dec_{i}.safetensors")
+    command.add_argument("uris", nargs="+", help="transcoder dictionary URIs, one per layer, or one CLT folder: "
+                         "s3://... or local paths")
     command.add_argument("--out", required=True, help="local directory to write into")
     command.add_argument("--model", default=None, help="model name for config.yaml (default: the dictionaries' model_name)")
     command.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
