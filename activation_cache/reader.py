@@ -17,11 +17,14 @@ complete and every shard has been read; later epochs are planned as above over t
 replays the shards it had taken, in their order, so no row is lost or repeated; the shards after
 them come in the order the resumed reader finds them committed.
 
-Pairs (a transcoder's ``(x, y)``): with a ``target_store`` the epoch is planned on the input
-cache alone, exactly as above, and each batch is gathered from both caches at the same row
-indices. The two caches come from one forward pass, so a shard of one has the same name, rows,
-sequences and positions as the shard of the other; each pair is checked for that when it is
-read. A tailing paired reader counts a shard as committed once both manifests list it.
+Pairs and groups (a transcoder's ``(x, y)``, a cross-layer transcoder's L inputs and L
+targets): with ``target_store`` (or ``input_stores`` and ``target_stores``) the epoch is planned
+on the first input cache alone, exactly as above, and each batch is gathered from every cache of
+the group at the same row indices: ``x`` the input caches' rows side by side in layer order,
+``y`` the target caches'. The caches come from one forward pass, so a shard of one has the same
+name, rows, sequences and positions as that shard of every other; each shard of the group is
+checked against the first input's when it is read. A tailing reader counts a shard as committed
+once every manifest of the group lists it.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from activation_cache.store import ObjectNotFound, ObjectStore
 STATE_VERSION = 1
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-"""A reader's batch: the activations, or a paired reader's ``(x, y)``."""
+"""A reader's batch: the activations, or a paired (grouped) reader's ``(x, y)``."""
 
 
 class TailingAborted(RuntimeError):
@@ -81,16 +84,55 @@ def check_shard_pair(x: DecodedShard, y: DecodedShard, *, name: str, input_uri: 
                                     f"{b[row]} in cache {target_uri}: not the same tokens")
 
 
+def check_shard_group(shards: Sequence[DecodedShard], *, name: str, uris: Sequence[str]) -> None:
+    """Refuse a group of one shard's copies (one per cache, ``uris`` in the same order) unless
+    every copy holds the first's tokens (``check_shard_pair`` against the first)."""
+    for shard, uri in zip(shards[1:], uris[1:], strict=True):
+        check_shard_pair(shards[0], shard, name=name, input_uri=uris[0], target_uri=uri)
+
+
+def read_shards(
+    stores: Sequence[ObjectStore], entries: Sequence[ShardEntry], *, as_float32: bool = True,
+) -> tuple[DecodedShard, ...]:
+    """One shard from each cache of a group (an input cache first), each verified against its
+    manifest entry and every one against the first (``check_shard_group``)."""
+    shards = tuple(read_shard(store, entry, as_float32=as_float32) for store, entry in zip(stores, entries, strict=True))
+    check_shard_group(shards, name=entries[0].name, uris=[store.uri for store in stores])
+    return shards
+
+
 def read_shard_pair(
     input_store: ObjectStore, target_store: ObjectStore, input_entry: ShardEntry, target_entry: ShardEntry,
     *, as_float32: bool = True,
 ) -> tuple[DecodedShard, DecodedShard]:
     """One shard of an input cache and the same shard of its target cache, each verified against
     its manifest entry and the two against each other (``check_shard_pair``)."""
-    x = read_shard(input_store, input_entry, as_float32=as_float32)
-    y = read_shard(target_store, target_entry, as_float32=as_float32)
-    check_shard_pair(x, y, name=input_entry.name, input_uri=input_store.uri, target_uri=target_store.uri)
+    x, y = read_shards((input_store, target_store), (input_entry, target_entry), as_float32=as_float32)
     return x, y
+
+
+def read_shard_group(
+    input_stores: Sequence[ObjectStore], target_stores: Sequence[ObjectStore], name: str,
+    input_manifests: Sequence[Manifest], target_manifests: Sequence[Manifest],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shard ``name`` of a cross-layer transcoder's caches as float32 ``(x, y)`` rows: ``x`` the L
+    input caches' rows side by side in layer order (rows, L * d_in), ``y`` the L target caches'
+    (rows, L * d_out). Each cache's copy is verified against its manifest's entry and every copy
+    against the first input's, token by token (``read_shards``)."""
+    if not len(input_stores) == len(target_stores) == len(input_manifests) == len(target_manifests) > 0:
+        raise ValueError(f"{len(input_stores)} input caches, {len(target_stores)} target caches, "
+                         f"{len(input_manifests)} and {len(target_manifests)} manifests: expected one of each per layer")
+    stores, manifests = [*input_stores, *target_stores], [*input_manifests, *target_manifests]
+    entries = []
+    for store, manifest in zip(stores, manifests, strict=True):
+        entry = next((s for s in manifest.shards if s.name == name), None)
+        if entry is None:
+            raise ValueError(f"shard {name} is not in the manifest of cache {store.uri}")
+        entries.append(entry)
+    shards = read_shards(stores, entries)
+    n_layers = len(input_stores)
+    return (torch.cat([s.activations for s in shards[:n_layers]], dim=1),
+            torch.cat([s.activations for s in shards[n_layers:]], dim=1))
 
 
 def shuffle_rows(chunks: Iterator[torch.Tensor], *, buffer_rows: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -139,6 +181,27 @@ def _as_float32(rows: np.ndarray) -> torch.Tensor:
     return tensor.float()
 
 
+def _group(
+    store: ObjectStore, target_store: ObjectStore | None,
+    input_stores: Sequence[ObjectStore] | None, target_stores: Sequence[ObjectStore] | None,
+) -> tuple[list[ObjectStore], list[ObjectStore]]:
+    """A reader's (input caches, target caches) from its arguments, refused unless they make one
+    group: ``store`` first among the inputs, as many targets as inputs."""
+    if target_store is not None and (target_stores is not None or input_stores is not None):
+        raise ValueError("target_store is a transcoder's one target cache: give it, or input_stores and "
+                         "target_stores, not both")
+    targets = [target_store] if target_store is not None else list(target_stores or [])
+    inputs = list(input_stores) if input_stores is not None else [store]
+    if not inputs or inputs[0].uri != store.uri:
+        first = inputs[0].uri if inputs else None
+        raise ValueError(f"input_stores start with {first} but the reader's store is {store.uri}: the epoch is "
+                         "planned on the first input cache")
+    if (len(inputs) > 1 or targets) and len(targets) != len(inputs):
+        raise ValueError(f"{len(inputs)} input caches but {len(targets)} target caches: a cross-layer transcoder "
+                         "reads one input and one target cache per layer")
+    return inputs, targets
+
+
 @dataclass(frozen=True)
 class _Segment:
     """Rows ``start:stop`` of the shard at ``pos`` in the epoch's shard list."""
@@ -156,47 +219,44 @@ class _ShardLoader:
     stored bytes, about the decoded size in the stored dtype); a shard the plan needs now is read
     whatever the budget. Nothing is read for rows the plan skips (a resumed reader).
 
-    With a ``target_store`` each shard is read with its target twin (``read_shard_pair``); the
-    budget counts both."""
+    ``stores`` are the caches of a group (one for an unpaired reader; an input cache first): each
+    shard is read from every one of them, each copy by its own thread, and the copies are checked
+    against the first (``check_shard_group``) when the shard is first used; the budget counts all."""
 
-    def __init__(self, store: ObjectStore, *, threads: int, budget_bytes: int, target_store: ObjectStore | None = None):
-        self._store, self._target_store = store, target_store
+    def __init__(self, stores: Sequence[ObjectStore], *, threads: int, budget_bytes: int):
+        self._stores = list(stores)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="saeforge-read")
         self._budget = budget_bytes
-        self._entries: list[ShardEntry] = []
-        self._targets: list[ShardEntry | None] = []
+        self._entries: list[tuple[ShardEntry, ...]] = []
         self._sizes: list[int] = []
         self._remaining: list[int] = []
-        self._futures: dict[int, Future] = {}
+        self._futures: dict[int, list[Future]] = {}
+        self._checked: set[int] = set()
         self._held_bytes = 0
         self._next = 0
         """Position of the next shard ``top_up`` considers reading."""
 
-    def add(self, entry: ShardEntry, rows_needed: int, target: ShardEntry | None = None) -> None:
+    def add(self, entries: Sequence[ShardEntry], rows_needed: int) -> None:
         """Register the next shard of the plan, in first-need order: its position is the count
-        of shards added before it. ``target`` is its twin in the target cache (paired loaders)."""
-        if (target is None) != (self._target_store is None):
-            raise ValueError(f"shard {entry.name}: a target entry goes with a target store, and only with one")
-        self._entries.append(entry)
-        self._targets.append(target)
-        self._sizes.append(entry.size_bytes + (target.size_bytes if target is not None else 0))
+        of shards added before it. ``entries`` are its entries in each store, in store order."""
+        if len(entries) != len(self._stores):
+            raise ValueError(f"shard {entries[0].name}: {len(entries)} entries for {len(self._stores)} caches")
+        self._entries.append(tuple(entries))
+        self._sizes.append(sum(entry.size_bytes for entry in entries))
         self._remaining.append(rows_needed)
 
-    def _submit(self, pos: int) -> Future:
+    def _submit(self, pos: int) -> list[Future]:
         if pos not in self._futures:
-            entry, target = self._entries[pos], self._targets[pos]
-            if target is None:
-                self._futures[pos] = self._pool.submit(read_shard, self._store, entry, as_float32=False)
-            else:
-                self._futures[pos] = self._pool.submit(
-                    read_shard_pair, self._store, self._target_store, entry, target, as_float32=False)
+            self._futures[pos] = [self._pool.submit(read_shard, store, entry, as_float32=False)
+                                  for store, entry in zip(self._stores, self._entries[pos], strict=True)]
             self._held_bytes += self._sizes[pos]
         return self._futures[pos]
 
     def _release(self, pos: int) -> None:
-        future = self._futures.pop(pos, None)
-        if future is not None:
-            future.cancel()
+        futures = self._futures.pop(pos, None)
+        if futures is not None:
+            for future in futures:
+                future.cancel()
             self._held_bytes -= self._sizes[pos]
 
     def top_up(self) -> None:
@@ -211,10 +271,13 @@ class _ShardLoader:
             self._next += 1
 
     def shard(self, pos: int) -> tuple[np.ndarray, ...]:
-        """The activations of shard ``pos`` as stored (bfloat16 as its int16 bits), with its
-        target's after them in a paired loader, waiting for the read if need be."""
-        read = self._submit(pos).result()
-        return tuple(s.activations for s in read) if isinstance(read, tuple) else (read.activations,)
+        """The activations of shard ``pos`` as stored (bfloat16 as its int16 bits), one array per
+        store, waiting for the reads if need be."""
+        shards = [future.result() for future in self._submit(pos)]
+        if pos not in self._checked:
+            check_shard_group(shards, name=self._entries[pos][0].name, uris=[store.uri for store in self._stores])
+            self._checked.add(pos)
+        return tuple(shard.activations for shard in shards)
 
     def consume(self, pos: int, n: int) -> None:
         """Count ``n`` rows of shard ``pos`` as used (read or skipped); the shard is let go when
@@ -250,6 +313,13 @@ class ActivationReader:
     the rows of both caches at the same row indices, planned on the input cache exactly as an
     unpaired reader plans it (so its ``x`` are the unpaired reader's batches). ``target_shards``
     are the target's entries of the same shards (default: the target's committed manifest).
+
+    With ``input_stores`` and ``target_stores`` (a cross-layer transcoder's L input caches, in
+    layer order with ``store`` first, and its L target caches) ``x`` is the L input caches' rows
+    side by side, (batch_size, L * d_in), and ``y`` the L target caches', (batch_size, L * d_out);
+    ``target_stores=[t]`` alone is ``target_store=t``. The group's other caches' entries come from
+    their committed manifests. The epoch is planned on ``store``, so ``x[:, :d_in]`` are the
+    unpaired reader's batches.
     """
 
     def __init__(
@@ -259,6 +329,8 @@ class ActivationReader:
         *,
         target_store: ObjectStore | None = None,
         target_shards: Sequence[ShardEntry] | None = None,
+        input_stores: Sequence[ObjectStore] | None = None,
+        target_stores: Sequence[ObjectStore] | None = None,
         rank: int,
         world_size: int,
         batch_size: int,
@@ -284,7 +356,8 @@ class ActivationReader:
             raise ValueError("follow=True reads the manifest as it grows: pass shard_filter, not shards")
         if target_shards is not None and target_store is None:
             raise ValueError("target_shards were given without the target_store they belong to")
-        self.store, self.target_store = store, target_store
+        self.input_stores, self.target_stores = _group(store, target_store, input_stores, target_stores)
+        self.store = store
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.seed = batch_size, seed
         self.shuffle_buffer_rows = shuffle_buffer_rows
@@ -295,14 +368,14 @@ class ActivationReader:
         self.shard_rank = shard_rank or (lambda name: zlib.crc32(name.encode()) % world_size)
         self.abort = abort
         self._shards: list[ShardEntry] | None = None
-        self._target_entries: dict[str, ShardEntry] = {}
-        """The target cache's entries by shard name (a paired reader's)."""
+        self._twins: list[dict[str, ShardEntry]] = [{} for _ in self._stores[1:]]
+        """The entries of the group's other caches (``_stores[1:]``) by shard name."""
         if not follow:
             if shards is None:
                 shards = self._committed(self._manifest(), store).shards
-            if target_store is not None and target_shards is None:
-                target_shards = self._committed(self._target_manifest(), target_store).shards
-            self._set_shards(shards, target_shards)
+            twin_shards = [self._committed(load_manifest(other), other).shards if target_shards is None else target_shards
+                           for other in self._stores[1:]]
+            self._set_shards(shards, twin_shards)
         # Position: the epoch being read and the batches of it already yielded.
         self._epoch, self._batches_done = 0, 0
         self._restored: tuple[int, int] | None = None
@@ -313,14 +386,26 @@ class ActivationReader:
 
     @property
     def paired(self) -> bool:
-        """Whether batches are ``(x, y)`` pairs read from an input and a target cache."""
-        return self.target_store is not None
+        """Whether batches are ``(x, y)`` read from input and target caches."""
+        return bool(self.target_stores)
+
+    @property
+    def n_layers(self) -> int:
+        """Input caches read side by side into ``x`` (1 but for a cross-layer transcoder's reader)."""
+        return len(self.input_stores)
+
+    @property
+    def target_store(self) -> ObjectStore | None:
+        """The first target cache (a transcoder's one), None for an unpaired reader."""
+        return self.target_stores[0] if self.target_stores else None
+
+    @property
+    def _stores(self) -> list[ObjectStore]:
+        """Every cache of the group in the order batches are gathered: inputs, then targets."""
+        return [*self.input_stores, *self.target_stores]
 
     def _manifest(self) -> Manifest | None:
         return load_manifest(self.store)
-
-    def _target_manifest(self) -> Manifest | None:
-        return None if self.target_store is None else load_manifest(self.target_store)
 
     @staticmethod
     def _committed(manifest: Manifest | None, store: ObjectStore) -> Manifest:
@@ -328,31 +413,34 @@ class ActivationReader:
             raise FileNotFoundError(f"no committed manifest in {store.uri}: not an activation cache")
         return manifest
 
-    def _set_shards(self, shards: Sequence[ShardEntry], target_shards: Sequence[ShardEntry] | None = None) -> None:
+    def _set_shards(self, shards: Sequence[ShardEntry], twin_shards: Sequence[Sequence[ShardEntry]] = ()) -> None:
+        """Read ``shards`` (those ``shard_filter`` keeps) of the first cache; ``twin_shards`` are
+        more entries of the group's other caches, in ``_stores[1:]`` order."""
         selected = [s for s in shards if self.shard_filter is None or self.shard_filter(s)]
         if not selected:
             raise ValueError(f"no committed shards to read in {self.store.uri}")
-        if self.target_store is not None:
-            self._target_entries.update({s.name: s for s in target_shards or ()})
-            missing = [s.name for s in selected if s.name not in self._target_entries]
+        for twins, entries in zip(self._twins, twin_shards, strict=False):
+            twins.update({s.name: s for s in entries})
+        for other, twins in zip(self._stores[1:], self._twins, strict=True):
+            missing = [s.name for s in selected if s.name not in twins]
             if missing:
-                raise ValueError(f"shard {missing[0]} of cache {self.store.uri} is not in the manifest of its "
-                                 f"target cache {self.target_store.uri}: not a pair of caches of one forward pass")
+                raise ValueError(f"shard {missing[0]} of cache {self.store.uri} is not in the manifest of cache "
+                                 f"{other.uri}, read with it: not caches of one forward pass")
         self._shards = sorted(selected, key=lambda s: s.name)
 
-    def _target_of(self, entry: ShardEntry) -> ShardEntry | None:
-        return self._target_entries[entry.name] if self.target_store is not None else None
+    def _group_of(self, entry: ShardEntry) -> tuple[ShardEntry, ...]:
+        """``entry`` and its twins: the same shard's entry in every cache of the group."""
+        return (entry, *(twins[entry.name] for twins in self._twins))
 
     @property
     def shards(self) -> list[ShardEntry]:
         """The shards a planned epoch reads (for a tailing reader, once the cache is complete)."""
         if self._shards is None:
-            manifest, target = self._manifest(), self._target_manifest()
-            for m, store in ((manifest, self.store), (target, self.target_store)):
-                if store is not None and (m is None or not m.complete):
+            manifests = [load_manifest(store) for store in self._stores]
+            for manifest, store in zip(manifests, self._stores, strict=True):
+                if manifest is None or not manifest.complete:
                     raise RuntimeError(f"cache {store.uri} is still being written: its shards are not final")
-            assert manifest is not None
-            self._set_shards(manifest.shards, None if target is None else target.shards)
+            self._set_shards(manifests[0].shards, [m.shards for m in manifests[1:]])
         assert self._shards is not None
         return self._shards
 
@@ -400,8 +488,8 @@ class ActivationReader:
     def _materialise(
         self, id_batches: Iterator[torch.Tensor], loader: _ShardLoader, offsets: list[int], skip: int
     ) -> Iterator[Batch]:
-        """Turn batches of row ids (``offsets[pos] + row``) into activations (pairs of them from
-        a paired loader), skipping the first ``skip`` batches without reading them."""
+        """Turn batches of row ids (``offsets[pos] + row``) into activations (``(x, y)`` from a
+        group's loader), skipping the first ``skip`` batches without reading them."""
         starts = np.asarray(offsets)
         for index, id_batch in enumerate(id_batches):
             # numpy, not torch, from here: on a small CPU torch's thread pool spins after each
@@ -425,13 +513,20 @@ class ActivationReader:
                 rows = ids[where] - offsets[p]
                 parts.append([activations[rows] for activations in loader.shard(p)])
                 loader.consume(p, len(where))
-            columns = tuple(_as_float32(np.concatenate(column)) for column in zip(*parts, strict=True))
+            columns = [_as_float32(np.concatenate(column)) for column in zip(*parts, strict=True)]
             self._batches_done = index + 1
-            yield columns if self.paired else columns[0]
+            yield self._batch(columns)
+
+    def _batch(self, columns: list[torch.Tensor]) -> Batch:
+        """One batch from its rows of each cache (``_stores`` order): the rows, or ``(x, y)``
+        with each side's caches side by side."""
+        if not self.paired:
+            return columns[0]
+        x, y = columns[: self.n_layers], columns[self.n_layers :]
+        return (x[0] if len(x) == 1 else torch.cat(x, dim=1)), (y[0] if len(y) == 1 else torch.cat(y, dim=1))
 
     def _loader(self) -> _ShardLoader:
-        return _ShardLoader(self.store, threads=self.read_threads, budget_bytes=self.prefetch_bytes,
-                            target_store=self.target_store)
+        return _ShardLoader(self._stores, threads=self.read_threads, budget_bytes=self.prefetch_bytes)
 
     def _planned_epoch(self, epoch: int, skip: int) -> Iterator[Batch]:
         ordered, segments = self._segments(epoch)
@@ -440,7 +535,7 @@ class ActivationReader:
         offsets, chunks, offset = [], [], 0
         for segment in segments:
             entry = ordered[segment.pos]
-            loader.add(entry, segment.stop - segment.start, self._target_of(entry))
+            loader.add(self._group_of(entry), segment.stop - segment.start)
             offsets.append(offset)
             chunks.append(torch.arange(segment.start, segment.stop, dtype=torch.int64) + offset)
             offset += entry.rows
@@ -454,17 +549,16 @@ class ActivationReader:
             loader.close()
 
     def _listed(self) -> tuple[dict[str, ShardEntry], Manifest | None, bool]:
-        """The shards committed so far by name (a paired reader's: those both manifests list),
-        the input's manifest, and whether the cache (both caches) is complete."""
+        """The shards committed so far by name (a group's: those every manifest lists), the
+        first cache's manifest, and whether the cache (every cache of the group) is complete."""
         manifest = self._manifest()
         listed = {} if manifest is None else {s.name: s for s in manifest.shards}
         complete = manifest is not None and manifest.complete
-        if self.target_store is not None:
-            target = self._target_manifest()
-            twins = {} if target is None else {s.name: s for s in target.shards}
-            self._target_entries.update(twins)
+        for store, twins in zip(self._stores[1:], self._twins, strict=True):
+            other = load_manifest(store)
+            twins.update({} if other is None else {s.name: s for s in other.shards})
             listed = {name: s for name, s in listed.items() if name in twins}
-            complete = complete and target is not None and target.complete
+            complete = complete and other is not None and other.complete
         return listed, manifest, complete
 
     def _tailed_epoch(self, skip: int, replay: list[str]) -> Iterator[Batch]:
@@ -511,7 +605,7 @@ class ActivationReader:
         def chunks() -> Iterator[torch.Tensor]:
             offset = 0
             for entry in entries():
-                loader.add(entry, entry.rows, self._target_of(entry))
+                loader.add(self._group_of(entry), entry.rows)
                 offsets.append(offset)
                 yield torch.arange(offset, offset + entry.rows, dtype=torch.int64)
                 offset += entry.rows
@@ -565,17 +659,23 @@ class ActivationReader:
             state["shards"] = [s.name for s in self._shards]
         if self.paired:
             state["paired"] = True
+        if self.n_layers > 1:
+            state["n_layers"] = self.n_layers
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``; it must come from a reader of the same rank, batch size,
-        seed, shuffle buffer and shards, paired if this one is and unpaired if not."""
+        seed, shuffle buffer and shards, paired if this one is and unpaired if not, over as many
+        layers' caches."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"reader state version {state.get('version')!r}: expected {STATE_VERSION}")
         if bool(state.get("paired", False)) != self.paired:
             kinds = ("an unpaired", "a paired (x, y)")
             raise ValueError(f"reader state was taken by {kinds[bool(state.get('paired', False))]} reader "
                              f"but this is {kinds[self.paired]} reader: not the same job's data")
+        if int(state.get("n_layers", 1)) != self.n_layers:
+            raise ValueError(f"reader state was taken by a reader of {state.get('n_layers', 1)} layers' caches but "
+                             f"this one reads {self.n_layers}: not the same job's data")
         for key, value in self._identity().items():
             if state.get(key) != value:
                 raise ValueError(f"reader state has {key}={state.get(key)!r} but this reader has {key}={value!r}")
