@@ -327,6 +327,63 @@ def spliced(model: nn.Module, hookpoint: str, replace: Callable[[torch.Tensor], 
 
 
 @contextmanager
+def spliced_pairs(
+    model: nn.Module, pairs: list[tuple[str, str]],
+    replace: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Iterator[list[tuple[str, str]]]:
+    """While active, every forward pass of ``model`` captures the activations at each pair's
+    input hookpoint and replaces those at its target hookpoint by ``replace(i, input_acts,
+    target_acts)`` (pair ``i``) in the same pass; yields the canonical (input, target) pairs.
+
+    A cross-layer transcoder's splice: pair ``l`` is layer ``l``'s MLP input and output, and
+    ``replace`` encodes layer ``l``'s features from the input it is given and returns the
+    prediction from the features of pairs ``0..l``, so each later layer computes on the replaced
+    outputs of the earlier ones. ``replace`` is called in the order of ``pairs``, each pair's
+    input captured before its target: a forward that runs a target before its own input, or
+    before the target of the pair listed before it, raises one line. Each replacement is checked
+    against the target's shape and cast to its dtype and device. The hooks are removed on exit.
+    """
+    if not pairs:
+        raise ValueError("pairs=[]: name at least one (input, target) pair")
+    canonical = [(resolve_hookpoint(model, i), resolve_hookpoint(model, t)) for i, t in pairs]
+    modules = dict(model.named_modules())
+    captured: dict[int, torch.Tensor] = {}
+    replaced: list[int] = []  # the pairs whose target this forward has replaced, in order
+
+    def capture(i: int, acts: torch.Tensor) -> None:
+        captured[i] = acts
+
+    def replace_target(i: int, target: torch.Tensor) -> torch.Tensor:
+        canonical_in, canonical_out = canonical[i]
+        if i not in captured:
+            raise ValueError(f"target hookpoint {canonical_out} runs before input hookpoint {canonical_in} in the "
+                             "forward pass: a splice needs the input computed first (e.g. an MLP's input, then its output)")
+        if len(replaced) != i:
+            expected = canonical[len(replaced)][1] if len(replaced) < len(canonical) else "none"
+            raise ValueError(f"target hookpoint {canonical_out} (pair {i}) runs out of order in the forward pass: "
+                             f"expected {expected} (pair {len(replaced)}) next; list the pairs in the order they run")
+        replaced.append(i)
+        return replace(i, captured.pop(i), target)
+
+    def start_forward(module, args) -> None:
+        # Each forward starts with nothing captured: a previous pass's input must never be used.
+        captured.clear()
+        replaced.clear()
+
+    handles = [model.register_forward_pre_hook(start_forward)]
+    try:
+        for i, (canonical_in, canonical_out) in enumerate(canonical):
+            handles.append(_hook_activations(modules[canonical_in.removesuffix(INPUT_SUFFIX)], canonical_in,
+                                             lambda acts, i=i: capture(i, acts)))
+            handles.append(_hook_activations(modules[canonical_out.removesuffix(INPUT_SUFFIX)], canonical_out,
+                                             _checked(canonical_out, lambda acts, i=i: replace_target(i, acts))))
+        yield canonical
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def spliced_pair(
     model: nn.Module, input_hookpoint: str, target_hookpoint: str,
     replace: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -334,32 +391,12 @@ def spliced_pair(
     """While active, every forward pass of ``model`` captures the activations at
     ``input_hookpoint`` and replaces those at ``target_hookpoint`` by ``replace(input_acts,
     target_acts)`` in the same pass (a transcoder's prediction of an MLP's output from its
-    input); yields the canonical (input, target) hookpoints.
+    input); yields the canonical (input, target) hookpoints. ``spliced_pairs`` with one pair.
 
     The input must be computed before the target's activations (an MLP's input before its
     output); a forward in which the target comes first raises one line. ``replace`` returns a
     tensor of the target's shape, cast to its dtype and device. The hooks are removed on exit.
     """
-    canonical_in, canonical_out = resolve_hookpoint(model, input_hookpoint), resolve_hookpoint(model, target_hookpoint)
-    modules = dict(model.named_modules())
-    captured: list[torch.Tensor] = []
-
-    def capture(acts: torch.Tensor) -> None:
-        captured[:] = [acts]
-
-    def replaced(target: torch.Tensor) -> torch.Tensor:
-        if not captured:
-            raise ValueError(f"target hookpoint {canonical_out} runs before input hookpoint {canonical_in} in the "
-                             "forward pass: a splice needs the input computed first (e.g. an MLP's input, then its output)")
-        return replace(captured.pop(), target)
-
-    # Each forward starts with nothing captured: a previous pass's input must never be used.
-    handles = [model.register_forward_pre_hook(lambda module, args: captured.clear())]
-    handles.append(_hook_activations(modules[canonical_in.removesuffix(INPUT_SUFFIX)], canonical_in, capture))
-    handles.append(_hook_activations(modules[canonical_out.removesuffix(INPUT_SUFFIX)], canonical_out,
-                                     _checked(canonical_out, replaced)))
-    try:
-        yield canonical_in, canonical_out
-    finally:
-        for handle in handles:
-            handle.remove()
+    with spliced_pairs(model, [(input_hookpoint, target_hookpoint)],
+                       lambda i, acts, target: replace(acts, target)) as [names]:
+        yield names
