@@ -4,7 +4,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: run test bench bench-observe bench-audit lint setup clean
+.PHONY: run test bench bench-observe bench-audit bench-clt lint setup clean
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,10 @@ bench-observe: setup
 # The steer audit of one feature on 4,096 held-out tokens against the bare forward (about 15 minutes).
 bench-audit: setup
 	$(VENV)/bin/python benchmarks/bench_audit.py --write benchmarks/RESULTS.md $(ARGS)
+
+# A cross-layer transcoder over 2 to 12 layers on 2 feature-parallel ranks (about 6 minutes).
+bench-clt: setup
+	$(VENV)/bin/python benchmarks/bench_clt.py --write benchmarks/RESULTS.md $(ARGS)
 
 clean:
 	rm -rf store outputs
