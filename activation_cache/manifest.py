@@ -8,6 +8,7 @@ becomes visible only when a manifest listing it is written; the store's ``put_by
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -143,8 +144,9 @@ def commit_manifest(store: ObjectStore, manifest: Manifest) -> None:
 
 PAIRED_KEY_INPUTS = ("model", "revision", "model_dtype", "dataset", "tokenizer", "tokens_sha256", "context_length",
                      "excluded_token_ids", "sequences_per_shard")
-"""The cache key inputs a transcoder's input and target caches must share: one forward pass of one
-model over one token stream fills both (the hookpoint, the width and the stored dtype may differ)."""
+"""The cache key inputs a transcoder's input and target caches (a cross-layer transcoder's every
+input and target cache) must share: one forward pass of one model over one token stream fills them
+all (the hookpoint, the width and the stored dtype may differ)."""
 
 
 def _shown(value: object, limit: int = 60) -> str:
@@ -152,16 +154,20 @@ def _shown(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def check_paired_caches(input: Manifest, target: Manifest, *, input_uri: str, target_uri: str) -> None:
+def check_paired_caches(
+    input: Manifest, target: Manifest, *, input_uri: str, target_uri: str, target_role: str = "target",
+) -> None:
     """Refuse, in one line naming the first difference with both values, two caches that are not
     the input and target of one forward pass: a different model, revision, model dtype, dataset,
     tokenizer, token stream, context length, token exclusion or shard size (those ``key_inputs``
     both manifests record: caches written before a key input existed are compared on the rest),
     or different shards or row counts. Shard lists are compared whole once both caches are
-    complete; while either is still being written, the row counts of the shards both list."""
+    complete; while either is still being written, the row counts of the shards both list.
+    ``target_role`` names the second cache in the message (``"input"`` for a cross-layer
+    transcoder's later layer's input cache)."""
     def refuse(what: str, a: object, b: object) -> None:
-        raise ValueError(f"input cache {input_uri} has {what}={_shown(a)} but target cache {target_uri} has "
-                         f"{what}={_shown(b)}: a transcoder's input and target must come from one forward pass "
+        raise ValueError(f"input cache {input_uri} has {what}={_shown(a)} but {target_role} cache {target_uri} has "
+                         f"{what}={_shown(b)}: a transcoder's caches must come from one forward pass "
                          "over the same tokens")
 
     for key in ("model", "revision"):
@@ -175,7 +181,26 @@ def check_paired_caches(input: Manifest, target: Manifest, *, input_uri: str, ta
         name = min(rows.keys() ^ target_rows.keys())
         holder, other = (input_uri, target_uri) if name in rows else (target_uri, input_uri)
         raise ValueError(f"shard {name} is in complete cache {holder} but not in complete cache {other}: a "
-                         "transcoder's input and target caches must list the same shards")
+                         "transcoder's caches must list the same shards")
     for name in sorted(rows.keys() & target_rows.keys()):
         if rows[name] != target_rows[name]:
             refuse(f"rows of shard {name}", rows[name], target_rows[name])
+
+
+def check_cache_group(
+    inputs: Sequence[tuple[str, Manifest]], targets: Sequence[tuple[str, Manifest]],
+) -> None:
+    """Refuse a cross-layer transcoder's caches (``(uri, manifest)`` of each layer's input and
+    target cache, in layer order) unless one forward pass filled them all: every cache is checked
+    against the first input's (``check_paired_caches``), and the input caches share one width, as
+    do the target caches."""
+    first_uri, first = inputs[0]
+    for role, group in (("input", inputs[1:]), ("target", targets)):
+        for uri, manifest in group:
+            check_paired_caches(first, manifest, input_uri=first_uri, target_uri=uri, target_role=role)
+    for role, group in (("input", inputs), ("target", targets)):
+        for (uri, manifest), (other_uri, other) in zip(group, group[1:], strict=False):
+            if other.d_model != manifest.d_model:
+                raise ValueError(f"{role} cache {uri} holds d_model={manifest.d_model} but {role} cache {other_uri} "
+                                 f"holds d_model={other.d_model}: a cross-layer transcoder's {role} caches share "
+                                 "one width")

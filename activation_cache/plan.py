@@ -11,20 +11,26 @@ A transcoder's plan reads ``(x, y)`` pairs from its input cache and its target c
 forward pass filled both, so they hold the same shards over the same tokens): the split, the
 steps and the input scale come from the input cache as for an SAE, and the target's own scale
 and mean from the target's manifest.
+
+A cross-layer transcoder's plan (``layers=``, ``layer_caches=``) reads its L input and L target
+caches as one group: ``x`` the L inputs side by side, ``y`` the L targets. The split and the steps
+come from the first input cache; the caches are never scaled on the way (``scale`` and
+``target_scale`` are 1.0): the model normalises each layer inside itself, by each layer's own
+scales, ``layer_input_scales`` and ``layer_target_scales``.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 
-from activation_cache.manifest import Manifest, ShardEntry, check_paired_caches, load_manifest
+from activation_cache.manifest import Manifest, ShardEntry, check_cache_group, load_manifest
 from activation_cache.reader import ActivationReader, TailingAborted
 from activation_cache.store import ObjectStore
 
@@ -62,21 +68,32 @@ class DataPlan:
     steps: int
     """Optimizer steps of the whole training (every rank takes the same number)."""
     scale: float
-    """Factor applied to every activation (``input_scale``)."""
+    """Factor applied to every activation (``input_scale``); 1.0 for a cross-layer transcoder."""
     mean: np.ndarray
-    """The cache's mean activation (unscaled): where b_dec starts."""
+    """The cache's mean activation (unscaled): where b_dec starts. A cross-layer transcoder's: the
+    L input caches' means side by side (L * d_in)."""
     holdout: list[str]
     """Names of the held-out shards, evaluated at the end and never trained on."""
     d_model: int
+    """The width of ``x``: the cache's d_model; L * d_in for a cross-layer transcoder."""
     rows_at_start: int
     """Rows committed when training started (all of them unless the cache was still being written)."""
     target_scale: float | None = None
     """A transcoder's: factor applied to every target activation (``input_scale`` of the target
-    cache); None for an SAE."""
+    cache); 1.0 for a cross-layer transcoder; None for an SAE."""
     target_mean: np.ndarray | None = None
-    """A transcoder's: the target cache's mean activation (unscaled), where b_dec starts."""
+    """A transcoder's: the target cache's mean activation (unscaled), where b_dec starts; a
+    cross-layer transcoder's: the L target caches' means side by side (L * d_out)."""
     d_out: int | None = None
-    """A transcoder's: the target's width."""
+    """A transcoder's: the width of ``y`` (L * the target width for a cross-layer transcoder)."""
+    n_layers: int | None = None
+    """A cross-layer transcoder's: the layers it covers (L); None for an SAE or a transcoder."""
+    layer_input_scales: list[float] | None = None
+    """A cross-layer transcoder's: each layer's input scale (``input_scale`` of its input cache's
+    manifest under ``settings.normalize``), in layer order, applied inside the model."""
+    layer_target_scales: list[float] | None = None
+    """A cross-layer transcoder's: each layer's target scale (``input_scale`` of its target cache's
+    manifest), in layer order, applied inside the model."""
 
 
 def holdout_count(n_shards: int, fraction: float) -> int:
@@ -127,38 +144,78 @@ def _capped(steps: int, settings: PlanSettings) -> int:
     return steps if settings.max_tokens is None else min(steps, settings.max_tokens // settings.batch_size)
 
 
+Layer = tuple[ObjectStore, Manifest, ObjectStore, Manifest]
+"""One layer of a cross-layer transcoder: (input cache, its manifest, target cache, its manifest)."""
+
+
 def complete_plan(
     cache: ObjectStore, manifest: Manifest, settings: PlanSettings, *, rank: int, world_size: int,
-    target: tuple[ObjectStore, Manifest] | None = None,
+    target: tuple[ObjectStore, Manifest] | None = None, layers: Sequence[Layer] | None = None,
 ) -> DataPlan:
     """The plan over a complete cache. ``rank`` and ``world_size`` are the data-parallel ones.
     With ``target`` (a transcoder's target cache and its complete manifest) the reader yields
     ``(x, y)`` pairs; the two caches must be a pair (``check_paired_caches``) and hold out the
-    same shards."""
+    same shards. With ``layers`` (a cross-layer transcoder's caches, one ``Layer`` per covered
+    layer in order, ``cache`` and ``manifest`` the first's input) it yields ``(x, y)`` over all of
+    them; every cache must be of one forward pass with the first input (``check_cache_group``)."""
+    inputs, targets = _complete_group(cache, manifest, target, layers)
+    check_cache_group([(store.uri, m) for store, m in inputs], [(store.uri, m) for store, m in targets])
     train_shards, holdout_shards = split_holdout(manifest.shards, settings.holdout_fraction)
     options: dict = {"shards": train_shards}
-    if target is not None:
-        target_cache, target_manifest = target
-        check_paired_caches(manifest, target_manifest, input_uri=cache.uri, target_uri=target_cache.uri)
-        options.update(target_store=target_cache, target_shards=target_manifest.shards)
+    if layers is not None:
+        options.update(input_stores=[store for store, _ in inputs], target_stores=[store for store, _ in targets])
+    elif target is not None:
+        options.update(target_store=target[0], target_shards=target[1].shards)
     reader = _reader(cache, settings, rank, world_size, **options)
     steps = _capped(sum(reader.batches_per_epoch(epoch) for epoch in range(settings.epochs)), settings)
-    plan = DataPlan(
-        reader, steps, input_scale(manifest, settings.normalize), manifest.stats.mean(),
-        [s.name for s in holdout_shards], manifest.d_model, manifest.rows,
-    )
+    statistics = _plan_statistics([m for _, m in inputs], [m for _, m in targets], settings, layers is not None)
+    return DataPlan(reader=reader, steps=steps, holdout=[s.name for s in holdout_shards], rows_at_start=manifest.rows,
+                    **statistics)
+
+
+def _complete_group(
+    cache: ObjectStore, manifest: Manifest, target: tuple[ObjectStore, Manifest] | None, layers: Sequence[Layer] | None,
+) -> tuple[list[tuple[ObjectStore, Manifest]], list[tuple[ObjectStore, Manifest]]]:
+    """A complete plan's (input caches, target caches), each with its manifest."""
+    if layers is None:
+        return [(cache, manifest)], ([] if target is None else [target])
+    _check_layers(cache, target, [layer[0] for layer in layers])
+    return [(layer[0], layer[1]) for layer in layers], [(layer[2], layer[3]) for layer in layers]
+
+
+def _check_layers(cache: ObjectStore, target: object, first_inputs: list[ObjectStore]) -> None:
     if target is not None:
-        plan.target_scale, plan.target_mean, plan.d_out = _target_statistics(target[1], settings)
-    return plan
+        raise ValueError("a plan reads a transcoder's target or a cross-layer transcoder's layers, not both")
+    if not first_inputs or first_inputs[0].uri != cache.uri:
+        first = first_inputs[0].uri if first_inputs else None
+        raise ValueError(f"the first layer's input cache is {first} but the plan's cache is {cache.uri}: a "
+                         "cross-layer transcoder's plan is made on its first layer's input cache")
 
 
-def _target_statistics(target: Manifest, settings: PlanSettings) -> tuple[float, np.ndarray, int]:
-    return input_scale(target, settings.normalize), target.stats.mean(), target.d_model
+def _plan_statistics(inputs: list[Manifest], targets: list[Manifest], settings: PlanSettings, layered: bool) -> dict:
+    """A DataPlan's scales, means and widths from its caches' manifests (the first input first)."""
+    first = inputs[0]
+    if not layered:
+        statistics = {"scale": input_scale(first, settings.normalize), "mean": first.stats.mean(),
+                      "d_model": first.d_model}
+        if targets:
+            statistics.update(target_scale=input_scale(targets[0], settings.normalize),
+                              target_mean=targets[0].stats.mean(), d_out=targets[0].d_model)
+        return statistics
+    # Each layer's activations have their own size: the model scales each layer by its own factor.
+    return {
+        "scale": 1.0, "target_scale": 1.0, "n_layers": len(inputs),
+        "mean": np.concatenate([m.stats.mean() for m in inputs]), "d_model": sum(m.d_model for m in inputs),
+        "target_mean": np.concatenate([m.stats.mean() for m in targets]), "d_out": sum(m.d_model for m in targets),
+        "layer_input_scales": [input_scale(m, settings.normalize) for m in inputs],
+        "layer_target_scales": [input_scale(m, settings.normalize) for m in targets],
+    }
 
 
 def tailing_plan(
     cache: ObjectStore, expected_shards: dict[str, int], settings: PlanSettings, *, rank: int, world_size: int,
     global_rank: int, abort: AbortReason, target_cache: ObjectStore | None = None,
+    layer_caches: Sequence[tuple[ObjectStore, ObjectStore]] | None = None,
 ) -> DataPlan:
     """The plan over a cache still being written. The shard names and row counts are known ahead
     (``expected_shards``: {name: rows} of the complete cache), so the holdout split and the step
@@ -171,15 +228,23 @@ def tailing_plan(
     one in the process group. ``abort`` stops the reader and the waits once the fill has failed.
     With ``target_cache`` (a transcoder's target cache, filled by the same forward pass) the
     reader yields ``(x, y)`` pairs, taking a shard once both manifests list it, and the target's
-    statistics are taken from its manifest once it too holds ``normalization_rows`` rows."""
+    statistics are taken from its manifest once it too holds ``normalization_rows`` rows. With
+    ``layer_caches`` (a cross-layer transcoder's (input cache, target cache) per covered layer, in
+    order, ``cache`` the first's input) the same holds for every cache of the group."""
+    if layer_caches is None:
+        inputs, targets = [cache], ([] if target_cache is None else [target_cache])
+    else:
+        _check_layers(cache, target_cache, [inputs for inputs, _ in layer_caches])
+        inputs, targets = [pair[0] for pair in layer_caches], [pair[1] for pair in layer_caches]
     names = sorted(expected_shards)
     n_holdout = holdout_count(len(names), settings.holdout_fraction)
     train_names, holdout = names[:-n_holdout], names[-n_holdout:]
     position = {name: i for i, name in enumerate(train_names)}
+    group = {"input_stores": inputs, "target_stores": targets} if layer_caches is not None else {"target_store": target_cache}
     reader = _reader(
         cache, settings, rank, world_size, follow=True, follow_timeout_s=settings.follow_timeout_s,
         shard_filter=lambda entry: entry.name in position, shard_rank=lambda name: position[name] % world_size,
-        abort=abort, target_store=target_cache,
+        abort=abort, **group,
     )
     local_batch = settings.batch_size // world_size
     rows = [expected_shards[n] for n in train_names]
@@ -187,30 +252,26 @@ def tailing_plan(
     later_epochs = (sum(rows) // world_size) // local_batch
     steps = _capped(first_epoch + (settings.epochs - 1) * later_epochs, settings)
     needed = min(settings.normalization_rows, sum(rows))
-    scale, mean, d_model, rows_at_start, target_statistics = _broadcast_statistics(
-        partial(_statistics, cache, settings, needed, abort, target_cache), global_rank,
+    statistics, rows_at_start = _broadcast_statistics(
+        partial(_statistics, inputs, targets, settings, needed, abort, layer_caches is not None), global_rank,
     )
-    plan = DataPlan(reader, steps, scale, mean, holdout, d_model, rows_at_start)
-    if target_statistics is not None:
-        plan.target_scale, plan.target_mean, plan.d_out = target_statistics
-    return plan
+    return DataPlan(reader=reader, steps=steps, holdout=holdout, rows_at_start=rows_at_start, **statistics)
 
 
 def _statistics(
-    cache: ObjectStore, settings: PlanSettings, needed: int, abort: AbortReason, target_cache: ObjectStore | None,
-) -> tuple:
+    inputs: list[ObjectStore], targets: list[ObjectStore], settings: PlanSettings, needed: int, abort: AbortReason,
+    layered: bool,
+) -> tuple[dict, int]:
+    """The plan's statistics (``_plan_statistics``) once every cache holds ``needed`` rows, and the
+    rows the first input cache then held."""
     def wait(store: ObjectStore) -> Manifest:
         return wait_for_manifest(store, lambda m: m.rows >= needed, f"{needed} rows (train.normalization_rows)",
                                  settings.follow_timeout_s, abort)
 
-    manifest = wait(cache)
-    target_statistics = None
-    if target_cache is not None:
-        target = wait(target_cache)
-        check_paired_caches(manifest, target, input_uri=cache.uri, target_uri=target_cache.uri)
-        target_statistics = _target_statistics(target, settings)
-    return (input_scale(manifest, settings.normalize), manifest.stats.mean(), manifest.d_model, manifest.rows,
-            target_statistics)
+    input_manifests, target_manifests = [wait(store) for store in inputs], [wait(store) for store in targets]
+    check_cache_group([(store.uri, m) for store, m in zip(inputs, input_manifests, strict=True)],
+                      [(store.uri, m) for store, m in zip(targets, target_manifests, strict=True)])
+    return _plan_statistics(input_manifests, target_manifests, settings, layered), input_manifests[0].rows
 
 
 def _broadcast_statistics(take: Callable[[], tuple], global_rank: int) -> tuple:
