@@ -36,6 +36,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from trainer.clt import CrossLayerTranscoder
+from trainer.jumprelu import JumpReLUFunction, StepFunction, rectangle  # noqa: F401 (re-exported)
 from trainer.losses import AUXK_COEFFICIENT, ReconstructionError
 from trainer.registry import architecture_class
 from trainer.sae import Code, SparseCoder
@@ -60,69 +62,33 @@ def build_sae(
     transcoder: bool = False,
     seed: int | None,
     dtype: torch.dtype = torch.float32,
-) -> SparseCoder:
+    layers: int | None = None,
+    input_scales: Sequence[float] | None = None,
+    target_scales: Sequence[float] | None = None,
+) -> SparseCoder | CrossLayerTranscoder:
     """A freshly initialised model of ``sae_cfg`` (an ``SAEConfig``): the class its
     ``architecture`` names (``trainer.registry``), built by that class's ``from_config``.
 
     ``d_out`` (default ``d_in``) is the width of the reconstruction; ``transcoder=True`` builds an
     encoder that does not subtract ``b_dec`` from its input (train it with ``target=``), which a
     ``d_out`` other than ``d_in`` needs.
+
+    ``layers`` set builds a ``trainer.clt.CrossLayerTranscoder`` over that many layers instead
+    (``sae.architecture`` ``topk`` or ``jumprelu``): ``d_in``, ``d_out``, ``sae.n_latents`` and
+    ``sae.k`` are then PER LAYER, and ``input_scales`` / ``target_scales`` (L,) its per-layer
+    normalisation factors (default 1).
     """
+    if layers is not None:
+        if layers <= 0:
+            raise ValueError(f"layers={layers} must be positive")
+        return CrossLayerTranscoder.from_config(
+            sae_cfg, layers=layers, d_in=d_in, d_out=d_out, seed=seed, dtype=dtype,
+            input_scales=input_scales, target_scales=target_scales,
+        )
+    if input_scales is not None or target_scales is not None:
+        raise ValueError("input_scales and target_scales are a cross-layer transcoder's: build with layers=")
     cls = architecture_class(sae_cfg.architecture)
     return cls.from_config(sae_cfg, d_in=d_in, d_out=d_out, seed=seed, dtype=dtype, transcoder=transcoder)
-
-
-# --------------------------------------------------------------------------- JumpReLU autograd
-
-
-def rectangle(u: Tensor) -> Tensor:
-    """The rectangle kernel K(u): 1 where -1/2 < u < 1/2, else 0 (Rajamanoharan et al. 2024, sec. 4)."""
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class JumpReLUFunction(torch.autograd.Function):
-    """``z * H(z - theta)`` with the paper's pseudo-derivative in theta (section 4):
-    ``d/dtheta := -(theta / eps) K((z - theta) / eps)``. In z the gradient is the true one,
-    ``H(z - theta)``, plus the same kernel term when ``ste_to_input`` (Anthropic, Jan 2025)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, pre_acts: Tensor, threshold: Tensor, bandwidth: float, ste_to_input: bool
-    ) -> Tensor:
-        ctx.save_for_backward(pre_acts, threshold)
-        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
-        return pre_acts * (pre_acts > threshold).to(pre_acts.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        pre_acts, threshold = ctx.saved_tensors
-        kernel = rectangle((pre_acts - threshold) / ctx.bandwidth) / ctx.bandwidth
-        ste = threshold * kernel * grad_out
-        grad_threshold = -ste.reshape(-1, ste.shape[-1]).sum(dim=0).to(threshold.dtype)
-        grad_pre = (pre_acts > threshold).to(grad_out.dtype) * grad_out
-        if ctx.ste_to_input:
-            grad_pre = grad_pre + ste
-        return grad_pre, grad_threshold, None, None
-
-
-class StepFunction(torch.autograd.Function):
-    """``H(z - theta)`` with the pseudo-derivative ``d/dtheta := -(1 / eps) K((z - theta) / eps)``
-    (section 4); in z zero, or ``+(1 / eps) K((z - theta) / eps)`` when ``ste_to_input``."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, pre_acts: Tensor, threshold: Tensor, bandwidth: float, ste_to_input: bool
-    ) -> Tensor:
-        ctx.save_for_backward(pre_acts, threshold)
-        ctx.bandwidth, ctx.ste_to_input = bandwidth, ste_to_input
-        return (pre_acts > threshold).to(pre_acts.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor, None, None]:
-        pre_acts, threshold = ctx.saved_tensors
-        ste = rectangle((pre_acts - threshold) / ctx.bandwidth) / ctx.bandwidth * grad_out
-        grad_threshold = -ste.reshape(-1, ste.shape[-1]).sum(dim=0).to(threshold.dtype)
-        return (ste if ctx.ste_to_input else None), grad_threshold, None, None
 
 
 # --------------------------------------------------------------------------- ReLU + L1

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from trainer.registry import check_architecture
 
 NONFINITE_POLICIES = ("skip", "stop")
+CLT_TOPK_MODES = ("layer", "all")
+"""``sae.clt_topk``: k per layer per token, or k * L over all the token's latents (``trainer.clt``)."""
 
 
 @dataclass
@@ -52,9 +54,15 @@ class SAEConfig:
     (d_in x d_out, zero at the start) beside the sparse one, a skip transcoder (SAELens
     ``skip_transcoder`` / ``jumprelu_skip_transcoder``). Its output is the dense, linear part of
     the target the latents then need not explain."""
+    clt_topk: str = "layer"
+    """Cross-layer transcoders (``model.clt_layers``) with ``architecture=topk``: ``layer`` keeps
+    the k largest latents of each layer per token, ``all`` the k * L largest over all the token's
+    latents of every covered layer (``trainer.clt``)."""
 
     def __post_init__(self) -> None:
         check_architecture(self.architecture)
+        if self.clt_topk not in CLT_TOPK_MODES:
+            raise ValueError(f"sae.clt_topk={self.clt_topk!r}: expected one of {list(CLT_TOPK_MODES)}")
         if self.n_latents <= 0:
             raise ValueError(f"sae.n_latents={self.n_latents} must be positive")
         if not 0 < self.k <= self.n_latents:
