@@ -1,7 +1,8 @@
 """Small activation caches for tests, written as the driver leaves them: each shard first, then the
 manifest that lists it. Each row's first value is its global row number, so a test can track rows;
 with ``rows_of`` a row's values are a function of its (sequence_id, position) instead, so the two
-caches of a transcoder's pair can be written over the same tokens and a test can check alignment."""
+caches of a transcoder's pair (the 2L of a cross-layer transcoder, ``layer_rows``) can be written
+over the same tokens and a test can check alignment."""
 
 from __future__ import annotations
 
@@ -71,3 +72,18 @@ def write_cache(store: ObjectStore, rows_per_shard: list[int], *, complete: bool
     if complete:
         writer.complete()
     return writer.manifest
+
+
+def layer_rows(layer: int, width: int, *, target: bool) -> RowsOf:
+    """Rows that say whose they are: ``[layer, target, sequence_id, position, ...]``, the rest small
+    integers of all four (exact in bfloat16 for sequences and positions below 128), so that each
+    layer's cache has its own mean and norm."""
+    if width < 4:
+        raise ValueError(f"width={width}: layer_rows needs at least 4 columns")
+
+    def rows_of(seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        head = [np.full_like(seq, layer), np.full_like(seq, int(target)), seq, pos]
+        rest = [(seq + (j + layer) * pos + 3 * layer + int(target)) % 13 for j in range(4, width)]
+        return np.stack(head + rest, 1)
+
+    return rows_of
