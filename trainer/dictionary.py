@@ -38,6 +38,16 @@ decoding), so that one saves as ``topk``. The names marked * are saeforge's own:
 them (no such architecture) and ``load_dictionary`` reads them. ``load_dictionary`` rebuilds
 each saved architecture as the registered architecture that runs it (``INFERENCE_ARCHITECTURES``).
 
+A cross-layer transcoder (``trainer.clt.CrossLayerTranscoder``, ``dictionary_files(...,
+hookpoints=, hookpoints_out=)``) saves as saeforge's own ``jumprelu_clt`` or ``topk_clt``: SAELens
+6 has no CLT class and refuses the folder by name; ``load_dictionary`` reads it. ``cfg.json`` gives
+the widths PER LAYER (``d_in``, ``d_out``, ``d_sae``), ``n_layers``, ``k`` and ``clt_topk`` for
+TopK, ``apply_b_dec_to_input=false``, ``metadata.hook_name`` / ``hook_name_out`` the first layer's
+input and target and ``metadata.hook_names`` / ``hook_names_out`` every covered layer's, in order.
+The weights are circuit-tracer's CLT layout with our encoder transposed: ``W_enc`` (L, d_in, d_sae),
+``b_enc`` (L, d_sae), ``b_dec`` (L, d_out), ``threshold`` (L, d_sae) for JumpReLU and ``W_dec_{l}``
+(d_sae, L - l, d_out) for each layer l, every layer's scales folded in (``CrossLayerTranscoder.folded_weights``).
+
 ``load_dictionary`` also reads the folders SAELens itself writes (``SAE.save_model``), with the
 encodings SAELens computes after ``SAE.load_from_disk`` (``tests/interp/test_saelens_folders.py``):
 
@@ -58,7 +68,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -66,14 +76,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
+from trainer.clt import CrossLayerTranscoder, clt_saved_architecture
+from trainer.config import CLT_TOPK_MODES
 from trainer.layout import CONFIG_FILE, EVAL_FILE, SPARSITY_FILE, WEIGHTS_FILE, eval_json
 from trainer.losses import reconstruction_error
 from trainer.registry import architecture_class
 from trainer.sae import Code, ForwardOutput, SparseCoder
 
 __all__ = [
-    "InputNormalizedCoder", "dictionary_files", "dictionary_hook_name", "load_dictionary", "sae_config",
-    "saelens_architecture",
+    "InputNormalizedCoder", "clt_config", "dictionary_files", "dictionary_hook_name", "load_dictionary",
+    "sae_config", "saelens_architecture",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,7 +105,7 @@ _DTYPE_NAMES = {
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _RESERVED_METADATA = {
     "model_name", "hook_name", "hook_name_out", "sae_lens_version", "sae_lens_training_version",
-    "training_architecture",
+    "training_architecture", "hook_names", "hook_names_out",
 }
 # SAELens inference architecture of the SAE -> (transcoder, skip transcoder) names; a TopK
 # transcoder whose widths agree is SAELens's own topk (``saelens_architecture``).
@@ -110,7 +122,9 @@ INFERENCE_ARCHITECTURES = {
 """Architecture of a saved dictionary (SAELens 6's, or saeforge's ``topk_transcoder`` and
 ``topk_skip_transcoder``) -> the registered architecture that computes it on raw activations
 (with a free decoder, so the folded rows are used as saved; ``W_skip`` for the skip transcoders)."""
-SAEFORGE_ONLY_ARCHITECTURES = ("topk_transcoder", "topk_skip_transcoder")
+CLT_ARCHITECTURES = ("jumprelu_clt", "topk_clt")
+"""Saved architectures of cross-layer transcoders (``trainer.clt``); ``load_dictionary`` reads them."""
+SAEFORGE_ONLY_ARCHITECTURES = ("topk_transcoder", "topk_skip_transcoder", *CLT_ARCHITECTURES)
 """Saved architectures SAELens has no class for (it refuses the folder); ``load_dictionary`` reads them."""
 _TOPK_ARCHITECTURES = ("topk", "topk_transcoder", "topk_skip_transcoder")
 _JUMPRELU_ARCHITECTURES = ("jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder")
@@ -134,6 +148,8 @@ def dictionary_files(
     eval_metrics: dict[str, Any],
     hookpoint_out: str | None = None,
     target_scale: float | None = None,
+    hookpoints: Sequence[str] | None = None,
+    hookpoints_out: Sequence[str] | None = None,
 ) -> dict[str, bytes]:
     """The dictionary's files, keyed by file name, with the input ``scale`` folded into the weights.
 
@@ -144,10 +160,21 @@ def dictionary_files(
     ``None`` omits ``sparsity.safetensors``. ``extra_metadata`` (JSON values: e.g.
     ``context_size``, ``prepend_bos``, ``dataset_path``, ``neuronpedia_id``) goes into
     ``cfg.json``'s ``metadata``.
+
+    A cross-layer transcoder (``trainer.clt.CrossLayerTranscoder``) names every covered layer's
+    input and target in ``hookpoints`` and ``hookpoints_out`` (in layer order; ``hookpoint`` and
+    ``hookpoint_out`` are the first of each) and saves as ``jumprelu_clt`` / ``topk_clt`` (the
+    module docstring); its per-layer scales are folded in by the CLT itself, on top of ``scale``
+    and ``target_scale`` (1 from the trainer).
     """
     clash = _RESERVED_METADATA & extra_metadata.keys()
     if clash:
         raise ValueError(f"extra_metadata may not set {sorted(clash)}: they are written from the arguments")
+    if isinstance(sae, CrossLayerTranscoder):
+        layer_hooks = _clt_hookpoints(sae, hookpoint, hookpoint_out, hookpoints, hookpoints_out)
+    elif hookpoints is not None or hookpoints_out is not None:
+        raise ValueError("hookpoints and hookpoints_out name a cross-layer transcoder's layers, but the "
+                         f"dictionary is a {type(sae).__name__}")
     transcoder = hookpoint_out is not None
     if sae.W_skip is not None and not transcoder:
         raise ValueError("the SAE has a skip connection (W_skip): a skip transcoder needs hookpoint_out, its target")
@@ -172,11 +199,13 @@ def dictionary_files(
            if transcoder else {}),
         **extra_metadata,
     }
+    if isinstance(sae, CrossLayerTranscoder):
+        cfg = clt_config(sae, metadata, hookpoints=layer_hooks[0], hookpoints_out=layer_hooks[1])
+    else:
+        cfg = sae_config(sae, metadata, transcoder=transcoder)
     files = {
         WEIGHTS_FILE: save_safetensors(weights),
-        CONFIG_FILE: json.dumps(
-            sae_config(sae, metadata, transcoder=transcoder), indent=2, sort_keys=True, allow_nan=False
-        ).encode(),
+        CONFIG_FILE: json.dumps(cfg, indent=2, sort_keys=True, allow_nan=False).encode(),
         EVAL_FILE: eval_json(eval_metrics),
     }
     if sparsity is not None:
@@ -227,7 +256,60 @@ def sae_config(sae: SparseCoder, metadata: dict[str, Any], *, transcoder: bool =
     return cfg
 
 
-def load_dictionary(files: dict[str, bytes]) -> tuple[SparseCoder | InputNormalizedCoder, dict[str, Any]]:
+def clt_config(
+    clt: CrossLayerTranscoder, metadata: dict[str, Any], *, hookpoints: Sequence[str], hookpoints_out: Sequence[str]
+) -> dict[str, Any]:
+    """``cfg.json`` content of a cross-layer transcoder: ``architecture`` ``jumprelu_clt`` or
+    ``topk_clt`` (with ``k`` per layer and ``clt_topk``), the widths PER LAYER (``d_in``, ``d_out``,
+    ``d_sae``) and ``n_layers``; ``metadata.hook_names`` / ``hook_names_out`` every covered layer's
+    input and target in order, and the per-layer scales folded into the weights."""
+    cfg: dict[str, Any] = {
+        "architecture": clt_saved_architecture(clt.activation),
+        "n_layers": clt.n_layers,
+        "d_in": clt.d_layer_in,
+        "d_out": clt.d_layer_out,
+        "d_sae": clt.n_per_layer,
+        "dtype": _DTYPE_NAMES[clt.W_enc.dtype],
+        "device": "cpu",
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            **metadata,
+            "hook_names": list(hookpoints),
+            "hook_names_out": list(hookpoints_out),
+            "saeforge_input_scales_folded": [float(value) for value in clt.input_scales.tolist()],
+            "saeforge_target_scales_folded": [float(value) for value in clt.target_scales.tolist()],
+        },
+    }
+    if clt.activation == "topk":
+        cfg["k"] = clt.k
+        cfg["clt_topk"] = clt.clt_topk
+    return cfg
+
+
+def _clt_hookpoints(
+    clt: CrossLayerTranscoder, hookpoint: str, hookpoint_out: str | None, hookpoints: Sequence[str] | None,
+    hookpoints_out: Sequence[str] | None,
+) -> tuple[list[str], list[str]]:
+    """The CLT's (inputs, targets), one per covered layer, checked against its layers and the
+    first pair ``hookpoint`` / ``hookpoint_out``."""
+    inputs, targets = list(hookpoints or []), list(hookpoints_out or [])
+    if len(inputs) != clt.n_layers or len(targets) != clt.n_layers:
+        raise ValueError(
+            f"hookpoints={inputs} and hookpoints_out={targets} must each name the CLT's n_layers={clt.n_layers} layers"
+        )
+    if (hookpoint, hookpoint_out) != (inputs[0], targets[0]):
+        raise ValueError(
+            f"hookpoint={hookpoint!r} and hookpoint_out={hookpoint_out!r} must be the first layer's, "
+            f"{inputs[0]!r} and {targets[0]!r}"
+        )
+    return inputs, targets
+
+
+def load_dictionary(
+    files: dict[str, bytes],
+) -> tuple[SparseCoder | InputNormalizedCoder | CrossLayerTranscoder, dict[str, Any]]:
     """Rebuild the SAE (acting on raw activations) and its config from a dictionary folder's files:
     ``dictionary_files`` output, or a folder SAELens wrote (``SAE.save_model``).
 
@@ -239,17 +321,17 @@ def load_dictionary(files: dict[str, bytes]) -> tuple[SparseCoder | InputNormali
     ``rescale_acts_by_decoder_norm=true`` has its decoder norms folded into the weights; a per-token
     ``normalize_activations`` (``constant_norm_rescale``, ``layer_norm``) wraps the SAE in
     ``InputNormalizedCoder``; the other modes run as SAELens runs them (the module docstring).
-    Raises ValueError naming the first mismatch between ``cfg.json`` and the weights.
+    ``jumprelu_clt`` / ``topk_clt`` give a ``trainer.clt.CrossLayerTranscoder`` (free decoders,
+    scales 1). Raises ValueError naming the first mismatch between ``cfg.json`` and the weights.
     """
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if name not in files:
             raise ValueError(f"dictionary has no {name} (files: {sorted(files)})")
     cfg = json.loads(files[CONFIG_FILE])
+    if cfg.get("architecture") in CLT_ARCHITECTURES:
+        return _load_clt(cfg, files[WEIGHTS_FILE]), cfg
     _check_config(cfg)
-    try:
-        weights = load_safetensors(files[WEIGHTS_FILE])
-    except Exception as err:  # safetensors raises its own SafetensorError; it never unpickles
-        raise ValueError(f"{WEIGHTS_FILE}: not a safetensors file ({err})") from None
+    weights = _read_weights(files[WEIGHTS_FILE])
     architecture = cfg["architecture"]
     _check_weights(
         weights, d_in=cfg["d_in"], d_sae=cfg["d_sae"], d_out=cfg.get("d_out", cfg["d_in"]),
@@ -276,6 +358,55 @@ def load_dictionary(files: dict[str, bytes]) -> tuple[SparseCoder | InputNormali
     if mode in _PER_TOKEN_NORMALIZATION:
         return InputNormalizedCoder(sae, mode), cfg
     return sae, cfg
+
+
+def _read_weights(data: bytes) -> dict[str, Tensor]:
+    try:
+        return load_safetensors(data)
+    except Exception as err:  # safetensors raises its own SafetensorError; it never unpickles
+        raise ValueError(f"{WEIGHTS_FILE}: not a safetensors file ({err})") from None
+
+
+def _load_clt(cfg: dict[str, Any], data: bytes) -> CrossLayerTranscoder:
+    """A saved cross-layer transcoder (``jumprelu_clt`` / ``topk_clt``), acting on raw activations:
+    free decoders, scales 1, ``log_threshold = log(threshold)``."""
+    _check_clt_config(cfg)
+    weights = _read_weights(data)
+    n_layers, d_in, d_out, n = cfg["n_layers"], cfg["d_in"], cfg["d_out"], cfg["d_sae"]
+    expected = {"W_enc": (n_layers, d_in, n), "b_enc": (n_layers, n), "b_dec": (n_layers, d_out)}
+    expected |= {f"W_dec_{layer}": (n, n_layers - layer, d_out) for layer in range(n_layers)}
+    if cfg["architecture"] == clt_saved_architecture("jumprelu"):
+        expected["threshold"] = (n_layers, n)
+    _check_shapes(weights, expected, f"n_layers={n_layers}, d_in={d_in}, d_out={d_out}, d_sae={n}")
+    dtype = _DTYPES_BY_NAME[cfg["dtype"].removeprefix("torch.")]
+    clt = CrossLayerTranscoder.for_inference(cfg, dtype)
+    state = {name: tensor.to(dtype) for name, tensor in weights.items()}
+    for layer in range(n_layers):
+        state[f"W_dec.{layer}"] = state.pop(f"W_dec_{layer}")
+    if "threshold" in state:
+        state["log_threshold"] = state.pop("threshold").clamp_min(0).log()  # as load_dictionary's JumpReLU
+    clt.load_state_dict({**state, "input_scales": clt.input_scales, "target_scales": clt.target_scales})
+    return clt
+
+
+def _check_clt_config(cfg: dict[str, Any]) -> None:
+    architecture = cfg["architecture"]
+    for key in ("n_layers", "d_in", "d_out", "d_sae", *(("k",) if architecture == "topk_clt" else ())):
+        if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
+            raise ValueError(f"{CONFIG_FILE} {key}={cfg.get(key)!r} must be a positive integer")
+    if architecture == "topk_clt":
+        if cfg["k"] > cfg["d_sae"]:
+            raise ValueError(f"{CONFIG_FILE} k={cfg['k']} exceeds d_sae={cfg['d_sae']}")
+        if cfg.get("clt_topk", "layer") not in CLT_TOPK_MODES:
+            raise ValueError(f"{CONFIG_FILE} clt_topk={cfg.get('clt_topk')!r}: expected one of {list(CLT_TOPK_MODES)}")
+    if cfg.get("dtype", "").removeprefix("torch.") not in _DTYPES_BY_NAME:
+        raise ValueError(f"{CONFIG_FILE} dtype={cfg.get('dtype')!r}: expected one of {sorted(_DTYPES_BY_NAME)}")
+    if cfg.get("apply_b_dec_to_input", False) or cfg.get("normalize_activations", "none") != "none":
+        raise ValueError(
+            f"{CONFIG_FILE} architecture={architecture!r} with apply_b_dec_to_input="
+            f"{cfg.get('apply_b_dec_to_input')!r} and normalize_activations={cfg.get('normalize_activations')!r}: "
+            "a cross-layer transcoder expects false and 'none'"
+        )
 
 
 def dictionary_hook_name(cfg: dict[str, Any]) -> str:
@@ -470,13 +601,16 @@ def _check_weights(
         expected["threshold"] = (d_sae,)
     if with_skip:
         expected["W_skip"] = (d_out, d_in)
+    _check_shapes(weights, expected, f"d_in={d_in}, d_sae={d_sae}" + (f", d_out={d_out}" if d_out != d_in else ""))
+
+
+def _check_shapes(weights: dict[str, Tensor], expected: dict[str, tuple[int, ...]], widths: str) -> None:
     if weights.keys() != expected.keys():
         raise ValueError(
             f"{WEIGHTS_FILE} holds {sorted(weights)}, expected {sorted(expected)}"
         )
     for name, shape in expected.items():
         if tuple(weights[name].shape) != shape:
-            widths = f"d_in={d_in}, d_sae={d_sae}" + (f", d_out={d_out}" if d_out != d_in else "")
             raise ValueError(
                 f"{WEIGHTS_FILE} {name} shape {tuple(weights[name].shape)} but {CONFIG_FILE} {widths} expects {shape}"
             )
