@@ -343,17 +343,17 @@ def _model_layer_count(folder: DictionaryFolder) -> int | None:
     return int(config.num_hidden_layers)
 
 
-@torch.no_grad()
 def _clt_weights(sae: torch.nn.Module) -> list[tuple[dict[str, Tensor], dict[str, Tensor]]]:
-    """Per layer i, the tensors of ``W_enc_{i}.safetensors`` and of ``W_dec_{i}.safetensors``."""
-    n_layers, n = sae.n_layers, sae.n_per_layer
-    threshold = sae.inference_threshold()
+    """Per layer i, the tensors of ``W_enc_{i}.safetensors`` and of ``W_dec_{i}.safetensors``, from
+    the weights that act on raw activations (``folded_weights``: a loaded CLT's as saved)."""
+    weights = sae.folded_weights()
     layers = []
-    for i in range(n_layers):
-        encoder = {f"W_enc_{i}": sae.W_enc[i].T, f"b_enc_{i}": sae.b_enc[i], f"b_dec_{i}": sae.b_dec[i]}
-        if threshold is not None:
-            encoder[f"threshold_{i}"] = threshold.reshape(n_layers, n)[i]
-        decoder = {f"W_dec_{i}": sae.W_dec[i]}
+    for i in range(sae.n_layers):
+        encoder = {f"W_enc_{i}": weights["W_enc"][i].T, f"b_enc_{i}": weights["b_enc"][i],
+                   f"b_dec_{i}": weights["b_dec"][i]}
+        if "threshold" in weights:
+            encoder[f"threshold_{i}"] = weights["threshold"][i]
+        decoder = {f"W_dec_{i}": weights[f"W_dec_{i}"]}
         layers.append(tuple({name: t.detach().cpu().contiguous() for name, t in part.items()}
                             for part in (encoder, decoder)))
     return layers

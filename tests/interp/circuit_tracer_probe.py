@@ -1,9 +1,10 @@
 """Run inside circuit-tracer's own venv (.venv-circuit-tracer, transformers 4.57) by
 tests/interp/test_circuit_tracer.py: ``python circuit_tracer_probe.py JOB.json``.
 
-JOB.json names ``model_dir`` (a Hugging Face folder 4.57 reads), ``sets`` ({name: a folder that
-``saeforge export circuit-tracer`` wrote}), ``inputs`` (safetensors: ``ids`` of the prompt,
-``x.{layer}`` rows of each layer's MLP input) and ``out``. Writes ``out``.safetensors with what
+JOB.json names ``model_dir`` (a Hugging Face folder 4.57 reads), ``sets`` ({name: a folder of
+per-layer transcoders that ``saeforge export circuit-tracer`` wrote}), ``clts`` (the same for
+cross-layer transcoders, optional), ``inputs`` (safetensors: ``ids`` of the prompt, ``x.{layer}``
+rows of each layer's MLP input) and ``out``. Writes ``out``.safetensors with what
 circuit-tracer computed (keys prefixed by the set's name) and ``out``.json with the graphs' token
 targets, or why a step failed. Nothing of saeforge is
 imported here: everything is circuit-tracer's and transformers' own.
@@ -65,6 +66,26 @@ def transcoders(name, export_dir):
             out[f"{name}.forward.{layer}"] = transcoder(x)
 
 
+def clt(name, export_dir):
+    from circuit_tracer.transcoder.activation_functions import JumpReLU
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+    from circuit_tracer.utils.hf_utils import load_transcoder_from_hub
+
+    report[f"{name}.config"] = yaml.safe_load((export_dir / "config.yaml").read_text())
+    # The route ReplacementModel.from_pretrained takes: an absolute folder is found by the cache
+    # lookup and read by load_clt, the decoders lazily from the W_dec_{i} files.
+    transcoder, _ = load_transcoder_from_hub(str(export_dir), device=cpu, dtype=torch.float32)
+    report[f"{name}.is_clt"] = isinstance(transcoder, CrossLayerTranscoder)
+    report[f"{name}.jump_relu"] = isinstance(transcoder.activation_function, JumpReLU)
+    report[f"{name}.shape"] = [transcoder.n_layers, transcoder.d_transcoder, transcoder.d_model]
+    x = torch.stack([inputs[f"x.{layer}"] for layer in range(transcoder.n_layers)])  # (L, rows, d)
+    with torch.no_grad():
+        acts = transcoder.encode(x)
+        out[f"{name}.encode"] = acts
+        out[f"{name}.decode"] = transcoder.decode(acts)
+        out[f"{name}.forward"] = transcoder(x)
+
+
 def graph(name, export_dir):
     from circuit_tracer import ReplacementModel, attribute
 
@@ -88,6 +109,9 @@ def graph(name, export_dir):
 step("hf", hf_logits)
 for name, folder in job["sets"].items():
     step(f"{name}.transcoders", transcoders, name, Path(folder))
+    step(f"{name}.graph", graph, name, Path(folder))
+for name, folder in job.get("clts", {}).items():
+    step(f"{name}.clt", clt, name, Path(folder))
     step(f"{name}.graph", graph, name, Path(folder))
 save_file(out, job["out"] + ".safetensors")
 Path(job["out"] + ".json").write_text(json.dumps(report, indent=2))

@@ -1,9 +1,10 @@
 """circuit-tracer (0.5.0, its own venv: scripts/setup_circuit_tracer.sh) loads the per-layer
-transcoders ``saeforge export circuit-tracer`` writes, computes what ours compute, and builds an
-attribution graph with them over a tiny Llama.
+transcoders and the cross-layer transcoders ``saeforge export circuit-tracer`` writes, computes what
+ours compute, and builds an attribution graph with them over a tiny Llama.
 
 Two sets, trained here for a few steps on the tiny Llama's MLP inputs and outputs (2 layers): BatchTopK
-transcoders (saved as JumpReLU) and ReLU skip transcoders. circuit-tracer runs in a subprocess of
+transcoders (saved as JumpReLU) and ReLU skip transcoders; and a JumpReLU CLT over all 4 layers of
+a 4-layer tiny Llama. circuit-tracer runs in a subprocess of
 its venv (tests/interp/circuit_tracer_probe.py, nothing of saeforge imported there); its results come
 back as files and are compared here with ours, with transformers 5's forward and with the graph's
 edges worked out by hand. Without that venv the tests skip (fail under ``CI=true``): ``make setup``
@@ -39,6 +40,7 @@ from cluster.cli import main as saeforge
 from interp.circuit_tracer import circuit_tracer_files, transformers4_model_files
 from interp.loading import read_dictionary_folder
 from trainer.architectures import build_sae
+from trainer.clt import CrossLayerTranscoder
 from trainer.config import SAEConfig
 from trainer.dictionary import dictionary_files
 from trainer.layout import write_dictionary
@@ -66,9 +68,9 @@ def circuit_tracer_python() -> Path:
     return python
 
 
-def tiny_llama(root: Path) -> tuple[Path, Path]:
+def tiny_llama(root: Path, n_layers: int = N_LAYERS) -> tuple[Path, Path]:
     """The tiny Llama as transformers 5 writes it (rope_theta ROPE_THETA), and a copy in 4.57's words."""
-    model_dir = build_tiny_model(root / "model", n_layers=N_LAYERS, hidden=D_MODEL)
+    model_dir = build_tiny_model(root / "model", n_layers=n_layers, hidden=D_MODEL)
     config = json.loads((model_dir / "config.json").read_text())
     config["rope_parameters"]["rope_theta"] = ROPE_THETA  # rotary frequencies are computed on load, not saved
     (model_dir / "config.json").write_text(json.dumps(config))
@@ -138,19 +140,22 @@ def traced(tmp_path_factory) -> dict:
         assert saeforge(["export", "circuit-tracer", *reversed(folders[name]), "--out", str(sets[name])]) == 0
 
     save_file(inputs, str(root / "inputs.safetensors"))
-    job = {"model_dir": str(legacy_dir), "sets": {name: str(folder) for name, folder in sets.items()},
-           "inputs": str(root / "inputs.safetensors"), "out": str(root / "probe")}
+    outputs, report = run_probe(python, root, {"model_dir": str(legacy_dir),
+                                               "sets": {name: str(folder) for name, folder in sets.items()}})
+    return {"outputs": outputs, "report": report, "inputs": inputs, "logits": logits, "model": model,
+            "folders": folders, "sets": sets}
+
+
+def run_probe(python: Path, root: Path, job: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """circuit_tracer_probe.py on ``job`` (the inputs at ``root``/inputs.safetensors) in circuit-tracer's venv."""
+    job = {**job, "inputs": str(root / "inputs.safetensors"), "out": str(root / "probe")}
     (root / "job.json").write_text(json.dumps(job))
     env = {"PATH": "/usr/bin:/bin", "HOME": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run([str(python), str(PROBE), str(root / "job.json")], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
-    return {
-        "outputs": load_file(str(root / "probe.safetensors")),
-        "report": json.loads((root / "probe.json").read_text()),
-        "inputs": inputs, "logits": logits, "model": model, "folders": folders, "sets": sets,
-    }
+    return load_file(str(root / "probe.safetensors")), json.loads((root / "probe.json").read_text())
 
 
 def _no_error(report: dict, step: str) -> None:
@@ -275,4 +280,204 @@ def test_what_circuit_tracer_cannot_run_is_refused_in_one_line(tmp_path):
     assert set(load(files["layer_0.safetensors"])) == {"W_enc", "W_dec", "b_enc", "b_dec"}
     out = tmp_path / "refused"
     assert saeforge(["export", "circuit-tracer", good, good, "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- cross-layer transcoders
+
+CLT_LAYERS, CLT_LATENTS = 4, 48  # every layer of a 4-layer tiny Llama; latents per layer
+CLT_NAME = "jumprelu_clt"
+
+
+def clt_hookpoints(n_layers: int) -> tuple[list[str], list[str]]:
+    return [f"mlp_in.{layer}" for layer in range(n_layers)], [f"mlp_out.{layer}" for layer in range(n_layers)]
+
+
+def build_clt(architecture: str, n_layers: int, *, d_out: int = D_MODEL, x=None, y=None, steps: int = 0):
+    """A CLT over ``n_layers`` layers; trained ``steps`` steps on the flat rows ``x``, ``y`` with
+    each layer's own scales (the trainer's), folded on saving."""
+    scales = {}
+    if x is not None:
+        per_layer = lambda rows, d: [scale_of(part) for part in rows.split(d, dim=1)]  # noqa: E731
+        scales = {"input_scales": per_layer(x, D_MODEL), "target_scales": per_layer(y, d_out)}
+    clt = CrossLayerTranscoder.from_config(SAEConfig(architecture=architecture, n_latents=CLT_LATENTS, k=4),
+                                           layers=n_layers, d_in=D_MODEL, d_out=d_out, seed=0, **scales)
+    return fit_transcoder(clt, x, y, steps) if steps else clt.eval()
+
+
+def write_clt(folder: Path, clt, first_layer: int, model_name: str) -> str:
+    hooks_in, hooks_out = clt_hookpoints(first_layer + clt.n_layers)
+    hooks_in, hooks_out = hooks_in[first_layer:], hooks_out[first_layer:]
+    files = dictionary_files(clt, hookpoint=hooks_in[0], hookpoint_out=hooks_out[0], hookpoints=hooks_in,
+                             hookpoints_out=hooks_out, model_name=model_name, scale=1.0, extra_metadata={},
+                             sparsity=None, eval_metrics={})
+    write_dictionary(open_store(str(folder)), files)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def clt_traced(tmp_path_factory) -> dict:
+    """A JumpReLU CLT over all 4 layers of a 4-layer tiny Llama trained a few steps on its MLP
+    inputs and outputs, written as our folder, exported with ``saeforge export circuit-tracer`` and
+    run through circuit-tracer; with our own outputs on the same inputs."""
+    python = circuit_tracer_python()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("circuit-tracer-clt")
+    model_dir, legacy_dir = tiny_llama(root, CLT_LAYERS)
+    source = resolve_model_source(ModelConfig(name_or_path=str(model_dir)))
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    hooks_in, hooks_out = clt_hookpoints(CLT_LAYERS)
+    harvester = MultiHarvester(model, hooks_in + hooks_out)
+    corpus = write_corpus(root / "corpus", n_docs=3, repeats=10)
+    tokens = torch.from_numpy(pack_sequences(DataConfig(source=str(corpus), context_length=32, max_tokens=32 * 24), tokenizer))
+    rows = {h: acts[:, 1:].reshape(-1, D_MODEL) for h, acts in zip(hooks_in + hooks_out, harvester(tokens).values(), strict=True)}
+    ids = torch.tensor([tokenizer.bos_token_id, *tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
+    prompt_rows = {h: acts[0] for h, acts in zip(hooks_in + hooks_out, harvester(ids[None]).values(), strict=True)}
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0]
+
+    x = torch.cat([rows[h][:-40] for h in hooks_in], dim=1)  # (B, L * d): the layers side by side
+    y = torch.cat([rows[h][:-40] for h in hooks_out], dim=1)
+    clt = build_clt("jumprelu", CLT_LAYERS, x=x, y=y, steps=80)
+    folder = write_clt(root / "run" / "dictionary" / "clt", clt, 0, str(legacy_dir))
+    export = root / "clt-circuit-tracer"
+    assert saeforge(["export", "circuit-tracer", folder, "--out", str(export)]) == 0
+
+    inputs = {"ids": ids}
+    for layer, hook in enumerate(hooks_in):  # the prompt's positions, then held-out rows of the corpus
+        inputs[f"x.{layer}"] = torch.cat([prompt_rows[hook], rows[hook][-40:]]).contiguous()
+    save_file(inputs, str(root / "inputs.safetensors"))
+    outputs, report = run_probe(python, root, {"model_dir": str(legacy_dir), "sets": {}, "clts": {CLT_NAME: str(export)}})
+    return {"outputs": outputs, "report": report, "inputs": inputs, "logits": logits, "model": model,
+            "sae": read_dictionary_folder(folder).sae, "export": export}
+
+
+def _ours(clt, inputs: dict, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our loaded CLT on the probe's rows: activations (L, rows, n) and prediction (L, rows, d), in
+    circuit-tracer's layout."""
+    x = torch.cat([inputs[f"x.{layer}"][rows] for layer in range(clt.n_layers)], dim=1)
+    with torch.no_grad():
+        code, prediction = clt.reconstruct(x)
+    acts = code.acts.view(len(x), clt.n_layers, clt.n_per_layer).transpose(0, 1)
+    return acts, prediction.view(len(x), clt.n_layers, clt.d_layer_out).transpose(0, 1)
+
+
+def test_circuit_tracer_loads_our_clt_and_computes_what_ours_compute(clt_traced):
+    """Its own loader (the cache lookup ReplacementModel.from_pretrained takes -> ``load_clt``, the
+    decoders read lazily from our ``W_dec_{i}`` files) makes a JumpReLU ``CrossLayerTranscoder`` whose
+    encode, decode and forward equal our loaded CLT's on the same rows of every layer."""
+    report, outputs = clt_traced["report"], clt_traced["outputs"]
+    _no_error(report, f"{CLT_NAME}.clt")
+    assert report[f"{CLT_NAME}.config"]["model_kind"] == "cross_layer_transcoder"
+    assert report[f"{CLT_NAME}.is_clt"] and report[f"{CLT_NAME}.jump_relu"]
+    assert report[f"{CLT_NAME}.shape"] == [CLT_LAYERS, CLT_LATENTS, D_MODEL]
+    acts, prediction = _ours(clt_traced["sae"], clt_traced["inputs"])
+    assert 0 < (acts > 0).sum() < acts.numel() // 2, "the test needs features that fire and ones that do not"
+    assert (acts[:, -1] > 0).any(), "circuit-tracer's decode stops at the last position where a feature fires"
+    torch.testing.assert_close(outputs[f"{CLT_NAME}.encode"], acts, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs[f"{CLT_NAME}.decode"], prediction, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs[f"{CLT_NAME}.forward"], prediction, rtol=1e-5, atol=1e-6)
+
+
+def test_circuit_tracer_builds_an_attribution_graph_with_our_clt(clt_traced):
+    """ReplacementModel (nnsight, the local model folder, our exported CLT) and ``attribute()``: the
+    graph's active features are the ones our CLT fires on the prompt (BOS left out) with our
+    activations; with its error terms it gives the model's logits; and the edge from a feature at the
+    last position to a logit is worked out by hand: for a last-layer feature its decoder times its
+    activation through the frozen final norm onto the demeaned unembedding; for a feature of the
+    layer before, its two decoders (into that layer's MLP output and the last one's) plus what the
+    last layer's attention, pattern and norm frozen, carries of the first."""
+    report, outputs, model, clt = clt_traced["report"], clt_traced["outputs"], clt_traced["model"], clt_traced["sae"]
+    _no_error(report, f"{CLT_NAME}.graph")
+    ids = clt_traced["inputs"]["ids"]
+    n_pos = len(ids)
+    ours, _ = _ours(clt, clt_traced["inputs"], slice(0, n_pos))
+    ours[:, 0] = 0  # BOS: circuit-tracer zeroes the first position
+    torch.testing.assert_close(outputs[f"{CLT_NAME}.rm_activations"], ours, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs[f"{CLT_NAME}.rm_logits"], clt_traced["logits"], rtol=1e-5, atol=1e-5)
+    expected = ours.nonzero()
+    assert outputs[f"{CLT_NAME}.active_features"].tolist() == expected.tolist()
+    torch.testing.assert_close(outputs[f"{CLT_NAME}.activation_values"], ours[tuple(expected.T)], rtol=1e-5, atol=1e-6)
+    targets = report[f"{CLT_NAME}.logit_targets"]
+    probabilities = clt_traced["logits"][-1].softmax(-1)
+    assert targets == probabilities.argsort(descending=True)[: len(targets)].tolist()
+
+    last = CLT_LAYERS - 1
+    residual, pattern = _last_layer_inputs(model, ids)
+    block, norm = model.model.layers[last], model.model.norm
+    final_scale = _frozen_rms(norm, residual["final"])
+    unembedding = model.lm_head.weight
+    demeaned = unembedding[targets] - unembedding.mean(dim=0)
+    logit_rows = outputs[f"{CLT_NAME}.adjacency_matrix"][-len(targets):]
+    checked = {last: 0, last - 1: 0}
+    for i, (layer, pos, feature) in enumerate(expected.tolist()):
+        if pos != n_pos - 1 or layer not in checked:
+            continue
+        decoders = clt.W_dec[layer][feature]  # (L - layer, d): into MLP outputs layer..L-1
+        written = decoders.sum(dim=0)
+        if layer == last - 1:
+            written = written + _attention_path(block, pattern, residual["last"], decoders[0])
+        edge = ours[layer, pos, feature] * (written * final_scale) @ demeaned.T
+        torch.testing.assert_close(logit_rows[:, i], edge.detach(), rtol=1e-4, atol=1e-6)
+        checked[layer] += 1
+    assert all(checked.values()), f"features at the last position checked per layer: {checked}"
+
+
+def _frozen_rms(norm, residual: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm's scale at one position, frozen (circuit-tracer detaches the mean of squares)."""
+    return norm.weight * torch.rsqrt(residual.pow(2).mean() + norm.variance_epsilon)
+
+
+def _last_layer_inputs(model, ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """At the last position, the residual entering the last layer and the final norm's input, by
+    hooks of our own; and the last layer's attention pattern (heads, query, key)."""
+    seen = {}
+    handles = [
+        model.model.layers[-1].register_forward_pre_hook(lambda module, args: seen.update(last=args[0][0, -1])),
+        model.model.norm.register_forward_pre_hook(lambda module, args: seen.update(final=args[0][0, -1])),
+    ]
+    model.set_attn_implementation("eager")  # the pattern itself, as circuit-tracer freezes it
+    try:
+        with torch.no_grad():
+            attentions = model(ids[None], output_attentions=True).attentions
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, attentions[-1][0]
+
+
+def _attention_path(block, pattern: torch.Tensor, residual: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """What ``block``'s attention, its pattern and input norm frozen, writes at the last position for
+    ``delta`` added to the residual there: the last query's weight on its own key times the value of
+    the normed delta, per head (grouped key/value heads shared), through the output projection."""
+    attention, config = block.self_attn, block.self_attn.config
+    values = attention.v_proj(delta * _frozen_rms(block.input_layernorm, residual))
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    values = values.view(n_kv, -1).repeat_interleave(n_heads // n_kv, dim=0)  # (heads, head_dim)
+    return attention.o_proj((pattern[:, -1, -1, None] * values).reshape(-1))
+
+
+def test_what_circuit_tracer_cannot_run_of_a_clt_is_refused_in_one_line(tmp_path):
+    """A TopK CLT, a range not from layer 0, a range short of the model's last layer, widths in and
+    out that differ, a CLT given with another folder: refused before anything is written."""
+    model_dir = build_tiny_model(tmp_path / "model", n_layers=CLT_LAYERS, hidden=D_MODEL)
+    model = str(model_dir)
+    good = write_clt(tmp_path / "good", build_clt("jumprelu", CLT_LAYERS), 0, model)
+    cases = [
+        ([write_clt(tmp_path / "topk", build_clt("topk", CLT_LAYERS), 0, model)],
+         r"architecture 'topk_clt' is TopK; circuit-tracer 0.5.0's CrossLayerTranscoder runs ReLU and JumpReLU"),
+        ([write_clt(tmp_path / "late", build_clt("jumprelu", 3), 1, model)],
+         r"covers layers \[1, 2, 3\]; .* must cover every layer from 0"),
+        ([write_clt(tmp_path / "short", build_clt("jumprelu", 3), 0, model)],
+         r"covers layers 0..2 but its model has 4 layers"),
+        ([write_clt(tmp_path / "wide", build_clt("jumprelu", CLT_LAYERS, d_out=16), 0, model)],
+         r"d_in=32 but d_out=16 per layer"),
+        ([good, good], r"is a cross-layer transcoder but 2 folders were given"),
+    ]
+    for folders, message in cases:
+        with pytest.raises(ValueError, match=message) as refusal:
+            circuit_tracer_files(folders)
+        assert "\n" not in str(refusal.value)
+    out = tmp_path / "refused"
+    assert saeforge(["export", "circuit-tracer", cases[1][0][0], "--out", str(out)]) == 2
     assert not out.exists()
