@@ -373,9 +373,7 @@ class ActivationReader:
         if not follow:
             if shards is None:
                 shards = self._committed(self._manifest(), store).shards
-            twin_shards = [self._committed(load_manifest(other), other).shards if target_shards is None else target_shards
-                           for other in self._stores[1:]]
-            self._set_shards(shards, twin_shards)
+            self._set_shards(shards, self._twin_shards(target_shards))
         # Position: the epoch being read and the batches of it already yielded.
         self._epoch, self._batches_done = 0, 0
         self._restored: tuple[int, int] | None = None
@@ -412,6 +410,13 @@ class ActivationReader:
         if manifest is None:
             raise FileNotFoundError(f"no committed manifest in {store.uri}: not an activation cache")
         return manifest
+
+    def _twin_shards(self, target_shards: Sequence[ShardEntry] | None) -> list[Sequence[ShardEntry]]:
+        """The entries of the group's other caches: a pair's ``target_shards`` as given, else
+        each cache's committed manifest's."""
+        if target_shards is not None:
+            return [target_shards]
+        return [self._committed(load_manifest(other), other).shards for other in self._stores[1:]]
 
     def _set_shards(self, shards: Sequence[ShardEntry], twin_shards: Sequence[Sequence[ShardEntry]] = ()) -> None:
         """Read ``shards`` (those ``shard_filter`` keeps) of the first cache; ``twin_shards`` are
