@@ -199,7 +199,8 @@ def check_cache_group(
         for uri, manifest in group:
             check_paired_caches(first, manifest, input_uri=first_uri, target_uri=uri, target_role=role)
     for role, group in (("input", inputs), ("target", targets)):
-        for (uri, manifest), (other_uri, other) in zip(group, group[1:], strict=False):
+        for other_uri, other in group[1:]:
+            uri, manifest = group[0]
             if other.d_model != manifest.d_model:
                 raise ValueError(f"{role} cache {uri} holds d_model={manifest.d_model} but {role} cache {other_uri} "
                                  f"holds d_model={other.d_model}: a cross-layer transcoder's {role} caches share "
