@@ -17,6 +17,15 @@ For a transcoder, "the activation" below is its target's (where it writes, e.g. 
 its features are encoded from its input in the same pass, and every variant rewrites the target
 (``interp.steering.rewritten``); the dashboard's read-back is then the feature encoded from the
 input of the edited pass, which the edit, downstream of it, does not change (a note says so).
+For a cross-layer transcoder, "the activation" is every covered MLP output the feature writes to
+(layer ``l``'s feature: the outputs of layers ``l`` and later), each variant rewriting them in the
+order the pass runs them, the features encoded from each layer's input of the same pass
+(``interp.cross_layer``); its default targets are the tokens its decoder rows *summed* over the
+outputs it writes to promote (each output is added to the residual stream, so the sum is what
+it writes there in all), its control direction is drawn in those outputs alone, and "projected
+out of the whole activation" is done output by output (each output minus its projection on the
+feature's decoder row there: a projection over all outputs at once would need the later ones
+before the earlier are written).
 A variant edits every position the dictionary encodes (BOS and the other tokens the training left
 out keep their activations); it is measured at the *measured positions*: every encoded position
 for an amplification, the positions where the feature fires on the unedited text for a
@@ -85,7 +94,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -98,12 +107,23 @@ from activation_cache.config import CacheConfig, DataConfig
 from activation_cache.eval_text import EvalText, held_out_text, text_source
 from activation_cache.text import pack_sequences, token_decoder
 from activation_cache.unembedding import logit_tokens, unembedding_of
+from interp.cross_layer import (
+    LayerRewrite,
+    decoder_directions,
+    feature_layer,
+    is_cross_layer,
+    layer_pass,
+    layer_slices,
+    layer_width_out,
+    summed_decoder_rows,
+)
 from interp.observe import Observer
 from interp.steering import (
     FeatureEdit,
     GenerationSettings,
     Steerer,
     edit_activations,
+    edit_rewrite,
     feature_activations,
     rewritten,
 )
@@ -281,6 +301,8 @@ class AuditResult:
     notes: list[str]
     hookpoint_out: str | None = None
     """Where a transcoder writes (its features read at ``hookpoint``); None for an SAE."""
+    layer_hookpoints: list[tuple[str, str]] | None = None
+    """A cross-layer transcoder's (input, output) hookpoints per covered layer; None otherwise."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values; NaN or infinity (none should occur) become None."""
@@ -357,7 +379,8 @@ def resolve_targets(observer: Observer, targets: Sequence[str | int]) -> list[in
 def _promoted(observer: Observer, unembedding: Tensor, feature: int, n: int) -> list[Target]:
     """The ``n`` tokens the feature's decoder direction promotes most, special tokens left out."""
     skip = set(observer.excluded) | set(observer.tokenizer.all_special_ids)
-    [((ids, logits), _)] = logit_tokens(observer.sae.W_dec, unembedding, [feature], n + len(skip))
+    rows = summed_decoder_rows(observer.sae, [feature])
+    [((ids, logits), _)] = logit_tokens(rows, unembedding, [0], n + len(skip))
     kept = [(i, v) for i, v in zip(ids, logits, strict=True) if i not in skip][:n]
     texts = token_decoder(observer.tokenizer)([i for i, _ in kept])
     return [Target(i, t, v) for (i, v), t in zip(kept, texts, strict=True)]
@@ -368,7 +391,7 @@ def logit_lens_refusal(observer: Observer) -> str | None:
     the decoder rows must be vectors of the model's hidden size (an SAE or transcoder writing to the
     residual stream, an attention or MLP output), not, say, an MLP's neurons."""
     hidden = observer.hidden_size
-    d_out = int(observer.sae.d_out)
+    d_out = layer_width_out(observer.sae)
     if hidden is None or d_out == hidden:
         return None
     return (f"{observer.folder.uri}: the logit lens does not apply: the dictionary writes d_out={d_out} at "
@@ -411,7 +434,7 @@ def target_standout(observer: Observer, features: Sequence[int], *, n_targets: i
     scores = []
     with torch.inference_mode():
         for part in torch.as_tensor(list(features), dtype=torch.long).split(256):
-            logits = observer.sae.W_dec.detach()[part].float().cpu() @ unembedding.T
+            logits = summed_decoder_rows(observer.sae, part.tolist()).detach().float().cpu() @ unembedding.T
             mean, std = logits.mean(dim=1), logits.std(dim=1)
             logits[:, skip] = -math.inf
             top = logits.topk(min(n_targets, logits.shape[1]), dim=1).values.mean(dim=1)
@@ -456,21 +479,22 @@ def _sae_rows(observer: Observer, acts: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def _feature_rows(observer: Observer, tokens: Tensor, batch: slice | None, batch_tokens: int = 2048) -> Tensor:
-    """The activations the dictionary reads (a transcoder's input) at the encoded positions of
-    ``tokens`` (all of them, or one batch of sequences), in the dictionary's dtype: the forward
-    stops at the hookpoint."""
-    harvester, parts = observer.harvester(), []
+    """The activations the dictionary reads (a transcoder's input; a cross-layer transcoder's
+    inputs side by side) at the encoded positions of ``tokens`` (all of them, or one batch of
+    sequences), in the dictionary's dtype: the forward stops at the (last) input hookpoint."""
+    parts = []
     for part in [batch] if batch is not None else _batches(tokens, batch_tokens):
-        acts = harvester(tokens[part])
+        acts = observer.feature_inputs(tokens[part])
         parts.append(_sae_rows(observer, acts[_encoded(observer, tokens[part]).to(acts.device)]))
     return torch.cat(parts)
 
 
 # --------------------------------------------------------------------------- variants
 
-RowEdit = Callable[[Tensor, Tensor], Tensor]
-"""(x, y) -> y': at the encoded positions, the rows the dictionary reads (rows, d_in) and those it
-reconstructs (rows, d_out; for an SAE the same rows) -> the variant's rows of the latter."""
+RowEdit = LayerRewrite
+"""(j, x, y) -> y': at the encoded positions, the rows the dictionary reads (rows, d_in) and those it
+reconstructs (rows, d_out; for an SAE the same rows) -> the variant's rows of the latter; ``j`` the
+covered layer of a cross-layer transcoder (each in turn, in one pass), 0 otherwise."""
 
 
 @dataclass
@@ -504,48 +528,71 @@ class _Variant:
     sums: _Sums = field(default_factory=_Sums)
 
 
-def _orthogonal_direction(direction: Tensor, seed: int) -> Tensor:
-    """A random direction orthogonal to ``direction``, of its norm (seeded; float64 arithmetic)."""
+def _orthogonal_direction(direction: Tensor, seed: int, support: Tensor | None = None) -> Tensor:
+    """A random direction orthogonal to ``direction``, of its norm (seeded; float64 arithmetic),
+    zero outside ``support`` (bool, the entries it may use) where given."""
     generator = torch.Generator().manual_seed(seed)
     d = direction.detach().double().cpu()
     r = torch.randn(d.shape, generator=generator, dtype=torch.float64)
+    if support is not None:
+        r = r * support.cpu()
     unit = d / d.norm()
     r = r - (r @ unit) * unit
     return (r / r.norm() * d.norm()).to(dtype=direction.dtype, device=direction.device)
 
 
 def _along(sae: nn.Module, edit: FeatureEdit, direction: Tensor) -> RowEdit:
-    """``edit`` (one feature) with its change written along ``direction`` instead of its decoder row."""
+    """``edit`` (one feature) with its change written along ``direction`` (flat over the outputs the
+    dictionary writes, ``interp.cross_layer.decoder_directions``) instead of its decoder."""
+    passing, slices = layer_pass(sae), layer_slices(sae)
 
-    def rows_edit(x: Tensor, y: Tensor) -> Tensor:
-        f, _ = feature_activations(sae, x, edit.features)
-        base = y if edit.error_term == "keep" else sae.reconstruct(x)[1]
-        return base + (edit.edited(f) - f) @ direction[None]
+    def rows_edit(layer: int, x: Tensor, y: Tensor) -> Tensor:
+        passing.read(layer, x)
+        f = passing.features(edit.features)
+        base = y if edit.error_term == "keep" else passing.prediction(layer)
+        return base + (edit.edited(f) - f) @ direction[None, slices[layer]]
 
     return rows_edit
 
 
 def _where_firing(sae: nn.Module, feature: int, replace: RowEdit) -> RowEdit:
-    """``replace`` at the rows where ``feature`` fires, the rows unchanged elsewhere."""
+    """``replace`` at the rows where ``feature`` fires, the rows unchanged elsewhere (and in the
+    outputs of a cross-layer transcoder's layers before the feature's, which it does not write)."""
+    passing, first = layer_pass(sae), feature_layer(sae, feature)
 
-    def rows_edit(x: Tensor, y: Tensor) -> Tensor:
-        f, _ = feature_activations(sae, x, [feature])
-        return torch.where(f > 0, replace(x, y), y)
+    def rows_edit(layer: int, x: Tensor, y: Tensor) -> Tensor:
+        new = replace(layer, x, y)  # every layer, so that a CLT's replacement keeps its pass
+        passing.read(layer, x)
+        if layer < first:
+            return y
+        return torch.where(passing.features([feature]) > 0, new, y)
 
     return rows_edit
 
 
-def _projected_out(direction: Tensor) -> RowEdit:
-    unit = direction / direction.norm()
-    return lambda x, y: y - (y @ unit)[:, None] * unit
+def _projected_out(sae: nn.Module, direction: Tensor) -> RowEdit:
+    """Each output minus its projection on the feature's decoder row there (its unit direction
+    for an SAE or transcoder); an output the feature does not write is left alone."""
+    slices = layer_slices(sae)
+
+    def rows_edit(layer: int, x: Tensor, y: Tensor) -> Tensor:
+        part = direction[slices[layer]]
+        if not bool(part.any()):
+            return y
+        unit = part / part.norm()
+        return y - (y @ unit)[:, None] * unit
+
+    return rows_edit
 
 
 def _reconstructed(sae: nn.Module) -> RowEdit:
-    return lambda x, y: sae.reconstruct(x)[1]
+    passing = layer_pass(sae)
 
+    def rows_edit(layer: int, x: Tensor, y: Tensor) -> Tensor:
+        passing.read(layer, x)
+        return passing.prediction(layer)
 
-def _edited(sae: nn.Module, edit: FeatureEdit) -> RowEdit:
-    return lambda x, y: edit_activations(sae, x, edit, target=y)
+    return rows_edit
 
 
 # --------------------------------------------------------------------------- cost
@@ -612,24 +659,29 @@ def _prepass(observer: Observer, tokens: Tensor, encoded: Tensor, edits: list[Fe
 
 
 def _plan_variants(plan: _Plan, observer: Observer, *, leak: bool, doses: Sequence[float], control_seed: int) -> None:
-    sae, edit = observer.sae, plan.edit
-    direction = sae.W_dec.detach()[plan.feature]
+    sae, edit, feature = observer.sae, plan.edit, plan.feature
+    direction = decoder_directions(sae, [feature]).detach()[0]
+    written = None  # a CLT feature's control stays in the outputs it writes to
+    if is_cross_layer(sae):
+        written = torch.zeros_like(direction, dtype=torch.bool)
+        written[layer_slices(sae)[feature_layer(sae, feature)].start:] = True
+    control = _orthogonal_direction(direction, control_seed, written)
     measured: Literal["all", "firing"] = "firing" if plan.kind == "suppress" else "all"
     plan.variants += [
-        _Variant("steered", plan.feature, _edited(sae, edit), measured),
-        _Variant("control", plan.feature, _along(sae, edit, _orthogonal_direction(direction, control_seed)), measured),
+        _Variant("steered", feature, edit_rewrite(sae, edit), measured),
+        _Variant("control", feature, _along(sae, edit, control), measured),
     ]
     if leak:
         zero = FeatureEdit(edit.features, (0.0,), "clamp", "keep")
         plan.variants += [
-            _Variant("projected", plan.feature, _where_firing(sae, plan.feature, _projected_out(direction)), "firing"),
-            _Variant("zeroed", plan.feature, _edited(sae, zero), "firing"),
-            _Variant("reconstruction", plan.feature, _where_firing(sae, plan.feature, _reconstructed(sae)), "firing"),
+            _Variant("projected", feature, _where_firing(sae, feature, _projected_out(sae, direction)), "firing"),
+            _Variant("zeroed", feature, edit_rewrite(sae, zero), "firing"),
+            _Variant("reconstruction", feature, _where_firing(sae, feature, _reconstructed(sae)), "firing"),
         ]
     if plan.dose_unit is not None:
         for multiple in doses:
             dose = FeatureEdit(edit.features, (multiple * plan.dose_unit[1],), "clamp", edit.error_term)
-            plan.variants.append(_Variant(f"dose:{multiple}", plan.feature, _edited(sae, dose), "all"))
+            plan.variants.append(_Variant(f"dose:{multiple}", feature, edit_rewrite(sae, dose), "all"))
 
 
 @torch.inference_mode()
@@ -663,10 +715,11 @@ def _text_passes(steerer: Steerer, tokens: Tensor, encoded: Tensor, plans: list[
         counter.tokens_past_hookpoint += counter.text_passes * ids.numel()
 
 
-def _replacing(observer: Observer, mask: Tensor, edit_rows: RowEdit) -> Callable[[Tensor, Tensor], Tensor]:
-    def replace(x: Tensor, y: Tensor) -> Tensor:
+def _replacing(observer: Observer, mask: Tensor, edit_rows: RowEdit) -> LayerRewrite:
+    def replace(layer: int, x: Tensor, y: Tensor) -> Tensor:
         out = y.clone()
-        out[mask] = edit_rows(_sae_rows(observer, x[mask.to(x.device)]), _sae_rows(observer, y[mask])).to(y.dtype)
+        out[mask] = edit_rows(layer, _sae_rows(observer, x[mask.to(x.device)]),
+                              _sae_rows(observer, y[mask])).to(y.dtype)
         return out
 
     return replace
@@ -796,7 +849,12 @@ def audit(
     activation, dashboard = _prepass(observer, tokens, encoded, edits, batches)
     unembedding = _unembedding(observer) if given is None else None
     notes: list[str] = []
-    if observer.hookpoint_out is not None:
+    if observer.layer_hookpoints is not None:
+        notes.append(f"a cross-layer transcoder over {len(observer.layer_hookpoints)} layers: a layer-l feature is "
+                     "read from layer l's MLP input and the edits write to the MLP outputs of layers l and later, "
+                     "downstream, so the dashboard's read-back is the value before the edit; its promoted targets "
+                     "are those of its decoder rows summed over the outputs it writes to")
+    elif observer.hookpoint_out is not None:
         notes.append(f"a transcoder: its features are read from {observer.hookpoint} and the edits write to "
                      f"{observer.hookpoint_out}, downstream, so the dashboard's read-back is the value before the edit")
     plans = [_plan(observer, single, activation[j], dashboard[j], unembedding=unembedding, given=given,
@@ -809,7 +867,7 @@ def audit(
     features = [_feature_audit(steerer, plan, encoded, unedited, sampling, counter) for plan in plans]
     return AuditResult(observer.folder.uri, observer.hookpoint, observer.model_name, text_source, len(tokens),
                        int(encoded.sum()), seed_list, control_seed, features, counter.cost(), notes,
-                       observer.hookpoint_out)
+                       observer.hookpoint_out, observer.layer_hookpoints)
 
 
 def _plan(observer: Observer, edit: FeatureEdit, activation: Tensor, dashboard: Tensor, *,

@@ -65,7 +65,7 @@ svg .bar{fill:#2a6fdb}
 
 def render_audit_page(result: AuditResult) -> str:
     """The page: a pure function of ``result`` (the module docstring says what it shows)."""
-    title = f"saeforge steer audit: {describe_hookpoints(result.hookpoint, result.hookpoint_out)} of {result.model}"
+    title = f"saeforge steer audit: {describe_hookpoints(result.hookpoint, result.hookpoint_out, result.layer_hookpoints)} of {result.model}"
     sections = [_feature_section(result, a) for a in result.features] or [
         '<section id="no-features"><h2>No feature audited</h2></section>']
     nav = "".join(f'<a href="#feature-{a.feature}">feature {a.feature}</a>' for a in result.features)
@@ -87,7 +87,7 @@ def _header_table(result: AuditResult) -> str:
     seeds = ", ".join(str(s) for s in result.seeds) or "none"
     rows = [
         ("dictionary", result.dictionary), ("model", result.model),
-        ("hookpoint", describe_hookpoints(result.hookpoint, result.hookpoint_out)),
+        ("hookpoint", describe_hookpoints(result.hookpoint, result.hookpoint_out, result.layer_hookpoints)),
         ("text", result.text_source),
         ("tokens", f"{result.n_sequences:,} sequences, {result.n_encoded_tokens:,} tokens the dictionary encodes"),
         ("seeds", f"continuations sampled with seeds {seeds}; the random direction drawn with seed {result.control_seed}"),

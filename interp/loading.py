@@ -9,6 +9,11 @@ Where the model comes from, first found wins: the caller's ``model``; the run's 
 (two folders above the dictionary, four for a sweep variant); ``cfg.json``'s ``saeforge_model``
 (written since observe exists, so a pulled copy finds its model); a packaged model whose
 Hugging Face id is ``cfg.json``'s ``model_name``; ``model_name`` as a local model directory.
+
+A cross-layer transcoder's folder (``architecture`` ``*_clt``, ``trainer.clt``) names every
+covered layer's input and target (``metadata.hook_names`` / ``hook_names_out``, in layer order);
+its features have flat ids, layer ``l``'s feature ``i`` being ``l * n + i`` (``n`` features per
+layer, cfg.json's ``d_sae``), and its statistics are those of the L targets side by side.
 """
 
 from __future__ import annotations
@@ -88,6 +93,32 @@ class DictionaryFolder:
         return name if isinstance(name, str) and name else None
 
     @property
+    def is_cross_layer(self) -> bool:
+        """Whether the folder holds a cross-layer transcoder (``architecture`` ``*_clt``)."""
+        return str(self.cfg.get("architecture", "")).endswith("_clt")
+
+    def layer_hook_names(self) -> list[tuple[str, str]]:
+        """(input, target) hook names of each covered layer of a cross-layer transcoder, in order
+        (one line if cfg.json's lists are missing or not ``n_layers`` long); ``[]`` for any other
+        dictionary."""
+        if not self.is_cross_layer:
+            return []
+        return list(zip(self._names("hook_names"), self._names("hook_names_out"), strict=True))
+
+    def _names(self, key: str) -> list[str]:
+        names = (self.cfg.get("metadata") or {}).get(key)
+        n_layers = int(self.cfg.get("n_layers", 0))
+        if not isinstance(names, list) or len(names) != n_layers or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"{self.uri}/{CONFIG_FILE}: metadata.{key}={names!r}; expected the {n_layers} covered "
+                             f"layers' hook names (n_layers={n_layers}) of a cross-layer transcoder")
+        return names
+
+    @property
+    def n_per_layer(self) -> int | None:
+        """A cross-layer transcoder's features per layer (cfg.json's ``d_sae``); None otherwise."""
+        return int(self.cfg["d_sae"]) if self.is_cross_layer else None
+
+    @property
     def is_transcoder(self) -> bool:
         """Whether the dictionary reads one hookpoint and predicts another (its ``stats`` are then
         the target's: what its prediction's error is measured against)."""
@@ -95,12 +126,14 @@ class DictionaryFolder:
 
     @property
     def n_latents(self) -> int:
-        return int(self.cfg["d_sae"])
+        """All its features: ``d_sae``, times the layers of a cross-layer transcoder."""
+        return int(self.cfg["d_sae"]) * (int(self.cfg["n_layers"]) if self.is_cross_layer else 1)
 
     def check_feature(self, feature: int | None) -> None:
         """One line if ``feature`` is not a latent of this dictionary."""
         if feature is not None and not 0 <= feature < self.n_latents:
-            raise ValueError(f"feature {feature}: the dictionary at {self.uri} has features 0..{self.n_latents - 1}")
+            flat = "" if self.n_per_layer is None else f" (layer l's feature i is l*{self.n_per_layer} + i)"
+            raise ValueError(f"feature {feature}: the dictionary at {self.uri} has features 0..{self.n_latents - 1}{flat}")
 
     def model_config(self, model: str | ModelConfig | None = None) -> ModelConfig:
         """The model to run the dictionary with (the module docstring's order); ``model`` (a
@@ -187,7 +220,11 @@ def read_dictionary_folder(uri: str, *, s3_options: dict | None = None) -> Dicti
     feature_max = None
     if FEATURE_STATS_FILE in files:
         feature_max = load_feature_stats(files[FEATURE_STATS_FILE]).max_activation
-        if feature_max.shape[0] != int(cfg["d_sae"]):
-            raise ValueError(f"{uri}/{FEATURE_STATS_FILE}: maxima of {feature_max.shape[0]} features but the "
-                             f"dictionary has d_sae={cfg['d_sae']}")
-    return DictionaryFolder(uri.rstrip("/"), sae.eval(), cfg, stats, _run_config(uri, s3_options), feature_max)
+    folder = DictionaryFolder(uri.rstrip("/"), sae.eval(), cfg, stats, _run_config(uri, s3_options), feature_max)
+    if feature_max is not None and feature_max.shape[0] != folder.n_latents:
+        raise ValueError(f"{uri}/{FEATURE_STATS_FILE}: maxima of {feature_max.shape[0]} features but the "
+                         f"dictionary has {folder.n_latents} (d_sae={cfg['d_sae']}"
+                         + (f" x {cfg['n_layers']} layers)" if folder.is_cross_layer else ")"))
+    if folder.is_cross_layer:
+        folder.layer_hook_names()  # both lists checked now, before any model loads
+    return folder

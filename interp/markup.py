@@ -13,8 +13,15 @@ import unicodedata
 __all__ = ["BASE_CSS", "describe_hookpoints", "script_json", "visible"]
 
 
-def describe_hookpoints(hookpoint: str, hookpoint_out: str | None) -> str:
-    """Where a dictionary acts: its hookpoint, or ``reads <in> -> writes <out>`` for a transcoder."""
+def describe_hookpoints(hookpoint: str, hookpoint_out: str | None,
+                        layer_hookpoints: list[tuple[str, str]] | None = None) -> str:
+    """Where a dictionary acts: its hookpoint, ``reads <in> -> writes <out>`` for a transcoder, or
+    ``reads <first in> .. <last in> -> writes <first out> .. <last out> (L layers, cross-layer)``
+    for a cross-layer transcoder (``layer_hookpoints``: its (input, output) per covered layer)."""
+    if layer_hookpoints:
+        (first_in, first_out), (last_in, last_out) = layer_hookpoints[0], layer_hookpoints[-1]
+        return (f"reads {first_in} .. {last_in} -> writes {first_out} .. {last_out} "
+                f"({len(layer_hookpoints)} layers, cross-layer)")
     return hookpoint if hookpoint_out is None else f"reads {hookpoint} -> writes {hookpoint_out}"
 
 BASE_CSS = """

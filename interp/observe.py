@@ -25,6 +25,14 @@ input and output): its features are encoded from the input's activation ``x``, a
 that of its prediction of the target's activation ``y`` in the same forward pass,
 ``y - sae.reconstruct(x)`` (the sparse path, plus the skip term where it has one), against the
 target's statistics (a transcoder folder records the target's).
+
+A cross-layer transcoder (``interp.cross_layer``) covers L layers: one forward pass, to the last
+covered MLP output, captures every covered layer's input and output; the features of every layer
+are encoded from the L inputs, and per token the result gives the ``top`` features among all
+layers' (flat ids ``l * n + i``, each with its layer), the L0 over all layers, the error and the
+relative error over the L outputs side by side (against the concatenated targets' statistics),
+and per covered layer its L0, the error of its output's prediction and that error against its
+own output's variance (``TokenObservation.layers``).
 """
 
 from __future__ import annotations
@@ -80,6 +88,21 @@ class TokenObservation:
     """``|x - x_hat|^2`` over the total variance of the baseline (the module docstring)."""
     activation: float | None = None
     """The activation of the feature asked for (``feature=``), 0 where it did not fire."""
+    layers: list[LayerObservation] | None = None
+    """A cross-layer transcoder's figures per covered layer, in order; None for any other dictionary
+    or a token left out."""
+
+
+@dataclass(frozen=True)
+class LayerObservation:
+    """One covered layer of a cross-layer transcoder at one token."""
+
+    l0: int
+    """How many of the layer's features fired."""
+    error_norm: float
+    """``|y_l - y_hat_l|`` at the layer's output, raw units."""
+    relative_error: float | None
+    """``|y_l - y_hat_l|^2`` over the total variance of the baseline's slice for this output."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +122,9 @@ class Baseline:
     n_tokens: int
     total_variance: float
     """``E|x - mu|^2``: the sum of the per-dimension variances."""
+    layer_total_variance: list[float] | None = None
+    """A cross-layer transcoder's total variance of each covered layer's output (they sum to
+    ``total_variance``); None for any other dictionary."""
 
 
 @dataclass(frozen=True)
@@ -115,22 +141,42 @@ class Observations:
     baseline: Baseline
     texts: list[TextObservation]
     hookpoint_out: str | None = None
-    """Where a transcoder writes (what its errors are errors of); None for an SAE."""
+    """Where a transcoder writes (what its errors are errors of); None for an SAE. A cross-layer
+    transcoder's first covered layer's input and output are ``hookpoint`` and ``hookpoint_out``."""
+    layer_hookpoints: list[tuple[str, str]] | None = None
+    """A cross-layer transcoder's (input, output) hookpoints of each covered layer, in order; None
+    for any other dictionary."""
+    n_per_layer: int | None = None
+    """A cross-layer transcoder's features per layer: feature ``id`` is layer ``id // n_per_layer``'s."""
 
     @property
     def where(self) -> str:
         """``model.layers.3`` for an SAE, ``reads <in> -> writes <out>`` for a transcoder."""
-        return describe_hookpoints(self.hookpoint, self.hookpoint_out)
+        return describe_hookpoints(self.hookpoint, self.hookpoint_out, self.layer_hookpoints)
+
+    def feature_layer(self, feature: int) -> int | None:
+        """The covered layer of a cross-layer transcoder's feature; None for any other dictionary."""
+        return None if self.n_per_layer is None else feature // self.n_per_layer
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values: features as ``{"id", "activation"}`` objects."""
+        """Plain JSON values: features as ``{"id", "activation"}`` objects (and ``"layer"`` for a
+        cross-layer transcoder)."""
         data = asdict(self)
         for text in data["texts"]:
             for token in text["tokens"]:
-                token["features"] = [{"id": i, "activation": a} for i, a in token["features"]]
+                token["features"] = [{"id": i, "activation": a} | self._layer_key(i) for i, a in token["features"]]
                 if self.feature is None:
                     del token["activation"]
+                if self.n_per_layer is None:
+                    del token["layers"]
+        if self.n_per_layer is None:
+            for key in ("layer_hookpoints", "n_per_layer"):
+                del data[key]
+            del data["baseline"]["layer_total_variance"]
         return data
+
+    def _layer_key(self, feature: int) -> dict[str, int]:
+        return {} if self.n_per_layer is None else {"layer": feature // self.n_per_layer}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, allow_nan=False)
@@ -144,6 +190,7 @@ class _Encoded:
                  squared_error: Tensor, activation: Tensor | None) -> None:
         self.ids, self.encoded, self.rows, self.top, self.l0 = ids, encoded, rows, top, l0
         self.squared_error, self.activation = squared_error, activation
+        """``l0`` and ``squared_error``: (rows, L) per covered layer, L = 1 but for a cross-layer transcoder."""
 
 
 class Observer:
@@ -152,10 +199,13 @@ class Observer:
 
     def __init__(self, folder: DictionaryFolder, *, model_name: str, source: Any, dtype: str, hookpoint: str,
                  tokenizer: Any, max_positions: int | None, hookpoint_out: str | None = None,
-                 hidden_size: int | None = None) -> None:
+                 hidden_size: int | None = None, layer_hookpoints: list[tuple[str, str]] | None = None) -> None:
         self.folder, self.model_name, self.hookpoint, self.tokenizer = folder, model_name, hookpoint, tokenizer
         self.hookpoint_out = hookpoint_out
-        """Where a transcoder writes (canonical hookpoint); None for an SAE."""
+        """Where a transcoder writes (canonical hookpoint); None for an SAE. A cross-layer
+        transcoder's first covered output (its first input is ``hookpoint``)."""
+        self.layer_hookpoints = layer_hookpoints
+        """A cross-layer transcoder's canonical (input, output) hookpoints per covered layer; None otherwise."""
         self.hidden_size = hidden_size
         """The model's hidden size (what its unembedding reads), where known before it loads."""
         self._source, self._dtype, self.max_positions = source, dtype, max_positions
@@ -164,6 +214,7 @@ class Observer:
         self.prepend_bos = data.prepend_bos and tokenizer.bos_token_id is not None
         self._harvester: ActivationHarvester | None = None
         self._pair: MultiHarvester | None = None
+        self._inputs: MultiHarvester | None = None
         self._decode = token_decoder(tokenizer)
 
     @property
@@ -179,7 +230,15 @@ class Observer:
     @property
     def where(self) -> str:
         """``model.layers.3``, or ``reads <in> -> writes <out>`` for a transcoder."""
-        return describe_hookpoints(self.hookpoint, self.hookpoint_out)
+        return describe_hookpoints(self.hookpoint, self.hookpoint_out, self.layer_hookpoints)
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """(input, output) hookpoints of each place the dictionary writes: a cross-layer
+        transcoder's covered layers, a transcoder's one pair; ``[]`` for an SAE."""
+        if self.layer_hookpoints is not None:
+            return list(self.layer_hookpoints)
+        return [] if self.hookpoint_out is None else [(self.hookpoint, self.hookpoint_out)]
 
     # ----------------------------------------------------------------------- tokens
 
@@ -207,8 +266,10 @@ class Observer:
     def use_model(self, model: nn.Module) -> None:
         """Run ``model`` (the dictionary's model, already loaded) instead of loading it."""
         self._harvester = ActivationHarvester(model, self.hookpoint)
-        if self.hookpoint_out is not None:
-            self._pair = MultiHarvester(model, [self.hookpoint, self.hookpoint_out])
+        if self.pairs:
+            self._pair = MultiHarvester(model, [h for pair in self.pairs for h in pair])
+        if self.layer_hookpoints is not None:
+            self._inputs = MultiHarvester(model, [h for h, _ in self.layer_hookpoints])
         self.folder.sae.to(model.get_input_embeddings().weight.device)
 
     def harvester(self) -> ActivationHarvester:
@@ -222,13 +283,24 @@ class Observer:
 
     def inputs_and_targets(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(batch, seq, d_in) activations the dictionary reads and (batch, seq, d_out) those it
-        reconstructs, from one forward pass (the same tensor twice for an SAE)."""
+        reconstructs, from one forward pass (the same tensor twice for an SAE); a cross-layer
+        transcoder's L inputs side by side and its L outputs side by side."""
         harvester = self.harvester()
         if self._pair is None:
             acts = harvester(input_ids)
             return acts, acts
-        pair = self._pair(input_ids)
-        return pair[self.hookpoint], pair[self.output_hookpoint]
+        captured = self._pair(input_ids)
+        return (_side_by_side([captured[h] for h, _ in self.pairs]),
+                _side_by_side([captured[h] for _, h in self.pairs]))
+
+    def feature_inputs(self, input_ids: Tensor) -> Tensor:
+        """(batch, seq, d_in) what the dictionary encodes, the forward stopping there: the
+        hookpoint's activations, or a cross-layer transcoder's L inputs side by side."""
+        harvester = self.harvester()
+        if self._inputs is None:
+            return harvester(input_ids)
+        captured = self._inputs(input_ids)
+        return _side_by_side([captured[h] for h, _ in self.pairs])
 
     @torch.inference_mode()
     def _encode(self, ids: list[int], *, top: int, feature: int | None) -> _Encoded:
@@ -239,9 +311,10 @@ class Observer:
         target_rows = targets[encoded.to(targets.device)].to(device=param.device).float()
         code, reconstruction = self.sae.reconstruct(rows)
         dense = _dense_top(code, top)
-        l0 = (code.acts > 0).sum(dim=-1)
+        n_layers = len(self.layer_hookpoints or [None])
+        l0 = _layer_l0(code, n_layers, self.folder.n_latents // n_layers)
         activation = None if feature is None else _feature_activation(code, feature)
-        squared_error = (target_rows - reconstruction.float()).pow(2).sum(dim=-1)
+        squared_error = (target_rows - reconstruction.float()).pow(2).reshape(len(rows), n_layers, -1).sum(dim=-1)
         return _Encoded(ids, encoded, target_rows, dense, l0, squared_error, activation)
 
     def observe(self, texts: str | list[str], *, top: int = 5, feature: int | None = None,
@@ -260,19 +333,21 @@ class Observer:
         return Observations(
             dictionary=self.folder.uri, hookpoint=self.hookpoint, model=self.model_name, n_latents=self.folder.n_latents,
             top=top, feature=feature, baseline=baseline,
-            texts=[TextObservation(text, self._tokens(e, stats)) for text, e in zip(texts, encoded, strict=True)],
-            hookpoint_out=self.hookpoint_out,
+            texts=[TextObservation(text, self._tokens(e, baseline)) for text, e in zip(texts, encoded, strict=True)],
+            hookpoint_out=self.hookpoint_out, layer_hookpoints=self.layer_hookpoints, n_per_layer=self.folder.n_per_layer,
         )
 
     def _baseline(self, encoded: list[_Encoded]) -> tuple[Baseline, ActivationStats]:
-        stats = self.folder.stats
-        if stats is not None:
-            return Baseline("held-out", stats.n_tokens, float(stats.total_variance)), stats
-        stats = ActivationStats.of(torch.cat([e.rows for e in encoded]))
-        return Baseline("text", stats.n_tokens, float(stats.total_variance)), stats
+        stats, source = self.folder.stats, "held-out"
+        if stats is None:
+            stats, source = ActivationStats.of(torch.cat([e.rows for e in encoded])), "text"
+        layers = None
+        if self.layer_hookpoints is not None:
+            layers = stats.variance.double().reshape(len(self.layer_hookpoints), -1).sum(dim=-1).tolist()
+        return Baseline(source, stats.n_tokens, float(stats.total_variance), layers), stats  # type: ignore[arg-type]
 
-    def _tokens(self, e: _Encoded, stats: ActivationStats) -> list[TokenObservation]:
-        variance = float(stats.total_variance)
+    def _tokens(self, e: _Encoded, baseline: Baseline) -> list[TokenObservation]:
+        variance = baseline.total_variance
         values, indices = (t.tolist() for t in e.top)
         l0, squared = e.l0.tolist(), e.squared_error.tolist()
         activation = None if e.activation is None else e.activation.tolist()
@@ -283,13 +358,39 @@ class Observer:
                 tokens.append(TokenObservation(position, token_id, text, False, [], None, None, None, None))
                 continue
             features = [(i, v) for i, v in zip(indices[row], values[row], strict=True) if v > 0]
+            total = sum(squared[row])
             tokens.append(TokenObservation(
-                position, token_id, text, True, features, l0[row], squared[row] ** 0.5,
-                squared[row] / variance if variance > 0 else None,
-                None if activation is None else activation[row],
+                position, token_id, text, True, features, sum(l0[row]), total ** 0.5,
+                _ratio(total, variance), None if activation is None else activation[row],
+                _layer_observations(l0[row], squared[row], baseline.layer_total_variance),
             ))
             row += 1
         return tokens
+
+
+def _ratio(squared_error: float, variance: float) -> float | None:
+    return squared_error / variance if variance > 0 else None
+
+
+def _layer_observations(l0: list[int], squared: list[float], variances: list[float] | None) -> list[LayerObservation] | None:
+    if variances is None:
+        return None
+    return [LayerObservation(n, s ** 0.5, _ratio(s, v)) for n, s, v in zip(l0, squared, variances, strict=True)]
+
+
+def _side_by_side(parts: list[Tensor]) -> Tensor:
+    """The activations of several hookpoints (each (batch, seq, d), perhaps on different devices)
+    concatenated along the last dimension on the first one's device."""
+    return parts[0] if len(parts) == 1 else torch.cat([p.to(parts[0].device) for p in parts], dim=-1)
+
+
+def _layer_l0(code: Any, n_layers: int, n_per_layer: int) -> Tensor:
+    """(rows, n_layers) how many features of each covered layer fired (one column but for a CLT)."""
+    fired = code.acts > 0
+    if code.indices is None:
+        return fired.reshape(len(fired), n_layers, n_per_layer).sum(dim=-1)
+    counts = torch.zeros(len(fired), n_layers, dtype=torch.long, device=fired.device)
+    return counts.scatter_add_(1, code.indices // n_per_layer, fired.long())
 
 
 def _dense_top(code: Any, top: int) -> tuple[Tensor, Tensor]:
@@ -319,6 +420,43 @@ def _check_width(folder: DictionaryFolder, skeleton: nn.Module, model_id: str, h
         raise ValueError(f"{folder.uri}: dictionary {name}={expected} but {model_id} at {hookpoint} has width {width}")
 
 
+def _hookpoints(folder: DictionaryFolder, skeleton: nn.Module, model_id: str, hookpoint: str | None,
+                hookpoint_out: str | None) -> tuple[str, str | None]:
+    """The canonical hookpoint a dictionary of one hookpoint reads and, for a transcoder, the one
+    it writes, each of the dictionary's width; ``hookpoint`` and ``hookpoint_out`` override cfg.json's."""
+    canonical = hookpoint_for(folder.hook_name, skeleton, override=hookpoint)
+    _check_width(folder, skeleton, model_id, canonical, "d_in", folder.sae.d_in)
+    if folder.hook_name_out is None:
+        if hookpoint_out is not None:
+            raise ValueError(f"hookpoint_out={hookpoint_out!r}: {folder.uri} is an SAE (no metadata.hook_name_out); "
+                             "only a transcoder writes to another hookpoint")
+        return canonical, None
+    canonical_out = hookpoint_for(folder.hook_name_out, skeleton, override=hookpoint_out,
+                                  field="hook_name_out", give="hookpoint_out= (open_observer)")
+    if canonical_out == canonical:
+        raise ValueError(f"{folder.uri}: a transcoder reading and writing the same place {canonical}; "
+                         "expected a target hookpoint other than its input")
+    _check_width(folder, skeleton, model_id, canonical_out, "d_out", folder.sae.d_out)
+    return canonical, canonical_out
+
+
+def _layer_hookpoints(folder: DictionaryFolder, skeleton: nn.Module, model_id: str) -> list[tuple[str, str]]:
+    """A cross-layer transcoder's canonical (input, output) hookpoints per covered layer, each of
+    the layer's width (the order they run in is checked when a splice runs:
+    ``activation_cache.hooking.spliced_pairs``)."""
+    sae, pairs = folder.sae, []
+    for name_in, name_out in folder.layer_hook_names():
+        pair = (hookpoint_for(name_in, skeleton), hookpoint_for(name_out, skeleton, field="hook_names_out"))
+        _check_width(folder, skeleton, model_id, pair[0], "d_in", int(sae.d_layer_in))
+        _check_width(folder, skeleton, model_id, pair[1], "d_out", int(sae.d_layer_out))
+        pairs.append(pair)
+    flat = [h for pair in pairs for h in pair]
+    if len(set(flat)) != len(flat):
+        raise ValueError(f"{folder.uri}: covered layers' hookpoints {pairs} name a place twice; expected each "
+                         "covered layer's own MLP input and output")
+    return pairs
+
+
 def open_observer(uri: str, *, model: str | ModelConfig | None = None, hookpoint: str | None = None,
                   s3_options: dict | None = None, loaded_model: nn.Module | None = None,
                   tokenizer: Any = None, hookpoint_out: str | None = None) -> Observer:
@@ -334,23 +472,20 @@ def open_observer(uri: str, *, model: str | ModelConfig | None = None, hookpoint
     model_cfg = folder.model_config(model)
     source = resolve_model_source(model_cfg)
     skeleton = loaded_model if loaded_model is not None else model_skeleton(source)
-    canonical = hookpoint_for(folder.hook_name, skeleton, override=hookpoint)
-    _check_width(folder, skeleton, source.model_id, canonical, "d_in", folder.sae.d_in)
-    canonical_out = None
-    if folder.hook_name_out is not None:
-        canonical_out = hookpoint_for(folder.hook_name_out, skeleton, override=hookpoint_out,
-                                      field="hook_name_out", give="hookpoint_out= (open_observer)")
-        if canonical_out == canonical:
-            raise ValueError(f"{folder.uri}: a transcoder reading and writing the same place {canonical}; "
-                             "expected a target hookpoint other than its input")
-        _check_width(folder, skeleton, source.model_id, canonical_out, "d_out", folder.sae.d_out)
-    elif hookpoint_out is not None:
-        raise ValueError(f"hookpoint_out={hookpoint_out!r}: {folder.uri} is an SAE (no metadata.hook_name_out); "
-                         "only a transcoder writes to another hookpoint")
+    layer_hookpoints = None
+    if folder.is_cross_layer:
+        if hookpoint is not None or hookpoint_out is not None:
+            raise ValueError(f"{folder.uri}: a cross-layer transcoder names each covered layer's hookpoints "
+                             "(metadata.hook_names / hook_names_out); --hookpoint / hookpoint_out do not apply")
+        layer_hookpoints = _layer_hookpoints(folder, skeleton, source.model_id)
+        canonical, canonical_out = layer_hookpoints[0]
+    else:
+        canonical, canonical_out = _hookpoints(folder, skeleton, source.model_id, hookpoint, hookpoint_out)
     observer = Observer(folder, model_name=source.model_id, source=source, dtype=model_cfg.dtype,
                         hookpoint=canonical, tokenizer=tokenizer if tokenizer is not None else load_tokenizer(source),
                         max_positions=getattr(skeleton.config, "max_position_embeddings", None),
-                        hookpoint_out=canonical_out, hidden_size=int(skeleton.config.hidden_size))
+                        hookpoint_out=canonical_out, hidden_size=int(skeleton.config.hidden_size),
+                        layer_hookpoints=layer_hookpoints)
     if loaded_model is not None:
         observer.use_model(loaded_model)
     return observer

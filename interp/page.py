@@ -137,7 +137,10 @@ def render_page(obs: Observations) -> str:
 def _header_table(obs: Observations) -> str:
     rows = [
         ("dictionary", obs.dictionary), ("model", obs.model), ("hookpoint", obs.where),
-        ("features", f"{obs.n_latents:,}"), ("per token", f"its top {obs.top} features by activation"),
+        ("features", f"{obs.n_latents:,}" + ("" if obs.layer_hookpoints is None else
+                                            f" ({len(obs.layer_hookpoints)} covered layers x {obs.n_per_layer:,}: "
+                                            f"layer l's feature i is l*{obs.n_per_layer} + i)")),
+        ("per token", f"its top {obs.top} features by activation"),
         ("baseline", _baseline_sentence(obs)),
     ]
     if obs.feature is not None:
@@ -255,6 +258,8 @@ def _token_title(token: TokenObservation) -> str:
         return f"{head} · left out, as in training (BOS, special tokens): not encoded"
     figures = [head, f"relative error {_relative(token.relative_error)}", f"error norm {token.error_norm:.4g}",
                f"L0 {token.l0}"]
+    if token.layers is not None:
+        figures.append("relative error by layer " + " / ".join(_relative(layer.relative_error) for layer in token.layers))
     if token.activation is not None:
         figures.append(f"feature activation {token.activation:.4g}")
     features = ", ".join(f"{i}: {a:.4g}" for i, a in token.features) or "none fired"

@@ -23,6 +23,17 @@ substitutes the edited prediction (sparse path, skip term, ``b_dec``) for ``y``.
 before the target in the forward pass (an MLP's input before its output), so the pass captures
 ``x`` and edits ``y`` once it is computed; generation does the same at each step.
 
+A cross-layer transcoder (``interp.cross_layer``) writes to every covered MLP output at once: an
+edit of layer ``l``'s feature moves each output ``y_j``, ``j >= l``, by
+
+    y_j + (f' - f) @ W_dec[l][features, j - l]
+
+with ``f`` encoded from ``x_l``, layer ``l``'s MLP input in the same pass (which edits of earlier
+outputs have already moved), so the CLT's error flows on at every layer; ``error_term="drop"``
+substitutes for every covered output ``y_j`` the CLT's edited prediction
+``b_dec[j] + sum_{l <= j} f_l W_dec[l][:, j - l]`` plus the edit's change. One forward pass
+rewrites the covered layers in order (``activation_cache.hooking.spliced_pairs``).
+
     from interp import open_observer
     from interp.steering import FeatureEdit, Steerer
 
@@ -35,21 +46,30 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from activation_cache.hooking import spliced, spliced_pair
+from activation_cache.hooking import spliced, spliced_pairs
+from interp.cross_layer import (
+    LayerRewrite,
+    decoder_directions,
+    is_cross_layer,
+    layer_pass,
+    layer_slices,
+    selected_activations,
+)
 from interp.observe import Observer
 from trainer.evaluation import spliced_positions
 from trainer.sae import SparseCoder
 
 __all__ = [
-    "FeatureEdit", "GenerationSettings", "SteerResult", "Steerer", "edit_activations", "parse_value", "rewritten",
+    "FeatureEdit", "GenerationSettings", "SteerResult", "Steerer", "edit_activations", "edit_rewrite", "parse_value",
+    "rewritten",
 ]
 
 Mode = Literal["clamp", "add", "scale"]
@@ -110,15 +130,7 @@ def parse_value(text: str) -> tuple[float, bool]:
 def feature_activations(sae: nn.Module, x: Tensor, features: Sequence[int]) -> tuple[Tensor, object]:
     """(rows, len(features)) activations of ``features`` on ``x`` (0 where one did not fire), and the code."""
     code = sae.encode(x)
-    return _selected(code, features), code
-
-
-def _selected(code: Any, features: Sequence[int]) -> Tensor:
-    index = torch.tensor(list(features), device=code.acts.device)
-    if code.indices is None:
-        return code.acts[:, index]
-    hits = code.indices.unsqueeze(-1) == index  # (rows, k, m)
-    return (code.acts.unsqueeze(-1) * hits).sum(dim=1)
+    return selected_activations(code, features), code
 
 
 def edit_activations(sae: nn.Module, x: Tensor, edit: FeatureEdit, target: Tensor | None = None) -> Tensor:
@@ -132,24 +144,45 @@ def edit_activations(sae: nn.Module, x: Tensor, edit: FeatureEdit, target: Tenso
         base = y
     else:
         code, base = sae.reconstruct(rows)  # the full prediction: a skip transcoder's skip term too
-        f = _selected(code, edit.features)
+        f = selected_activations(code, edit.features)
     delta = (edit.edited(f) - f) @ sae.W_dec[list(edit.features)]
     return (base + delta.to(base.dtype)).to(y.dtype)
 
 
+def edit_rewrite(sae: nn.Module, edit: FeatureEdit) -> LayerRewrite:
+    """``edit`` as a rewrite ``(j, x, y) -> y'`` of each output the dictionary writes, rows at the
+    encoded positions (``interp.cross_layer.LayerRewrite``): ``edit_activations`` for a dictionary
+    of one hookpoint; for a cross-layer transcoder, output ``j`` moved by the edited features of
+    layers ``<= j``, encoded from the inputs of the same pass (the module docstring)."""
+    if not is_cross_layer(sae):
+        return lambda layer, x, y: edit_activations(sae, x, edit, target=y)
+    passing, slices = layer_pass(sae), layer_slices(sae)
+    directions = decoder_directions(sae, edit.features).detach()
+
+    def rewrite(layer: int, x: Tensor, y: Tensor) -> Tensor:
+        passing.read(layer, x)
+        f = passing.features(edit.features)  # features of later layers read as 0: they write nothing here
+        delta = (edit.edited(f) - f) @ directions[:, slices[layer]]
+        base = y if edit.error_term == "keep" else passing.prediction(layer)
+        return (base + delta.to(base.dtype)).to(y.dtype)
+
+    return rewrite
+
+
 @contextmanager
-def rewritten(observer: Observer, replace: Callable[[Tensor, Tensor], Tensor]) -> Iterator[None]:
+def rewritten(observer: Observer, replace: LayerRewrite) -> Iterator[None]:
     """While active, every forward pass of the observer's model runs with the activations ``y`` at
-    the dictionary's output hookpoint (``Observer.output_hookpoint``) replaced by ``replace(x, y)``,
-    ``x`` the activations at its input hookpoint in the same pass (``y`` itself for an SAE), both
-    (batch, seq, d). A transcoder whose target runs before its input is refused when it runs
-    (``activation_cache.hooking.spliced_pair``)."""
+    each place the dictionary writes replaced by ``replace(j, x, y)``, both (batch, seq, d): ``j``
+    0 and ``x`` the activations at the input hookpoint in the same pass for a transcoder (``y``
+    itself for an SAE, at its hookpoint); for a cross-layer transcoder, covered layer ``j``'s MLP
+    input and output, ``j = 0, 1, ...`` in the order the pass runs them. A target that runs before
+    its input is refused when it runs (``activation_cache.hooking.spliced_pairs``)."""
     model = observer.harvester().model
-    if observer.hookpoint_out is None:
-        with spliced(model, observer.hookpoint, lambda acts: replace(acts, acts)):
+    if not observer.pairs:
+        with spliced(model, observer.hookpoint, lambda acts: replace(0, acts, acts)):
             yield
         return
-    with spliced_pair(model, observer.hookpoint, observer.hookpoint_out, replace):
+    with spliced_pairs(model, observer.pairs, replace):
         yield
 
 
@@ -187,6 +220,8 @@ class SteerResult:
     continuations: list[Continuation]
     hookpoint_out: str | None = None
     """Where a transcoder writes, and so where the edit applies; None for an SAE (at ``hookpoint``)."""
+    layer_hookpoints: list[tuple[str, str]] | None = None
+    """A cross-layer transcoder's (input, output) hookpoints per covered layer; None otherwise."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -200,10 +235,12 @@ class Steerer:
     hookpoint, or a transcoder's target hookpoint (the module docstring)."""
 
     def __init__(self, observer: Observer) -> None:
-        if not isinstance(observer.sae, SparseCoder):
+        if not isinstance(observer.sae, SparseCoder) and not is_cross_layer(observer.sae):
             raise ValueError(f"{observer.folder.uri}: normalize_activations="
                              f"{observer.folder.cfg.get('normalize_activations')!r}: steering edits raw-unit decoder "
                              "directions, so only dictionaries without run-time normalisation can steer")
+        if is_cross_layer(observer.sae):
+            layer_pass(observer.sae)  # refuses a CLT whose forward cannot encode a layer before writing its output
         self.observer = observer
 
     @property
@@ -232,7 +269,7 @@ class Steerer:
         if edit is None:
             yield
             return
-        model, sae = self.model, self.observer.sae
+        model, rows_rewrite = self.model, edit_rewrite(self.observer.sae, edit)
         excluded = self.observer.excluded
         current: dict[str, Tensor] = {}
 
@@ -240,10 +277,10 @@ class Steerer:
             ids = args[0] if args else kwargs.get("input")
             current["encoded"] = spliced_positions(ids.cpu(), excluded)
 
-        def replace(x: Tensor, y: Tensor) -> Tensor:
+        def replace(layer: int, x: Tensor, y: Tensor) -> Tensor:
             encoded = current["encoded"].to(y.device)
             out = y.clone()
-            out[encoded] = edit_activations(sae, x[encoded.to(x.device)], edit, target=y[encoded])
+            out[encoded] = rows_rewrite(layer, x[encoded.to(x.device)], y[encoded])
             return out
 
         handle = model.get_input_embeddings().register_forward_pre_hook(remember_ids, with_kwargs=True)
@@ -287,4 +324,4 @@ class Steerer:
                                               decode(steered, skip_special_tokens=False), unedited, steered))
         return SteerResult(self.observer.folder.uri, self.observer.hookpoint, list(edit.features), list(edit.values),
                            edit.mode, edit.error_term, settings.max_new_tokens, settings.seed, continuations,
-                           self.observer.hookpoint_out)
+                           self.observer.hookpoint_out, self.observer.layer_hookpoints)

@@ -19,16 +19,20 @@ def _token(text: str) -> str:
     return shown if len(shown) <= _TOKEN_WIDTH else shown[: _TOKEN_WIDTH - 2] + "…'"
 
 
-def _at(hookpoint: str, hookpoint_out: str | None, model: str | None = None) -> str:
-    """``at model.layers.3 [of <model>]``, or ``[of <model>, ]reads <in> -> writes <out>`` for a transcoder."""
+def _at(hookpoint: str, hookpoint_out: str | None, model: str | None = None,
+        layer_hookpoints: list[tuple[str, str]] | None = None) -> str:
+    """``at model.layers.3 [of <model>]``, or ``[of <model>, ]reads <in> -> writes <out>`` for a
+    transcoder (first and last covered layer for a cross-layer transcoder)."""
     if hookpoint_out is None:
         return f"at {hookpoint}" + (f" of {model}" if model else "")
-    return (f"of {model}, " if model else "") + describe_hookpoints(hookpoint, hookpoint_out)
+    return (f"of {model}, " if model else "") + describe_hookpoints(hookpoint, hookpoint_out, layer_hookpoints)
 
 
 def _baseline_line(obs: Observations) -> str:
     b = obs.baseline
     of = "" if obs.hookpoint_out is None else f" at the target {obs.hookpoint_out}"
+    if obs.layer_hookpoints is not None:
+        of = f" at the {len(obs.layer_hookpoints)} covered outputs side by side"
     if b.source == "held-out":
         return (f"baseline    held-out mean and variance the training recorded{of} ({b.n_tokens:,} tokens, "
                 f"total variance {b.total_variance:.4g})")
@@ -36,33 +40,48 @@ def _baseline_line(obs: Observations) -> str:
             "the dictionary records no held-out mean and variance")
 
 
-def _row(token: TokenObservation, feature: int | None) -> str:
+def _row(token: TokenObservation, obs: Observations) -> str:
     head = f"{token.position:5d}  {_token(token.token):<{_TOKEN_WIDTH}}"
     if not token.encoded:
         return f"{head}  left out, as in training"
     relative = "n/a" if token.relative_error is None else f"{token.relative_error:8.3f}"
     figures = f"{token.error_norm:9.4g}  {relative:>8}  {token.l0:4d}"
-    if feature is not None:
+    if token.layers is not None:
+        figures += "  " + " ".join("n/a" if layer.relative_error is None else f"{layer.relative_error:.3f}"
+                                   for layer in token.layers)
+    if obs.feature is not None:
         return f"{head}  {token.activation:10.4g}  {figures}"
-    features = "  ".join(f"{i}:{a:.3g}" for i, a in token.features)
+    features = "  ".join(f"{_feature(obs, i)}:{a:.3g}" for i, a in token.features)
     return f"{head}  {figures}  {features}"
+
+
+def _feature(obs: Observations, feature: int) -> str:
+    """A feature id as shown: ``137``, or ``137@L2`` for a cross-layer transcoder's (its covered layer)."""
+    layer = obs.feature_layer(feature)
+    return str(feature) if layer is None else f"{feature}@L{layer}"
 
 
 def format_observations(obs: Observations) -> str:
     """The whole result as text, one row per token."""
     lines = [
-        f"dictionary  {obs.dictionary}  ({obs.n_latents:,} features {_at(obs.hookpoint, obs.hookpoint_out, obs.model)})",
+        f"dictionary  {obs.dictionary}  ({obs.n_latents:,} features "
+        f"{_at(obs.hookpoint, obs.hookpoint_out, obs.model, obs.layer_hookpoints)})",
         _baseline_line(obs),
     ]
+    if obs.layer_hookpoints is not None:
+        lines.append(f"layers      {obs.n_per_layer:,} features per layer, feature id l*{obs.n_per_layer} + i shown as "
+                     "id@Ll; rel err by layer: each covered output's error over its own variance, layers in order")
     figures = f"{'err norm':>9}  {'rel err':>8}  {'L0':>4}"
+    if obs.layer_hookpoints is not None:
+        figures += "  rel err by layer"
     if obs.feature is not None:
-        columns = f"{'pos':>5}  {'token':<{_TOKEN_WIDTH}}  {f'feat {obs.feature}':>10}  {figures}"
+        columns = f"{'pos':>5}  {'token':<{_TOKEN_WIDTH}}  {'feat ' + _feature(obs, obs.feature):>10}  {figures}"
     else:
         columns = f"{'pos':>5}  {'token':<{_TOKEN_WIDTH}}  {figures}  top {obs.top} features (id:activation)"
     for number, text in enumerate(obs.texts, start=1):
         preview = text.text if len(text.text) <= 60 else text.text[:59] + "…"
         lines += ["", f"text {number}: {preview!r}", columns]
-        lines += [_row(token, obs.feature) for token in text.tokens]
+        lines += [_row(token, obs) for token in text.tokens]
     return "\n".join(lines) + "\n"
 
 
@@ -79,7 +98,7 @@ def format_steer(result: SteerResult, width: int = 56) -> str:
                          for f, v in zip(result.features, result.values, strict=True))
     decoding = "greedy" if result.seed is None else f"sampled, seed {result.seed}"
     lines = [
-        f"dictionary  {result.dictionary}  ({_at(result.hookpoint, result.hookpoint_out)})",
+        f"dictionary  {result.dictionary}  ({_at(result.hookpoint, result.hookpoint_out, None, result.layer_hookpoints)})",
         f"edit        {result.mode}: {features}; error term {'kept' if result.error_term == 'keep' else 'dropped'}",
         f"decoding    {decoding}, up to {result.max_new_tokens} new tokens",
     ]
@@ -145,7 +164,8 @@ def format_audit(result: AuditResult) -> str:
     """The audit as a terminal table: a header, then per feature its sections and summary."""
     cost = result.cost
     lines = [
-        f"dictionary  {result.dictionary}  ({describe_hookpoints(result.hookpoint, result.hookpoint_out)} of {result.model})",
+        f"dictionary  {result.dictionary}  "
+        f"({describe_hookpoints(result.hookpoint, result.hookpoint_out, result.layer_hookpoints)} of {result.model})",
         f"text        {result.text_source}: {result.n_sequences} sequences, {result.n_encoded_tokens:,} encoded tokens",
         f"cost        {cost.forward_passes:,} forward passes past the hookpoint ({cost.text_passes} over the text, "
         f"{cost.generated_tokens:,} generated tokens): {cost.text_pass_equivalents:.1f}x one forward over the text",

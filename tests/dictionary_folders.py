@@ -1,6 +1,6 @@
 """Small TopK dictionaries trained in a test and written as real dictionary folders: the ones the
-interp tests observe and steer (``tiny_dictionaries``, ``tiny_transcoders``; a pytest plugin of
-tests/conftest.py)."""
+interp tests observe and steer (``tiny_dictionaries``, ``tiny_transcoders``, ``tiny_clts``; a pytest
+plugin of tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from trainer.activation_stats import (
     activation_stats_file,
     feature_stats_file,
 )
+from trainer.clt import CrossLayerTranscoder
 from trainer.dictionary import dictionary_files
 from trainer.layout import ACTIVATION_STATS_FILE, FEATURE_STATS_FILE, write_dictionary
 from trainer.sae import SparseCoder, TopKSAE
@@ -35,6 +36,9 @@ from trainer.sae import SparseCoder, TopKSAE
 LAYER = 1  # the tiny Llama's hookpoint resid_post.1: hidden_states[2] in transformers' numbering
 MLP_IN, MLP_OUT = f"model.layers.{LAYER}.mlp:input", f"model.layers.{LAYER}.mlp"
 """The tiny transcoders' input and target: the layer-1 MLP's input and output."""
+CLT_INPUTS = [f"model.layers.{layer}.mlp:input" for layer in range(4)]
+CLT_TARGETS = [f"model.layers.{layer}.mlp" for layer in range(4)]
+"""The tiny CLTs' inputs and targets: every MLP of the tiny Llama's 4 layers."""
 
 
 def train_topk(rows: torch.Tensor, n_latents: int, k: int, steps: int) -> TopKSAE:
@@ -73,15 +77,19 @@ def train_topk_transcoder(x: Tensor, y: Tensor, n_latents: int, k: int, steps: i
     return fit_transcoder(sae, x, y, steps)
 
 
-def write_folder(folder: Path, sae: SparseCoder, hookpoint: str, model: ModelConfig, held_out: Tensor | None = None,
-                 *, hookpoint_out: str | None = None, held_out_target: Tensor | None = None) -> Path:
+def write_folder(folder: Path, sae: SparseCoder | CrossLayerTranscoder, hookpoint: str, model: ModelConfig,
+                 held_out: Tensor | None = None, *, hookpoint_out: str | None = None,
+                 held_out_target: Tensor | None = None, hookpoints: list[str] | None = None,
+                 hookpoints_out: list[str] | None = None) -> Path:
     """``sae`` as a dictionary folder; with ``held_out`` rows, the statistics a training job
     records on them (activation mean and variance, each feature's largest activation). A
     transcoder names its target in ``hookpoint_out``; its mean and variance are the target's,
-    ``held_out_target`` (the rows at the target of the same tokens)."""
+    ``held_out_target`` (the rows at the target of the same tokens). A cross-layer transcoder
+    names every covered layer's input and target in ``hookpoints`` / ``hookpoints_out`` (its rows
+    are the layers' side by side)."""
     files = dictionary_files(sae, hookpoint=hookpoint, model_name="test", scale=1.0,
                              extra_metadata=model_metadata(model, DataConfig()), sparsity=None, eval_metrics={},
-                             hookpoint_out=hookpoint_out)
+                             hookpoint_out=hookpoint_out, hookpoints=hookpoints, hookpoints_out=hookpoints_out)
     if held_out is not None:
         reconstructed = held_out if held_out_target is None else held_out_target
         files[ACTIVATION_STATS_FILE] = activation_stats_file(ActivationStats.of(reconstructed))
@@ -197,3 +205,69 @@ def tiny_skip_transcoder(_tiny_mlp_rows, tmp_path_factory) -> Path:
     """As ``tiny_transcoders.with_stats``, a skip transcoder (``W_skip``) trained the same way."""
     return _transcoder_folder(_tiny_mlp_rows, tmp_path_factory.mktemp("skip-transcoder") / "dictionary",
                               _train_transcoder(_tiny_mlp_rows, skip_connection=True), stats=True)
+
+
+@dataclass(frozen=True)
+class TinyCLTs:
+    """Cross-layer transcoders over all 4 layers of the tiny Llama (each MLP's input -> the outputs
+    of its own and every later MLP; 16 features per layer, 120 Adam steps) trained on the rows of 40
+    sequences (BOS left out), with the statistics a job records on the last 8 sequences' rows (the 4
+    targets' mean and variance side by side, each feature's largest activation). Built with each
+    layer's own input and target scales, which the saved weights fold in."""
+
+    jumprelu: Path
+    topk: Path
+    """TopK, 3 features per layer per token (``clt_topk='layer'``)."""
+
+
+@dataclass(frozen=True)
+class _CLTRows:
+    model: ModelConfig
+    x: Tensor
+    """(rows, 4 * 32) the 4 MLPs' inputs side by side at every token but BOS of 48 tiny-corpus sequences."""
+    y: Tensor
+    """(rows, 4 * 32) their outputs at the same tokens."""
+    held_out: int = -8 * 31
+
+
+@pytest.fixture(scope="module")
+def _tiny_clt_rows(tiny_model_dir, tiny_corpus_dir) -> _CLTRows:
+    model, tokens = _tiny_tokens(tiny_model_dir, tiny_corpus_dir)
+    captured = MultiHarvester(model, [h for pair in zip(CLT_INPUTS, CLT_TARGETS, strict=True) for h in pair])(tokens)
+    x, y = (torch.cat([captured[h][:, 1:].reshape(-1, 32) for h in names], dim=1) for names in (CLT_INPUTS, CLT_TARGETS))
+    return _CLTRows(ModelConfig(name_or_path=str(tiny_model_dir)), x, y)
+
+
+def _layer_scales(rows: Tensor) -> Tensor:
+    """Each layer's factor to mean norm sqrt(32), as a job's cache manifest gives it."""
+    return 32 ** 0.5 / rows.reshape(len(rows), 4, 32).norm(dim=-1).mean(dim=0)
+
+
+def fit_clt(clt: CrossLayerTranscoder, x: Tensor, y: Tensor, steps: int, *, seed: int = 0) -> CrossLayerTranscoder:
+    """``clt`` trained to predict ``y`` from ``x`` (the layers side by side): ``b_dec`` at each
+    target layer's mean, then ``steps`` Adam steps on 256 random rows; returned in eval mode."""
+    torch.manual_seed(seed)
+    clt.init_b_dec(y, method="mean")
+    optimizer = torch.optim.Adam(clt.parameters(), lr=3e-3)
+    for _ in range(steps):
+        batch = torch.randint(0, len(x), (256,))
+        loss = clt(x[batch], target=y[batch]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return clt.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_clts(_tiny_clt_rows, tmp_path_factory) -> TinyCLTs:
+    rows, root = _tiny_clt_rows, tmp_path_factory.mktemp("clts")
+    held = rows.held_out
+    scales = {"input_scales": _layer_scales(rows.x[:held]), "target_scales": _layer_scales(rows.y[:held])}
+    folders = {}
+    for name, options in (("jumprelu", {"activation": "jumprelu", "sparsity_coefficient": 0.05}),
+                          ("topk", {"activation": "topk", "k": 3, "clt_topk": "layer"})):
+        clt = fit_clt(CrossLayerTranscoder(4, 32, 16, seed=0, **scales, **options), rows.x[:held], rows.y[:held], 120)
+        folders[name] = write_folder(root / name, clt, CLT_INPUTS[0], rows.model, rows.x[held:],
+                                     hookpoint_out=CLT_TARGETS[0], held_out_target=rows.y[held:],
+                                     hookpoints=CLT_INPUTS, hookpoints_out=CLT_TARGETS)
+    return TinyCLTs(**folders)
