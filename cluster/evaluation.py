@@ -7,7 +7,10 @@ and the other excluded tokens keep their activations: the SAE never saw them) an
 are scored. A transcoder (cfg.json's ``metadata.hook_name_out``) reads its input hookpoint and
 replaces its target hookpoint's activations with its prediction in the same pass
 (``activation_cache.hooking.spliced_pair``); the zero-ablation and the per-token error are the
-target's. The math is ``trainer.evaluation``'s; here are the model, the text, the object
+target's. A cross-layer transcoder (cfg.json's architecture ``*_clt``, ``metadata.hook_names`` /
+``hook_names_out``) replaces every covered MLP output in one pass, each layer's features encoded
+from its input as the spliced forward reaches it (``activation_cache.hooking.spliced_pairs``);
+the zero-ablation covers every one of them and the error is reported over all and per layer. The math is ``trainer.evaluation``'s; here are the model, the text, the object
 store and Ray. ``evaluate_in_ray`` runs it as a Ray task after training; ``evaluate_stored``
 runs it without Ray for ``saeforge eval``.
 
@@ -24,7 +27,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,6 +48,7 @@ from activation_cache.hooking import (
     resolve_model_source,
     spliced,
     spliced_pair,
+    spliced_pairs,
 )
 from activation_cache.store import ObjectNotFound, ObjectStore, open_store
 from activation_cache.text import excluded_token_ids, pack_sequences
@@ -101,6 +106,29 @@ def target_hookpoint(cfg: dict) -> str | None:
     return cfg.get("metadata", {}).get("hook_name_out")
 
 
+def clt_pairs(cfg: dict) -> list[tuple[str, str]] | None:
+    """A cross-layer transcoder's (MLP input, MLP output) hookpoints, layer by layer (cfg.json's
+    ``metadata.hook_names`` and ``hook_names_out``; architecture ``*_clt``); None for any other
+    dictionary."""
+    if not str(cfg.get("architecture", "")).endswith("_clt"):
+        return None
+    metadata = cfg.get("metadata", {})
+    inputs, targets = list(metadata.get("hook_names") or []), list(metadata.get("hook_names_out") or [])
+    if not inputs or len(inputs) != len(targets):
+        raise ValueError(f"cfg.json architecture {cfg.get('architecture')!r}: metadata.hook_names={inputs} and "
+                         f"hook_names_out={targets} must name the same number (>= 1) of layers")
+    return list(zip(inputs, targets, strict=True))
+
+
+def folder_name(cfg: dict) -> str:
+    """The dictionary's folder name under ``dictionary/`` from its cfg.json (a CLT's
+    ``clt-<first input>-to-<last target>``)."""
+    pairs = clt_pairs(cfg)
+    if pairs is not None:
+        return dictionary_folder_name(pairs[0][0], pairs[-1][1], clt=True)
+    return dictionary_folder_name(cfg["metadata"]["hook_name"], target_hookpoint(cfg))
+
+
 class _Splice:
     """The replacement at the (target) hookpoint: the dictionary's prediction at the spliced
     positions (their errors recorded), or zeros there."""
@@ -115,36 +143,133 @@ class _Splice:
         self.sequences = sequence_ids[:, None].expand_as(mask)[mask]
         self.positions = torch.arange(mask.shape[1]).expand_as(mask)[mask]
 
-    def _rows(self, acts: Tensor, width: str) -> tuple[Tensor, Tensor]:
-        if acts.shape[-1] != getattr(self.sae, width):
-            raise ValueError(f"dictionary {width}={getattr(self.sae, width)} but the "
-                             f"{'input ' if width == 'd_in' else ''}hookpoint's activations have d={acts.shape[-1]}")
+    def _rows(self, acts: Tensor, width: int, what: str) -> tuple[Tensor, Tensor]:
+        """(the activations as rows (B*S, d), which rows are spliced), checking their width."""
+        if acts.shape[-1] != width:
+            raise ValueError(f"dictionary {what}={width} but the "
+                             f"{'input ' if what.startswith('d_in') else ''}hookpoint's activations have d={acts.shape[-1]}")
         flat = acts.reshape(-1, acts.shape[-1])
         return flat, self.mask.reshape(-1).to(flat.device)
+
+    def _x(self, rows: Tensor) -> Tensor:
+        return rows.to(device=self.param.device, dtype=self.param.dtype)
 
     def predict(self, inputs: Tensor, target: Tensor) -> Tensor:
         """``target`` with the dictionary's prediction from ``inputs`` (its reconstruction, with
         the skip term of a skip transcoder) at the spliced positions."""
-        flat_in, keep = self._rows(inputs, "d_in")
-        flat_out, keep_out = self._rows(target, "d_out")
-        x = flat_in[keep].to(device=self.param.device, dtype=self.param.dtype)
+        flat_in, keep = self._rows(inputs, self.sae.d_in, "d_in")
+        flat_out, keep_out = self._rows(target, self.sae.d_out, "d_out")
+        x = self._x(flat_in[keep])
         if x.shape[0] == 0:
             return target
         _, prediction = self.sae.reconstruct(x)
         y = flat_out[keep_out].to(device=prediction.device)
         self.errors.update(y.float(), prediction.float(), sequences=self.sequences, positions=self.positions)
-        out = flat_out.clone()
-        out[keep_out] = prediction.to(device=out.device, dtype=out.dtype)
-        return out.view_as(target)
+        return self._written(flat_out, keep_out, prediction).view_as(target)
+
+    @staticmethod
+    def _written(flat: Tensor, keep: Tensor, rows: Tensor | float) -> Tensor:
+        out = flat.clone()
+        out[keep] = rows.to(device=out.device, dtype=out.dtype) if isinstance(rows, Tensor) else rows
+        return out
 
     def reconstruct(self, acts: Tensor) -> Tensor:
         return self.predict(acts, acts)
 
     def ablate(self, acts: Tensor) -> Tensor:
-        flat, keep = self._rows(acts, "d_out")
-        out = flat.clone()
-        out[keep] = 0
-        return out.view_as(acts)
+        flat, keep = self._rows(acts, self.sae.d_out, "d_out")
+        return self._written(flat, keep, 0.0).view_as(acts)
+
+
+class _CrossLayerSplice(_Splice):
+    """Every covered MLP output replaced in one forward by a cross-layer transcoder's prediction
+    (``trainer.clt.CrossLayerTranscoder``, on flat concatenations of its layers).
+
+    Layer ``l``'s prediction is the CLT's on the inputs the spliced forward computed for layers
+    ``0..l`` beside the clean forward's inputs of the later layers (``capture_clean`` keeps those):
+    a layer's features read only its own input and a prediction only earlier layers' features,
+    so those later inputs change nothing, except where a TopK selection across layers
+    (``clt_topk=all``) needs every layer's pre-activations before the later ones exist. The
+    error is recorded per layer and, once the last layer is replaced, over all targets at once."""
+
+    def __init__(self, clt: nn.Module, errors: ReconstructionErrorStats,
+                 layer_errors: list[ReconstructionErrorStats]) -> None:
+        super().__init__(clt, errors)
+        self.layer_errors = layer_errors
+        self.n_layers, self.d_in, self.d_out = clt.n_layers, clt.d_layer_in, clt.d_layer_out
+        self.clean_inputs: list[Tensor | None] = [None] * self.n_layers
+        self.inputs: list[Tensor | None] = [None] * self.n_layers
+        self.sides: list[tuple[Tensor, Tensor]] = []  # (target, prediction) rows of each layer replaced so far
+
+    def batch(self, mask: Tensor, sequence_ids: Tensor) -> None:
+        super().batch(mask, sequence_ids)
+        self.clean_inputs = [None] * self.n_layers  # a previous batch's inputs must never be used
+
+    def capture_clean(self, layer: int, inputs: Tensor, target: Tensor) -> Tensor:
+        """Keep the clean forward's input rows of ``layer``; the target stays."""
+        flat_in, keep = self._rows(inputs, self.d_in, "d_in (per layer)")
+        self.clean_inputs[layer] = self._x(flat_in[keep])
+        return target
+
+    def predict_layer(self, layer: int, inputs: Tensor, target: Tensor) -> Tensor:
+        """``target`` (layer ``layer``'s MLP output) with the CLT's prediction at the spliced
+        positions."""
+        if any(x is None for x in self.clean_inputs):
+            raise RuntimeError("the CLT splice ran before the clean forward captured every covered layer's input")
+        flat_in, keep = self._rows(inputs, self.d_in, "d_in (per layer)")
+        flat_out, keep_out = self._rows(target, self.d_out, "d_out (per layer)")
+        if layer == 0:
+            self.sides = []
+        self.inputs[layer] = self._x(flat_in[keep])
+        if self.inputs[layer].shape[0] == 0:
+            return target
+        x = torch.cat([*self.inputs[: layer + 1], *self.clean_inputs[layer + 1:]], dim=-1)
+        _, prediction = self.sae.reconstruct(x)
+        prediction = prediction[:, layer * self.d_out: (layer + 1) * self.d_out]
+        y = flat_out[keep_out].to(device=prediction.device).float()
+        self.layer_errors[layer].update(y, prediction.float(), sequences=self.sequences, positions=self.positions)
+        self.sides.append((y, prediction.float()))
+        if layer == self.n_layers - 1:
+            ys, predictions = zip(*self.sides, strict=True)
+            self.errors.update(torch.cat(ys, dim=-1), torch.cat(predictions, dim=-1), sequences=self.sequences,
+                               positions=self.positions)
+        return self._written(flat_out, keep_out, prediction).view_as(target)
+
+    def ablate_layer(self, layer: int, inputs: Tensor, target: Tensor) -> Tensor:
+        flat, keep = self._rows(target, self.d_out, "d_out (per layer)")
+        return self._written(flat, keep, 0.0).view_as(target)
+
+
+Splices = Callable[[], AbstractContextManager]
+"""A context manager factory: the forward passes run inside it are spliced."""
+
+
+def _losses(model: nn.Module, text: EvalText, cfg: EvalConfig, name: str, splice: _Splice, *,
+            clean: Splices, replaced: Splices, ablated: Splices) -> SplicedLossStats:
+    """The three forward passes over every batch of ``text`` (clean, replaced, zero-ablated),
+    each inside its context, ``splice`` told each batch's spliced positions first."""
+    device = model.get_input_embeddings().weight.device
+    losses = SplicedLossStats()
+    starts = range(0, len(text.tokens), cfg.batch_size)
+    for lo in tqdm(starts, desc=f"eval {name}", unit="batch", disable=None, file=sys.stderr):
+        # Copies: the token and sequence-id arrays arrive read-only from Ray's object store.
+        ids = torch.tensor(text.tokens[lo : lo + cfg.batch_size])
+        splice.batch(spliced_positions(ids, text.excluded_token_ids), torch.tensor(text.sequence_ids[lo: lo + cfg.batch_size]))
+        ids = ids.to(device)
+        logits = []
+        for context in (clean, replaced, ablated):
+            with context():
+                logits.append(model(input_ids=ids, use_cache=False).logits)
+        losses.update(clean_logits=logits[0], spliced_logits=logits[1], ablated_logits=logits[2], token_ids=ids,
+                      mask=scored_positions(ids, text.excluded_token_ids))
+    return losses
+
+
+def _unexplained(errors: ReconstructionErrorStats, text: EvalText, tokenizer: Any, cfg: EvalConfig) -> dict:
+    unexplained = errors.result(histogram_bins=cfg.histogram_bins, n_worst=cfg.worst_contexts)
+    worst = unexplained.pop("worst_tokens")
+    unexplained["worst_contexts"] = [_with_context(entry, text, tokenizer, cfg.context_tokens) for entry in worst]
+    return unexplained
 
 
 @torch.inference_mode()
@@ -160,34 +285,58 @@ def evaluate_spliced(
     what the per-token error (target - prediction) measures. ``lm`` names the hookpoint(s)."""
     hookpoint = resolve_hookpoint(model, hookpoint)
     target = None if target is None else resolve_hookpoint(model, target)
-    replaced_at = target or hookpoint
-    device = model.get_input_embeddings().weight.device
-    sae = sae.to(device)
-    losses, errors = SplicedLossStats(), ReconstructionErrorStats()
+    sae = sae.to(model.get_input_embeddings().weight.device)
+    errors = ReconstructionErrorStats()
     splice = _Splice(sae, errors)
-    starts = range(0, len(text.tokens), cfg.batch_size)
-    name = hookpoint if target is None else dictionary_folder_name(hookpoint, target)
-    for lo in tqdm(starts, desc=f"eval {name}", unit="batch", disable=None, file=sys.stderr):
-        # Copies: the token and sequence-id arrays arrive read-only from Ray's object store.
-        ids = torch.tensor(text.tokens[lo : lo + cfg.batch_size])
-        splice.batch(spliced_positions(ids, text.excluded_token_ids), torch.tensor(text.sequence_ids[lo: lo + cfg.batch_size]))
-        ids = ids.to(device)
-        clean = model(input_ids=ids, use_cache=False).logits
-        if target is None:
-            with spliced(model, hookpoint, splice.reconstruct):
-                replaced = model(input_ids=ids, use_cache=False).logits
-        else:
-            with spliced_pair(model, hookpoint, target, splice.predict):
-                replaced = model(input_ids=ids, use_cache=False).logits
-        with spliced(model, replaced_at, splice.ablate):
-            ablated = model(input_ids=ids, use_cache=False).logits
-        losses.update(clean_logits=clean, spliced_logits=replaced, ablated_logits=ablated, token_ids=ids,
-                      mask=scored_positions(ids, text.excluded_token_ids))
-    unexplained = errors.result(histogram_bins=cfg.histogram_bins, n_worst=cfg.worst_contexts)
-    worst = unexplained.pop("worst_tokens")
-    unexplained["worst_contexts"] = [_with_context(entry, text, tokenizer, cfg.context_tokens) for entry in worst]
+    if target is None:
+        def replaced() -> AbstractContextManager:
+            return spliced(model, hookpoint, splice.reconstruct)
+    else:
+        def replaced() -> AbstractContextManager:
+            return spliced_pair(model, hookpoint, target, splice.predict)
+    losses = _losses(model, text, cfg, hookpoint if target is None else dictionary_folder_name(hookpoint, target),
+                     splice, clean=_unspliced, replaced=replaced,
+                     ablated=lambda: spliced(model, target or hookpoint, splice.ablate))
     lm = {**losses.result(), "text": text.source, "hookpoint": hookpoint,
           **({} if target is None else {"target_hookpoint": target})}
+    return SplicedEval(lm, _unexplained(errors, text, tokenizer, cfg), errors.error_norms())
+
+
+@contextmanager
+def _unspliced() -> Iterator[None]:
+    yield
+
+
+@torch.inference_mode()
+def evaluate_spliced_clt(
+    clt: nn.Module, model: nn.Module, pairs: list[tuple[str, str]], text: EvalText, tokenizer: Any, *,
+    cfg: EvalConfig,
+) -> SplicedEval:
+    """Splice the cross-layer transcoder ``clt`` into ``model``: every covered MLP output (the
+    targets of ``pairs``, (MLP input, MLP output) layer by layer) replaced in one forward by its
+    prediction, each layer's features encoded from that layer's input as the spliced forward
+    computes it (``_CrossLayerSplice``), so later layers run on the replacement model; the
+    baseline zero-ablates every covered MLP output at once. ``unexplained`` is the error over all
+    targets together (a token's error norm over the L*d_out concatenation) with ``layers``: each
+    layer's ``error_norm`` and ``token_fvu`` summaries; ``lm`` adds ``layers``, each layer's
+    ``hookpoint``, ``hookpoint_out`` and ``fvu`` (its pooled FVU in the spliced forward)."""
+    if len(pairs) != clt.n_layers:
+        raise ValueError(f"the CLT covers n_layers={clt.n_layers} but {len(pairs)} (input, target) pairs were given")
+    pairs = [(resolve_hookpoint(model, i), resolve_hookpoint(model, t)) for i, t in pairs]
+    clt = clt.to(model.get_input_embeddings().weight.device)
+    errors, layer_errors = ReconstructionErrorStats(), [ReconstructionErrorStats() for _ in pairs]
+    splice = _CrossLayerSplice(clt, errors, layer_errors)
+    name = dictionary_folder_name(pairs[0][0], pairs[-1][1], clt=True)
+    losses = _losses(model, text, cfg, name, splice, clean=lambda: spliced_pairs(model, pairs, splice.capture_clean),
+                     replaced=lambda: spliced_pairs(model, pairs, splice.predict_layer),
+                     ablated=lambda: spliced_pairs(model, pairs, splice.ablate_layer))
+    unexplained = _unexplained(errors, text, tokenizer, cfg)
+    per_layer = [e.result(histogram_bins=cfg.histogram_bins, n_worst=0) for e in layer_errors]
+    unexplained["layers"] = [{"hookpoint_out": out, "error_norm": r["error_norm"], "token_fvu": r["token_fvu"]}
+                             for (_, out), r in zip(pairs, per_layer, strict=True)]
+    lm = {**losses.result(), "text": text.source, "hookpoint": pairs[0][0], "target_hookpoint": pairs[-1][1],
+          "layers": [{"hookpoint": i, "hookpoint_out": out, "fvu": r["token_fvu"]["mean"]}
+                     for (i, out), r in zip(pairs, per_layer, strict=True)]}
     return SplicedEval(lm, unexplained, errors.error_norms())
 
 
@@ -313,8 +462,12 @@ def _read_dictionary(folder: ObjectStore) -> dict[str, bytes]:
         raise FileNotFoundError(f"{folder.uri}: not a dictionary (needs {CONFIG_FILE} and {WEIGHTS_FILE})") from None
 
 
+_NO_CLT_AUDIT = "interp.steering cannot edit a cross-layer transcoder's features yet"
+
+
 def _log_evaluation(logger: MetricLogger, result: SplicedEval) -> None:
     figures = {f"eval/lm/{k}": v for k, v in result.lm.items() if isinstance(v, int | float)}
+    figures.update({f"eval/lm/fvu/{layer['hookpoint_out']}": layer["fvu"] for layer in result.lm.get("layers", [])})
     for section in ("error_norm", "token_fvu"):
         figures.update({f"eval/unexplained/{section}_{k}": v for k, v in result.unexplained[section].items()})
     logger.log(figures, step=0)
@@ -335,8 +488,12 @@ def evaluate_uris(
     for uri in uris:
         folder = open_store(uri, s3_options=s3_options)
         sae, sae_cfg = load_sae(_read_dictionary(folder))
-        result = evaluate_spliced(sae, model, sae_cfg["metadata"]["hook_name"], text, tokenizer, cfg=cfg,
-                                  target=target_hookpoint(sae_cfg))
+        pairs = clt_pairs(sae_cfg)
+        if pairs is not None:
+            result = evaluate_spliced_clt(sae, model, pairs, text, tokenizer, cfg=cfg)
+        else:
+            result = evaluate_spliced(sae, model, sae_cfg["metadata"]["hook_name"], text, tokenizer, cfg=cfg,
+                                      target=target_hookpoint(sae_cfg))
         logger = make_run_logger(uri, sae_cfg) if make_run_logger else NullLogger()
         try:
             _log_evaluation(logger, result)
@@ -347,7 +504,10 @@ def evaluate_uris(
         audit_section = None
         # The model is loaded already: the audit costs its forward passes only. Its features are
         # among the report's cards (choosing among every latent costs an (n_latents, vocab) product).
-        if cfg.audit_features > 0 and folder.exists(FEATURES_FILE):
+        if cfg.audit_features > 0 and pairs is not None:
+            audit_section = {"skipped": _NO_CLT_AUDIT}
+            log.info("steer audit skipped: %s", _NO_CLT_AUDIT)
+        elif cfg.audit_features > 0 and folder.exists(FEATURES_FILE):
             cards = FeatureSample.from_json(folder.get_bytes(FEATURES_FILE)).cards
             try:
                 observer = audit_observer(uri, model, tokenizer, model_cfg, s3_options=s3_options)
@@ -364,9 +524,7 @@ def evaluate_uris(
 
 def _wandb_name(uri: str, sae_cfg: dict) -> str:
     _, variant = split_dictionary_uri(uri)
-    meta = sae_cfg["metadata"]
-    hookpoints = dictionary_folder_name(meta["hook_name"], target_hookpoint(sae_cfg))
-    return "-".join(filter(None, (meta.get("run_name"), variant, hookpoints, "eval")))
+    return "-".join(filter(None, (sae_cfg["metadata"].get("run_name"), variant, folder_name(sae_cfg), "eval")))
 
 
 def _evaluate_task(
@@ -479,7 +637,9 @@ def format_table(evaluation: dict) -> str:
     lines = [
         f"text             {lm['text']} ({lm['n_tokens']:,} tokens scored)",
         *([f"spliced          reads {lm['hookpoint']} -> writes {lm['target_hookpoint']}"]
-          if "target_hookpoint" in lm else []),
+          if "target_hookpoint" in lm and "layers" not in lm else []),
+        *([f"spliced          {len(lm['layers'])} layers at once: reads {lm['hookpoint']} .. writes "
+           f"{lm['target_hookpoint']}"] if "layers" in lm else []),
         f"CE clean         {figure(lm['clean_ce'])}",
         f"CE spliced       {figure(lm['spliced_ce'])}   (delta {figure(lm['delta_lm_loss'], '+.4f')})",
         f"CE zero-ablated  {figure(lm['ablated_ce'])}",
@@ -490,6 +650,7 @@ def format_table(evaluation: dict) -> str:
     ]
     if "fvu" in evaluation:
         lines.insert(1, f"held-out FVU     {figure(evaluation['fvu'])}")
+    lines += [f"FVU spliced      {figure(layer['fvu'])}  at {layer['hookpoint_out']}" for layer in lm.get("layers", [])]
     for entry in unexplained["worst_contexts"][:5]:
         lines.append(f"worst  {entry['error_norm']:9.4g}  {entry['context']!r}")
     return "\n".join(lines)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dictionary_folders import train_topk_transcoder
+from dictionary_folders import fit_transcoder, train_topk_transcoder
+from safetensors.torch import load as load_safetensors
 from tiny_job import tiny_job
 
 from activation_cache.config import DataConfig, ModelConfig
@@ -21,6 +22,7 @@ from activation_cache.hooking import (
     resolve_model_source,
     spliced,
     spliced_pair,
+    spliced_pairs,
 )
 from activation_cache.store import open_store
 from activation_cache.text import excluded_token_ids, pack_sequences
@@ -30,10 +32,12 @@ from cluster.config import EvalConfig, to_dict
 from cluster.evaluation import evaluate_in_ray, held_out_text
 from cluster.pull import pull
 from cluster.report_cards import FeatureCard, FeatureSample
+from trainer.clt import CrossLayerTranscoder
 from trainer.dictionary import dictionary_files
 from trainer.layout import (
     FEATURES_FILE,
     REPORT_FILE,
+    WEIGHTS_FILE,
     dictionary_folder_name,
     split_dictionary_uri,
     write_dictionary,
@@ -502,3 +506,181 @@ def test_a_transcoder_into_the_mlps_neurons_is_evaluated_and_its_audit_skipped_w
     skipped = evaluation["audit"]["skipped"]
     assert "the logit lens does not apply: the dictionary writes d_out=64" in skipped and "\n" not in skipped
     assert f"steer audit skipped: {skipped}" in caplog.text
+
+
+# --------------------------------------------------------------------------- cross-layer transcoders
+
+N_LAYERS = 4
+"""The tiny Llama's layers: the CLTs below cover all of them."""
+
+
+def _all_mlp_sides(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, outputs) of every layer's MLP for ``tokens`` (B, S), each (B, S, L * 32), layers
+    side by side in order, read with hooks registered here."""
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    for layer, block in enumerate(model.model.layers):
+        handles.append(block.mlp.register_forward_pre_hook(lambda m, args, layer=layer: seen.setdefault(("in", layer), args[0])))
+        handles.append(block.mlp.register_forward_hook(lambda m, args, out, layer=layer: seen.setdefault(("out", layer), out)))
+    with torch.inference_mode():
+        model(input_ids=tokens)
+    for handle in handles:
+        handle.remove()
+    return tuple(torch.cat([seen[side, layer] for layer in range(N_LAYERS)], dim=-1) for side in ("in", "out"))
+
+
+CLT_INPUTS = [f"model.layers.{layer}.mlp:input" for layer in range(N_LAYERS)]
+CLT_TARGETS = [f"model.layers.{layer}.mlp" for layer in range(N_LAYERS)]
+
+
+@pytest.fixture(scope="module")
+def clt_folders(model_dir, tiny_corpus_dir, tmp_path_factory) -> dict[str, Path]:
+    """Folders of a TopK (k per layer) and a JumpReLU CLT over the tiny Llama's 4 layers, 48
+    features per layer, each trained for 100 steps on the corpus's MLP inputs and outputs with
+    per-layer scales (folded into the saved weights)."""
+    source = resolve_model_source(ModelConfig(name_or_path=str(model_dir)))
+    tokens = pack_sequences(DataConfig(source=str(tiny_corpus_dir), context_length=32, max_tokens=32 * 64),
+                            load_tokenizer(source))
+    x, y = (side.reshape(-1, N_LAYERS * 32) for side in _all_mlp_sides(load_model(source), torch.from_numpy(tokens)))
+    scales = [32**0.5 / side.view(len(side), N_LAYERS, 32).norm(dim=-1).mean(dim=0) for side in (x, y)]
+    folders = {}
+    for activation, options in (("topk", {"k": 6, "kernel": "dense"}), ("jumprelu", {"sparsity_coefficient": 1e-3})):
+        clt = CrossLayerTranscoder(N_LAYERS, 32, 48, activation=activation, seed=0, input_scales=scales[0],
+                                   target_scales=scales[1], **options)
+        fit_transcoder(clt, x.clone(), y.clone(), 100)
+        folder = tmp_path_factory.mktemp(f"clt-{activation}")
+        write_dictionary(open_store(str(folder)), dictionary_files(
+            clt, hookpoint=CLT_INPUTS[0], hookpoint_out=CLT_TARGETS[0], hookpoints=CLT_INPUTS,
+            hookpoints_out=CLT_TARGETS, model_name=str(model_dir), scale=1.0, extra_metadata={"run_name": "tiny"},
+            sparsity=None, eval_metrics=RECONSTRUCTION))
+        folders[activation] = folder
+    return folders
+
+
+class _HandCLT:
+    """A CLT folder's prediction computed from its saved weights (sae_weights.safetensors):
+    layer l's features read x_l (JumpReLU: pre-activations above their threshold; TopK: the k
+    largest ReLU'd ones), layer l' is b_dec[l'] + sum_{l <= l'} f_l W_dec_l[:, l' - l]."""
+
+    def __init__(self, folder: Path) -> None:
+        self.weights = load_safetensors((folder / WEIGHTS_FILE).read_bytes())
+        self.k = json.loads((folder / "cfg.json").read_text()).get("k")
+
+    def features(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        pre = x @ self.weights["W_enc"][layer] + self.weights["b_enc"][layer]
+        if self.k is None:
+            return pre * (pre > self.weights["threshold"][layer])
+        top = torch.relu(pre).topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+
+    def predict(self, layer: int, features: dict[int, torch.Tensor]) -> torch.Tensor:
+        return self.weights["b_dec"][layer] + sum(features[source] @ self.weights[f"W_dec_{source}"][:, layer - source]
+                                                  for source in range(layer + 1))
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+def test_a_clt_spliced_over_every_layer_gives_the_losses_of_a_hand_made_splice(
+        model_dir, tiny_corpus_dir, clt_folders, activation):
+    """``saeforge eval`` on a CLT folder: every MLP output replaced at once by the CLT's
+    prediction (layer l's features encoded from its input as the spliced forward computes it,
+    layer l' written by the features of layers <= l'), every MLP output zeroed for the baseline;
+    CE, KL, the per-layer FVU and the error over all layers equal the same splice done here with
+    plain torch hooks on the 4 MLPs and the saved weights."""
+    folder = clt_folders[activation]
+    assert saeforge(["eval", str(folder), "--text", str(tiny_corpus_dir), "--max-tokens", "512"]) == 0
+    evaluation = _eval_json(str(folder))
+    lm, unexplained = evaluation["lm"], evaluation["unexplained"]
+
+    source = resolve_model_source(ModelConfig(name_or_path=str(model_dir)))
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    data = DataConfig(source=str(tiny_corpus_dir), max_tokens=512)
+    tokens = torch.from_numpy(pack_sequences(data, tokenizer))
+    kept = ~torch.isin(tokens, torch.tensor(sorted(excluded_token_ids(data, tokenizer))))
+    hand = _HandCLT(folder)
+    features: dict[int, torch.Tensor] = {}
+    sides: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def encode(layer, x):
+        features[layer] = hand.features(layer, x)
+
+    def predict(layer, out):
+        sides[layer] = (out, hand.predict(layer, features))
+        return torch.where(kept[..., None], sides[layer][1], out)
+
+    logits = {}
+    mlps = [block.mlp for block in model.model.layers]
+    with torch.inference_mode():
+        logits["clean"] = model(input_ids=tokens).logits
+        handles = [h for layer, mlp in enumerate(mlps) for h in (
+            mlp.register_forward_pre_hook(lambda m, args, layer=layer: encode(layer, args[0])),
+            mlp.register_forward_hook(lambda m, args, out, layer=layer: predict(layer, out)))]
+        logits["spliced"] = model(input_ids=tokens).logits
+        for handle in handles:
+            handle.remove()
+        handles = [mlp.register_forward_hook(lambda m, args, out: torch.where(kept[..., None], 0.0, out)) for mlp in mlps]
+        logits["ablated"] = model(input_ids=tokens).logits
+        for handle in handles:
+            handle.remove()
+    ce = {name: _next_token_losses(value, tokens, kept) for name, value in logits.items()}
+    log_clean, log_spliced = (torch.log_softmax(logits[n][:, :-1].double(), dim=-1)[kept[:, :-1]] for n in ("clean", "spliced"))
+    kl = (log_clean.exp() * (log_clean - log_spliced)).sum(dim=-1)
+    assert lm["n_tokens"] == len(ce["clean"]) == kept[:, :-1].sum()
+    for name in ("clean", "spliced", "ablated"):
+        assert lm[f"{name}_ce"] == pytest.approx(ce[name].mean().item(), rel=1e-5)
+    assert lm["kl_divergence"] == pytest.approx(kl.mean().item(), rel=1e-4, abs=1e-7)
+    clean, spliced_ce, ablated = (ce[n].mean().item() for n in ("clean", "spliced", "ablated"))
+    assert lm["ce_recovered"] == pytest.approx((ablated - spliced_ce) / (ablated - clean), rel=1e-4)
+    assert spliced_ce < ablated and lm["kl_divergence"] > 0
+
+    # Per layer: the MLP's output in the spliced forward against the prediction, pooled FVU.
+    errors = []
+    for layer, entry in enumerate(lm["layers"]):
+        y, prediction = (side[kept].double() for side in sides[layer])
+        errors.append(y - prediction)
+        fvu = (y - prediction).pow(2).sum() / (y - y.mean(dim=0)).pow(2).sum()
+        assert (entry["hookpoint"], entry["hookpoint_out"]) == (CLT_INPUTS[layer], CLT_TARGETS[layer])
+        assert entry["fvu"] == pytest.approx(fvu.item(), rel=1e-4)
+        assert unexplained["layers"][layer]["hookpoint_out"] == CLT_TARGETS[layer]
+        assert unexplained["layers"][layer]["error_norm"]["max"] == pytest.approx(
+            (y - prediction).norm(dim=-1).max().item(), rel=1e-4)
+    # Over all layers: a token's error is its 4 layers' errors side by side.
+    norms = torch.zeros(kept.shape, dtype=torch.float64)
+    norms[kept] = torch.cat(errors, dim=-1).norm(dim=-1)
+    assert unexplained["n_tokens"] == kept.sum()
+    assert unexplained["error_norm"]["max"] == pytest.approx(norms.max().item(), rel=1e-4)
+    assert unexplained["error_norm"]["mean"] == pytest.approx(norms[kept].mean().item(), rel=1e-4)
+    for entry in unexplained["worst_contexts"]:
+        assert entry["error_norm"] == pytest.approx(norms[entry["sequence"], entry["position"]].item(), rel=1e-4)
+    assert (lm["hookpoint"], lm["target_hookpoint"]) == (CLT_INPUTS[0], CLT_TARGETS[-1])
+    assert {k: evaluation[k] for k in RECONSTRUCTION} == RECONSTRUCTION
+    assert evaluation["audit"] == {"skipped": "interp.steering cannot edit a cross-layer transcoder's features yet"}
+
+
+def test_a_splice_of_several_pairs_replaces_them_in_order_each_from_its_own_input(model_dir):
+    """Each pair's replacement gets that pair's input as the forward computed it after the earlier
+    replacements; pairs listed out of their forward order are refused in one line."""
+    model = load_model(resolve_model_source(ModelConfig(name_or_path=str(model_dir))))
+    ids = torch.randint(3, 200, (2, 10))
+    pairs = [(f"mlp_in.{layer}", f"mlp_out.{layer}") for layer in range(N_LAYERS)]
+    calls = []
+
+    def halve(i, acts, target):
+        calls.append((i, acts))
+        return target / 2
+
+    with torch.inference_mode():
+        with spliced_pairs(model, pairs, halve) as names:
+            halved = model(input_ids=ids).logits
+        handles = [block.mlp.register_forward_hook(lambda m, args, out: out / 2) for block in model.model.layers]
+        seen = _all_mlp_sides(model, ids)[0]
+        expected = model(input_ids=ids).logits
+        for handle in handles:
+            handle.remove()
+        with pytest.raises(ValueError, match=r"^target hookpoint model\.layers\.0\.mlp \(pair 1\) runs out of order in "
+                                             r"the forward pass: expected model\.layers\.1\.mlp \(pair 0\) next"):
+            with spliced_pairs(model, pairs[1::-1], lambda i, acts, target: target):
+                model(input_ids=ids)
+    assert names == [(f"model.layers.{layer}.mlp:input", f"model.layers.{layer}.mlp") for layer in range(N_LAYERS)]
+    assert [i for i, _ in calls] == list(range(N_LAYERS))
+    torch.testing.assert_close(torch.cat([acts for _, acts in calls], dim=-1), seen, rtol=0, atol=0)
+    torch.testing.assert_close(halved, expected, rtol=0, atol=0)
