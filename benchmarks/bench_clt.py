@@ -10,8 +10,11 @@ by ``parallelize_features`` inside the DeepSpeed engine the job builds (``wrap_i
 grid=...)``, fp32, ZeRO 0: with one data-parallel rank per slice ZeRO has nothing to partition).
 Each rank trains ``--steps`` steps on batches of ``--batch`` synthetic rows after one warm-up step:
 Gaussian MLP inputs and targets of the right widths (L x 576 each, the flat concatenation the
-reader yields), not harvested activations; the time of a step does not depend on their values
-beyond how many latents fire, which the table reports (L0 per layer). Each rank reports its median
+reader yields), not harvested activations. The time of a step does not depend on their values
+beyond how many latents fire: JumpReLU encodes and decodes densely, but the split gathers every
+rank's firing latents, so the thresholds start where about ``--l0`` (64) latents per layer fire on
+these rows, as in a trained CLT, instead of the half that the initial threshold lets through; the
+table reports the L0 measured. Each rank reports its median
 step time, its peak resident memory (``ru_maxrss``, which includes building the whole CLT before the
 split keeps its half) and its resident memory after training (its slice's weights, gradients and
 Adam's two moments).
@@ -22,7 +25,7 @@ The hardware bound: a rank's dense GEMM work per step, the encoders ``2 B d (n/2
 reaches on a ``batch x d_model @ d_model x 4096`` product (measured in the same run).
 
     .venv/bin/python benchmarks/bench_clt.py --write benchmarks/RESULTS.md   # about 6 minutes
-    .venv/bin/python benchmarks/bench_clt.py --quick                         # seconds: tiny sizes
+    .venv/bin/python benchmarks/bench_clt.py --quick                         # a minute: tiny sizes
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import resource
 import statistics
@@ -57,13 +61,28 @@ def _rss_bytes() -> int:
 
 
 def _build_clt(config: dict) -> torch.nn.Module:
+    """The CLT every rank builds (seed 0) before the split; JumpReLU thresholds set so that about
+    ``l0`` latents per layer fire on the synthetic rows (see ``jumprelu_threshold``)."""
     from trainer.clt import CrossLayerTranscoder
     from trainer.config import SAEConfig
 
     sae_cfg = SAEConfig(architecture=config["architecture"], n_latents=config["n_per_layer"], k=config["k"],
                         auxk_coefficient=0)
-    return CrossLayerTranscoder.from_config(sae_cfg, layers=config["layers"], d_in=config["d_model"],
-                                            d_out=config["d_model"], seed=0, dtype=torch.float32)
+    clt = CrossLayerTranscoder.from_config(sae_cfg, layers=config["layers"], d_in=config["d_model"],
+                                           d_out=config["d_model"], seed=0, dtype=torch.float32)
+    if config["architecture"] == "jumprelu":
+        with torch.no_grad():
+            clt.log_threshold.fill_(math.log(jumprelu_threshold(config["l0"], config["n_per_layer"])))
+    return clt
+
+
+def jumprelu_threshold(l0: int, n_per_layer: int) -> float:
+    """The threshold above which ``l0`` of ``n_per_layer`` standard normal pre-activations lie on
+    average: a JumpReLU CLT's encoder columns start at unit norm, so on Gaussian rows of unit
+    variance (norm about sqrt(d), what the trainer's normalisation gives) its pre-activations are
+    standard normal. A trained CLT fires tens of latents per layer, not the half of them that the
+    initial threshold lets through, and the split's gather of the firing latents grows with L0."""
+    return float(torch.special.ndtri(torch.tensor(1 - l0 / n_per_layer, dtype=torch.float64)))
 
 
 def _worker(rank: int, port: int, config: dict, out_dir: str) -> None:
@@ -137,7 +156,7 @@ def run_layers(layers: int, args: argparse.Namespace) -> dict:
     import torch.multiprocessing as mp
 
     config = {"layers": layers, "d_model": args.d_model, "n_per_layer": args.latents, "k": args.k,
-              "architecture": args.architecture, "batch": args.batch,
+              "architecture": args.architecture, "l0": args.l0, "batch": args.batch,
               "steps": args.steps if layers < 8 else args.steps_large}
     progress(f"{layers} layers: {config['steps']} steps")
     started = time.perf_counter()
@@ -163,16 +182,18 @@ def report(rows: list[dict], args: argparse.Namespace, *, rate: float, command: 
         step = max(r["step_s"] for r in ranks)
         bound = gemm_flops(args.latents, args.d_model, layers, args.batch) / rate
         lines.append(
-            f"| {layers} | {rank_parameters(args.latents, args.d_model, layers) / 1e6:,.0f} M | {step:.3f} s | "
+            f"| {layers} | {rank_parameters(args.latents, args.d_model, layers) / 1e6:,.1f} M | {step:.3f} s | "
             f"{args.batch / step:,.0f} | {bound:.3f} s | {bound / step:.0%} | {ranks[0]['l0_per_layer']:,.0f} | "
             f"{max(r['peak_rss'] for r in ranks) / GIB:.2f} GiB | {max(r['rss_after'] for r in ranks) / GIB:.2f} GiB |"
         )
+    sparsity = (f"thresholds set for {args.l0} firing latents per layer" if args.architecture == "jumprelu"
+                else f"k {args.k} per layer")
     return "\n".join([
         f"Run {started}, `{command}` on {cpu_description()}; load average before: {load}. "
         f"{args.architecture} CLT, {args.latents:,} latents per layer, d_model {args.d_model} in and out, "
-        f"batch {args.batch:,} synthetic rows (Gaussian inputs and targets), {FEATURE_PARALLEL} feature-parallel "
-        f"ranks (1 thread each), fp32, ZeRO 0; median of {args.steps} steps ({args.steps_large} from 8 layers) "
-        f"after one warm-up step. fp32 GEMM rate of one thread: {rate / 1e9:.0f} GFLOP/s.",
+        f"batch {args.batch:,} synthetic rows (Gaussian inputs and targets; {sparsity}), {FEATURE_PARALLEL} "
+        f"feature-parallel ranks (1 thread each), fp32, ZeRO 0; median of {args.steps} steps ({args.steps_large} "
+        f"from 8 layers) after one warm-up step. fp32 GEMM rate of one thread: {rate / 1e9:.0f} GFLOP/s.",
         "",
         *lines,
     ])
@@ -185,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d-model", type=int, default=576)
     parser.add_argument("--architecture", default="jumprelu", choices=["jumprelu", "topk"])
     parser.add_argument("--k", type=int, default=32, help="topk: per layer")
+    parser.add_argument("--l0", type=int, default=64, help="jumprelu: latents per layer the thresholds let fire")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--steps-large", type=int, default=4, help="steps from 8 layers on")
@@ -193,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.layers, args.latents, args.d_model, args.batch, args.steps, args.steps_large = [2, 3], 64, 32, 64, 2, 2
+        args.l0 = args.k = 8
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python benchmarks/bench_clt.py", *given])
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
