@@ -29,7 +29,7 @@ bench-observe: setup
 bench-audit: setup
 	$(VENV)/bin/python benchmarks/bench_audit.py --write benchmarks/RESULTS.md $(ARGS)
 
-# A cross-layer transcoder over 2 to 12 layers on 2 feature-parallel ranks (about 6 minutes).
+# A cross-layer transcoder over 2 to 12 layers on 2 feature-parallel ranks (about 5 minutes).
 bench-clt: setup
 	$(VENV)/bin/python benchmarks/bench_clt.py --write benchmarks/RESULTS.md $(ARGS)
 
