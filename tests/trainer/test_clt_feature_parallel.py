@@ -1,6 +1,6 @@
 """Feature parallelism of a cross-layer transcoder on CPU with gloo: 2 processes, each holding half
 of every layer's latents (one feature group of 2), and 4 as a 2 x 2 (data x feature) grid through
-DeepSpeed under ZeRO 2.
+DeepSpeed under ZeRO 2 and 3.
 
 Each activation (JumpReLU with the L0 and with the tanh penalty, TopK per layer, TopK across
 layers) runs one forward, backward and torch Adam step of ``parallelize_features(CrossLayerTranscoder)``
@@ -27,6 +27,8 @@ from trainer.engine import master_weights, shutdown_engine, wrap_in_deepspeed
 from trainer.feature_parallel import build_grid, feature_shard, parallelize_features
 from trainer.metrics import output_fire_counts
 
+pytestmark = pytest.mark.integration
+
 N_LAYERS, D_IN, D_OUT, N_PER_LAYER, K = 3, 8, 6, 8, 2
 BATCH, CLT_SEED, DATA_SEED, LR = 16, 0, 123, 1e-2
 INPUT_SCALES, TARGET_SCALES = (0.5, 1.0, 2.0), (1.5, 0.7, 1.2)
@@ -40,6 +42,7 @@ MODELS = {
     "topk_all": dict(activation="topk", k=K, clt_topk="all", auxk_coefficient=0),
 }
 GRID_MODELS = ("jumprelu_l0", "topk_layer")
+GRID_STAGES = (2, 3)  # ZeRO 3 too: it partitions the decoders held in an nn.ParameterList
 GRID_STEPS, MAX_GRAD_NORM = 3, 0.05
 
 
@@ -112,12 +115,13 @@ def _one_step(name: str, group) -> dict[str, object]:
     }
 
 
-def _grid_steps(name: str, grid) -> dict[str, object]:
+def _grid_steps(name: str, stage: int, grid) -> dict[str, object]:
     # Each data rank draws a different dictionary: DeepSpeed broadcasts the first data rank's.
     clt = parallelize_features(_centred(_clt(name, seed=CLT_SEED + grid.data_rank)), group=grid.feature_group)
     engine = wrap_in_deepspeed(
         clt, train_cfg=TrainConfig(batch_size=BATCH, max_grad_norm=MAX_GRAD_NORM),
-        deepspeed_cfg=DeepSpeedConfig(zero_stage=2, feature_parallel=grid.feature_parallel),
+        deepspeed_cfg=DeepSpeedConfig(zero_stage=stage, feature_parallel=grid.feature_parallel,
+                                      stage3_param_persistence_threshold=0),  # partition every ZeRO-3 parameter
         lr=LR, world_size=dist.get_world_size(), grid=grid,
     )
     rows = slice(grid.data_rank * BATCH // grid.data_parallel, (grid.data_rank + 1) * BATCH // grid.data_parallel)
@@ -163,7 +167,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         results.update({name: _one_step(name, pair) for name in MODELS})
         results["refusals"] = _refusals(pair)
     dist.barrier()
-    results["grid"] = {name: _grid_steps(name, grid) for name in GRID_MODELS}
+    results["grid"] = {(name, stage): _grid_steps(name, stage, grid) for name in GRID_MODELS for stage in GRID_STAGES}
     dist.destroy_process_group()
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
@@ -263,15 +267,18 @@ def test_gathered_state_is_the_single_process_state_after_the_step(ranks, refere
     _clt(name).load_state_dict(full)
 
 
+@pytest.mark.parametrize("stage", GRID_STAGES)
 @pytest.mark.parametrize("name", GRID_MODELS)
-def test_grid_under_zero2_gives_the_single_process_losses_norms_and_weights(ranks, grid_reference, name: str) -> None:
+def test_grid_under_zero_gives_the_single_process_losses_norms_and_weights(
+    ranks, grid_reference, name: str, stage: int
+) -> None:
     expected = grid_reference[name]
     assert min(expected["grad_norms"]) > 2 * MAX_GRAD_NORM  # the clipping bites at every step
-    by_replica = {results["position"][0]: results["grid"][name]["losses"] for results in ranks}
+    by_replica = {results["position"][0]: results["grid"][name, stage]["losses"] for results in ranks}
     close(torch.tensor([by_replica[0], by_replica[1]]).mean(dim=0), torch.tensor(expected["losses"]), "losses")
     for results in ranks:
-        close(torch.tensor(results["grid"][name]["grad_norms"]), torch.tensor(expected["grad_norms"]), "grad norms")
-        full = results["grid"][name]["full_state_dict"]
+        close(torch.tensor(results["grid"][name, stage]["grad_norms"]), torch.tensor(expected["grad_norms"]), "grad norms")
+        full = results["grid"][name, stage]["full_state_dict"]
         if results["position"][1] != 0:
             assert full is None
             continue
