@@ -22,7 +22,8 @@ Adam's two moments).
 The hardware bound: a rank's dense GEMM work per step, the encoders ``2 B d (n/2) L`` forward and
 ``2 B d (n/2) L`` for their weight gradient (the input needs none), the decoders
 ``2 B (n/2) d L (L + 1) / 2`` forward and twice that backward, at the fp32 GEMM rate one thread
-reaches on a ``batch x d_model @ d_model x 4096`` product (measured in the same run).
+reaches on a ``batch x d_model @ d_model x 4096`` product (measured in the same run). With
+``--architecture topk`` the decoders run sparse (k per layer), so that bound counts work TopK skips.
 
     .venv/bin/python benchmarks/bench_clt.py --write benchmarks/RESULTS.md   # about 5 minutes
     .venv/bin/python benchmarks/bench_clt.py --quick                         # a minute: tiny sizes
