@@ -410,7 +410,8 @@ def audit_cards(observer: Observer, text: EvalText, cfg: EvalConfig, cards: list
     start = time.perf_counter()
     try:
         steerer = Steerer(observer)
-    except ValueError as err:  # a dictionary with run-time normalisation cannot steer
+    except ValueError as err:  # run-time normalisation, a CLT's TopK across layers: it cannot steer
+        log.info("steer audit skipped: %s", err)
         return {"skipped": str(err)}
     refusal = logit_lens_refusal(observer)
     if refusal is not None:
@@ -462,9 +463,6 @@ def _read_dictionary(folder: ObjectStore) -> dict[str, bytes]:
         raise FileNotFoundError(f"{folder.uri}: not a dictionary (needs {CONFIG_FILE} and {WEIGHTS_FILE})") from None
 
 
-_NO_CLT_AUDIT = "interp.steering cannot edit a cross-layer transcoder's features yet"
-
-
 def _log_evaluation(logger: MetricLogger, result: SplicedEval) -> None:
     figures = {f"eval/lm/{k}": v for k, v in result.lm.items() if isinstance(v, int | float)}
     figures.update({f"eval/lm/fvu/{layer['hookpoint_out']}": layer["fvu"] for layer in result.lm.get("layers", [])})
@@ -504,10 +502,7 @@ def evaluate_uris(
         audit_section = None
         # The model is loaded already: the audit costs its forward passes only. Its features are
         # among the report's cards (choosing among every latent costs an (n_latents, vocab) product).
-        if cfg.audit_features > 0 and pairs is not None:
-            audit_section = {"skipped": _NO_CLT_AUDIT}
-            log.info("steer audit skipped: %s", _NO_CLT_AUDIT)
-        elif cfg.audit_features > 0 and folder.exists(FEATURES_FILE):
+        if cfg.audit_features > 0 and folder.exists(FEATURES_FILE):
             cards = FeatureSample.from_json(folder.get_bytes(FEATURES_FILE)).cards
             try:
                 observer = audit_observer(uri, model, tokenizer, model_cfg, s3_options=s3_options)

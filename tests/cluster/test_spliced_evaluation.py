@@ -587,6 +587,8 @@ def test_a_clt_spliced_over_every_layer_gives_the_losses_of_a_hand_made_splice(
     CE, KL, the per-layer FVU and the error over all layers equal the same splice done here with
     plain torch hooks on the 4 MLPs and the saved weights."""
     folder = clt_folders[activation]
+    cards = [FeatureCard(i, "random", 0.1, 5, 3.0, []) for i in range(0, N_LAYERS * 48, 5)]
+    open_store(str(folder)).put_bytes(FEATURES_FILE, FeatureSample(cards, 128, "", False, 0).to_json())
     assert saeforge(["eval", str(folder), "--text", str(tiny_corpus_dir), "--max-tokens", "512"]) == 0
     evaluation = _eval_json(str(folder))
     lm, unexplained = evaluation["lm"], evaluation["unexplained"]
@@ -653,7 +655,15 @@ def test_a_clt_spliced_over_every_layer_gives_the_losses_of_a_hand_made_splice(
         assert entry["error_norm"] == pytest.approx(norms[entry["sequence"], entry["position"]].item(), rel=1e-4)
     assert (lm["hookpoint"], lm["target_hookpoint"]) == (CLT_INPUTS[0], CLT_TARGETS[-1])
     assert {k: evaluation[k] for k in RECONSTRUCTION} == RECONSTRUCTION
-    assert evaluation["audit"] == {"skipped": "interp.steering cannot edit a cross-layer transcoder's features yet"}
+    # The steer audit edits two of the cards' features where they write (every later MLP output), the error kept.
+    audit = evaluation["audit"]
+    assert len(audit["features"]) == EvalConfig().audit_features and set(audit["features"]) <= {c.index for c in cards}
+    for kind in ("amplify", "suppress"):
+        assert [f["feature"] for f in audit[kind]["features"]] == audit["features"]
+        assert {f["error_term"] for f in audit[kind]["features"]} == {"keep"}
+    page = (folder / REPORT_FILE).read_text()
+    assert "Cross-layer transcoder report: layers 0–3" in page and "spliced LM: ce_recovered" in page
+    assert all(f'id="audit-{f}"' in page for f in audit["features"])
 
 
 def test_a_splice_of_several_pairs_replaces_them_in_order_each_from_its_own_input(model_dir):
