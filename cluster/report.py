@@ -90,10 +90,12 @@ def build_report(
 
     ``holdout`` yields held-out shards with provenance (read lazily: only the first
     ``options.max_tokens`` rows are encoded; a transcoder's are its input hookpoint's, what its
-    features read); ``decode`` turns token ids into display strings (``token_decoder(tokenizer)``;
+    features read; a cross-layer transcoder's hold every covered layer's input side by side,
+    (rows, L*d_in) in layer order, with the provenance their tokens share); ``decode`` turns token ids into display strings (``token_decoder(tokenizer)``;
     None shows ids); ``unembedding`` is the model's W_U (vocab, d_model), None when it has none,
     with ``unembedding_note`` saying how it was obtained. The promoted tokens are the decoder rows
-    (what a transcoder's features write) through it, where its width is the decoder's ``d_out``.
+    (what a transcoder's features write; a cross-layer transcoder's summed over the layers each
+    writes to, ``written_directions``) through it, where its width is the decoder's ``d_out``.
     The held-out rows are encoded on ``device``. The same inputs give the same bytes.
     """
     sae, cfg = load_dictionary(dict(files))
@@ -102,13 +104,25 @@ def build_report(
     features = sample_features(frequencies, sae.n_latents, options.n_features, seed=options.seed)
     scan = scan_top_activations(sae, holdout, [f for f, _ in features], n_examples=options.n_examples,
                                 max_tokens=options.max_tokens)
-    logits_reason = _unembedding_problem(unembedding, sae.d_out, transcoder="hook_name_out" in cfg.get("metadata", {}))
-    logit_ids = None if logits_reason else logit_tokens(sae.W_dec, unembedding, scan.features, options.n_logit_tokens)
+    directions = written_directions(sae)
+    logits_reason = _unembedding_problem(unembedding, directions.shape[1],
+                                         transcoder="hook_name_out" in cfg.get("metadata", {}))
+    logit_ids = None if logits_reason else logit_tokens(directions, unembedding, scan.features, options.n_logit_tokens)
     cards = feature_cards(features, frequencies, scan, logit_ids, decode=decode or _show_ids,
                           before=options.context_before, after=options.context_after)
     sample = FeatureSample(cards, scan.rows, logits_reason or unembedding_note, logits_reason is None, options.seed)
     report = {FEATURES_FILE: sample.to_json()}
     return {**report, **render_report({**files, **report})}
+
+
+def written_directions(sae: torch.nn.Module) -> Tensor:
+    """(n_latents, d) what each latent writes per unit activation: its decoder row; for a
+    cross-layer transcoder (``W_dec`` a list of (n, L - l, d_out) per layer) the sum of its
+    decoder rows over the MLP outputs it writes to, its total write into the residual stream
+    (every covered MLP output is added to it) and what the logit lens reads."""
+    if isinstance(sae.W_dec, torch.nn.ParameterList):
+        return torch.cat([sae.decoder_weight(layer).detach().sum(dim=1) for layer in range(sae.n_layers)])
+    return sae.W_dec
 
 
 def report_with_model(

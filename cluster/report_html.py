@@ -9,7 +9,10 @@ carry its headline figures (``.audit``, id ``audit-<latent>``).
 A transcoder's page (cfg.json's ``metadata.hook_name_out``) says in its header which hookpoint
 it reads and which it writes; its cards show what each feature reads (top-activating contexts at
 the input hookpoint) and what it writes (the tokens its decoder row promotes), and a skip
-transcoder's page says its skip term is not a feature.
+transcoder's page says its skip term is not a feature. A cross-layer transcoder's page (cfg.json's
+architecture ``*_clt``) names its layer range in the header and the summary; each card says which
+layer its feature reads (the latent ``l * d_sae + i`` is layer ``l``'s feature ``i``) and the MLP
+outputs it writes, its promoted tokens those of its decoder rows summed over those layers.
 
 Every text that comes from the data (tokens, metadata, eval keys) is HTML-escaped, and the page's
 Content-Security-Policy allows no script at all: a token is untrusted text. No torch here:
@@ -22,7 +25,9 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cluster.report_cards import Context, FeatureCard, FeatureSample
@@ -79,8 +84,10 @@ def render_html(
 ) -> str:
     """The report page: a pure function of its arguments."""
     metadata = cfg.get("metadata", {})
-    ends = _transcoder_ends(cfg)
-    if ends is None:
+    ends, clt = _transcoder_ends(cfg), _cross_layer(cfg)
+    if clt is not None:
+        title = f"Cross-layer transcoder report: {clt.span()} of {metadata.get('model_name', '?')}"
+    elif ends is None:
         title = f"SAE report: {metadata.get('hook_name', '?')} of {metadata.get('model_name', '?')}"
     else:
         title = f"Transcoder report: reads {ends[0]} -> writes {ends[1]} of {metadata.get('model_name', '?')}"
@@ -114,6 +121,56 @@ def _transcoder_ends(cfg: dict[str, Any]) -> tuple[str, str] | None:
     return str(metadata.get("hook_name", "?")), str(metadata["hook_name_out"])
 
 
+@dataclass(frozen=True)
+class _CrossLayer:
+    """A cross-layer transcoder's layers, from its cfg.json: latent ``l * per_layer + i`` is
+    layer ``l``'s feature ``i``; it reads ``inputs[l]`` and writes ``targets[l:]``."""
+
+    inputs: list[str]
+    targets: list[str]
+    per_layer: int
+
+    def layer(self, latent: int) -> int:
+        """The position among the covered layers of the layer whose feature ``latent`` is."""
+        return min(latent // max(self.per_layer, 1), len(self.inputs) - 1)
+
+    def model_layer(self, latent: int) -> int | str:
+        """The model's layer number of the layer ``latent`` reads (its position when the
+        hookpoint names none)."""
+        layer = self.layer(latent)
+        number = _layer_number(self.inputs[layer])
+        return layer if number is None else number
+
+    def writes(self, layer: int) -> str:
+        first, last = self.targets[layer], self.targets[-1]
+        return first if first == last else f"{first} … {last}, summed over {len(self.targets) - layer} layers"
+
+    def span(self) -> str:
+        """``layers 0–3 (reads <first input> … writes <last target>)``."""
+        numbers = [_layer_number(h) for h in (self.inputs[0], self.targets[-1])]
+        layers = (f"layers {numbers[0]}–{numbers[1]}" if None not in numbers and numbers[0] != numbers[1]
+                  else f"{len(self.inputs)} layer{'s' if len(self.inputs) != 1 else ''}")
+        return f"{layers} (reads {self.inputs[0]} … writes {self.targets[-1]})"
+
+
+def _layer_number(hookpoint: str) -> int | None:
+    """The layer of a canonical hookpoint (``model.layers.2.mlp:input`` -> 2), if it names one."""
+    found = re.search(r"\.(\d+)(?:\.|:|$)", hookpoint)
+    return int(found.group(1)) if found else None
+
+
+def _cross_layer(cfg: dict[str, Any]) -> _CrossLayer | None:
+    """A cross-layer transcoder's layers (architecture ``*_clt``); None for any other dictionary."""
+    if not str(cfg.get("architecture", "")).endswith("_clt"):
+        return None
+    metadata = cfg.get("metadata", {})
+    inputs = [str(h) for h in metadata.get("hook_names") or [metadata.get("hook_name", "?")]]
+    targets = [str(h) for h in metadata.get("hook_names_out") or [metadata.get("hook_name_out", "?")]]
+    if len(targets) != len(inputs):
+        targets = (targets + ["?"] * len(inputs))[: len(inputs)]
+    return _CrossLayer(inputs, targets, int(cfg.get("d_sae") or 1))
+
+
 def _has_skip(cfg: dict[str, Any]) -> bool:
     """A skip transcoder: ``skip_transcoder``, ``jumprelu_skip_transcoder`` (SAELens's) or
     ``topk_skip_transcoder`` (ours); ``trainer.sae.saved_with_skip``'s rule, without torch."""
@@ -122,12 +179,18 @@ def _has_skip(cfg: dict[str, Any]) -> bool:
 
 def _summary_html(cfg: dict[str, Any], evaluation: dict[str, Any]) -> str:
     metadata = cfg.get("metadata", {})
+    clt = _cross_layer(cfg)
+    per = "" if clt is None else " per layer"
+    where: list[tuple[str, Any]] = [("hookpoint", metadata.get("hook_name")),
+                                    *([("output hookpoint", metadata["hook_name_out"])] if "hook_name_out" in metadata else [])]
+    if clt is not None:
+        where = [("layers", clt.span()), ("input hookpoints", clt.inputs), ("output hookpoints", clt.targets)]
     rows: list[tuple[str, Any]] = [
-        ("model", metadata.get("model_name")), ("hookpoint", metadata.get("hook_name")),
-        *([("output hookpoint", metadata["hook_name_out"])] if "hook_name_out" in metadata else []),
+        ("model", metadata.get("model_name")), *where,
         ("architecture", f"{cfg.get('architecture')} (trained as {metadata.get('training_architecture', '?')})"),
-        ("d_in", cfg.get("d_in")), *([("d_out", cfg["d_out"])] if "d_out" in cfg else []),
-        ("latents (d_sae)", cfg.get("d_sae")),
+        (f"d_in{per}", cfg.get("d_in")), *([(f"d_out{per}", cfg["d_out"])] if "d_out" in cfg else []),
+        (f"latents (d_sae){per}", cfg.get("d_sae")),
+        *([("TopK across", cfg["clt_topk"])] if "clt_topk" in cfg else []),
         *([("k", cfg["k"])] if "k" in cfg else []),
         *[(key, metadata[key]) for key in ("run_name", "cache_key") if key in metadata],
         *[(f"held-out {key}" if key not in ("train_tokens", "train_steps") else key, evaluation[key])
@@ -179,16 +242,17 @@ def _evaluation_html(evaluation: dict[str, Any]) -> str:
 
 
 def _features_html(sample: FeatureSample | None, audit: Any = None, cfg: dict[str, Any] | None = None) -> str:
-    ends = _transcoder_ends(cfg or {})
+    ends, clt = _transcoder_ends(cfg or {}), _cross_layer(cfg or {})
     skip = ""
     if ends is not None and _has_skip(cfg or {}):
         skip = ('<p class="note">This is a skip transcoder: beside its features it adds an affine skip term '
                 "(W_skip, a dense map of the whole input) to its prediction. The skip term is not a feature: it "
                 "has no card, reads every input direction at once and is not edited by steering a feature.</p>")
-    return skip + _feature_cards_html(sample, audit, ends)
+    return skip + _feature_cards_html(sample, audit, ends, clt)
 
 
-def _feature_cards_html(sample: FeatureSample | None, audit: Any, ends: tuple[str, str] | None) -> str:
+def _feature_cards_html(sample: FeatureSample | None, audit: Any, ends: tuple[str, str] | None,
+                        clt: _CrossLayer | None = None) -> str:
     if sample is None:
         return f'<p class="note">No feature sample was computed for this dictionary ({FEATURES_FILE} is missing).</p>'
     if not sample.cards:
@@ -196,7 +260,12 @@ def _feature_cards_html(sample: FeatureSample | None, audit: Any, ends: tuple[st
     intro = (f'<p class="note">{len(sample.cards)} latents, drawn (seed {sample.seed}) from the most frequent, middle '
              "and rarest thirds of the live latents; contexts are the top activations among the first "
              f"{sample.rows_scanned:,} held-out tokens, with the activating token highlighted.</p>")
-    if ends is not None:
+    if clt is not None:
+        intro += ('<p class="note">A cross-layer transcoder feature of layer l reads that layer\'s MLP input (its '
+                  "top-activating contexts, encoded from the held-out inputs of every covered layer) and writes "
+                  "the MLP outputs of layer l and every later covered layer; its promoted tokens are those of its "
+                  "decoder rows summed over those layers (its total write into the residual stream).</p>")
+    elif ends is not None:
         intro += (f'<p class="note">A transcoder feature reads {html.escape(ends[0])} (its top-activating '
                   f"contexts, encoded from that hookpoint's held-out activations) and writes "
                   f"{html.escape(ends[1])} (its decoder row; the tokens it promotes through the unembedding).</p>")
@@ -204,23 +273,31 @@ def _feature_cards_html(sample: FeatureSample | None, audit: Any, ends: tuple[st
         intro += f'<p class="note">{html.escape(sample.logits_note)}</p>'
     else:
         intro += f'<p class="note">Promoted tokens are unavailable: {html.escape(sample.logits_note)}.</p>'
+    layer = [] if clt is None else ["layer"]
     index = _table_rows(
-        ["latent", "band", "frequency", "fired (scanned)", "max activation"],
-        [[f'<a href="#feature-{c.index}">{c.index}</a>', html.escape(c.band), _number(c.frequency),
-          _number(c.fired), _number(c.max_activation)] for c in sample.cards],
+        ["latent", *layer, "band", "frequency", "fired (scanned)", "max activation"],
+        [[f'<a href="#feature-{c.index}">{c.index}</a>', *([] if clt is None else [_number(clt.model_layer(c.index))]),
+          html.escape(c.band), _number(c.frequency), _number(c.fired), _number(c.max_activation)]
+         for c in sample.cards],
     )
     audited = _audited(audit)
     intro += _audit_intro(audit, audited)
-    cards = "".join(_card_html(c, sample.has_logits, audited.get(c.index, ""), ends) for c in sample.cards)
+    cards = "".join(_card_html(c, sample.has_logits, audited.get(c.index, ""), ends, clt) for c in sample.cards)
     return f'{intro}{index}<div class="cards">{cards}</div>'
 
 
-def _card_html(card: FeatureCard, has_logits: bool, audit: str = "", ends: tuple[str, str] | None = None) -> str:
+def _card_html(card: FeatureCard, has_logits: bool, audit: str = "", ends: tuple[str, str] | None = None,
+               clt: _CrossLayer | None = None) -> str:
     reads, writes = ("", "") if ends is None else (f" (reads {ends[0]})", f" (writes {ends[1]})")
+    which = ""
+    if clt is not None:
+        layer = clt.layer(card.index)
+        reads, writes = f" (reads {clt.inputs[layer]})", f" (writes {clt.writes(layer)})"
+        which = f" · layer {clt.model_layer(card.index)}, feature {card.index - layer * clt.per_layer}"
     frequency = "unknown" if card.frequency is None else f"{card.frequency:.3g}" + (
         f" (1 in {1 / card.frequency:,.0f} tokens)" if card.frequency > 0 else "")
     parts = [
-        f'<article class="feature" id="feature-{card.index}"><h3>Latent {card.index}'
+        f'<article class="feature" id="feature-{card.index}"><h3>Latent {card.index}{html.escape(which)}'
         f'<span class="band">{html.escape(card.band)}</span></h3>',
         f'<p class="note">held-out firing frequency {frequency} · fired on {card.fired:,} scanned tokens · '
         f"max activation {card.max_activation:.4g}</p><h4>Top-activating contexts{html.escape(reads)}</h4>",

@@ -43,6 +43,7 @@ from cluster.report_scan import (
 from interp.audit import AuditResult, Behaviour, Cost, Dashboard, FeatureAudit, Leak, Target
 from interp.svg import svg_line_chart
 from trainer.architectures import ReLUSAE
+from trainer.clt import CrossLayerTranscoder
 from trainer.dictionary import dictionary_files, load_dictionary
 from trainer.layout import (
     CONFIG_FILE,
@@ -577,3 +578,75 @@ def test_a_transcoder_writing_another_width_has_no_logit_lens_and_a_skip_term_is
                         options=ReportOptions(n_features=3))[REPORT_FILE].decode()
     assert "The skip term is not a feature" in skip and "skip term" not in page
     assert "<td>architecture</td><td>topk_skip_transcoder (trained as topk)</td>" in skip
+
+
+# --------------------------------------------------------------------------- cross-layer transcoders
+
+CLT_LAYERS = 4
+CLT_INPUTS = [f"model.layers.{layer}.mlp:input" for layer in range(CLT_LAYERS)]
+CLT_TARGETS = [f"model.layers.{layer}.mlp" for layer in range(CLT_LAYERS)]
+
+
+@pytest.fixture(scope="module")
+def clt_input_shards(tiny_model_dir, tiny_corpus_dir, tmp_path_factory) -> list[DecodedShard]:
+    """The tiny Llama's 4 MLP inputs (BOS excluded) cached as real shards, one cache per layer,
+    each shard's rows put side by side (rows, 4 * 32) with the provenance they share: a
+    cross-layer transcoder's held-out rows as the job passes them to the report."""
+    source = resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir)))
+    tokenizer = load_tokenizer(source)
+    tokens = pack_sequences(DataConfig(source=str(tiny_corpus_dir), context_length=32, max_tokens=32 * 16), tokenizer)
+    model = load_model(source)
+    per_layer = []
+    for layer, hookpoint in enumerate(CLT_INPUTS):
+        meta = ShardMeta(model="tiny", revision=source.revision, hookpoint=hookpoint, d_model=32, dtype="float32",
+                         cache_key=f"i{layer}")
+        store = LocalStore(tmp_path_factory.mktemp(f"clt-in-{layer}"))
+        per_layer.append([
+            read_shard(store, produce_shard(unit, harvester=ActivationHarvester(model, f"mlp_in.{layer}"), store=store,
+                                            meta=meta, batch_size=8,
+                                            excluded_token_ids=frozenset(tokenizer.all_special_ids)).entry)
+            for unit in split_units(tokens, 8)
+        ])
+    return [dataclasses.replace(shards[0], activations=torch.cat([s.activations for s in shards], dim=1))
+            for shards in zip(*per_layer, strict=True)]
+
+
+def test_a_clt_page_names_its_layers_and_each_card_the_layer_it_reads_and_the_outputs_it_writes(
+        tiny_model_dir, clt_input_shards):
+    """A feature of layer l (latent l * n + i) reads layer l's MLP input: its contexts are its
+    largest activations encoded by hand from that layer's held-out inputs and the saved weights.
+    It writes the MLP outputs of layers l..3: its promoted tokens are those its decoder rows,
+    summed over those layers, point along through the unembedding."""
+    clt = CrossLayerTranscoder(CLT_LAYERS, 32, 16, activation="topk", k=3, seed=0)
+    files = dictionary_files(clt, hookpoint=CLT_INPUTS[0], hookpoint_out=CLT_TARGETS[0], hookpoints=CLT_INPUTS,
+                             hookpoints_out=CLT_TARGETS, model_name="tiny", scale=1.0, extra_metadata={}, sparsity=None,
+                             eval_metrics={"fvu": 0.3})
+    W_U, note = load_unembedding(resolve_model_source(ModelConfig(name_or_path=str(tiny_model_dir))))
+    decode = _decoder(tiny_model_dir)
+    report = build_report(files, holdout=clt_input_shards, decode=decode, unembedding=W_U, unembedding_note=note,
+                          options=ReportOptions(n_features=12, n_logit_tokens=5))
+    page, sample = report[REPORT_FILE].decode(), FeatureSample.from_json(report[FEATURES_FILE])
+    assert ("<h1>Cross-layer transcoder report: layers 0–3 (reads model.layers.0.mlp:input … writes "
+            "model.layers.3.mlp) of tiny</h1>") in page
+    assert "<td>d_in per layer</td><td>32</td>" in page and "<td>latents (d_sae) per layer</td><td>16</td>" in page
+
+    weights = load_safetensors(files[WEIGHTS_FILE])
+    x = torch.cat([s.activations for s in clt_input_shards]).view(-1, CLT_LAYERS, 32)
+    assert sample.has_logits and len(sample.cards) == 12 and sample.rows_scanned == len(x)
+    assert {card.index // 16 for card in sample.cards} == set(range(CLT_LAYERS))  # every layer drawn
+    for card in sample.cards:
+        layer, feature = divmod(card.index, 16)
+        pre = torch.relu(x[:, layer] @ weights["W_enc"][layer] + weights["b_enc"][layer])
+        top = pre.topk(3, dim=-1)
+        column = torch.zeros_like(pre).scatter(-1, top.indices, top.values)[:, feature]
+        assert card.max_activation == pytest.approx(column.max().item(), rel=1e-5)
+        assert card.fired == int((column > 0).sum())
+        promoted = (W_U @ weights[f"W_dec_{layer}"][feature].sum(dim=0)).topk(5)
+        assert [t for t, _ in card.promoted] == decode(promoted.indices.tolist())
+        assert [v for _, v in card.promoted] == pytest.approx(promoted.values.tolist(), rel=1e-4)
+        article = re.search(rf'<article class="feature" id="feature-{card.index}">(.*?)</article>', page, re.S).group(1)
+        assert f"<h3>Latent {card.index} · layer {layer}, feature {feature}" in article
+        assert f"<h4>Top-activating contexts (reads {CLT_INPUTS[layer]})</h4>" in article
+        writes = (CLT_TARGETS[3] if layer == 3
+                  else f"{CLT_TARGETS[layer]} … {CLT_TARGETS[3]}, summed over {CLT_LAYERS - layer} layers")
+        assert f"<h4>Promoted tokens (writes {writes})</h4>" in article
