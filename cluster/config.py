@@ -253,6 +253,12 @@ class JobConfig:
                 where + f"sae.architecture={sae.architecture!r} cannot be a cross-layer transcoder "
                 f"(model.clt_layers={list(layers)}): expected one of {list(CLT_ARCHITECTURES)}"
             )
+        feature_parallel = self.deepspeed.feature_parallel
+        if feature_parallel > 1 and sae.architecture == "topk" and sae.auxk_coefficient != 0:
+            raise ValueError(
+                where + f"deepspeed.feature_parallel={feature_parallel} splits a TopK cross-layer transcoder "
+                f"without AuxK: set sae.auxk_coefficient=0 (got {sae.auxk_coefficient})"
+            )
         if sae.skip_connection:
             raise ValueError(
                 where + f"sae.skip_connection=true with model.clt_layers={list(layers)}: a cross-layer "

@@ -34,7 +34,7 @@ from cluster.evaluation import evaluate_in_ray
 from cluster.logs import WORKER_SETUP_HOOK
 from cluster.producer import ProductionReport, fill_cache, producer_factory
 from cluster.sweep import variants
-from cluster.train import TrainPlan, dictionary_uri, train_dictionary
+from cluster.train import LayerCaches, TrainPlan, dictionary_uri, train_dictionary
 from trainer.checkpoint import newest_complete_checkpoint
 from trainer.layout import (
     CHECKPOINTS_DIR,
@@ -61,9 +61,12 @@ class HookpointResult:
     variant: str = ""
     """The sweep variant ('' when the job is not a sweep)."""
     target_hookpoint: str | None = None
-    """A transcoder's target hookpoint (``hookpoint`` is its input); None for an SAE."""
+    """A transcoder's target hookpoint (``hookpoint`` is its input; a CLT's last layer's target);
+    None for an SAE."""
     target_cache_uri: str | None = None
-    """The target hookpoint's cache."""
+    """The target hookpoint's cache (a CLT's last layer's)."""
+    layers: int = 0
+    """Layers a cross-layer transcoder covers (``hookpoint`` is its first layer's input); 0 otherwise."""
 
 
 @dataclass
@@ -174,9 +177,10 @@ def check_existing_caches(job: JobConfig, plans: list[CachePlan]) -> None:
                 f"shard {missing[0]}{more}: listed in {store.uri}/{MANIFEST_KEY} but missing from the store; "
                 f"`saeforge cache verify {store.uri}` checks every shard, deleting the cache rebuilds it"
             )
-    for source, target in _trainings(job, plans):
-        if target is not None:
-            check_paired_caches(manifests[source.uri], manifests[target.uri], input_uri=source.uri, target_uri=target.uri)
+    for training in _trainings(job, plans):
+        first = training.inputs[0]
+        for other in [*training.inputs[1:], *training.targets]:
+            check_paired_caches(manifests[first.uri], manifests[other.uri], input_uri=first.uri, target_uri=other.uri)
 
 
 def _init_ray(job: JobConfig) -> None:
@@ -309,12 +313,39 @@ def expected_shards(job: JobConfig, plan: CachePlan) -> dict[str, int]:
     return {u.shard_name: unit_rows(u, plan.excluded_token_ids) for u in units}
 
 
-def _trainings(job: JobConfig, plans: list[CachePlan]) -> list[tuple[CachePlan, CachePlan | None]]:
-    """What the job trains, as (input cache, target cache or None): one SAE per hookpoint, or one
-    transcoder from the first cache (``model.hookpoint``) to the second (``model.target_hookpoint``)."""
+@dataclass(frozen=True)
+class Training:
+    """One dictionary the job trains (each variant of a sweep), by the caches it reads: an SAE's
+    one input; a transcoder's input and target; a cross-layer transcoder's inputs and targets,
+    one of each per covered layer, in layer order."""
+
+    inputs: list[CachePlan]
+    targets: list[CachePlan]
+
+    @property
+    def first(self) -> CachePlan:
+        return self.inputs[0]
+
+    @property
+    def target(self) -> CachePlan | None:
+        """The target of a per-layer transcoder (None for an SAE or a CLT)."""
+        return self.targets[0] if len(self.inputs) == 1 and self.targets else None
+
+    @property
+    def clt(self) -> bool:
+        return len(self.inputs) > 1
+
+
+def _trainings(job: JobConfig, plans: list[CachePlan]) -> list[Training]:
+    """What the job trains: one SAE per hookpoint, one transcoder from the first cache
+    (``model.hookpoint``) to the second (``model.target_hookpoint``), or one cross-layer transcoder
+    from the first half of the caches (the covered layers' MLP inputs) to the second (their outputs)."""
+    if job.model.clt_layers:
+        half = len(plans) // 2
+        return [Training(plans[:half], plans[half:])]
     if job.model.target_hookpoint is not None:
-        return [(plans[0], plans[1])]
-    return [(p, None) for p in plans]
+        return [Training([plans[0]], [plans[1]])]
+    return [Training([p], []) for p in plans]
 
 
 def _train_plans(job: JobConfig, plans: list[CachePlan], root: ObjectStore, run_name: str) -> list[TrainPlan]:
@@ -325,14 +356,17 @@ def _train_plans(job: JobConfig, plans: list[CachePlan], root: ObjectStore, run_
     expected = expected_shards(job, plans[0]) if job.cluster.train_while_caching else None
     return [
         TrainPlan(
-            cache_uri=p.uri, run_uri=join_uri(runs_root, run_name), run_name=run_name, hookpoint=p.hookpoint,
-            label=f"{run_name}-{p.hookpoint}" if several else run_name,
-            checkpoint_uri=checkpoint_root(join_uri(runs_root, run_name), p.hookpoint, several_hookpoints=several),
-            wandb_dir=str(Path(job.logging.dir).resolve() / run_name / (p.hookpoint if several else "")),
+            cache_uri=t.first.uri, run_uri=join_uri(runs_root, run_name), run_name=run_name, hookpoint=t.first.hookpoint,
+            label=f"{run_name}-{t.first.hookpoint}" if several else run_name,
+            checkpoint_uri=checkpoint_root(join_uri(runs_root, run_name), t.first.hookpoint, several_hookpoints=several),
+            wandb_dir=str(Path(job.logging.dir).resolve() / run_name / (t.first.hookpoint if several else "")),
             expected_shards=expected,
-            target_cache_uri=target.uri if target else None, target_hookpoint=target.hookpoint if target else None,
+            target_cache_uri=t.target.uri if t.target else None,
+            target_hookpoint=t.targets[-1].hookpoint if t.targets else None,
+            layers=[LayerCaches(i.uri, i.hookpoint, o.uri, o.hookpoint) for i, o in zip(t.inputs, t.targets, strict=True)]
+            if t.clt else None,
         )
-        for p, target in trainings
+        for t in trainings
     ]
 
 
@@ -385,6 +419,18 @@ def _check_resumable(job: JobConfig, train_plans: list[TrainPlan]) -> None:
             raise ValueError(f"resume={job.resume!r}: no complete checkpoint under {plan.checkpoint_uri}/{CHECKPOINTS_DIR}/")
 
 
+def _result(training: Training, plan: TrainPlan, variant, evaluation: dict, report: CacheReport) -> HookpointResult:
+    first, last_target = training.first, (training.targets[-1] if training.targets else None)
+    return HookpointResult(
+        hookpoint=first.hookpoint, cache_uri=first.uri, cache_reused=report.reused[first.hookpoint],
+        tokens_cached=report.manifests[first.hookpoint].rows, dictionary_uri=dictionary_uri(plan, variant),
+        eval=evaluation, variant=variant.name,
+        target_hookpoint=last_target.hookpoint if last_target else None,
+        target_cache_uri=last_target.uri if last_target else None,
+        layers=len(training.inputs) if training.clt else 0,
+    )
+
+
 def run_job(job: JobConfig) -> JobResult:
     """``saeforge train``: fill (or reuse) each hookpoint's cache, train, write and evaluate the
     dictionaries."""
@@ -413,17 +459,12 @@ def run_job(job: JobConfig) -> JobResult:
         merged = iter(evaluate_in_ray(job, uris, tokens=plans[0].tokens,
                                       excluded_token_ids=plans[0].excluded_token_ids, eval_cfg=job.eval))
         evals = [{v.name: next(merged) for v in variants(job.sae, job.train.lr, job.sweep)} for _ in train_plans]
+    results = [
+        _result(training, t, variant, by_variant[variant.name], report)
+        for training, t, by_variant in zip(_trainings(job, plans), train_plans, evals, strict=True)
+        for variant in variants(job.sae, job.train.lr, job.sweep)
+    ]
     return JobResult(
-        hookpoints=[
-            HookpointResult(
-                hookpoint=p.hookpoint, cache_uri=p.uri, cache_reused=report.reused[p.hookpoint],
-                tokens_cached=report.manifests[p.hookpoint].rows,
-                dictionary_uri=dictionary_uri(t, variant), eval=by_variant[variant.name], variant=variant.name,
-                target_hookpoint=target.hookpoint if target else None,
-                target_cache_uri=target.uri if target else None,
-            )
-            for (p, target), t, by_variant in zip(_trainings(job, plans), train_plans, evals, strict=True)
-            for variant in variants(job.sae, job.train.lr, job.sweep)
-        ],
+        hookpoints=results,
         producer_tokens_per_second=report.producer_tokens_per_second, seconds=time.perf_counter() - start,
     )

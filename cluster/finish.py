@@ -5,6 +5,7 @@ maxima, training curves, the feature report), ``checksums.json`` last. The file 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.manifest import Manifest
 from activation_cache.plan import wait_for_manifest
-from activation_cache.reader import read_shard, read_shard_pair
+from activation_cache.reader import read_shard, read_shard_group, read_shard_pair, read_shards
+from activation_cache.schema import DecodedShard
 from activation_cache.store import ObjectStore
 from cluster.report import report_with_model
 from interp.loading import model_metadata
@@ -58,6 +60,8 @@ class HeldOut:
     """Why the cache fill failed, once it has (the wait stops with it)."""
     target_cache: ObjectStore | None = None
     """A transcoder's target cache: the same held-out shards at its target hookpoint."""
+    layer_caches: list[tuple[ObjectStore, ObjectStore]] | None = None
+    """A cross-layer transcoder's (input cache, target cache) per covered layer, in order."""
 
     def manifest(self) -> Manifest:
         """The committed manifest, once it lists every held-out shard."""
@@ -71,10 +75,30 @@ class HeldOut:
         return wait_for_manifest(cache, lambda m: set(self.shard_names) <= {s.name for s in m.shards},
                                  "held-out shards", self.timeout_s, self.abort)
 
+    def input_shards(self, manifest: Manifest) -> Iterator[DecodedShard]:
+        """The held-out shards of what the dictionary reads (the report's contexts): its input
+        cache's, or for a cross-layer transcoder one shard with every covered layer's input rows
+        side by side (its tokens are the first input cache's, checked against the others')."""
+        inputs = [self.cache] if self.layer_caches is None else [store for store, _ in self.layer_caches]
+        manifests = [manifest, *(self._manifest(store) for store in inputs[1:])]
+        for name in self.shard_names:
+            shards = read_shards(inputs, [next(s for s in m.shards if s.name == name) for m in manifests])
+            if len(shards) == 1:
+                yield shards[0]
+            else:
+                yield dataclasses.replace(shards[0], activations=torch.cat([s.activations for s in shards], dim=1))
+
     def rows(self, manifest: Manifest) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         """Every held-out row, shard by shard: the input rows, or a transcoder's aligned
         ``(input, target)`` pairs (each pair of shards checked to hold the same tokens)."""
         entries = {s.name: s for s in manifest.shards}
+        if self.layer_caches is not None:
+            inputs, targets = zip(*self.layer_caches, strict=True)
+            input_manifests = [manifest, *(self._manifest(store) for store in inputs[1:])]
+            target_manifests = [self._manifest(store) for store in targets]
+            for name in self.shard_names:
+                yield read_shard_group(inputs, targets, name, input_manifests, target_manifests)
+            return
         target_manifest = self.target_manifest()
         if self.target_cache is None or target_manifest is None:
             for name in self.shard_names:
@@ -110,10 +134,28 @@ def _counting_targets(batches: Iterator, moments: RunningMoments) -> Iterator:
         yield batch
 
 
+def _layer_fvus(clt: nn.Module, held_out: HeldOut, manifest: Manifest, targets: list[str]) -> list[dict]:
+    """Each covered layer's FVU on every held-out row: the layer's squared error over its targets'
+    total variance, pooled over the rows (a second pass over the held-out shards)."""
+    errors = torch.zeros(len(targets), dtype=torch.float64)
+    moments = RunningMoments()
+    with torch.no_grad():
+        for x, y in held_out.rows(manifest):
+            finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)
+            x, y = x[finite], y[finite]
+            _, prediction = clt.reconstruct(x.to(clt.W_enc.dtype))
+            errors += ((prediction.double() - y.double()) ** 2).view(len(y), len(targets), -1).sum(dim=(0, 2))
+            moments.update(y)
+    stats = moments.result()
+    variance = (stats.variance.double() * stats.n_tokens).view(len(targets), -1).sum(dim=1)
+    return [{"hookpoint_out": target, "fvu": float(e / v)} for target, e, v in zip(targets, errors, variance, strict=True)]
+
+
 def write_trained_dictionary(
     sae: nn.Module, *, folder: ObjectStore, held_out: HeldOut, scale: float, hookpoint: str, run_name: str,
     summary: dict[str, Any], curves: list[dict], model: ModelConfig, data: DataConfig, logger: MetricLogger,
     artifact: str, target_scale: float | None = None, target_hookpoint: str | None = None,
+    layer_hookpoints: list[tuple[str, str]] | None = None,
 ) -> None:
     """Evaluate ``sae`` (trained on activations times ``scale``) on the held-out rows, log the
     figures, and write its dictionary folder; the report (drawn with ``model``'s unembedding) is
@@ -121,26 +163,33 @@ def write_trained_dictionary(
     cfg.json records ``model`` and the token exclusions of ``data``, so a copy of the folder away
     from its run (pulled) still finds its model for ``saeforge observe``. A transcoder (its target
     rows in ``held_out.target_cache``, trained on targets times ``target_scale``) names its target
-    in ``target_hookpoint``; its stats are the target's."""
+    in ``target_hookpoint``; its stats are the target's. A cross-layer transcoder (its caches in
+    ``held_out.layer_caches``) names each covered layer's (input, target) in ``layer_hookpoints``;
+    eval.json adds each layer's FVU (``layers``)."""
     manifest = held_out.manifest()
     metrics, frequencies, activation_stats, feature_stats = _held_out_metrics(
         sae, held_out, manifest, scale, target_scale)
+    if layer_hookpoints is not None:
+        metrics["layers"] = _layer_fvus(sae, held_out, manifest, [target for _, target in layer_hookpoints])
     metrics.update(summary)
-    logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=summary["train_steps"])
+    logger.log({f"eval/{k}": v for k, v in metrics.items() if k != "layers"}, step=summary["train_steps"])
+    for layer in metrics.get("layers", []):
+        logger.log({f"eval/fvu/{layer['hookpoint_out']}": layer["fvu"]}, step=summary["train_steps"])
     counts, edges = firing_histogram(frequencies, bins=torch.linspace(-10, 0, 41))
     metrics["firing_histogram"] = {"log10_frequency_edges": edges.tolist(), "latents": counts.long().tolist()}
     files = dictionary_files(
         sae, hookpoint=hookpoint, model_name=manifest.model, scale=scale,
         extra_metadata={"cache_key": manifest.cache_key, "run_name": run_name, **model_metadata(model, data)},
-        sparsity=frequencies, eval_metrics=metrics, hookpoint_out=target_hookpoint, target_scale=target_scale,
+        sparsity=frequencies, eval_metrics=metrics, target_scale=target_scale,
+        **({"hookpoint_out": target_hookpoint} if layer_hookpoints is None else
+           {"hookpoint_out": layer_hookpoints[0][1], "hookpoints": [i for i, _ in layer_hookpoints],
+            "hookpoints_out": [o for _, o in layer_hookpoints]}),
     )
     files[ACTIVATION_STATS_FILE] = activation_stats_file(activation_stats)
     files[FEATURE_STATS_FILE] = feature_stats_file(feature_stats)
     files[TRAINING_CURVES_FILE] = json.dumps(curves).encode()
-    entries = {s.name: s for s in manifest.shards}
     try:  # the report never costs the trained dictionary
-        files.update(report_with_model(
-            files, holdout=(read_shard(held_out.cache, entries[name]) for name in held_out.shard_names), model=model))
+        files.update(report_with_model(files, holdout=held_out.input_shards(manifest), model=model))
     except Exception:
         log.exception("dictionary %s: the report failed; written without it", folder.uri)
     write_dictionary(folder, files)

@@ -65,6 +65,16 @@ once."""
 
 
 @dataclass(frozen=True)
+class LayerCaches:
+    """One covered layer of a cross-layer transcoder: its MLP input's and output's caches."""
+
+    input_uri: str
+    input_hookpoint: str
+    target_uri: str
+    target_hookpoint: str
+
+
+@dataclass(frozen=True)
 class TrainPlan:
     """Where one dictionary's training reads from and writes to."""
 
@@ -84,11 +94,19 @@ class TrainPlan:
     target_cache_uri: str | None = None
     """A transcoder's target cache (the same tokens at ``target_hookpoint``); None for an SAE."""
     target_hookpoint: str | None = None
-    """A transcoder's target hookpoint; its dictionary folder names both ends."""
+    """A transcoder's target hookpoint (a CLT's last layer's); its dictionary folder names both ends."""
+    layers: list[LayerCaches] | None = None
+    """A cross-layer transcoder's covered layers, in order; None for an SAE or a transcoder."""
 
 
 def _build_sae(sae_cfg: SAEConfig, seed: int, source: DataPlan) -> torch.nn.Module:
-    """The SAE, or with a target in ``source`` the transcoder from ``d_model`` to ``d_out``."""
+    """The SAE; with a target in ``source`` the transcoder from ``d_model`` to ``d_out``; with
+    covered layers the cross-layer transcoder, normalising each layer by its own scales."""
+    if source.n_layers:
+        layers = source.n_layers
+        return build_sae(sae_cfg, d_in=source.d_model // layers, d_out=source.d_out // layers, seed=seed,
+                         layers=layers, input_scales=source.layer_input_scales,
+                         target_scales=source.layer_target_scales)
     if source.d_out is None:
         return build_sae(sae_cfg, d_in=source.d_model, seed=seed)
     return build_sae(sae_cfg, d_in=source.d_model, d_out=source.d_out, seed=seed, transcoder=True)
@@ -140,13 +158,17 @@ def _data_plan(job: JobConfig, plan: TrainPlan, rank: int, world_size: int, *, g
     s3 = job.cache.s3_options()
     cache = open_store(plan.cache_uri, s3_options=s3)
     target_cache = open_store(plan.target_cache_uri, s3_options=s3) if plan.target_cache_uri else None
+    layer_caches = [(open_store(layer.input_uri, s3_options=s3), open_store(layer.target_uri, s3_options=s3))
+                    for layer in plan.layers or []] or None
     if plan.expected_shards is not None:
         run = open_store(plan.run_uri, s3_options=s3)
         return tailing_plan(cache, plan.expected_shards, plan_settings(job), rank=rank, world_size=world_size,
-                            global_rank=global_rank, abort=partial(_abort_reason, run), target_cache=target_cache)
+                            global_rank=global_rank, abort=partial(_abort_reason, run), target_cache=target_cache,
+                            layer_caches=layer_caches)
     target = (target_cache, _complete_manifest(target_cache)) if target_cache is not None else None
+    layers = [(i, _complete_manifest(i), o, _complete_manifest(o)) for i, o in layer_caches] if layer_caches else None
     return complete_plan(cache, _complete_manifest(cache), plan_settings(job), rank=rank, world_size=world_size,
-                         target=target)
+                         target=target, layers=layers)
 
 
 def _complete_manifest(cache: ObjectStore) -> Manifest:
@@ -175,7 +197,8 @@ def _start_dictionary(
     sae = _build_sae(variant.sae, job.train.seed, source)
     if grid is not None:  # each rank of a feature group keeps its slice of the latents
         parallelize_features(sae, group=grid.feature_group)
-    # b_dec starts at the mean of what the dictionary predicts: its input, or a transcoder's target.
+    # b_dec starts at the mean of what the dictionary predicts: its input, or a transcoder's target
+    # (a CLT's target_scale is 1: it scales each layer inside itself).
     centre, centre_scale = (source.mean, source.scale) if source.d_out is None else (source.target_mean, source.target_scale)
     sae.init_b_dec(torch.tensor(centre, dtype=torch.float32)[None] * centre_scale, method="mean")
     lr = variant.lr if variant.lr is not None else job.train.learning_rate(variant.sae.n_latents)
@@ -194,7 +217,7 @@ def _start_dictionary(
     )
     trainer = DictionaryTrainer(
         engine, scale=source.scale, target_scale=source.target_scale, max_steps=source.steps, logger=logger,
-        log_every=job.train.log_every_steps, dead_tracker=DeadLatentTracker(variant.sae.n_latents),
+        log_every=job.train.log_every_steps, dead_tracker=DeadLatentTracker(variant.sae.n_latents * (source.n_layers or 1)),
         dead_after_tokens=job.train.dead_after_tokens,
         world_size=grid.data_parallel if grid else world_size, data_group=grid.data_group if grid else None,
         schedule=_step_schedule(job, variant.sae, sae), histogram_every=job.train.histogram_every_steps,
@@ -284,10 +307,11 @@ def _finish_dictionary(
             final, folder=open_store(dictionary.uri, s3_options=job.cache.s3_options()),
             held_out=_held_out(job, plan, source), scale=source.scale, target_scale=source.target_scale,
             hookpoint=plan.hookpoint, target_hookpoint=plan.target_hookpoint,
+            layer_hookpoints=[(layer.input_hookpoint, layer.target_hookpoint) for layer in plan.layers or []] or None,
             run_name=plan.run_name, summary=summary_metrics, curves=dictionary.trainer.history, model=job.model,
             data=job.data, logger=dictionary.logger,
             artifact=report_artifact_name(plan.run_name, dictionary.variant.name,
-                                          dictionary_folder_name(plan.hookpoint, plan.target_hookpoint)),
+                                          _folder_name(plan)),
         )
     dictionary.logger.finish()
     shutdown_engine(engine)
@@ -296,15 +320,21 @@ def _finish_dictionary(
 def _held_out(job: JobConfig, plan: TrainPlan, source: DataPlan) -> HeldOut:
     s3 = job.cache.s3_options()
     target = open_store(plan.target_cache_uri, s3_options=s3) if plan.target_cache_uri else None
+    layers = [(open_store(layer.input_uri, s3_options=s3), open_store(layer.target_uri, s3_options=s3))
+              for layer in plan.layers or []] or None
     return HeldOut(open_store(plan.cache_uri, s3_options=s3), source.holdout, job.train.follow_timeout_s,
-                   partial(_abort_reason, open_store(plan.run_uri, s3_options=s3)), target_cache=target)
+                   partial(_abort_reason, open_store(plan.run_uri, s3_options=s3)), target_cache=target,
+                   layer_caches=layers)
 
 
 def dictionary_uri(plan: TrainPlan, variant: Variant) -> str:
     """Where the dictionary of ``variant`` (of ``plan``'s hookpoint, or hookpoints for a transcoder)
     is written."""
-    folder = dictionary_folder_name(plan.hookpoint, plan.target_hookpoint)
-    return layout_dictionary_uri(plan.run_uri, folder, variant=variant.name)
+    return layout_dictionary_uri(plan.run_uri, _folder_name(plan), variant=variant.name)
+
+
+def _folder_name(plan: TrainPlan) -> str:
+    return dictionary_folder_name(plan.hookpoint, plan.target_hookpoint, clt=plan.layers is not None)
 
 
 def _record_permanent_failure(store: ObjectStore, err: Exception) -> None:
