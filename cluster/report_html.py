@@ -443,7 +443,8 @@ def _value_html(value: Any) -> str:
 def _unexplained_html(unexplained: Any, *, transcoder: bool = False) -> str:
     """``eval.json``'s ``unexplained`` (``cluster.evaluation``): the error summaries as one table,
     the error-norm histogram as a plot, the worst tokens in their contexts; any other key as is.
-    A transcoder's error is its target's minus its prediction."""
+    A transcoder's error is its target's minus its prediction; a cross-layer transcoder's is over
+    every covered MLP output side by side, with each layer's summaries under ``layers``."""
     if not isinstance(unexplained, dict):
         return _value_html(unexplained)
     rest = dict(unexplained)
@@ -451,6 +452,12 @@ def _unexplained_html(unexplained: Any, *, transcoder: bool = False) -> str:
     summaries = {k: rest.pop(k) for k in ("error_norm", "token_fvu") if isinstance(rest.get(k), dict)}
     if summaries:
         parts.append(_summaries_html(summaries))
+    layers = rest.get("layers")
+    if isinstance(layers, list) and layers and all(isinstance(entry, dict) for entry in layers):
+        rest.pop("layers")  # a cross-layer transcoder's: each covered output's own summaries
+        parts.append("<h4>Per covered layer</h4>" + _summaries_html(
+            {f"{entry.get('hookpoint_out', '?')}: {name}": entry[name]
+             for entry in layers for name in ("error_norm", "token_fvu") if isinstance(entry.get(name), dict)}))
     histogram = rest.get("error_norm_histogram")
     if isinstance(histogram, dict) and len(histogram.get("edges", [])) == len(histogram.get("tokens", [])) + 1 > 1:
         rest.pop("error_norm_histogram")

@@ -650,3 +650,14 @@ def test_a_clt_page_names_its_layers_and_each_card_the_layer_it_reads_and_the_ou
         writes = (CLT_TARGETS[3] if layer == 3
                   else f"{CLT_TARGETS[layer]} … {CLT_TARGETS[3]}, summed over {CLT_LAYERS - layer} layers")
         assert f"<h4>Promoted tokens (writes {writes})</h4>" in article
+    # The spliced evaluation's per-layer figures (cluster.evaluation.evaluate_spliced_clt) get a row each.
+    summary = {"mean": 0.2, "p50": 0.1, "p90": 0.4, "p99": 0.6, "max": 0.7}
+    evaluation = {"fvu": 0.3, "lm": {"ce_recovered": 0.8, "layers": [{"hookpoint": i, "hookpoint_out": o, "fvu": 0.25}
+                                                                    for i, o in zip(CLT_INPUTS, CLT_TARGETS, strict=True)]},
+                  "unexplained": {**UNEXPLAINED, "layers": [{"hookpoint_out": o, "error_norm": summary, "token_fvu": summary}
+                                                            for o in CLT_TARGETS]}}
+    redrawn = render_report({**files, **report, EVAL_FILE: json.dumps(evaluation).encode()})[REPORT_FILE].decode()
+    assert "<h4>Per covered layer</h4>" in redrawn
+    for target in CLT_TARGETS:
+        assert f"<tr><td>{target}: token_fvu</td><td>0.2</td><td>0.1</td>" in redrawn
+        assert f"<td>{target}</td><td>0.25</td>" in redrawn
