@@ -12,7 +12,9 @@ Two accumulators, fed batch by batch and read once at the end:
 For a transcoder the substituted activations are its target hookpoint's (its prediction from
 the input hookpoint), the zero-ablated ones too, and the error is the target's minus the
 prediction: wherever "activations" and "reconstruction" are said below, read "target" and
-"prediction".
+"prediction". For a cross-layer transcoder every covered MLP output is substituted and ablated
+at once, and the error of a token is over its L targets side by side (one accumulator for all,
+one per layer).
 
 Positions follow one convention: ``mask[b, t]`` says whether the prediction made at position
 ``t`` (of token ``t + 1``) is scored; ``scored_positions`` builds it.
