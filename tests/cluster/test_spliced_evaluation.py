@@ -580,7 +580,7 @@ class _HandCLT:
 
 @pytest.mark.parametrize("activation", ["topk", "jumprelu"])
 def test_a_clt_spliced_over_every_layer_gives_the_losses_of_a_hand_made_splice(
-        model_dir, tiny_corpus_dir, clt_folders, activation):
+        model_dir, tiny_corpus_dir, clt_folders, activation, capsys):
     """``saeforge eval`` on a CLT folder: every MLP output replaced at once by the CLT's
     prediction (layer l's features encoded from its input as the spliced forward computes it,
     layer l' written by the features of layers <= l'), every MLP output zeroed for the baseline;
@@ -592,6 +592,9 @@ def test_a_clt_spliced_over_every_layer_gives_the_losses_of_a_hand_made_splice(
     assert saeforge(["eval", str(folder), "--text", str(tiny_corpus_dir), "--max-tokens", "512"]) == 0
     evaluation = _eval_json(str(folder))
     lm, unexplained = evaluation["lm"], evaluation["unexplained"]
+    out = capsys.readouterr().out
+    assert f"spliced          4 layers at once: reads {CLT_INPUTS[0]} .. writes {CLT_TARGETS[-1]}" in out
+    assert all(f"FVU spliced      {entry['fvu']:.4f}  at {entry['hookpoint_out']}" in out for entry in lm["layers"])
 
     source = resolve_model_source(ModelConfig(name_or_path=str(model_dir)))
     model, tokenizer = load_model(source), load_tokenizer(source)
