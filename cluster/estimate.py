@@ -88,6 +88,9 @@ class JobShape:
     instead of one SAE per hookpoint."""
     skip_connection: bool = False
     """The transcoder has ``W_skip`` (d_in x d_out)."""
+    clt_layers: int = 0
+    """Layers of the cross-layer transcoder the job trains (``model.clt_layers``; its hookpoints are
+    their MLP inputs, then their outputs); 0: none."""
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -95,13 +98,30 @@ class JobShape:
 
     @property
     def dictionary_widths(self) -> list[tuple[int, int]]:
-        """(d_in, d_out) of each dictionary a variant trains: one per hookpoint, or the transcoder's."""
+        """(d_in, d_out) of each dictionary a variant trains: one per hookpoint, the transcoder's, or
+        a cross-layer transcoder's per layer."""
+        if self.clt_layers:
+            return [(self.widths[0], self.widths[self.clt_layers])]
         return [(self.widths[0], self.widths[1])] if self.transcoder else [(w, w) for w in self.widths]
 
     def parameters(self, n_latents: int, d_in: int, d_out: int) -> int:
-        """One dictionary's parameters: ``n (d_in + d_out) + n + d_out``, plus a skip's ``d_in d_out``."""
+        """One dictionary's parameters: ``n (d_in + d_out) + n + d_out``, plus a skip's ``d_in d_out``;
+        a cross-layer transcoder of L layers (``n``, ``d_in``, ``d_out`` per layer):
+        ``L n d_in + n d_out L (L + 1) / 2 + 2 L n + L d_out`` (encoders, a decoder per pair of layers,
+        biases and thresholds)."""
+        if self.clt_layers:
+            layers = self.clt_layers
+            return layers * n_latents * d_in + n_latents * d_out * layers * (layers + 1) // 2 + 2 * layers * n_latents + layers * d_out
         skip = d_in * d_out if self.transcoder and self.skip_connection else 0
         return n_latents * (d_in + d_out) + n_latents + d_out + skip
+
+    def encoder_flops_per_token(self, n_latents: int, d_in: int, d_out: int) -> float:
+        """Training FLOPs per token (``trainer_flops_per_token``'s dense encoder count); a cross-layer
+        transcoder adds its dense decoders (JumpReLU's activations are dense), one per pair of layers."""
+        if self.clt_layers:
+            layers = self.clt_layers
+            return trainer_flops_per_token(d_model=d_in, n_latents=layers * n_latents) + 6 * n_latents * d_out * layers * (layers + 1) // 2
+        return trainer_flops_per_token(d_model=d_in, n_latents=n_latents)
 
 
 class CostEstimate(NamedTuple):
@@ -139,6 +159,8 @@ def _worker_bytes(job: JobConfig, shape: JobShape, n_latents: int, k: int, d_in:
     stage = job.deepspeed.zero_stage
     replicated = shape.parameters(0, d_in, d_out)  # b_dec and a skip's W_skip are not split by features
     params = (shape.parameters(n_latents, d_in, d_out) - replicated) / f + replicated
+    layers = shape.clt_layers or 1  # a CLT's flat widths: every layer side by side
+    n_latents, d_in, d_out = n_latents * layers, d_in * layers, d_out * layers
     divisors = {"weights": dp if stage >= 3 else 1, "grads": dp if stage >= 2 else 1, "optimizer": dp if stage >= 1 else 1}
     per_byte = STATE_BYTES[job.deepspeed.precision]
     state = sum(params * per_byte[part] / divisors[part] for part in per_byte)
@@ -167,8 +189,8 @@ def estimate_cost(job: JobConfig, shape: JobShape) -> CostEstimate:
     memory = max(([_worker_bytes(job, shape, v.sae.n_latents, v.sae.k, *pair) for v in dictionaries] for pair in pairs),
                  key=lambda parts: sum(state + working for state, working in parts))
     # The encoder's GEMM reads d_in (a transcoder's input width).
-    trainer_flops = sum(trained * trainer_flops_per_token(d_model=d_in, n_latents=v.sae.n_latents)
-                        for d_in, _ in pairs for v in dictionaries)
+    trainer_flops = sum(trained * shape.encoder_flops_per_token(v.sae.n_latents, *pair)
+                        for pair in pairs for v in dictionaries)
     producer_cpus = job.cluster.num_producers * job.cluster.producer_num_cpus
     trainer_rate = job.cluster.num_train_workers * job.cluster.train_worker_num_cpus * TRAINER_FLOPS_PER_CPU
     if job.deepspeed.precision == "bf16":
@@ -232,7 +254,9 @@ def format_estimate(job: JobConfig, shape: JobShape, est: CostEstimate) -> str:
         ("SAE parameters", f"{est.sae_parameters:,} in {est.dictionaries} dictionar{'y' if est.dictionaries == 1 else 'ies'} "
                            + ("(n (d_in + d_out) + n + d_out" + (" + d_in d_out skip" if shape.skip_connection else "")
                               + f" each: a transcoder {shape.widths[0]} -> {shape.widths[1]})"
-                              if shape.transcoder else "(2 n d + n + d each)")),
+                              if shape.transcoder else
+                              f"(a cross-layer transcoder over {shape.clt_layers} layers: L n d_in + n d_out L (L + 1) / 2 + 2 L n + L d_out)"
+                              if shape.clt_layers else "(2 n d + n + d each)")),
         ("memory per worker", f"{_bytes(est.state_bytes_per_worker)} weights, gradients, Adam ({grid}) "
                               f"+ {_bytes(est.working_bytes_per_worker)} per step"),
         ("model per producer", f"{_bytes(est.model_bytes_per_producer)} ({shape.model_parameters:,} parameters, {job.model.dtype})"),
@@ -302,6 +326,7 @@ def describe_job(job: JobConfig) -> JobShape:
         tokens=int(plans[0].tokens.size), rows=sum(shards.values()), train_rows=sum(shards[n] for n in names[:-held_out]),
         d_model=d_model, n_hookpoints=len(plans), hookpoint_widths=tuple(p.meta.d_model for p in plans), layers_run=min(layers_run, n_layers), n_layers=n_layers,
         transcoder=job.model.target_hookpoint is not None, skip_connection=job.sae.skip_connection,
+        clt_layers=len(job.model.clt_layer_numbers),
         model_parameters=total, non_embedding_parameters=non_embedding,
         caches_complete=sum(_cache_complete(job, p.uri) for p in plans),
     )

@@ -111,3 +111,18 @@ def test_estimate_of_a_transcoder_counts_one_dictionary_from_its_input_to_its_ta
     assert est.trainer_flops == neurons_sae.trainer_flops, "the encoder reads the 1,536-wide input"
     assert neurons_sae.state_bytes_per_worker > est.state_bytes_per_worker > estimate.estimate_cost(job, SMOLLM2).state_bytes_per_worker
     assert "a transcoder 1536 -> 576" in estimate.format_estimate(job, shape, est)
+
+
+def test_estimate_of_a_cross_layer_transcoder_counts_a_decoder_per_pair_of_layers():
+    """6 layers of SmolLM2 at 4,608 latents per layer: 6 encoders, 21 decoder blocks, 12 caches."""
+    job = compose_job(["model.clt_layers=[12,17]", "sae=jumprelu", "train.epochs=1"])
+    shape = replace(SMOLLM2, n_hookpoints=12, clt_layers=6)
+    est = estimate.estimate_cost(job, shape)
+    n, d = 4608, 576
+    assert est.dictionaries == 1
+    assert est.sae_parameters == 6 * n * d + n * d * 21 + 2 * 6 * n + 6 * d
+    assert est.activation_bytes == 130_558 * 12 * d * 4, "every covered layer's input and output cached"
+    assert est.trainer_flops == est.trained_tokens * (6 * d * 6 * n + 6 * n * d * 21)
+    split = estimate.estimate_cost(compose_job(["model.clt_layers=[12,17]", "sae=jumprelu", "deepspeed.feature_parallel=2"]), shape)
+    assert split.state_bytes_per_worker < est.state_bytes_per_worker, "feature parallelism splits every layer's latents"
+    assert "cross-layer transcoder over 6 layers" in estimate.format_estimate(job, shape, est)
