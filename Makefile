@@ -4,7 +4,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: run test bench bench-observe bench-audit bench-clt lint setup clean
+.PHONY: run test bench bench-observe bench-audit bench-clt bench-transcoder lint setup clean
 
 setup:
 	@bash scripts/setup.sh
@@ -32,6 +32,11 @@ bench-audit: setup
 # A cross-layer transcoder over 2 to 12 layers on 2 feature-parallel ranks (about 5 minutes).
 bench-clt: setup
 	$(VENV)/bin/python benchmarks/bench_clt.py --write benchmarks/RESULTS.md $(ARGS)
+
+# Transcoder training against sparsify's transcoder mode on SmolLM2's MLP pairs (about 10 minutes).
+bench-transcoder:
+	SAEFORGE_EXTRAS=test,bench bash scripts/setup.sh
+	$(VENV)/bin/python benchmarks/bench_transcoder.py --write benchmarks/RESULTS.md $(ARGS)
 
 clean:
 	rm -rf store outputs
