@@ -181,12 +181,12 @@ def adam_lr(n_latents: int) -> float:
 
 
 class Saeforge(Contender):
-    def __init__(self, cfg: BenchConfig, n: int, first: tuple[Tensor, Tensor], *, bf16: bool, lr: float | None,
-                 sparsify_init: bool = False) -> None:
-        self.name = "saeforge " + ("bf16 GEMM" if bf16 else "fp32") + (", sparsify's init" if sparsify_init else "")
+    def __init__(self, cfg: BenchConfig, n: int, first: tuple[Tensor, Tensor], *, bf16: bool, lr: float | None) -> None:
+        self.name = "saeforge " + ("bf16 GEMM" if bf16 else "fp32")
         self.gemm_dtype = "bf16" if bf16 else "fp32"
-        # Built as a transcoder job builds it (cluster/train.py): build_sae(transcoder=True), then
-        # b_dec at the target's mean.
+        # Built as a transcoder job builds it (cluster/train.py): build_sae(transcoder=True), which
+        # starts a TopK transcoder's decoder free at zero, then b_dec at the target's mean and the
+        # encoder bias centring the input's mean.
         self.sae = build_sae(
             SAEConfig(architecture="topk", n_latents=n, k=cfg.k), d_in=cfg.d_model, d_out=cfg.d_out,
             transcoder=True, seed=cfg.model_seed,
@@ -194,13 +194,7 @@ class Saeforge(Contender):
         assert isinstance(self.sae, TopKSAE) and self.sae.kernel == "sparse"
         self.sae.compute_dtype = torch.bfloat16 if bf16 else None
         self.sae.init_b_dec(first[1], method="mean")
-        if sparsify_init:
-            # Not what the trainer does: sparsify's transcoder start, on our module and step. The
-            # decoder rows free (no unit norm) from zero, the encoder bias centring the input's mean.
-            self.sae.unit_norm_decoder = False
-            with torch.no_grad():
-                self.sae.W_dec.zero_()
-                self.sae.b_enc.copy_(-first[0].mean(dim=0) @ self.sae.W_enc)
+        self.sae.init_b_enc(first[0])
         self.lr = adam_lr(n) if lr is None else lr
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, fused=True)
 
@@ -266,7 +260,6 @@ class Sparsify(Contender):
 CONTENDERS: dict[str, Callable[..., Contender]] = {
     "saeforge-bf16": lambda c, n, f, lr: Saeforge(c, n, f, bf16=True, lr=lr),
     "saeforge-fp32": lambda c, n, f, lr: Saeforge(c, n, f, bf16=False, lr=lr),
-    "saeforge-bf16-sparsify-init": lambda c, n, f, lr: Saeforge(c, n, f, bf16=True, lr=lr, sparsify_init=True),
     "sparsify-adam": lambda c, n, f, lr: Sparsify(c, n, f, optimizer="adam", lr=lr),
     "sparsify-signum": lambda c, n, f, lr: Sparsify(c, n, f, optimizer="signum", lr=lr),
 }
@@ -450,9 +443,9 @@ def report(cfg: BenchConfig, pairs: Pairs, results, rates, rate_log, command: st
         f"{cfg.steps[cfg.sizes[-1]] * cfg.batch_size / n_train:.1f} passes over the training rows at the last "
         f"size). Step time: median over all steps but the first {cfg.warmup_steps}. FVU: pooled over the "
         f"held-out rows. Adam at {ADAM_LR_MULTIPLIER}x the width-scaled lr 2e-4 / sqrt(n / 2**14) unless "
-        "`--lr` says otherwise (the lr column); \"sparsify's init\" is our module and step started as sparsify "
-        "starts a transcoder (free decoder from zero, encoder bias centring the input's mean), which the "
-        "trainer does not do: it separates the start from the step.",
+        "`--lr` says otherwise (the lr column). Both start a transcoder alike: a free decoder from zero "
+        "and the encoder bias centring the input's mean (saeforge's `build_sae(transcoder=True)` and "
+        "`init_b_enc`, as a job starts one).",
         "",
         markdown_table(cfg, results, rates),
         "",

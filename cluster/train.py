@@ -201,6 +201,8 @@ def _start_dictionary(
     # (a CLT's target_scale is 1: it scales each layer inside itself).
     centre, centre_scale = (source.mean, source.scale) if source.d_out is None else (source.target_mean, source.target_scale)
     sae.init_b_dec(torch.tensor(centre, dtype=torch.float32)[None] * centre_scale, method="mean")
+    if source.d_out is not None and not source.n_layers:  # a transcoder's encoder starts centred on its inputs
+        sae.init_b_enc(torch.tensor(source.mean, dtype=torch.float32)[None] * source.scale)
     lr = variant.lr if variant.lr is not None else job.train.learning_rate(variant.sae.n_latents)
     engine = wrap_in_deepspeed(
         sae, train_cfg=job.train, deepspeed_cfg=job.deepspeed, lr=lr, world_size=world_size, grid=grid,

@@ -318,6 +318,7 @@ class BatchTopKSAE(SparseCoder):
 
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"
+    transcoder_free_decoder = True
     _FP64_BUFFERS = ("running_threshold",)
 
     def __init__(

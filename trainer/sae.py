@@ -221,7 +221,33 @@ class SparseCoder(nn.Module):
                 options["skip_connection"] = True
         elif skip_connection:
             raise ValueError("sae.skip_connection=true needs a transcoder (a target hookpoint): build with transcoder=True")
-        return cls(d_in, sae_cfg.n_latents, **options)
+        model = cls(d_in, sae_cfg.n_latents, **options)
+        if transcoder and cls.transcoder_free_decoder:
+            model.start_free_decoder()
+        return model
+
+    transcoder_free_decoder: ClassVar[bool] = False
+    """A transcoder of this architecture starts with a free decoder at zero (``start_free_decoder``):
+    the TopK family's, as sparsify starts its transcoders. Their input and output spaces differ,
+    so the SAE's tied start (decoder rows the encoder's columns) has nothing to tie; from unit-norm
+    random rows a TopK transcoder on SmolLM2's MLP reached a held-out FVU 0.08 worse than sparsify's
+    after the same steps, from this start the same (benchmarks/RESULTS.md, ``bench_transcoder``)."""
+
+    @torch.no_grad()
+    def start_free_decoder(self) -> None:
+        """Decoder rows at zero and free of the unit-norm rule (each row's norm is learned); the
+        encoder keeps its random start and learns once the decoder has moved."""
+        self.unit_norm_decoder = False
+        self.W_dec.zero_()
+
+    @torch.no_grad()
+    def init_b_enc(self, sample: Tensor) -> None:
+        """Set ``b_enc`` so that the mean of ``sample`` (N, d_in), in the space the model trains on,
+        has zero pre-activations: a transcoder's encoder, which does not subtract ``b_dec``, then
+        starts centred on its inputs as an SAE's does. Call before wrapping in DeepSpeed."""
+        if sample.ndim != 2 or sample.shape[1] != self.d_in:
+            raise ValueError(f"sample shape {tuple(sample.shape)} must be (N, d_in={self.d_in})")
+        self.b_enc.copy_((-sample.float().mean(dim=0) @ self.W_enc.float()).to(self.b_enc.dtype))
 
     @classmethod
     def config_options(cls, sae_cfg: Any) -> dict[str, Any]:
@@ -445,6 +471,7 @@ class TopKSAE(SparseCoder):
 
     architecture = "topk"
     saelens_architecture = "topk"
+    transcoder_free_decoder = True
 
     def __init__(
         self,
