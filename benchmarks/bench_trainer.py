@@ -373,9 +373,9 @@ def markdown_table(cfg: BenchConfig, results: list[Result], rates: dict[tuple[in
             tokens_per_s = cfg.batch_size / r.median_step_s(cfg.warmup_steps)
             dtype = "bf16" if "bf16" in r.name else "fp32"
             bound = rates[(n, dtype)] / (2 * cfg.d_model * n)
-            common = _quality_cell(r.quality.get(cfg.slow_steps[n]), cfg.slow_steps[n])
+            common = quality_cell(r.quality.get(cfg.slow_steps[n]), cfg.slow_steps[n])
             last_step = len(r.step_s)
-            last = _quality_cell(r.quality.get(last_step), last_step) if last_step != cfg.slow_steps[n] else "–"
+            last = quality_cell(r.quality.get(last_step), last_step) if last_step != cfg.slow_steps[n] else "–"
             timed = max(len(r.step_s) - cfg.warmup_steps, 0)
             lines.append(
                 f"| {n:,} | {r.name} | {r.median_step_s(cfg.warmup_steps):.3f} | {tokens_per_s:,.0f} | "
@@ -387,7 +387,7 @@ def markdown_table(cfg: BenchConfig, results: list[Result], rates: dict[tuple[in
     return "\n".join(lines)
 
 
-def _quality_cell(quality: tuple[float, float] | None, steps: int) -> str:
+def quality_cell(quality: tuple[float, float] | None, steps: int) -> str:
     if quality is None:
         return "–"
     fvu, l0 = quality

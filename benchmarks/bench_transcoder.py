@@ -72,7 +72,13 @@ from activation_cache.hooking import (  # noqa: E402
     resolve_model_source,
 )
 from activation_cache.text import excluded_token_ids, pack_sequences  # noqa: E402
-from benchmarks.bench_trainer import gemm_flops_per_s, load_average, width_scaled_lr  # noqa: E402
+from benchmarks.bench_trainer import (  # noqa: E402
+    gemm_flops_per_s,
+    load_average,
+    quality_cell,
+    rates_table,
+    width_scaled_lr,
+)
 from benchmarks.common import cpu_description, progress  # noqa: E402
 from benchmarks.results import write_block  # noqa: E402
 from trainer.architectures import build_sae  # noqa: E402
@@ -396,31 +402,9 @@ def markdown_table(cfg: BenchConfig, results: list[Result], rates: dict[tuple[in
             lines.append(
                 f"| {n:,} | {r.name} | {r.lr:.2e} | {r.median_step_s(cfg.warmup_steps):.3f} | {tokens_per_s:,.0f} | "
                 f"{tokens_per_s / fastest_peer:.2f}x | {100 * tokens_per_s / bound:.0f}% ({r.gemm_dtype}) | "
-                f"{_quality_cell(r.quality.get(max(steps // 2, 1)), max(steps // 2, 1))} | "
-                f"{_quality_cell(end, steps)} | {delta}" + (f" {r.error}" if r.error else "") + " |"
+                f"{quality_cell(r.quality.get(max(steps // 2, 1)), max(steps // 2, 1))} | "
+                f"{quality_cell(end, steps)} | {delta}" + (f" {r.error}" if r.error else "") + " |"
             )
-    return "\n".join(lines)
-
-
-def _quality_cell(quality: tuple[float, float] | None, steps: int) -> str:
-    if quality is None:
-        return "–"
-    fvu, l0 = quality
-    return f"{fvu:.4f}, {l0:.1f} ({steps})"
-
-
-def rates_table(cfg: BenchConfig, rates: dict, rate_log: dict) -> str:
-    lines = [
-        "| n_latents | fp32 GFLOP/s (before / after) | bound fp32 tokens/s | bf16 GFLOP/s (before / after) | bound bf16 tokens/s |",
-        "| ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for n in cfg.sizes:
-        per_token = 2 * cfg.d_model * n
-        cells = []
-        for label in ("fp32", "bf16"):
-            before, after = rate_log[(n, label)]
-            cells += [f"{before / 1e9:.0f} / {after / 1e9:.0f}", f"{rates[(n, label)] / per_token:,.0f}"]
-        lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
