@@ -134,23 +134,6 @@ def _counting_targets(batches: Iterator, moments: RunningMoments) -> Iterator:
         yield batch
 
 
-def _layer_fvus(clt: nn.Module, held_out: HeldOut, manifest: Manifest, targets: list[str]) -> list[dict]:
-    """Each covered layer's FVU on every held-out row: the layer's squared error over its targets'
-    total variance, pooled over the rows (a second pass over the held-out shards)."""
-    errors = torch.zeros(len(targets), dtype=torch.float64)
-    moments = RunningMoments()
-    with torch.no_grad():
-        for x, y in held_out.rows(manifest):
-            finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y).all(dim=1)
-            x, y = x[finite], y[finite]
-            _, prediction = clt.reconstruct(x.to(clt.W_enc.dtype))
-            errors += ((prediction.double() - y.double()) ** 2).view(len(y), len(targets), -1).sum(dim=(0, 2))
-            moments.update(y)
-    stats = moments.result()
-    variance = (stats.variance.double() * stats.n_tokens).view(len(targets), -1).sum(dim=1)
-    return [{"hookpoint_out": target, "fvu": float(e / v)} for target, e, v in zip(targets, errors, variance, strict=True)]
-
-
 def write_trained_dictionary(
     sae: nn.Module, *, folder: ObjectStore, held_out: HeldOut, scale: float, hookpoint: str, run_name: str,
     summary: dict[str, Any], curves: list[dict], model: ModelConfig, data: DataConfig, logger: MetricLogger,
@@ -170,7 +153,8 @@ def write_trained_dictionary(
     metrics, frequencies, activation_stats, feature_stats = _held_out_metrics(
         sae, held_out, manifest, scale, target_scale)
     if layer_hookpoints is not None:
-        metrics["layers"] = _layer_fvus(sae, held_out, manifest, [target for _, target in layer_hookpoints])
+        metrics["layers"] = [{"hookpoint_out": target, "fvu": fvu}
+                             for (_, target), fvu in zip(layer_hookpoints, metrics.pop("layer_fvu"), strict=True)]
     metrics.update(summary)
     logger.log({f"eval/{k}": v for k, v in metrics.items() if k != "layers"}, step=summary["train_steps"])
     for layer in metrics.get("layers", []):

@@ -434,6 +434,8 @@ def evaluate(
     held-out firings: pass a fresh one to get held-out firing frequencies for the dictionary.
     ``feature_max``, if given, is updated with each latent's activations (encoded from ``x``), which
     are already the saved dictionary's on raw rows (the fold leaves pre-activations unchanged).
+    A cross-layer transcoder (``sae.n_layers``; ``y`` its L targets side by side) adds
+    ``layer_fvu``: each layer's FVU, pooled the same way over that layer's columns.
     """
     target_scale = scale if target_scale is None else target_scale
     for name, value in (("scale", scale), ("target_scale", target_scale)):
@@ -455,6 +457,8 @@ def _evaluate(
 ) -> dict[str, float]:
     param = next(sae.parameters())
     stats = PooledReconstructionStats()
+    n_layers = getattr(sae, "n_layers", 0)  # a cross-layer transcoder's targets, layer by layer
+    layer_stats = [PooledReconstructionStats() for _ in range(n_layers)]
     total_fired = torch.zeros(sae.n_latents, dtype=torch.int64, device=param.device)
     n_skipped = 0
     for batch in batches:
@@ -472,7 +476,13 @@ def _evaluate(
             if not len(inputs):
                 continue
         out: ForwardOutput = sae(inputs) if y is None else sae(inputs, target=targets)
-        stats.update(y_raw, out.reconstruction.float() / target_scale, out.latent_acts)
+        prediction = out.reconstruction.float() / target_scale
+        stats.update(y_raw, prediction, out.latent_acts)
+        if layer_stats:
+            for layer, y_layer, prediction_layer in zip(
+                layer_stats, y_raw.chunk(n_layers, dim=1), prediction.chunk(n_layers, dim=1), strict=True
+            ):
+                layer.update(y_layer, prediction_layer, out.latent_acts)
         counts = output_fire_counts(out.latent_acts, out.latent_indices, sae.n_latents)
         total_fired += counts
         if dead_tracker is not None:
@@ -482,4 +492,6 @@ def _evaluate(
     result = stats.result()
     result["dead_fraction"] = (total_fired == 0).float().mean().item()
     result["nonfinite_rows_skipped"] = n_skipped
+    if layer_stats:
+        result["layer_fvu"] = [layer.result()["fvu"] for layer in layer_stats]
     return result
