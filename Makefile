@@ -2,9 +2,8 @@ VENV ?= .venv
 export VENV
 export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
-export DS_ACCELERATOR ?= cpu
 
-.PHONY: run test bench bench-observe bench-audit bench-clt bench-transcoder lint setup clean
+.PHONY: run test bench bench-observe bench-audit bench-clt bench-transcoder gpu-check lint setup clean
 
 setup:
 	@bash scripts/setup.sh
@@ -37,6 +36,11 @@ bench-clt: setup
 bench-transcoder:
 	SAEFORGE_EXTRAS=test,bench bash scripts/setup.sh
 	$(VENV)/bin/python benchmarks/bench_transcoder.py --write benchmarks/RESULTS.md $(ARGS)
+
+# The five-minute pure-torch check on a GPU (benchmarks/gpu_check.py): sparse against dense training
+# step, the encoder-GEMM bound, a producer forward; ARGS="--device cpu --small" for a CPU smoke run.
+gpu-check:
+	bash benchmarks/gpu_check.sh $(ARGS)
 
 clean:
 	rm -rf store outputs
