@@ -27,12 +27,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.profiler import record_function
 
 __all__ = [
     "dense_decode",
     "dense_topk_encode",
+    "encoder_gemm_dtype",
+    "native_bf16_matmul",
     "sparse_decode",
     "sparse_topk_encode",
+    "relu_topk_rows",
     "topk_rows",
     "unit_norm_rows",
 ]
@@ -48,6 +52,15 @@ ENCODER_CHUNK_ROWS = 512
 # benchmarks/RESULTS.md).
 TOPK_GROUP_SIZE = 8
 
+# The inner dimension of the bias-folded encoder GEMM is padded to a multiple of this
+# (``_bias_folded``): a whole bf16 AMX tile row (32 values).
+BIAS_FOLD_ALIGN = 32
+
+# Signed integer dtypes whose order on a float's bits is the float order on non-negative values
+# (``relu_topk_rows``).
+_ORDER_KEYS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+               torch.float64: torch.int64}
+
 # Latents per block of the backward's scatter-adds: a (512, d) fp32 block is about 1.5 MB, so it
 # is still in cache when it is copied (transposed, for W_enc) into the gradient.
 SCATTER_BLOCK_LATENTS = 512
@@ -55,6 +68,36 @@ SCATTER_BLOCK_LATENTS = 512
 # The floor of ``unit_norm_rows`` (``SparseCoder.decoder_weight``): keeps an all-zero row from
 # dividing by zero.
 NORM_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------- GEMM dtype
+
+
+def native_bf16_matmul() -> bool:
+    """Whether this machine multiplies bf16 matrices natively: a CUDA GPU that supports bf16, or
+    a CPU with AMX (``amx_bf16``) or AVX-512 BF16 (``avx512_bf16``) in /proc/cpuinfo. Elsewhere
+    a bf16 GEMM is emulated and no faster than fp32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def encoder_gemm_dtype(setting: str) -> torch.dtype | None:
+    """The ``compute_dtype`` of ``sae.encoder_gemm`` (``param``, ``bf16`` or ``auto``): ``None``
+    for the parameters' own dtype."""
+    if setting == "bf16" or (setting == "auto" and native_bf16_matmul()):
+        return torch.bfloat16
+    if setting in ("param", "auto"):
+        return None
+    raise ValueError(f"encoder_gemm={setting!r}: expected 'param', 'bf16' or 'auto'")
 
 
 # --------------------------------------------------------------------------- top-k selection
@@ -82,6 +125,23 @@ def topk_rows(values: Tensor, k: int, *, group_size: int = TOPK_GROUP_SIZE) -> t
     candidate_columns = (members[:, None] + top_groups[:, None, :]).view(n_rows, group_size * k)
     top_vals, positions = values.gather(1, candidate_columns).topk(k, dim=-1, sorted=False)
     return top_vals, candidate_columns.gather(1, positions)
+
+
+def relu_topk_rows(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries of ``relu(values)`` per row of the 2-D ``values``: ``(relu'd values,
+    indices)``, unsorted. Entries <= 0 all count as 0, so which of them fill a row with fewer than
+    k positive entries is arbitrary (their values are 0 either way).
+
+    A float's bit pattern read as a signed integer of the same width orders the non-negative floats
+    as the floats (and puts every negative one below them), so the selection runs on those integer
+    keys: integer max and top-k vectorise where bf16 ones do not (2x faster ``amax`` on the AMX
+    machine: benchmarks/RESULTS.md). A NaN ranks first if its sign bit is clear (as in
+    ``torch.topk``), with the negatives if it is set.
+    """
+    key_dtype = _ORDER_KEYS.get(values.dtype)
+    keys = values.view(key_dtype) if key_dtype is not None else values
+    _, indices = topk_rows(keys, k)
+    return values.gather(1, indices).relu(), indices
 
 
 # --------------------------------------------------------------------------- row scatter-add
@@ -223,26 +283,63 @@ class _SparseTopKEncode(torch.autograd.Function):
 def _chunked_topk_preacts(
     centred: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, compute_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """Row chunks of ``addmm(b_enc, centred, W_enc)`` in ``compute_dtype``, each reduced to its
-    top k at once, so the (B, n) pre-activations never exist in full."""
+    """Row chunks of ``centred @ W_enc + b_enc`` in ``compute_dtype``, each reduced to its top k
+    at once, so the (B, n) pre-activations never exist in full."""
     n_tokens = centred.shape[0]
     n_latents = W_enc.shape[1]
+    # The record_function labels name the parts of the step in a torch.profiler trace
+    # (benchmarks/bench_step.py); they cost nothing measurable when no profiler runs.
     with torch.autocast("cpu", enabled=False):
-        weight = W_enc.detach().to(compute_dtype)
-        bias = b_enc.detach().to(compute_dtype)
-        inputs = centred.detach().to(compute_dtype)
+        # A GEMM in another dtype than the parameters' copies W_enc anyway: fold the bias into
+        # that copy. In the parameters' own dtype, no copy of W_enc (one would add its size to
+        # the peak: 1.6 GB a rank at 1M latents, bench_scale): addmm adds the bias.
+        bias = None
+        with record_function("saeforge.encoder.operands"):
+            if compute_dtype != W_enc.dtype:
+                inputs, weight = _bias_folded(centred.detach(), W_enc.detach(), b_enc.detach(), compute_dtype)
+            else:
+                inputs, weight, bias = centred.detach(), W_enc.detach(), b_enc.detach()
         chunk_rows = max(1, min(n_tokens, ENCODER_CHUNK_ROWS))
         buffer = inputs.new_empty((chunk_rows, n_latents))
         acts = torch.empty((n_tokens, k), dtype=W_enc.dtype, device=W_enc.device)
         indices = torch.empty((n_tokens, k), dtype=torch.int64, device=W_enc.device)
         for start in range(0, n_tokens, chunk_rows):
             stop = min(start + chunk_rows, n_tokens)
-            pre = torch.addmm(bias, inputs[start:stop], weight, out=buffer[: stop - start])
-            # ReLU commutes with selection (it is monotone), so it runs on k values, not n.
-            top_vals, top_indices = topk_rows(pre, k)
-            acts[start:stop] = top_vals.relu()
-            indices[start:stop] = top_indices
+            with record_function("saeforge.encoder.gemm"):
+                if bias is None:
+                    pre = torch.mm(inputs[start:stop], weight, out=buffer[: stop - start])
+                else:
+                    pre = torch.addmm(bias, inputs[start:stop], weight, out=buffer[: stop - start])
+            with record_function("saeforge.encoder.topk"):
+                top_vals, top_indices = relu_topk_rows(pre, k)
+                acts[start:stop] = top_vals
+                indices[start:stop] = top_indices
     return acts, indices
+
+
+def _bias_folded(
+    centred: Tensor, W_enc: Tensor, b_enc: Tensor, compute_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``(inputs, weight)`` in ``compute_dtype`` with ``inputs @ weight == centred @ W_enc + b_enc``:
+    ``inputs`` is ``centred`` with a column of ones, ``weight`` is ``W_enc`` with ``b_enc`` as a row
+    beneath it, both padded with zeros to a multiple of ``BIAS_FOLD_ALIGN`` rows of the inner
+    dimension.
+
+    The GEMM then adds the bias as it accumulates, instead of ``addmm`` first broadcasting the bias
+    into its whole (rows, n) output and adding the product to it, a pass as large as the output
+    (a third of the encoder's time with a bf16 GEMM on the AMX machine: benchmarks/RESULTS.md).
+    The copy of ``W_enc`` into ``weight`` is the fp32-to-bf16 copy a bf16 GEMM makes anyway.
+    """
+    d, n = W_enc.shape
+    width = -(-(d + 1) // BIAS_FOLD_ALIGN) * BIAS_FOLD_ALIGN
+    weight = W_enc.new_empty((width, n), dtype=compute_dtype)
+    weight[:d] = W_enc
+    weight[d] = b_enc
+    weight[d + 1:] = 0
+    inputs = centred.new_zeros((centred.shape[0], width), dtype=compute_dtype)
+    inputs[:, :d] = centred
+    inputs[:, d] = 1
+    return inputs, weight
 
 
 def sparse_topk_encode(

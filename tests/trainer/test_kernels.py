@@ -10,6 +10,8 @@ from trainer import kernels
 from trainer.kernels import (
     dense_decode,
     dense_topk_encode,
+    encoder_gemm_dtype,
+    relu_topk_rows,
     sparse_decode,
     sparse_topk_encode,
     topk_rows,
@@ -109,6 +111,37 @@ def test_topk_rows_with_ties_and_constant_rows() -> None:
     torch.testing.assert_close(values.gather(1, top_indices), top_vals)
     assert top_indices.sort(dim=1).values.diff(dim=1).gt(0).all()
     assert 100 in top_indices[2].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_relu_topk_rows_selects_the_largest_relu_values_on_integer_keys(dtype) -> None:
+    generator = torch.Generator().manual_seed(2)
+    values = torch.randn(9, 4096, generator=generator).to(dtype)
+    values[0] = -values[0].abs()  # nothing positive: every selected value is 0
+    values[1, :10] = values[1, :10].abs() + 5  # fewer than k positive entries: the rest are 0
+    values[1, 10:] = -values[1, 10:].abs()
+    values[2, 5] = -0.0  # -0.0 reads as the smallest integer key, and counts as 0
+    values[3, 1000] = float("inf")
+    top_vals, top_indices = relu_topk_rows(values, 32)
+    expected = values.relu().topk(32, dim=-1).values
+    torch.testing.assert_close(top_vals.sort(dim=1, descending=True).values, expected, rtol=0, atol=0)
+    torch.testing.assert_close(values.gather(1, top_indices).relu(), top_vals, rtol=0, atol=0)
+    assert top_indices.sort(dim=1).values.diff(dim=1).gt(0).all()  # k distinct columns per row
+    assert set(range(10)) <= set(top_indices[1].tolist()) and 1000 in top_indices[3].tolist()
+
+
+def test_encoder_gemm_setting_resolves_to_a_dtype() -> None:
+    assert encoder_gemm_dtype("param") is None and encoder_gemm_dtype("bf16") == torch.bfloat16
+    assert encoder_gemm_dtype("auto") == (torch.bfloat16 if kernels.native_bf16_matmul() else None)
+    with pytest.raises(ValueError, match="encoder_gemm='fp16': expected 'param', 'bf16' or 'auto'"):
+        encoder_gemm_dtype("fp16")
+
+
+def test_native_bf16_matmul_follows_the_cpu_flags() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the CUDA answer is torch.cuda.is_bf16_supported()")
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    assert kernels.native_bf16_matmul() == bool({"amx_bf16", "avx512_bf16"} & set(flags))
 
 
 # --------------------------------------------------------------------------- encoder
