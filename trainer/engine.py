@@ -9,6 +9,7 @@ whatever knows how DeepSpeed's optimizers partition and hold their state is here
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -72,7 +73,8 @@ def deepspeed_config(
         "train_batch_size": train_cfg.batch_size,
         "train_micro_batch_size_per_gpu": train_cfg.batch_size // data_parallel,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": train_cfg.max_grad_norm,
+        # Where the optimizer clips itself (ClippedAdam), DeepSpeed must not clip a second time.
+        "gradient_clipping": 0.0 if clips_in_optimizer(deepspeed_cfg) else train_cfg.max_grad_norm,
         "zero_optimization": _zero_section(deepspeed_cfg),
         # ZeRO refuses optimizers it has not tested unless told; torch's fused Adam is the client
         # optimizer because DeepSpeed's fused and CPU Adams JIT-compile for 60-100 s on first use.
@@ -83,6 +85,76 @@ def deepspeed_config(
     if deepspeed_cfg.precision == "bf16":
         config["bf16"] = {"enabled": True}
     return config
+
+
+def clips_in_optimizer(cfg: DeepSpeedConfig) -> bool:
+    """Whether the engine's optimizer clips the gradients itself (``ClippedAdam``): at ZeRO 0 in
+    fp32, where DeepSpeed hands the module's gradients straight to the client optimizer. ZeRO 1-3
+    clip their own flat fp32 partitions, and bf16 its optimizer wrapper's copies."""
+    return cfg.zero_stage == 0 and cfg.precision == "fp32"
+
+
+class ClippedAdam(torch.optim.Adam):
+    """torch's fused Adam with gradient clipping inside its kernel: the clip goes in as the
+    kernel's ``grad_scale`` (each gradient divided by it as it is read, the path torch's
+    GradScaler uses), instead of a pass that multiplies every gradient in place before the step
+    (DeepSpeed's ``clip_grad_norm_``: a read and a write of every gradient, 5-8% of a
+    65,536-latent step: benchmarks/RESULTS.md). The same update: gradients scaled by
+    ``max_grad_norm / (norm + 1e-6)`` when that is below 1.
+
+    The norm is the whole dictionary's: with feature parallelism the parameters marked
+    ``model_parallel`` (each rank's slice) sum their squares over ``model_parallel_group`` and the
+    others (replicated) count once, as DeepSpeed counts them.
+    """
+
+    def __init__(self, params: Any, *, lr: float, max_grad_norm: float, model_parallel_group: Any = None) -> None:
+        super().__init__(params, lr=lr, fused=True)
+        self.max_grad_norm = max_grad_norm
+        self.model_parallel_group = model_parallel_group
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        if self.max_grad_norm > 0:
+            norm = self.grad_norm()
+            self.grad_scale = torch.clamp((norm + 1e-6) / self.max_grad_norm, min=1.0)
+        return super().step(closure)
+
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """The L2 norm of every gradient of the (whole, unsliced) model, fp32."""
+        sliced, whole = [], []
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    split = self.model_parallel_group is not None and getattr(param, "model_parallel", False)
+                    (sliced if split else whole).append(param.grad)
+        squares = torch.zeros((), dtype=torch.float32)
+        if sliced:
+            local = torch.stack(torch._foreach_norm(sliced)).float().square().sum()
+            dist.all_reduce(local, group=self.model_parallel_group)
+            squares = squares + local
+        if whole:
+            squares = squares + torch.stack(torch._foreach_norm(whole)).float().square().sum()
+        return squares.sqrt()
+
+
+def single_replica_config(cfg: DeepSpeedConfig, *, world_size: int) -> DeepSpeedConfig:
+    """``cfg`` as a job runs it on ``world_size`` ranks: ZeRO stage 1 or 2 over ONE data-parallel
+    replica becomes stage 0.
+
+    ZeRO partitions the optimizer state (and at stage 2 the gradients) over the data-parallel
+    ranks; over one it partitions nothing, holds the same bytes, and still copies every gradient
+    into its flat buffers and every updated weight back into the module each step (the engine's
+    share of a one-rank step fell from 40% to 17% at 16,384 latents: benchmarks/RESULTS.md).
+    Stage 3 is left as asked, and so is bf16 with feature parallelism and clipping, which
+    stage 0 refuses (``DeepSpeedConfig.check_clipping``). A checkpoint records the stage the
+    engine ran, so a run resumes on the stage it saved with."""
+    data_parallel = world_size // cfg.feature_parallel
+    if data_parallel != 1 or cfg.zero_stage not in (1, 2):
+        return cfg
+    if cfg.precision == "bf16" and cfg.feature_parallel > 1:
+        return cfg
+    return dataclasses.replace(cfg, zero_stage=0)
 
 
 def _zero_section(cfg: DeepSpeedConfig) -> dict[str, Any]:
@@ -147,12 +219,22 @@ def wrap_in_deepspeed(
             param.model_parallel = True
     # fused: one multi-tensor kernel per step instead of torch's per-parameter loop (on CPU since
     # torch 2.4); 12 against 93 ms per step for a 16,384 x 768 SAE here (benchmarks/RESULTS.md).
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    if clips_in_optimizer(deepspeed_cfg):
+        optimizer: torch.optim.Optimizer = ClippedAdam(
+            model.parameters(), lr=lr, max_grad_norm=train_cfg.max_grad_norm,
+            model_parallel_group=grid.feature_group if mpu is not None else None,
+        )
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier) if lr_multiplier else None
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, mpu=mpu
     )
     setattr(engine, _OWNS_GROUP_ATTR, owns_group)
+    if deepspeed_cfg.zero_stage == 0 and world_size // deepspeed_cfg.feature_parallel == 1:
+        # One data-parallel replica: the backward's gradient all-reduce would average each gradient
+        # with itself, after flattening every gradient into one buffer and back (a copy of them all).
+        engine.enable_backward_allreduce = False
     log.info(
         "DeepSpeed engine: ZeRO stage %d, %s, %d data x %d feature ranks, %d rows per replica",
         deepspeed_cfg.zero_stage, deepspeed_cfg.precision, world_size // deepspeed_cfg.feature_parallel,
@@ -403,7 +485,8 @@ class EngineState:
             "rank": rank,
             "world_size": world_size,
             "zero_stage": self._stage(),
-            "optimizer": type(engine.optimizer).__name__,
+            # ClippedAdam's state is torch Adam's: a checkpoint of either loads into the other.
+            "optimizer": "Adam" if isinstance(engine.optimizer, ClippedAdam) else type(engine.optimizer).__name__,
             "lr_scheduler": type(engine.lr_scheduler).__name__ if engine.lr_scheduler is not None else None,
             "parameters": parameters,
         }

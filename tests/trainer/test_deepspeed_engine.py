@@ -14,6 +14,7 @@ from trainer.engine import (
     distributed_backend,
     master_weights,
     shutdown_engine,
+    single_replica_config,
     wrap_in_deepspeed,
 )
 from trainer.feature_parallel import ParallelGrid
@@ -151,3 +152,43 @@ def _check_master_weights(engine, *, bf16: bool) -> None:
         assert not torch.equal(masters[name], param.detach().float()) or not bf16, name
     sae = TopKSAE(16, 64, 4)
     sae.load_state_dict(masters)  # an fp32 SAE to export from
+
+
+def test_one_data_parallel_replica_runs_zero_stage_0_where_stage_0_can() -> None:
+    zero2, zero1, zero3 = (DeepSpeedConfig(zero_stage=stage) for stage in (2, 1, 3))
+    assert single_replica_config(zero2, world_size=1).zero_stage == 0
+    assert single_replica_config(zero1, world_size=1).zero_stage == 0
+    assert single_replica_config(zero2, world_size=2) is zero2  # two replicas: ZeRO partitions over them
+    assert single_replica_config(zero3, world_size=1) is zero3
+    sliced = DeepSpeedConfig(zero_stage=2, feature_parallel=2)
+    assert single_replica_config(sliced, world_size=2).zero_stage == 0  # one replica of two slices
+    assert single_replica_config(sliced, world_size=4) is sliced
+    # bf16 with feature parallelism cannot clip at stage 0 (DeepSpeedConfig.check_clipping).
+    bf16_sliced = DeepSpeedConfig(zero_stage=1, precision="bf16", feature_parallel=2)
+    assert single_replica_config(bf16_sliced, world_size=2) is bf16_sliced
+
+
+@pytest.mark.integration
+def test_a_one_replica_engine_at_zero_0_trains_as_zero_2_without_the_all_reduce() -> None:
+    """The job's one-replica engine (ZeRO 0, no backward all-reduce) takes the same steps as the
+    ZeRO 2 engine it replaces, clipping included."""
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.randn(32, 16, generator=generator) * 3 for _ in range(8)]
+    trained = {}
+    for one_replica in (False, True):
+        cfg = DeepSpeedConfig(zero_stage=2)
+        cfg = single_replica_config(cfg, world_size=1) if one_replica else cfg
+        engine = wrap_in_deepspeed(TopKSAE(16, 64, 4, seed=0), train_cfg=TrainConfig(batch_size=32, max_grad_norm=0.05),
+                                   deepspeed_cfg=cfg, lr=0.01, world_size=1)
+        try:
+            for x in batches:
+                out = engine(x)
+                engine.backward(out.loss)
+                engine.step()
+            trained[one_replica] = (engine.zero_optimization_stage(), engine.enable_backward_allreduce,
+                                    master_weights(engine))
+        finally:
+            shutdown_engine(engine)
+    assert trained[True][:2] == (0, False) and trained[False][:2] == (2, True)
+    for name, weight in trained[False][2].items():
+        torch.testing.assert_close(trained[True][2][name], weight, rtol=1e-5, atol=1e-6, msg=name)
