@@ -213,12 +213,17 @@ class DictionaryTrainer:
             return
         forward_kwargs["dead_mask"] = self.dead_tracker.dead_mask(self.dead_after_tokens).to(engine.device)
         buffers = _buffer_snapshot(engine.module)  # BatchTopK's forward updates its threshold
+        clock = [time.perf_counter()]
         out: ForwardOutput = engine(inputs, **forward_kwargs)
         if self._skips_loss(step, out.loss):
             _restore_buffers(engine.module, buffers)
             return
+        clock.append(time.perf_counter())
         engine.backward(out.loss)
+        clock.append(time.perf_counter())
         engine.step()
+        clock.append(time.perf_counter())
+        self._window.add_times(clock)
         global_tokens = x.shape[0] * self.world_size
         _update_dead_latents(self.dead_tracker, out, self.world_size, self.data_group)
         _average_buffers(engine.module, self.world_size, self.data_group)
@@ -370,6 +375,12 @@ def _update_dead_latents(tracker: DeadLatentTracker, out: ForwardOutput, world_s
     tracker.update_counts(counts, n_tokens=out.latent_acts.shape[0] * world_size)
 
 
+# The timed phases of a step, logged as ``<phase>_ms`` (ms per step over the log window):
+# DeepSpeed's forward, its backward (with the gradient reduction of ZeRO 1/2 and of data
+# parallelism: gloo or nccl), its optimizer step (clipping, Adam, ZeRO's gathers of the weights).
+STEP_PHASES = ("forward", "backward", "optimizer")
+
+
 class _MetricWindow:
     """Sums of per-step figures since the last log, kept as tensors so steps do not sync."""
 
@@ -378,12 +389,20 @@ class _MetricWindow:
         self.steps = 0
         self.tokens = 0
         self.start_s = time.perf_counter()
+        self.seconds = dict.fromkeys(STEP_PHASES, 0.0)
+        """Wall seconds in each phase of the window's steps; what is left of the window's time was
+        spent between steps (reading the batch, the checks, other dictionaries, checkpoints)."""
 
     def add(self, out: ForwardOutput, *, tokens: int) -> None:
         terms = torch.stack([out.loss, out.mse, out.fvu, out.l0, out.sparsity_loss, out.aux_loss]).detach()
         self.sums += terms.float()
         self.steps += 1
         self.tokens += tokens
+
+    def add_times(self, clock: list[float]) -> None:
+        """Add one step's phases from the ``perf_counter`` times at their boundaries."""
+        for phase, start, stop in zip(STEP_PHASES, clock[:-1], clock[1:], strict=True):
+            self.seconds[phase] += stop - start
 
 
 def _window_metrics(
@@ -401,8 +420,14 @@ def _window_metrics(
         names = ("loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss")
         averages = dict(zip(names, (sums / (window.steps * ranks)).tolist(), strict=True))
     elapsed_s = max(time.perf_counter() - window.start_s, 1e-9)
+    # Host wall time per step of each phase (on a GPU, where kernels run asynchronously, the
+    # phase that waits for them); "between_steps_ms" is the rest of the window's time.
+    steps = max(window.steps, 1)
+    phases = {f"{phase}_ms": 1e3 * seconds / steps for phase, seconds in window.seconds.items()}
+    phases["between_steps_ms"] = max(1e3 * elapsed_s / steps - sum(phases.values()), 0.0)
     return {
         **averages,
+        **phases,
         "dead_fraction": tracker.dead_fraction(dead_after_tokens),
         "dense_fraction": dense_fraction(tracker.frequencies()),
         "tokens_per_second": window.tokens / elapsed_s,

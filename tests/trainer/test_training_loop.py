@@ -71,8 +71,13 @@ def test_logged_metrics_and_cadence(engine_factory) -> None:
     assert set(logger.records[0][1]) == {
         "loss", "mse", "fvu", "l0", "sparsity_loss", "aux_loss", "dead_fraction", "dense_fraction",
         "tokens_per_second", "lr", "tokens", "skipped_steps_nonfinite_batch", "skipped_steps_nonfinite_loss",
-        "nonfinite_rows",
+        "nonfinite_rows", "forward_ms", "backward_ms", "optimizer_ms", "between_steps_ms",
     }
+    first = logger.records[0][1]
+    assert all(first[f"{phase}_ms"] > 0 for phase in ("forward", "backward", "optimizer"))
+    # The phases and the time between steps make up the window's wall time.
+    window_ms = sum(first[f"{phase}_ms"] for phase in ("forward", "backward", "optimizer", "between_steps"))
+    assert window_ms == pytest.approx(3 * 16 / first["tokens_per_second"] * 1e3 / 3, rel=0.05)
     assert logger.records[0][1]["lr"] == 1e-3
     assert logger.records[-1][1]["tokens"] == 7 * 16 == summary.tokens
     assert tracker.n_tokens == 7 * 16
