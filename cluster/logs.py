@@ -8,6 +8,8 @@ import os
 import sys
 import warnings
 
+from trainer.memory import huge_page_allocations
+
 # botocore logs each request's headers at DEBUG, the Authorization header (and so the access key
 # id) among them: the HTTP libraries log at INFO at most, whatever the job's level.
 _WIRE_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
@@ -61,5 +63,13 @@ def quiet_third_party() -> None:
     )
 
 
-WORKER_SETUP_HOOK = f"{__name__}.{quiet_third_party.__name__}"
-"""``quiet_third_party`` as Ray's ``runtime_env["worker_process_setup_hook"]`` names it."""
+def setup_worker_process() -> None:
+    """What every worker process of a job does first (``WORKER_SETUP_HOOK``): ask torch's
+    allocator for huge pages before anything imports torch (``trainer.memory``), and silence the
+    third-party noise (``quiet_third_party``)."""
+    huge_page_allocations()
+    quiet_third_party()
+
+
+WORKER_SETUP_HOOK = f"{__name__}.{setup_worker_process.__name__}"
+"""``setup_worker_process`` as Ray's ``runtime_env["worker_process_setup_hook"]`` names it."""
