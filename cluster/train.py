@@ -40,6 +40,7 @@ from trainer.engine import (
     distributed_backend,
     master_weights,
     shutdown_engine,
+    single_replica_config,
     wrap_in_deepspeed,
 )
 from trainer.feature_parallel import ParallelGrid, build_grid, parallelize_features
@@ -205,7 +206,8 @@ def _start_dictionary(
         sae.init_b_enc(torch.tensor(source.mean, dtype=torch.float32)[None] * source.scale)
     lr = variant.lr if variant.lr is not None else job.train.learning_rate(variant.sae.n_latents)
     engine = wrap_in_deepspeed(
-        sae, train_cfg=job.train, deepspeed_cfg=job.deepspeed, lr=lr, world_size=world_size, grid=grid,
+        sae, train_cfg=job.train, deepspeed_cfg=single_replica_config(job.deepspeed, world_size=world_size), lr=lr,
+        world_size=world_size, grid=grid,
         lr_multiplier=lambda step: lr_at(step, base_lr=1.0, **_lr_schedule(job.train, source.steps)),
     )
     name = f"{plan.label}-{variant.name}" if variant.name else plan.label

@@ -15,6 +15,10 @@ CLT_TOPK_MODES = ("layer", "all")
 """``sae.clt_topk``: k per layer per token, or k * L over all the token's latents (``trainer.clt``)."""
 
 
+# The values of ``sae.encoder_gemm``.
+ENCODER_GEMMS = ("param", "bf16", "auto")
+
+
 @dataclass
 class SAEConfig:
     """The sparse autoencoder's architecture."""
@@ -59,8 +63,24 @@ class SAEConfig:
     the k largest latents of each layer per token, ``all`` the k * L largest over all the token's
     latents of every covered layer (``trainer.clt``)."""
 
+    encoder_gemm: str = "param"
+    """The dtype of a TopK SAE's or transcoder's encoder GEMM and top-k selection
+    (``trainer.kernels``): ``param``, the parameters' (fp32, or bf16 under
+    ``deepspeed.precision=bf16``); ``bf16``, bf16 over fp32 parameters, with the gradients, Adam
+    and the decoder still in fp32; ``auto``, ``bf16`` where the hardware multiplies bf16 natively
+    (a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16), else ``param``. A bf16 GEMM is 8x
+    an fp32 one on an AMX CPU; the held-out FVU at equal steps: benchmarks/RESULTS.md. Only
+    ``architecture=topk`` has it."""
+
     def __post_init__(self) -> None:
         check_architecture(self.architecture)
+        if self.encoder_gemm not in ENCODER_GEMMS:
+            raise ValueError(f"sae.encoder_gemm={self.encoder_gemm!r}: expected one of {list(ENCODER_GEMMS)}")
+        if self.encoder_gemm != "param" and self.architecture != "topk":
+            raise ValueError(
+                f"sae.encoder_gemm={self.encoder_gemm!r} with sae.architecture={self.architecture!r}: only topk "
+                "has a separate encoder GEMM dtype (use sae.encoder_gemm=param, or deepspeed.precision=bf16)"
+            )
         if self.clt_topk not in CLT_TOPK_MODES:
             raise ValueError(f"sae.clt_topk={self.clt_topk!r}: expected one of {list(CLT_TOPK_MODES)}")
         if self.n_latents <= 0:

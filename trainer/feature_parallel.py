@@ -292,7 +292,8 @@ class _FeatureParallel(_Split):
         shard = self.feature_shard
         b_dec_for_encoder = _SumGradients.apply(self.b_dec, shard.group)
         local_acts, local_indices = sparse_topk_encode(
-            x, self.W_enc, self.b_enc, b_dec_for_encoder, min(self.k, shard.n_local)
+            x, self.W_enc, self.b_enc, b_dec_for_encoder, min(self.k, shard.n_local),
+            compute_dtype=self.compute_dtype,
         )
         values, indices = _gather_candidates(local_acts.detach(), local_indices + shard.latent_start, shard)
         chosen = _select_topk(values, indices, self.k)

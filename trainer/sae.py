@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from trainer.kernels import (
     dense_decode,
     dense_topk_encode,
+    encoder_gemm_dtype,
     sparse_decode,
     sparse_topk_encode,
     unit_norm_rows,
@@ -508,7 +509,8 @@ class TopKSAE(SparseCoder):
 
     @classmethod
     def config_options(cls, sae_cfg: Any) -> dict[str, Any]:
-        return {"k": sae_cfg.k, "auxk_coefficient": sae_cfg.auxk_coefficient, "k_aux": sae_cfg.k_aux}
+        return {"k": sae_cfg.k, "auxk_coefficient": sae_cfg.auxk_coefficient, "k_aux": sae_cfg.k_aux,
+                "compute_dtype": encoder_gemm_dtype(getattr(sae_cfg, "encoder_gemm", "param"))}
 
     @classmethod
     def for_inference(cls, cfg: dict[str, Any], dtype: torch.dtype) -> TopKSAE:
