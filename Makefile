@@ -3,7 +3,7 @@ export VENV
 export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 
-.PHONY: run test bench bench-observe bench-audit bench-clt bench-transcoder gpu-check lint setup clean
+.PHONY: run test bench bench-step bench-observe bench-audit bench-clt bench-transcoder gpu-check lint setup clean
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,11 @@ test: setup
 bench:
 	SAEFORGE_EXTRAS=test,bench bash scripts/setup.sh
 	$(VENV)/bin/python benchmarks/bench_trainer.py --write benchmarks/RESULTS.md $(ARGS)
+
+# The TopK step against the hardware (GEMM bound, memory roofline) and sparsify (about 10 minutes).
+bench-step:
+	SAEFORGE_EXTRAS=test,bench bash scripts/setup.sh
+	$(VENV)/bin/python benchmarks/bench_step.py --write benchmarks/RESULTS.md $(ARGS)
 
 # observe against the bare forward to the hookpoint, at two dictionary widths (about 4 minutes).
 bench-observe: setup

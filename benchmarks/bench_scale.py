@@ -36,8 +36,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.common import cpu_description  # noqa: E402
 from benchmarks.results import write_block  # noqa: E402
 from trainer.engine import free_port  # noqa: E402
+from trainer.memory import huge_page_allocations  # noqa: E402
 
 GIB = 2**30
 
@@ -122,23 +124,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args(argv)
+    huge_page_allocations()  # in the spawned ranks, as in the job's trainer workers (trainer.memory)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     rate_before = _gemm_rate(args.batch, args.d_model)
     rows = [run_width(n, args) for n in args.widths]
     rate = max(rate_before, _gemm_rate(args.batch, args.d_model))
     lines = [
         "| latents | params per rank | step (median) | tokens/s | encoder GEMM bound | of bound | "
-        "peak RSS per rank | RSS after training per rank |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "step per latent, against the narrowest | peak RSS per rank | RSS after training per rank |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    narrowest = None
     for row in rows:
         n, ranks = row["n_latents"], row["ranks"]
         step = max(r["step_s"] for r in ranks)
+        narrowest = narrowest or step / n
         bound = 2 * args.batch * args.d_model * (n // 2) / rate
         params = (2 * n // 2 * args.d_model + n // 2 + args.d_model) / 1e6
         lines.append(
             f"| {n:,} | {params:,.0f} M | {step:.3f} s | {args.batch / step:,.0f} | {bound:.3f} s | "
-            f"{bound / step:.0%} | {max(r['peak_rss'] for r in ranks) / GIB:.2f} GiB | "
+            f"{bound / step:.0%} | {step / n / narrowest:.2f}x | {max(r['peak_rss'] for r in ranks) / GIB:.2f} GiB | "
             f"{max(r['rss_after'] for r in ranks) / GIB:.2f} GiB |"
         )
     given = sys.argv[1:] if argv is None else argv
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Run {started}, `{command}`: d_model {args.d_model}, k {args.k}, batch {args.batch} tokens, "
         f"2 feature-parallel ranks (1 thread each), fp32, ZeRO {args.zero_stage}; median of "
         f"{args.steps} steps ({args.steps_large} from 512k latents) after one warm-up step. "
-        f"fp32 GEMM rate of one thread: {rate / 1e9:.0f} GFLOP/s.",
+        f"fp32 GEMM rate of one thread: {rate / 1e9:.0f} GFLOP/s. {cpu_description()}.",
         "",
         *lines,
     ])

@@ -144,8 +144,9 @@ def single_replica_config(cfg: DeepSpeedConfig, *, world_size: int) -> DeepSpeed
 
     ZeRO partitions the optimizer state (and at stage 2 the gradients) over the data-parallel
     ranks; over one it partitions nothing, holds the same bytes, and still copies every gradient
-    into its flat buffers and every updated weight back into the module each step (the engine's
-    share of a one-rank step fell from 40% to 17% at 16,384 latents: benchmarks/RESULTS.md).
+    into its flat buffers and every updated weight back into the module each step (ZeRO 2 over one
+    replica took 30-50% longer a step than stage 0 at 16,384 and 65,536 latents: bench_step in
+    benchmarks/RESULTS.md).
     Stage 3 is left as asked, and so is bf16 with feature parallelism and clipping, which
     stage 0 refuses (``DeepSpeedConfig.check_clipping``). A checkpoint records the stage the
     engine ran, so a run resumes on the stage it saved with."""
