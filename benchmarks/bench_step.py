@@ -54,6 +54,7 @@ from benchmarks.bench_trainer import (  # noqa: E402
     Contender,
     Saeforge,
     Sparsify,
+    clipped_adam_step,
     gemm_flops_per_s,
     heldout_quality,
     load_average,
@@ -95,11 +96,7 @@ class Transcoder(Saeforge):
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=width_scaled_lr(n), fused=True)
 
     def step(self, x: Tensor, step: int) -> None:
-        out = self.sae(x, target=x @ self.mix)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        clipped_adam_step(self.sae(x, target=x @ self.mix).loss, self.sae, self.optimizer)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,11 +129,7 @@ class CLTStep(Contender):
 
     def step(self, x: Tensor, step: int) -> None:
         inputs, target = self.pair(x)
-        out = self.clt(inputs, target=target)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.clt.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        clipped_adam_step(self.clt(inputs, target=target).loss, self.clt, self.optimizer)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:

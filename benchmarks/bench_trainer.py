@@ -129,6 +129,14 @@ def width_scaled_lr(n_latents: int) -> float:
     return 2e-4 / (n_latents / 2**14) ** 0.5
 
 
+def clipped_adam_step(loss: Tensor, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Our trainer's step without DeepSpeed: backward, clip the gradient norm at 1.0, Adam."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 class Saeforge(Contender):
     def __init__(
         self, cfg: BenchConfig, n: int, first: Tensor, *, kernel: str, gemm_dtype
@@ -141,11 +149,7 @@ class Saeforge(Contender):
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=width_scaled_lr(n), fused=True)
 
     def step(self, x: Tensor, step: int) -> None:
-        out = self.sae(x)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        clipped_adam_step(self.sae(x).loss, self.sae, self.optimizer)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
