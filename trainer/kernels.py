@@ -1,12 +1,13 @@
 """Sparse fast paths for TopK-family SAEs, each beside the plain-PyTorch twin it replaces.
 
-A TopK SAE step on CPU is dominated by one dense GEMM, the encoder's ``(B, d) @ (d, n)``. The dense
+The one dense GEMM a TopK SAE step needs is the encoder's ``(B, d) @ (d, n)``. The dense
 reference path adds four more of that size (the decoder's ``(B, n) @ (n, d)`` and three in
 backward) plus several passes over (B, n) pre-activations. Here:
 
-* ``sparse_topk_encode``: the GEMM (optionally in bf16, faster than fp32 on the reference CPU:
-  benchmarks/RESULTS.md) in chunks of rows, each reduced at once to its top k by ``topk_rows`` (one read of
-  the chunk plus small top-ks); backward touches only the k selected latents per token.
+* ``sparse_topk_encode``: the GEMM (optionally in bf16, 8x fp32 on an AMX CPU: benchmarks/RESULTS.md;
+  a 16-bit GEMM gets the bias folded into its operands, ``_bias_folded``) in chunks of rows, each
+  reduced at once to its top k by ``relu_topk_rows`` (integer keys, one read of the chunk plus small
+  top-ks); backward touches only the k selected latents per token.
 * ``sparse_decode``: ``sum_j acts_j * W_dec[indices_j] + b_dec`` as a weighted ``embedding_bag``,
   with the unit-norm constraint applied to the k gathered rows only; backward touches those rows.
 
@@ -34,9 +35,9 @@ __all__ = [
     "dense_topk_encode",
     "encoder_gemm_dtype",
     "native_bf16_matmul",
+    "relu_topk_rows",
     "sparse_decode",
     "sparse_topk_encode",
-    "relu_topk_rows",
     "topk_rows",
     "unit_norm_rows",
 ]
@@ -290,12 +291,12 @@ def _chunked_topk_preacts(
     # The record_function labels name the parts of the step in a torch.profiler trace
     # (benchmarks/bench_step.py); they cost nothing measurable when no profiler runs.
     with torch.autocast("cpu", enabled=False):
-        # A GEMM in another dtype than the parameters' copies W_enc anyway: fold the bias into
-        # that copy. In the parameters' own dtype, no copy of W_enc (one would add its size to
-        # the peak: 1.6 GB a rank at 1M latents, bench_scale): addmm adds the bias.
+        # A 16-bit GEMM folds the bias into a copy of W_enc (over fp32 parameters it copies
+        # W_enc anyway, to cast it). An fp32 GEMM makes no copy (it would add its size to the
+        # peak: 1.6 GB a rank at 1M latents, bench_scale): addmm adds the bias.
         bias = None
         with record_function("saeforge.encoder.operands"):
-            if compute_dtype != W_enc.dtype:
+            if torch.finfo(compute_dtype).bits < 32:
                 inputs, weight = _bias_folded(centred.detach(), W_enc.detach(), b_enc.detach(), compute_dtype)
             else:
                 inputs, weight, bias = centred.detach(), W_enc.detach(), b_enc.detach()
@@ -328,7 +329,8 @@ def _bias_folded(
     The GEMM then adds the bias as it accumulates, instead of ``addmm`` first broadcasting the bias
     into its whole (rows, n) output and adding the product to it, a pass as large as the output
     (a third of the encoder's time with a bf16 GEMM on the AMX machine: benchmarks/RESULTS.md).
-    The copy of ``W_enc`` into ``weight`` is the fp32-to-bf16 copy a bf16 GEMM makes anyway.
+    Over fp32 parameters the copy of ``W_enc`` into ``weight`` is the cast a bf16 GEMM makes
+    anyway; over bf16 ones it is a copy of n x d 16-bit values, smaller than the (B, n) pass it saves.
     """
     d, n = W_enc.shape
     width = -(-(d + 1) // BIAS_FOLD_ALIGN) * BIAS_FOLD_ALIGN
