@@ -98,8 +98,9 @@ class ClippedAdam(torch.optim.Adam):
     """torch's fused Adam with gradient clipping inside its kernel: the clip goes in as the
     kernel's ``grad_scale`` (each gradient divided by it as it is read, the path torch's
     GradScaler uses), instead of a pass that multiplies every gradient in place before the step
-    (DeepSpeed's ``clip_grad_norm_``: a read and a write of every gradient, 5-8% of a
-    65,536-latent step: benchmarks/RESULTS.md). The same update: gradients scaled by
+    (DeepSpeed's ``clip_grad_norm_``: a read and a write of every gradient, about half of the 48 ms
+    clipping takes in a 65,536-latent step: bench_step in benchmarks/RESULTS.md). The same update:
+    gradients scaled by
     ``max_grad_norm / (norm + 1e-6)`` when that is below 1.
 
     The norm is the whole dictionary's: with feature parallelism the parameters marked
@@ -122,13 +123,15 @@ class ClippedAdam(torch.optim.Adam):
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
         """The L2 norm of every gradient of the (whole, unsliced) model, fp32."""
-        sliced, whole = [], []
+        sliced: list[torch.Tensor] = []
+        whole: list[torch.Tensor] = []
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
                     split = self.model_parallel_group is not None and getattr(param, "model_parallel", False)
                     (sliced if split else whole).append(param.grad)
-        squares = torch.zeros((), dtype=torch.float32)
+        device = self.param_groups[0]["params"][0].device
+        squares = torch.zeros((), dtype=torch.float32, device=device)
         if sliced:
             local = torch.stack(torch._foreach_norm(sliced)).float().square().sum()
             dist.all_reduce(local, group=self.model_parallel_group)
