@@ -100,8 +100,7 @@ class ClippedAdam(torch.optim.Adam):
     GradScaler uses), instead of a pass that multiplies every gradient in place before the step
     (DeepSpeed's ``clip_grad_norm_``: a read and a write of every gradient, about half of the 48 ms
     clipping takes in a 65,536-latent step: bench_step in benchmarks/RESULTS.md). The same update:
-    gradients scaled by
-    ``max_grad_norm / (norm + 1e-6)`` when that is below 1.
+    gradients scaled by ``max_grad_norm / (norm + 1e-6)`` when that is below 1.
 
     The norm is the whole dictionary's: with feature parallelism the parameters marked
     ``model_parallel`` (each rank's slice) sum their squares over ``model_parallel_group`` and the
