@@ -376,7 +376,7 @@ def _update_dead_latents(tracker: DeadLatentTracker, out: ForwardOutput, world_s
 
 
 # The timed phases of a step, logged as ``<phase>_ms`` (ms per step over the log window):
-# DeepSpeed's forward, its backward (with the gradient reduction of ZeRO 1/2 and of data
+# DeepSpeed's forward with the loss's finiteness check (a small all-reduce over the ranks), its backward (with the gradient reduction of ZeRO 1/2 and of data
 # parallelism: gloo or nccl), its optimizer step (clipping, Adam, ZeRO's gathers of the weights).
 STEP_PHASES = ("forward", "backward", "optimizer")
 
