@@ -380,6 +380,9 @@ def _update_dead_latents(tracker: DeadLatentTracker, out: ForwardOutput, world_s
 # parallelism: gloo or nccl), its optimizer step (clipping, Adam, ZeRO's gathers of the weights).
 STEP_PHASES = ("forward", "backward", "optimizer")
 
+WALL_CLOCK_METRICS = ("tokens_per_second", *(f"{phase}_ms" for phase in STEP_PHASES), "between_steps_ms")
+"""The logged metrics that time the run (they differ between two runs of the same steps)."""
+
 
 class _MetricWindow:
     """Sums of per-step figures since the last log, kept as tensors so steps do not sync."""
