@@ -57,10 +57,10 @@ TOPK_GROUP_SIZE = 8
 # (``_bias_folded``): a whole bf16 AMX tile row (32 values).
 BIAS_FOLD_ALIGN = 32
 
-# Signed integer dtypes whose order on a float's bits is the float order on non-negative values
-# (``relu_topk_rows``).
-_ORDER_KEYS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
-               torch.float64: torch.int64}
+# Signed integer dtypes whose order on a 16-bit float's bits is the float order on non-negative
+# values (``relu_topk_rows``). Wider floats select on their own values: their max vectorises already,
+# and an fp32 step keeps the exact selection order (and so the bits) of earlier versions.
+_ORDER_KEYS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 # Latents per block of the backward's scatter-adds: a (512, d) fp32 block is about 1.5 MB, so it
 # is still in cache when it is copied (transposed, for W_enc) into the gradient.
@@ -133,15 +133,17 @@ def relu_topk_rows(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
     indices)``, unsorted. Entries <= 0 all count as 0, so which of them fill a row with fewer than
     k positive entries is arbitrary (their values are 0 either way).
 
-    A float's bit pattern read as a signed integer of the same width orders the non-negative floats
-    as the floats (and puts every negative one below them), so the selection runs on those integer
-    keys: integer max and top-k vectorise where bf16 ones do not (2x faster ``amax`` on the AMX
-    machine: benchmarks/RESULTS.md). A NaN ranks first if its sign bit is clear (as in
-    ``torch.topk``), with the negatives if it is set.
+    A 16-bit float's bit pattern read as an int16 orders the non-negative floats as the floats (and
+    puts every negative one below them), so bf16 and fp16 values are selected on those integer keys:
+    integer max and top-k vectorise where bf16 ones do not (2x faster ``amax`` on the AMX machine:
+    benchmarks/RESULTS.md). A NaN then ranks first if its sign bit is clear (as in ``torch.topk``),
+    with the negatives if it is set. Wider floats are selected on their values (``topk_rows``).
     """
     key_dtype = _ORDER_KEYS.get(values.dtype)
-    keys = values.view(key_dtype) if key_dtype is not None else values
-    _, indices = topk_rows(keys, k)
+    if key_dtype is None:
+        top_vals, indices = topk_rows(values, k)
+        return top_vals.relu(), indices
+    _, indices = topk_rows(values.view(key_dtype), k)
     return values.gather(1, indices).relu(), indices
 
 

@@ -114,7 +114,7 @@ def test_topk_rows_with_ties_and_constant_rows() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_relu_topk_rows_selects_the_largest_relu_values_on_integer_keys(dtype) -> None:
+def test_relu_topk_rows_selects_the_largest_relu_values(dtype) -> None:
     generator = torch.Generator().manual_seed(2)
     values = torch.randn(9, 4096, generator=generator).to(dtype)
     values[0] = -values[0].abs()  # nothing positive: every selected value is 0
