@@ -84,20 +84,19 @@ def run_job(args: argparse.Namespace, folder: Path, name: str, extra: list[str])
 
 
 def single_process_step(args: argparse.Namespace, threads: int) -> float:
-    """Median seconds of the bare bf16 step at the jobs' shape (bench_step's contender)."""
-    from benchmarks.bench_trainer import BenchConfig, Saeforge, make_data
+    """Median seconds of the bare bf16 step at the jobs' shape: bench_step's ``bare-bf16``
+    contender, timed by bench_step's own loop."""
+    from benchmarks.bench_step import run
+    from benchmarks.bench_trainer import BenchConfig, make_data
 
     torch.set_num_threads(threads)
     cfg = BenchConfig(sizes=[args.latents], steps={}, slow_steps={}, slow=[], warmup_steps=3, contenders=[],
                       d_model=D_MODEL, heldout_tokens=1024)
-    batches, _ = make_data(cfg, 12)
-    contender = Saeforge(cfg, args.latents, batches[0], kernel="sparse", gemm_dtype=torch.bfloat16)
-    times = []
-    for step, x in enumerate(batches):
-        start = time.perf_counter()
-        contender.step(x, step)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[3:])
+    batches, heldout = make_data(cfg, 12)
+    result = run("bare-bf16", cfg, args.latents, len(batches), batches, heldout)
+    if result.error:
+        raise RuntimeError(f"the single-process step failed: {result.error}")
+    return result.median(cfg.warmup_steps)
 
 
 def main(argv: list[str] | None = None) -> None:
