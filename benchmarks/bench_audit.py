@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join([".venv/bin/python", "benchmarks/bench_audit.py", *(sys.argv[1:] if argv is None else argv)])
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
 
-    model_cfg, data_cfg = ModelConfig(), DataConfig()
+    model_cfg, data_cfg = ModelConfig(dtype="float32"), DataConfig()
     source = resolve_model_source(model_cfg)
     (hookpoint,), (d_model,) = describe_model(source, [model_cfg.hookpoint])
     model = load_model(source, dtype=model_cfg.dtype)  # one model: the bare forwards and the audits run it

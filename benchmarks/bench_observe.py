@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join([".venv/bin/python", "benchmarks/bench_observe.py", *(sys.argv[1:] if argv is None else argv)])
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
 
-    model_cfg, data_cfg = ModelConfig(), DataConfig()
+    model_cfg, data_cfg = ModelConfig(dtype="float32"), DataConfig()
     source = resolve_model_source(model_cfg)
     (hookpoint,), (d_model,) = describe_model(source, [model_cfg.hookpoint])
     tokenizer = load_tokenizer(source)

@@ -202,7 +202,8 @@ def estimate_cost(job: JobConfig, shape: JobShape) -> CostEstimate:
         dictionaries=len(pairs) * len(dictionaries),
         state_bytes_per_worker=sum(state for state, _ in memory),
         working_bytes_per_worker=sum(working for _, working in memory),
-        model_bytes_per_producer=shape.model_parameters * DTYPE_BYTES[job.model.dtype],
+        # auto is decided on the producers' hardware: counted at float32's, the larger
+        model_bytes_per_producer=shape.model_parameters * DTYPE_BYTES.get(job.model.dtype, DTYPE_BYTES["float32"]),
         producer_flops=producer_flops,
         trained_tokens=trained,
         trainer_flops=trainer_flops,
@@ -259,7 +260,8 @@ def format_estimate(job: JobConfig, shape: JobShape, est: CostEstimate) -> str:
                               if shape.clt_layers else "(2 n d + n + d each)")),
         ("memory per worker", f"{_bytes(est.state_bytes_per_worker)} weights, gradients, Adam ({grid}) "
                               f"+ {_bytes(est.working_bytes_per_worker)} per step"),
-        ("model per producer", f"{_bytes(est.model_bytes_per_producer)} ({shape.model_parameters:,} parameters, {job.model.dtype})"),
+        ("model per producer", f"{_bytes(est.model_bytes_per_producer)} ({shape.model_parameters:,} parameters, "
+                                f"{'auto: at most float32' if job.model.dtype == 'auto' else job.model.dtype})"),
         ("FLOPs", f"{est.producer_flops:.2e} producing (2 N + 2 L ctx d per token, {shape.layers_run} of {shape.n_layers} layers), "
                   f"{est.trainer_flops:.2e} training (6 d n per token, {est.trained_tokens:,} tokens per dictionary)"),
         ("ETA", _eta(job, est)),

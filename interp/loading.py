@@ -148,9 +148,9 @@ class DictionaryFolder:
         model_name = self.cfg.get("metadata", {}).get("model_name") or self.cfg.get("model_name") or ""
         packaged = packaged_model_named(model_name)
         if packaged is not None:
-            return ModelConfig(name_or_path=packaged)
+            return ModelConfig(name_or_path=packaged, dtype="float32")
         if model_name and Path(model_name).expanduser().is_dir():
-            return ModelConfig(name_or_path=model_name)
+            return ModelConfig(name_or_path=model_name, dtype="float32")
         raise ValueError(
             f"{self.uri}: its model {model_name!r} (cfg.json model_name) is neither a packaged model nor a local "
             "directory, and no run config is beside it: give the model with --model"

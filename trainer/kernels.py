@@ -31,6 +31,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.profiler import record_function
 
 __all__ = [
+    "cpu_flags",
     "dense_decode",
     "dense_topk_encode",
     "encoder_gemm_dtype",
@@ -74,21 +75,26 @@ NORM_EPS = 1e-12
 # --------------------------------------------------------------------------- GEMM dtype
 
 
-def native_bf16_matmul() -> bool:
-    """Whether this machine multiplies bf16 matrices natively: a CUDA GPU that supports bf16, or
-    a CPU with AMX (``amx_bf16``) or AVX-512 BF16 (``avx512_bf16``) in /proc/cpuinfo. Elsewhere
-    a bf16 GEMM is emulated and no faster than fp32."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+def native_bf16_matmul(device: str | None = None) -> bool:
+    """Whether ``device`` (``"cuda"`` or ``"cpu"``; ``None``: a CUDA GPU if there is one, else the
+    CPU) multiplies bf16 matrices natively: a CUDA GPU that supports bf16, or a CPU with AMX
+    (``amx_bf16``) or AVX-512 BF16 (``avx512_bf16``) in /proc/cpuinfo. Elsewhere a bf16 GEMM is
+    emulated and no faster than fp32."""
+    if device == "cuda" or (device is None and torch.cuda.is_available()):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
 
 
 def encoder_gemm_dtype(setting: str) -> torch.dtype | None:

@@ -143,7 +143,7 @@ CASES = {
                              "cross-layer transcoder's GEMMs run in the parameters' dtype"),
     "fp16_precision": Case(("deepspeed.precision=fp16",), "deepspeed.precision='fp16'", "expected 'fp32' or 'bf16'"),
     "cache_dtype": Case(("cache.dtype=int8",), "cache.dtype='int8'", "expected one of ['float32'"),
-    "model_dtype": Case(("model.dtype=float16",), "model.dtype='float16'", "expected 'float32' or 'bfloat16'"),
+    "model_dtype": Case(("model.dtype=float16",), "model.dtype='float16'", "expected one of ['auto', 'float32', 'bfloat16']"),
     "context_length": Case(("data.context_length=1",), "data.context_length=1", "must be at least 2"),
     "holdout_fraction": Case(("train.holdout_fraction=1.5",), "train.holdout_fraction=1.5", "must be in (0, 1)"),
     "not_an_integer": Case(("sae.n_latents=many",), "'many'", "could not be converted to Integer"),
