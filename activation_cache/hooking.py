@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from activation_cache.config import PACKAGED_MODEL, ModelConfig
+from activation_cache.config import MODEL_DTYPES, PACKAGED_MODEL, ModelConfig
+from activation_cache.converted import existing_copy
 from activation_cache.keys import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,10 @@ def resolve_model_source(cfg: ModelConfig) -> ModelSource:
             raise ValueError(f"model.name_or_path={cfg.name_or_path!r}: no config.json (not a Hugging Face model directory)")
     if gguf_file is not None and not (directory / gguf_file).is_file():
         raise FileNotFoundError(f"model weights {directory / gguf_file}: no such file")
-    return ModelSource(directory, gguf_file, model_id, weights_fingerprint(directory))
+    source = ModelSource(directory, gguf_file, model_id, weights_fingerprint(directory))
+    # A GGUF model's Hugging Face-format copy, once made (activation_cache.converted), loads in a
+    # fraction of the time and to the same weights
+    return existing_copy(source) or source
 
 
 def packaged_model_named(model_id: str) -> str | None:
@@ -77,6 +81,9 @@ def load_model(source: ModelSource, *, dtype: str = "float32", device_map: str |
     several GPUs), else on the first GPU if one is visible, else on the CPU."""
     from transformers import AutoModelForCausalLM
 
+    if dtype not in MODEL_DTYPES[1:]:
+        raise ValueError(f"dtype={dtype!r}: a model loads in one of {list(MODEL_DTYPES[1:])} ('auto' is decided by "
+                         "the job's driver: cluster.precision.resolve_model_dtype)")
     options = {} if device_map is None else {"device_map": device_map}
     model = AutoModelForCausalLM.from_pretrained(
         source.directory, gguf_file=source.gguf_file, dtype=getattr(torch, dtype), **options
