@@ -62,7 +62,7 @@ def _train(args: argparse.Namespace) -> int:
             f"dictionary       {hp.dictionary_uri}",
             "",
         ]
-    lines.append(f"wall time        {result.seconds:.0f} s")
+    lines += result.times.lines() if result.times else [f"wall time        {result.seconds:.0f} s"]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

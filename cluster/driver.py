@@ -12,12 +12,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import ray
 
+from activation_cache.converted import convert
 from activation_cache.hooking import describe_model, load_tokenizer, resolve_model_source
 from activation_cache.inspection import CACHES_DIR, SHARDS_DIR
 from activation_cache.keys import cache_key
@@ -32,15 +33,18 @@ from cluster.config import JobConfig, to_dict
 from cluster.errors import JobFailed
 from cluster.evaluation import evaluate_in_ray
 from cluster.logs import WORKER_SETUP_HOOK
+from cluster.precision import resolve_model_dtype
 from cluster.producer import ProductionReport, fill_cache, producer_factory
 from cluster.sweep import variants
-from cluster.train import LayerCaches, TrainPlan, dictionary_uri, train_dictionary
+from cluster.timing import JobTimes
+from cluster.train import LayerCaches, TrainPlan, dictionary_uri, train_dictionary, training_times
 from trainer.checkpoint import newest_complete_checkpoint
 from trainer.layout import (
     CHECKPOINTS_DIR,
     PRODUCERS_FAILED_FILE,
     RUN_CONFIG_FILE,
     RUNS_DIR,
+    TIMINGS_FILE,
     checkpoint_root,
     run_config_json,
 )
@@ -77,6 +81,8 @@ class JobResult:
     hookpoints: list[HookpointResult]
     producer_tokens_per_second: float
     seconds: float
+    times: JobTimes | None = None
+    """Where the wall time went, by phase."""
 
 
 def absolute_uri(uri: str) -> str:
@@ -110,6 +116,8 @@ def plan_caches(job: JobConfig, root: ObjectStore) -> list[CachePlan]:
     check_source(job.data.source, job.data.text_column)
     source = resolve_model_source(job.model)
     hookpoints, widths = describe_model(source, job.model.all_hookpoints)
+    if source.gguf_file is not None:  # once per machine: every later load of the job reads the copy
+        source = convert(source)
     tokenizer = load_tokenizer(source)
     tokens = pack_sequences(job.data, tokenizer)
     excluded = excluded_token_ids(job.data, tokenizer)
@@ -208,6 +216,8 @@ class CacheReport:
     reused: dict[str, bool]
     """Whether each hookpoint's cache was complete before the job started."""
     producer_tokens_per_second: float
+    fills: list[ProductionReport] = field(default_factory=list)
+    """The fills this job ran (none when every cache was reused)."""
 
 
 def build_caches(
@@ -236,6 +246,7 @@ def build_caches(
     }
     by_hookpoint = {p.hookpoint: p for p in plans}
     tokens_per_second = 0.0
+    fills = []
     while claims:
         leases = {h: lease for h, claim in claims.items() if (lease := claim.try_acquire()) is not None}
         if not leases:
@@ -250,12 +261,13 @@ def build_caches(
                 report = _fill(job, todo, held, on_commit, before_commit=lambda h, held=leases: held[h].check())
                 manifests.update(report.manifests)
                 tokens_per_second = report.tokens_per_second
+                fills.append(report)
         finally:
             for lease in leases.values():
                 lease.release()
         for hookpoint in leases:
             del claims[hookpoint]
-    return CacheReport(manifests, reused, tokens_per_second)
+    return CacheReport(manifests, reused, tokens_per_second, fills)
 
 
 def _wait_for_writers(
@@ -290,9 +302,11 @@ def _fill(
         caches={p.hookpoint: (p.uri, p.meta) for p in todo}, s3_options=s3,
         excluded_token_ids=todo[0].excluded_token_ids, compression=job.cache.compression_codec,
     )
+    started = time.time()
     producers = [make_producer() for _ in range(job.cluster.num_producers)]
+    loads = [p.load_times.remote() for p in producers]  # answered once each model is loaded
     try:
-        return fill_cache(
+        report = fill_cache(
             producers=producers, units=split_units(todo[0].tokens, job.cache.sequences_per_shard),
             manifests={p.hookpoint: manifests[p.hookpoint] for p in todo},
             cache_uris={p.hookpoint: p.uri for p in todo}, s3_options=s3,
@@ -301,9 +315,25 @@ def _fill(
             max_unit_attempts=job.cluster.unit_max_attempts, on_commit=on_commit,
             before_commit=before_commit,
         )
+        report.loads = _answered(loads)
+        report.started, report.finished = started, time.time()
+        return report
     finally:
         for actor in producers:
             ray.kill(actor)
+
+
+def _answered(refs: list) -> list:
+    """The answers of the actors that gave one (a producer that died before it had its model, or
+    was replaced, has none)."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    answers = []
+    for ref in ready:
+        try:
+            answers.append(ray.get(ref))
+        except ray.exceptions.RayError:
+            continue
+    return answers
 
 
 def expected_shards(job: JobConfig, plan: CachePlan) -> dict[str, int]:
@@ -437,6 +467,9 @@ def run_job(job: JobConfig) -> JobResult:
     start = time.perf_counter()
     root = open_store(absolute_uri(job.cache.uri), s3_options=job.cache.s3_options())
     root.list(f"{CACHES_DIR}/")  # fails fast on a missing bucket or bad credentials
+    if job.cluster.address is not None:  # its producers report their hardware from their nodes
+        _init_ray(job)
+    job = resolve_model_dtype(job)  # before the caches are keyed: the dtype is part of the key
     plans = plan_caches(job, root)
     check_shard_count(job, plans[0])
     check_existing_caches(job, plans)
@@ -449,22 +482,73 @@ def run_job(job: JobConfig) -> JobResult:
     run_store = open_store(train_plans[0].run_uri, s3_options=job.cache.s3_options())
     run_store.put_bytes(RUN_CONFIG_FILE, run_config_json(to_dict(job)))
     _init_ray(job)
+    times = JobTimes()
+    ray_up = time.time()
+    times.add("start-up", ray_up - times.started)
     if job.cluster.train_while_caching:
         report, evals = _train_while_caching(job, plans, train_plans)
+        times.overlapping = True
+        cached = ray_up
     else:
         report = build_caches(job, plans, job_name=run_name)
+        cached = time.time()
         evals = [train_dictionary(job, p) for p in train_plans]
+    trained = time.time()
+    _time_caching(times, job, report, ray_up, cached)
+    _time_training(times, job, train_plans, cached, trained)
     if job.eval.enabled:  # one Ray task loads the model once for every hookpoint and variant
         uris = [dictionary_uri(t, v) for t in train_plans for v in variants(job.sae, job.train.lr, job.sweep)]
         merged = iter(evaluate_in_ray(job, uris, tokens=plans[0].tokens,
                                       excluded_token_ids=plans[0].excluded_token_ids, eval_cfg=job.eval))
         evals = [{v.name: next(merged) for v in variants(job.sae, job.train.lr, job.sweep)} for _ in train_plans]
+    evaluated = time.time()
+    times.add("evaluation", evaluated - trained)
     results = [
         _result(training, t, variant, by_variant[variant.name], report)
         for training, t, by_variant in zip(_trainings(job, plans), train_plans, evals, strict=True)
         for variant in variants(job.sae, job.train.lr, job.sweep)
     ]
+    done = time.time()
+    times.add("report", done - evaluated)
+    run_store.put_bytes(TIMINGS_FILE, times.to_json(done))
     return JobResult(
         hookpoints=results,
         producer_tokens_per_second=report.producer_tokens_per_second, seconds=time.perf_counter() - start,
+        times=times,
     )
+
+
+def _time_caching(times: JobTimes, job: JobConfig, report: CacheReport, began: float, cached: float) -> None:
+    """Model loads: each fill's producers, from their creation until the last had its model;
+    caching: the rest of the fills (and, unless training overlapped, the checks around them)."""
+    loads = sum(max(x.ready for x in f.loads) - f.started for f in report.fills if f.loads)
+    times.add("model loads", loads)
+    if times.overlapping:
+        times.add("caching", sum(f.finished - f.started for f in report.fills) - loads)
+    else:
+        times.add("caching", cached - began - loads)
+    if report.fills and report.fills[0].loads:
+        first = report.fills[0].loads
+        times.notes["model loads"] = (f"{len(first)} producers in parallel, {job.model.dtype}: each load "
+                                      f"{max(x.ready - x.load_started for x in first):.1f} s after "
+                                      f"{max(x.load_started - x.process_started for x in first):.1f} s of process start")
+    tokens = sum(f.tokens_forwarded for f in report.fills)
+    times.notes["caching"] = (f"{tokens:,} tokens at {report.producer_tokens_per_second:,.0f} tokens/s" if tokens
+                              else "every cache reused")
+
+
+def _time_training(times: JobTimes, job: JobConfig, plans: list[TrainPlan], began: float, trained: float) -> None:
+    """Training: the worker groups starting, stepping and shutting down; rank 0 writing the
+    dictionaries (held-out figures, features, report page) counts as report."""
+    starting = stepping = writing = 0.0
+    for plan in plans:
+        marks = training_times(job, plan)
+        if marks is None:  # a worker group that did not finish cleanly: all of it is training
+            continue
+        writing += marks["finished"] - marks["last_step"]
+        stepping += marks["last_step"] - marks["first_step"]
+        starting += marks["first_step"] - began if len(plans) == 1 else 0.0
+    times.add("training", trained - began - writing)
+    times.add("report", writing)
+    times.notes["training"] = f"steps {stepping:.1f} s" + (f" after {starting:.1f} s of start-up" if starting else "")
+    times.notes["report"] = f"rank 0 writing the dictionar{'y' if len(plans) == 1 else 'ies'} {writing:.1f} s"

@@ -11,7 +11,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -25,6 +25,7 @@ from activation_cache.producing import ShardResult, ShardTarget, WorkUnit, produ
 from activation_cache.schema import ShardMeta
 from activation_cache.store import StoreFull, open_store
 from cluster.errors import ProducerFailed
+from cluster.timing import process_started
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,17 @@ class Producer:
         }
         self.excluded = excluded_token_ids
         self.compression = compression
+        start = time.time()
         model = load_model(resolve_model_source(model_cfg), dtype=model_cfg.dtype, device_map=model_cfg.device_map)
         self.harvester = MultiHarvester(model, list(caches))
+        self.loaded = ProducerLoad(process_started(), start, time.time())
 
     def ping(self) -> bool:
         """Answers once the actor is up (after a restart: once the model is loaded again)."""
         return True
+
+    def load_times(self) -> ProducerLoad:
+        return self.loaded
 
     def produce(self, unit: WorkUnit, hookpoints: list[str]) -> dict[str, ShardResult]:
         """Write ``unit``'s shard to the cache of each of ``hookpoints`` (those still lacking it)."""
@@ -69,6 +75,15 @@ class Producer:
 
 
 @dataclass
+class ProducerLoad:
+    """When a producer's process started, its model load began and ended (``time.time()``)."""
+
+    process_started: float
+    load_started: float
+    ready: float
+
+
+@dataclass
 class ProductionReport:
     """What one cache-filling pass did."""
 
@@ -77,6 +92,11 @@ class ProductionReport:
     units_produced: int
     tokens_forwarded: int
     seconds: float
+    loads: list[ProducerLoad] = field(default_factory=list)
+    """The model loads of the producers the fill started with (those that answered)."""
+    started: float = 0.0
+    """When the producers were created (``time.time()``)."""
+    finished: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -47,6 +48,7 @@ from trainer.feature_parallel import ParallelGrid, build_grid, parallelize_featu
 from trainer.layout import (
     PRODUCERS_FAILED_FILE,
     TRAINING_FAILED_FILE,
+    TRAINING_TIMES_FILE,
     dictionary_folder_name,
     read_eval,
 )
@@ -231,6 +233,7 @@ def _start_dictionary(
 
 
 def _worker_loop(config: dict) -> None:
+    entered = time.time()
     job, plan = job_from_dict(config["job"], where="trainer worker"), TrainPlan(**config["plan"])
     configure_logging(job.logging.level)
     context = ray.train.get_context()
@@ -253,15 +256,16 @@ def _worker_loop(config: dict) -> None:
         for variant in variants(job.sae, job.train.lr, job.sweep)
     ]
     try:
-        _train_from(checkpoints, job, plan, dictionaries, source, rank, world_size)
+        _train_from(checkpoints, job, plan, dictionaries, source, rank, world_size, entered=entered)
     except _PERMANENT_FAILURES as err:
         _record_permanent_failure(checkpoints, err)
         raise
 
 
 def _train_from(checkpoints: ObjectStore, job: JobConfig, plan: TrainPlan, dictionaries: list[_Dictionary],
-                source: DataPlan, rank: int, world_size: int) -> None:
-    """Resume from the newest complete checkpoint (if any), train to the end, write the dictionaries."""
+                source: DataPlan, rank: int, world_size: int, *, entered: float) -> None:
+    """Resume from the newest complete checkpoint (if any), train to the end, write the dictionaries;
+    rank 0 then records when it entered, stepped and finished (``TRAINING_TIMES_FILE``)."""
     checkpointer = Checkpointer(checkpoints, rank=rank, world_size=world_size,
                                 every_steps=job.run.checkpoint_every_steps, keep=job.run.keep_checkpoints)
     states = _checkpointed(dictionaries, source)
@@ -270,14 +274,19 @@ def _train_from(checkpoints: ObjectStore, job: JobConfig, plan: TrainPlan, dicti
         dictionary.trainer.scale = source.scale
     # One read of each batch feeds every dictionary of a sweep, in lockstep.
     batches = iter(source.reader)
+    times = {"entered": entered, "first_step": time.time()}
     for step in range(done + 1, source.steps + 1):
         batch = next(batches)
         for dictionary in dictionaries:
             dictionary.trainer.step(batch)
         if checkpointer.due(step, last_step=source.steps):
             checkpointer.save(step, states)
+    times["last_step"] = time.time()
     for dictionary in dictionaries:
         _finish_dictionary(job, plan, dictionary, source, rank, resumed_from=done)
+    if rank == 0:
+        times["finished"] = time.time()
+        checkpoints.put_bytes(TRAINING_TIMES_FILE, json.dumps(times).encode())
 
 
 def _checkpointed(dictionaries: list[_Dictionary], source: DataPlan) -> dict[str, Any]:
@@ -391,6 +400,7 @@ def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
     )
     checkpoints = open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options())
     checkpoints.delete(TRAINING_FAILED_FILE)  # the reason an earlier attempt of this run stopped
+    checkpoints.delete(TRAINING_TIMES_FILE)
     try:
         trainer.fit()
     except WorkerGroupError as err:
@@ -400,3 +410,13 @@ def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
     for variant in variants(job.sae, job.train.lr, job.sweep):
         evals[variant.name] = read_eval(open_store(dictionary_uri(plan, variant), s3_options=job.cache.s3_options()))
     return evals
+
+
+def training_times(job: JobConfig, plan: TrainPlan) -> dict[str, float] | None:
+    """When rank 0 of ``plan``'s training entered its loop, began and ended its steps and finished
+    writing the dictionaries (``time.time()``); None if it did not finish."""
+    try:
+        raw = open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options()).get_bytes(TRAINING_TIMES_FILE)
+    except ObjectNotFound:
+        return None
+    return json.loads(raw)

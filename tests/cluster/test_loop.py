@@ -26,6 +26,7 @@ from activation_cache.store import open_store
 from cluster.cli import main as saeforge
 from cluster.driver import absolute_uri, build_caches, expected_shards, plan_caches, run_job
 from cluster.errors import ProducerFailed
+from cluster.timing import PHASES
 from cluster.train import TrainPlan, train_dictionary
 
 pytestmark = pytest.mark.integration
@@ -194,6 +195,12 @@ def test_the_tiny_job_as_a_user_runs_it_beside_another_cluster_then_again_on_its
                  r"CE recovered +-?\d", r"dictionary +file://", r"wall time +\d+ s"):
         assert re.search(ours, console), f"{ours!r} missing from the console:\n{console[-4000:]}"
     assert re.search(r"^cache +file://\S+ \(built\)$", console, re.M), console[-4000:]
+    # Where the time went, by phase, on the console and beside the run; the phases tile the wall time
+    for phase in PHASES:
+        assert re.search(rf"^  {phase} +\d+\.\d s +\d+%", console, re.M), f"{phase} missing:\n{console[-2000:]}"
+    timings = json.loads((tmp_path / "store" / "runs" / "tiny" / "timings.json").read_text())
+    assert all(timings[phase] > 0 for phase in PHASES), timings
+    assert sum(timings[phase] for phase in PHASES) == pytest.approx(timings["total"], rel=1e-3)
     assert re.search(rf"^tokens cached +{SEQUENCES * (CONTEXT - 1):,}$", console, re.M), console[-4000:]
     [cache_dir] = (tmp_path / "store" / "caches").iterdir()
     check_tiny_cache(str(cache_dir), {})
