@@ -12,6 +12,7 @@ from activation_cache.manifest import (
     Manifest,
     load_manifest,
 )
+from activation_cache.producing import shard_stats
 from activation_cache.reader import ActivationReader, read_shard, rebatch, shuffle_rows
 from activation_cache.schema import (
     CorruptShardError,
@@ -135,3 +136,22 @@ def test_one_shard_feeds_two_ranks_half_each(tmp_path):
     ]
     assert sorted(torch.cat(halves)[:, 0].long().tolist()) == list(range(10))
     assert [len(h) for h in halves] == [5, 5]
+
+
+@pytest.mark.parametrize("stored", ["float32", "float16"])
+def test_a_shards_float32_statistics_equal_float64_ones_and_skip_the_rows_not_finite_as_stored(stored):
+    """The producer's statistics (float32 passes) against float64 over the same finite rows."""
+    generator = torch.Generator().manual_seed(0)
+    acts = torch.randn(8192, 64, generator=generator) * torch.logspace(-2, 1, 64) + 3.0
+    acts[5, 1], acts[700, 2], acts[701, 3] = float("nan"), float("inf"), -float("inf")
+    acts[900, 4] = 1e20  # finite in float32, its square is not
+    acts[901, 5] = 1e5  # finite in float32, beyond float16
+    stats, finite = shard_stats(acts, stored)
+    expected = torch.isfinite(acts.to(getattr(torch, stored))).all(dim=-1)
+    assert torch.equal(finite, expected) and stats.rows == int(expected.sum()) == 8192 - (3 + 2 * (stored == "float16"))
+    reference = ActivationStats.of(acts[expected].numpy())
+    clean = acts[torch.isfinite(acts.half()).all(dim=-1)]  # the float32 passes' case: every row finite
+    for got, want in ((stats, reference), (shard_stats(clean, "float32")[0], ActivationStats.of(clean.numpy()))):
+        assert got.rows == want.rows and got.norm_sum == pytest.approx(want.norm_sum, rel=1e-6)
+        np.testing.assert_allclose(got.sum, want.sum, rtol=1e-5, atol=1e-2)
+        np.testing.assert_allclose(got.sum_sq, want.sum_sq, rtol=1e-5)
