@@ -3,7 +3,7 @@ export VENV
 export RAY_USAGE_STATS_ENABLED ?= 0
 export WANDB_MODE ?= offline
 
-.PHONY: run test bench bench-step bench-observe bench-audit bench-clt bench-transcoder gpu-check lint setup clean
+.PHONY: run test bench bench-step bench-observe bench-audit bench-clt bench-transcoder bench-e2e gpu-check lint setup clean
 
 setup:
 	@bash scripts/setup.sh
@@ -41,6 +41,12 @@ bench-clt: setup
 bench-transcoder:
 	SAEFORGE_EXTRAS=test,bench bash scripts/setup.sh
 	$(VENV)/bin/python benchmarks/bench_transcoder.py --write benchmarks/RESULTS.md $(ARGS)
+
+# Raw text to a trained dictionary: the saeforge job against sparsify and SAELens, each from the same
+# HF-format copy of the packaged model (about 20 minutes on 2 quiet cores; ARGS="--tokens 24576" for a smoke run).
+bench-e2e:
+	SAEFORGE_EXTRAS=test,bench bash scripts/setup.sh
+	$(VENV)/bin/python benchmarks/bench_e2e.py --write benchmarks/RESULTS.md $(ARGS)
 
 # The five-minute pure-torch check on a GPU (benchmarks/gpu_check.py): sparse against dense training
 # step, the encoder-GEMM bound, a producer forward; ARGS="--device cpu --small" for a CPU smoke run.
