@@ -259,7 +259,7 @@ class JobConfig:
                 where + f"deepspeed.feature_parallel={feature_parallel} splits a TopK cross-layer transcoder "
                 f"without AuxK: set sae.auxk_coefficient=0 (got {sae.auxk_coefficient})"
             )
-        if sae.encoder_gemm != "param":
+        if sae.encoder_gemm == "bf16":
             raise ValueError(
                 where + f"sae.encoder_gemm={sae.encoder_gemm!r} with model.clt_layers={list(layers)}: a cross-layer "
                 "transcoder's GEMMs run in the parameters' dtype (use deepspeed.precision=bf16)"

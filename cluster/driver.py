@@ -112,7 +112,8 @@ class CachePlan:
 
 def plan_caches(job: JobConfig, root: ObjectStore) -> list[CachePlan]:
     """Tokenize the text and derive each hookpoint's content-addressed cache key (no model
-    weights load)."""
+    weights load) with the dtype the producers run (``model.dtype=auto`` is decided first)."""
+    job = resolve_model_dtype(job)
     check_source(job.data.source, job.data.text_column)
     source = resolve_model_source(job.model)
     hookpoints, widths = describe_model(source, job.model.all_hookpoints)

@@ -70,13 +70,15 @@ class SAEConfig:
     and the decoder still in fp32; ``auto``, ``bf16`` where the hardware multiplies bf16 natively
     (a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16), else ``param``. A bf16 GEMM is 8x
     an fp32 one on an AMX CPU; the held-out FVU at equal steps: benchmarks/RESULTS.md. Only
-    ``architecture=topk`` has it."""
+    ``architecture=topk`` has it (and not a cross-layer transcoder): ``bf16`` is refused for the
+    others, ``auto`` is ``param`` for them. ``saeforge train``'s TopK default (conf/sae/topk.yaml)
+    is ``auto``."""
 
     def __post_init__(self) -> None:
         check_architecture(self.architecture)
         if self.encoder_gemm not in ENCODER_GEMMS:
             raise ValueError(f"sae.encoder_gemm={self.encoder_gemm!r}: expected one of {list(ENCODER_GEMMS)}")
-        if self.encoder_gemm != "param" and self.architecture != "topk":
+        if self.encoder_gemm == "bf16" and self.architecture != "topk":
             raise ValueError(
                 f"sae.encoder_gemm={self.encoder_gemm!r} with sae.architecture={self.architecture!r}: only topk "
                 "has a separate encoder GEMM dtype (use sae.encoder_gemm=param, or deepspeed.precision=bf16)"
