@@ -28,7 +28,9 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,6 +44,7 @@ from tqdm import tqdm
 from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.eval_text import EvalText, held_out_text, text_source
 from activation_cache.hooking import (
+    INPUT_SUFFIX,
     load_model,
     load_tokenizer,
     resolve_hookpoint,
@@ -244,22 +247,98 @@ Splices = Callable[[], AbstractContextManager]
 """A context manager factory: the forward passes run inside it are spliced."""
 
 
+class _Resume:
+    """The replaced and zero-ablated forwards started at the first decoder layer a splice touches.
+
+    Every layer before it computes the same in all three passes, so the clean pass keeps the
+    hidden states entering it and the other two start there (``inputs_embeds``, the model's layer
+    list cut to that layer onwards): for a mid-depth hookpoint about a third of the evaluation's
+    layer computations. ``check`` compares, on the first batch, a clean forward started there with
+    the whole clean forward; a model whose forward does more between its embeddings and its first
+    layer than passing them on (scaling them, adding position embeddings) fails it, and then every
+    forward runs whole."""
+
+    def __init__(self, model: nn.Module, parent: nn.Module, attr: str, layer: int) -> None:
+        self.model, self.parent, self.attr, self.layer = model, parent, attr, layer
+        self.hidden: Tensor | None = None
+        self.checked = False
+
+    @classmethod
+    def of(cls, model: nn.Module, hookpoints: list[str]) -> _Resume | None:
+        """Where ``hookpoints`` (canonical) let the forwards start: the first decoder layer holding
+        one of them; None if one is outside the decoder layers or the first layer holds one."""
+        modules = dict(model.named_modules())
+        places = []
+        for hookpoint in hookpoints:
+            parts = hookpoint.removesuffix(INPUT_SUFFIX).split(".")
+            place = next(((".".join(parts[:i]), int(parts[i])) for i in range(1, len(parts))
+                          if parts[i].isdigit() and isinstance(modules.get(".".join(parts[:i])), nn.ModuleList)), None)
+            if place is None:
+                return None
+            places.append(place)
+        if len({container for container, _ in places}) != 1:
+            return None
+        container, layer = places[0][0], min(i for _, i in places)
+        if layer == 0:
+            return None
+        parent, _, attr = container.rpartition(".")
+        return cls(model, modules[parent], attr, layer)
+
+    @contextmanager
+    def capturing(self) -> Iterator[None]:
+        """While active, a forward keeps the hidden states entering the resume layer."""
+        def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.hidden = (args[0] if args else next(iter(kwargs.values()))).clone()
+
+        # prepend: kept before any splice hook on that layer (a ``:input`` hookpoint) changes them
+        handle = getattr(self.parent, self.attr)[self.layer].register_forward_pre_hook(keep, with_kwargs=True,
+                                                                                       prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def forward(self) -> Tensor:
+        """The logits of a forward from the kept hidden states through the layers from the resume one."""
+        layers = getattr(self.parent, self.attr)
+        setattr(self.parent, self.attr, nn.ModuleList(list(layers)[self.layer:]))
+        try:
+            return self.model(inputs_embeds=self.hidden, use_cache=False).logits
+        finally:
+            setattr(self.parent, self.attr, layers)
+
+    def check(self, clean_logits: Tensor) -> bool:
+        """Whether a clean forward from the kept states gives ``clean_logits`` (checked once)."""
+        if not self.checked:
+            self.checked = True
+            if not torch.equal(self.forward(), clean_logits):
+                log.info("the spliced forwards run whole: a clean forward started at layer %d of %s differs "
+                         "from the whole one", self.layer, type(self.model).__name__)
+                return False
+        return True
+
+
 def _losses(model: nn.Module, text: EvalText, cfg: EvalConfig, name: str, splice: _Splice, *,
-            clean: Splices, replaced: Splices, ablated: Splices) -> SplicedLossStats:
+            clean: Splices, replaced: Splices, ablated: Splices, hookpoints: list[str]) -> SplicedLossStats:
     """The three forward passes over every batch of ``text`` (clean, replaced, zero-ablated),
-    each inside its context, ``splice`` told each batch's spliced positions first."""
+    each inside its context, ``splice`` told each batch's spliced positions first; the replaced
+    and ablated ones start at the first layer holding one of ``hookpoints`` (``_Resume``)."""
     device = model.get_input_embeddings().weight.device
     losses = SplicedLossStats()
+    resume = _Resume.of(model, hookpoints)
     starts = range(0, len(text.tokens), cfg.batch_size)
     for lo in tqdm(starts, desc=f"eval {name}", unit="batch", disable=None, file=sys.stderr):
         # Copies: the token and sequence-id arrays arrive read-only from Ray's object store.
         ids = torch.tensor(text.tokens[lo : lo + cfg.batch_size])
         splice.batch(spliced_positions(ids, text.excluded_token_ids), torch.tensor(text.sequence_ids[lo: lo + cfg.batch_size]))
         ids = ids.to(device)
-        logits = []
-        for context in (clean, replaced, ablated):
+        with clean(), resume.capturing() if resume is not None else nullcontext():
+            logits = [model(input_ids=ids, use_cache=False).logits]
+        if resume is not None and not resume.check(logits[0]):
+            resume = None
+        for context in (replaced, ablated):
             with context():
-                logits.append(model(input_ids=ids, use_cache=False).logits)
+                logits.append(model(input_ids=ids, use_cache=False).logits if resume is None else resume.forward())
         losses.update(clean_logits=logits[0], spliced_logits=logits[1], ablated_logits=logits[2], token_ids=ids,
                       mask=scored_positions(ids, text.excluded_token_ids))
     return losses
@@ -296,7 +375,8 @@ def evaluate_spliced(
             return spliced_pair(model, hookpoint, target, splice.predict)
     losses = _losses(model, text, cfg, hookpoint if target is None else dictionary_folder_name(hookpoint, target),
                      splice, clean=_unspliced, replaced=replaced,
-                     ablated=lambda: spliced(model, target or hookpoint, splice.ablate))
+                     ablated=lambda: spliced(model, target or hookpoint, splice.ablate),
+                     hookpoints=[hookpoint] if target is None else [hookpoint, target])
     lm = {**losses.result(), "text": text.source, "hookpoint": hookpoint,
           **({} if target is None else {"target_hookpoint": target})}
     return SplicedEval(lm, _unexplained(errors, text, tokenizer, cfg), errors.error_norms())
@@ -329,7 +409,8 @@ def evaluate_spliced_clt(
     name = dictionary_folder_name(pairs[0][0], pairs[-1][1], clt=True)
     losses = _losses(model, text, cfg, name, splice, clean=lambda: spliced_pairs(model, pairs, splice.capture_clean),
                      replaced=lambda: spliced_pairs(model, pairs, splice.predict_layer),
-                     ablated=lambda: spliced_pairs(model, pairs, splice.ablate_layer))
+                     ablated=lambda: spliced_pairs(model, pairs, splice.ablate_layer),
+                     hookpoints=[h for pair in pairs for h in pair])
     unexplained = _unexplained(errors, text, tokenizer, cfg)
     per_layer = [e.result(histogram_bins=cfg.histogram_bins, n_worst=0) for e in layer_errors]
     unexplained["layers"] = [{"hookpoint_out": out, "error_norm": r["error_norm"], "token_fvu": r["token_fvu"]}
@@ -472,46 +553,130 @@ def _log_evaluation(logger: MetricLogger, result: SplicedEval) -> None:
     logger.log_histogram("eval/error_norm", result.error_norms, step=0)
 
 
+@dataclass
+class EvaluationTimes:
+    """Where an evaluation task's wall time went, in seconds, measured in the task: returned beside
+    the evaluations (``Evaluations.timings``), never written to ``eval.json``. The parts add up to
+    ``total``."""
+
+    model_load: float = 0.0
+    """The model and its tokenizer."""
+    spliced: float = 0.0
+    """The clean, replaced and zero-ablated forwards, their losses and the per-token error statistics."""
+    logging: float = 0.0
+    """wandb: what the eval run's start (begun in a thread before the forwards) still took once they
+    were done, then logging and finishing the run."""
+    audit: float = 0.0
+    """The steer audit: its observer (the folder read and checked again) and its forwards."""
+    other: float = 0.0
+    """The rest of the task: reading each dictionary, storing ``eval.json`` and the report."""
+    task_start: float = 0.0
+    """Outside the task's function: a Ray worker process starting, its imports, the text's
+    transfer, the result's return (0 without Ray)."""
+
+    @property
+    def total(self) -> float:
+        return sum(dataclasses.astuple(self))
+
+    def as_dict(self) -> dict[str, float]:
+        """Every part and ``total``, in seconds."""
+        return {k: round(v, 3) for k, v in {**dataclasses.asdict(self), "total": self.total}.items()}
+
+
+class Evaluations(list):
+    """The merged evaluations (``eval.json``'s contents), in the order of the dictionaries, and
+    where the task's time went (``timings``)."""
+
+    def __init__(self, evaluations: list[dict], timings: EvaluationTimes) -> None:
+        super().__init__(evaluations)
+        self.timings = timings
+
+
+class _Clock:
+    """Adds the seconds spent inside ``part(name)`` to that field of ``times``."""
+
+    def __init__(self, times: EvaluationTimes) -> None:
+        self.times = times
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self.times, name, getattr(self.times, name) + time.perf_counter() - start)
+
+
+def _spliced_result(sae: nn.Module, sae_cfg: dict, model: nn.Module, text: EvalText, tokenizer: Any,
+                    cfg: EvalConfig) -> SplicedEval:
+    pairs = clt_pairs(sae_cfg)
+    if pairs is not None:
+        return evaluate_spliced_clt(sae, model, pairs, text, tokenizer, cfg=cfg)
+    return evaluate_spliced(sae, model, sae_cfg["metadata"]["hook_name"], text, tokenizer, cfg=cfg,
+                            target=target_hookpoint(sae_cfg))
+
+
+def _finish_unused(started: Future | None) -> None:
+    """Close a run whose start was begun for an evaluation that failed (its error propagates)."""
+    if started is not None:
+        with suppress(Exception):
+            started.result().finish()
+
+
+def _audit_section(uri: str, folder: ObjectStore, model: nn.Module, tokenizer: Any, model_cfg: ModelConfig,
+                   text: EvalText, cfg: EvalConfig, s3_options: dict | None) -> dict | None:
+    # The model is loaded already: the audit costs its forward passes only. Its features are
+    # among the report's cards (choosing among every latent costs an (n_latents, vocab) product).
+    if cfg.audit_features == 0 or not folder.exists(FEATURES_FILE):
+        return None
+    cards = FeatureSample.from_json(folder.get_bytes(FEATURES_FILE)).cards
+    try:
+        observer = audit_observer(uri, model, tokenizer, model_cfg, s3_options=s3_options)
+    except ValueError as err:  # it reads the whole folder: a file that differs from checksums.json
+        return {"skipped": str(err)}
+    return audit_cards(observer, text, cfg, cards)
+
+
 def evaluate_uris(
     uris: list[str], *, model_cfg: ModelConfig, text: EvalText, cfg: EvalConfig, s3_options: dict | None = None,
     make_run_logger: Callable[[str, dict], MetricLogger] | None = None,
-) -> list[dict]:
+) -> Evaluations:
     """Load the model once and evaluate each dictionary at ``uris`` on ``text``; store each
-    result in its ``eval.json`` and return the merged evaluations, in order.
-    ``make_run_logger(uri, cfg_json)`` gives each dictionary's metric logger (default: none)."""
-    source = resolve_model_source(model_cfg)
-    model = load_model(source, dtype=model_cfg.dtype, device_map=model_cfg.device_map)
-    tokenizer = load_tokenizer(source)
+    result in its ``eval.json`` and return the merged evaluations, in order, with the time each
+    part took. ``make_run_logger(uri, cfg_json)`` gives each dictionary's metric logger (default:
+    none); it is called in a thread while the dictionary's forwards run (a wandb run takes
+    seconds to start, mostly waiting on its service process)."""
+    start, times = time.perf_counter(), EvaluationTimes()
+    clock = _Clock(times)
+    with clock.part("model_load"):
+        source = resolve_model_source(model_cfg)
+        model = load_model(source, dtype=model_cfg.dtype, device_map=model_cfg.device_map)
+        tokenizer = load_tokenizer(source)
     merged = []
-    for uri in uris:
-        folder = open_store(uri, s3_options=s3_options)
-        sae, sae_cfg = load_sae(_read_dictionary(folder))
-        pairs = clt_pairs(sae_cfg)
-        if pairs is not None:
-            result = evaluate_spliced_clt(sae, model, pairs, text, tokenizer, cfg=cfg)
-        else:
-            result = evaluate_spliced(sae, model, sae_cfg["metadata"]["hook_name"], text, tokenizer, cfg=cfg,
-                                      target=target_hookpoint(sae_cfg))
-        logger = make_run_logger(uri, sae_cfg) if make_run_logger else NullLogger()
-        try:
-            _log_evaluation(logger, result)
-        finally:
-            logger.finish()
-        log.info("%s: CE clean %.4f spliced %.4f ablated %.4f, recovered %.4f", uri, result.lm["clean_ce"],
-                 result.lm["spliced_ce"], result.lm["ablated_ce"], result.lm["ce_recovered"])
-        audit_section = None
-        # The model is loaded already: the audit costs its forward passes only. Its features are
-        # among the report's cards (choosing among every latent costs an (n_latents, vocab) product).
-        if cfg.audit_features > 0 and folder.exists(FEATURES_FILE):
-            cards = FeatureSample.from_json(folder.get_bytes(FEATURES_FILE)).cards
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-logger") as starter:
+        for uri in uris:
+            folder = open_store(uri, s3_options=s3_options)
+            sae, sae_cfg = load_sae(_read_dictionary(folder))
+            started = starter.submit(make_run_logger, uri, sae_cfg) if make_run_logger else None
             try:
-                observer = audit_observer(uri, model, tokenizer, model_cfg, s3_options=s3_options)
-            except ValueError as err:  # it reads the whole folder: a file that differs from checksums.json
-                audit_section = {"skipped": str(err)}
-            else:
-                audit_section = audit_cards(observer, text, cfg, cards)
-        merged.append(store_evaluation(folder, result, audit_section))
-    return merged
+                with clock.part("spliced"):
+                    result = _spliced_result(sae, sae_cfg, model, text, tokenizer, cfg)
+            except BaseException:
+                _finish_unused(started)
+                raise
+            with clock.part("logging"):
+                logger = started.result() if started is not None else NullLogger()
+                try:
+                    _log_evaluation(logger, result)
+                finally:
+                    logger.finish()
+            log.info("%s: CE clean %.4f spliced %.4f ablated %.4f, recovered %.4f", uri, result.lm["clean_ce"],
+                     result.lm["spliced_ce"], result.lm["ablated_ce"], result.lm["ce_recovered"])
+            with clock.part("audit"):
+                audit_section = _audit_section(uri, folder, model, tokenizer, model_cfg, text, cfg, s3_options)
+            merged.append(store_evaluation(folder, result, audit_section))
+    times.other = time.perf_counter() - start - times.total
+    return Evaluations(merged, times)
 
 
 # --------------------------------------------------------------------------- after training, in Ray
@@ -525,7 +690,7 @@ def _wandb_name(uri: str, sae_cfg: dict) -> str:
 def _evaluate_task(
     uris: list[str], model_cfg: ModelConfig, text: EvalText, cfg: EvalConfig, s3_options: dict,
     wandb: dict,
-) -> list[dict]:
+) -> Evaluations:
     torch.set_num_threads(max(1, int(cfg.num_cpus)))
 
     def run_logger(uri: str, sae_cfg: dict) -> MetricLogger:
@@ -541,12 +706,13 @@ def _evaluate_task(
 def evaluate_in_ray(
     job: JobConfig, dictionary_uris: list[str], *, tokens: np.ndarray, excluded_token_ids: frozenset[int],
     eval_cfg: EvalConfig,
-) -> list[dict]:
+) -> Evaluations:
     """The spliced evaluation of the job's trained dictionaries, as one Ray task (one model
     load) with ``eval_cfg.num_cpus`` / ``num_gpus``, on the held-out units of ``tokens`` (the
     job's packed text); each result is merged into the dictionary's ``eval.json`` and logged to
     a wandb run ``<run>-<hookpoint>-eval`` in the run's group. Returns the merged evaluations,
-    in the order of ``dictionary_uris``."""
+    in the order of ``dictionary_uris`` (a list), with ``timings``: where the task's time went,
+    the Ray worker's start included (``EvaluationTimes``)."""
     text = held_out_text(
         tokens, sequences_per_shard=job.cache.sequences_per_shard, holdout_fraction=job.train.holdout_fraction,
         max_tokens=eval_cfg.max_tokens, excluded=frozenset(excluded_token_ids), source=job.data.source,
@@ -555,10 +721,12 @@ def evaluate_in_ray(
     task = ray.remote(num_cpus=eval_cfg.num_cpus, num_gpus=eval_cfg.num_gpus, max_retries=0)(_evaluate_task)
     start = time.perf_counter()
     merged = ray.get(task.remote(list(dictionary_uris), job.model, text, eval_cfg, job.cache.s3_options(), wandb))
-    audit_s = sum(e.get("audit", {}).get("seconds", 0.0) for e in merged if eval_cfg.audit_features > 0)
+    timings = merged.timings
+    timings.task_start = max(0.0, time.perf_counter() - start - timings.total)
     # Logged here: the task's own log lines stay in its worker.
-    log.info("evaluation task: %d dictionaries in %.1f s, of which the steer audit %.1f s", len(merged),
-             time.perf_counter() - start, audit_s)
+    log.info("evaluation task: %d dictionaries in %.1f s: model load %.1f, spliced forwards %.1f, steer audit "
+             "%.1f, wandb %.1f, task start %.1f, other %.1f s", len(merged), timings.total, timings.model_load,
+             timings.spliced, timings.audit, timings.logging, timings.task_start, timings.other)
     return merged
 
 
@@ -604,7 +772,9 @@ def evaluate_stored(
                                 f"{'/' + RUN_CONFIG_FILE if run_uri else ''}): give the text with --text")
     job, eval_raw = found if found is not None else (None, {})
     cfg = _eval_config(eval_raw, max_tokens)
-    model_cfg = job.model if job is not None else ModelConfig(name_or_path=sae_cfg["metadata"]["model_name"])
+    # A run's config holds the dtype its job resolved; without one, float32 as observe and steer do.
+    model_cfg = job.model if job is not None else ModelConfig(name_or_path=sae_cfg["metadata"]["model_name"],
+                                                              dtype="float32")
     if model is not None:
         model_cfg = dataclasses.replace(model_cfg, name_or_path=model, gguf_file=None)
     tokenizer = load_tokenizer(resolve_model_source(model_cfg))
