@@ -497,13 +497,22 @@ def run_job(job: JobConfig) -> JobResult:
     trained = time.time()
     _time_caching(times, job, report, ray_up, cached)
     _time_training(times, job, train_plans, cached, trained)
+    eval_load = 0.0
     if job.eval.enabled:  # one Ray task loads the model once for every hookpoint and variant
         uris = [dictionary_uri(t, v) for t in train_plans for v in variants(job.sae, job.train.lr, job.sweep)]
-        merged = iter(evaluate_in_ray(job, uris, tokens=plans[0].tokens,
-                                      excluded_token_ids=plans[0].excluded_token_ids, eval_cfg=job.eval))
+        evaluations = evaluate_in_ray(job, uris, tokens=plans[0].tokens,
+                                      excluded_token_ids=plans[0].excluded_token_ids, eval_cfg=job.eval)
+        merged = iter(evaluations)
         evals = [{v.name: next(merged) for v in variants(job.sae, job.train.lr, job.sweep)} for _ in train_plans]
+        # the task's model load is counted with the producers'
+        parts = evaluations.timings
+        eval_load = parts.model_load
+        times.notes["evaluation"] = (f"spliced forwards {parts.spliced:.1f} s, steer audit {parts.audit:.1f} s, wandb "
+                                     f"{parts.logging:.1f} s, task start {parts.task_start:.1f} s; model load "
+                                     f"{parts.model_load:.1f} s under model loads")
     evaluated = time.time()
-    times.add("evaluation", evaluated - trained)
+    times.add("model loads", eval_load)
+    times.add("evaluation", evaluated - trained - eval_load)
     results = [
         _result(training, t, variant, by_variant[variant.name], report)
         for training, t, by_variant in zip(_trainings(job, plans), train_plans, evals, strict=True)
@@ -541,15 +550,18 @@ def _time_caching(times: JobTimes, job: JobConfig, report: CacheReport, began: f
 def _time_training(times: JobTimes, job: JobConfig, plans: list[TrainPlan], began: float, trained: float) -> None:
     """Training: the worker groups starting, stepping and shutting down; rank 0 writing the
     dictionaries (held-out figures, features, report page) counts as report."""
-    starting = stepping = writing = 0.0
+    group = engines = stepping = writing = 0.0
     for plan in plans:
         marks = training_times(job, plan)
         if marks is None:  # a worker group that did not finish cleanly: all of it is training
             continue
         writing += marks["finished"] - marks["last_step"]
         stepping += marks["last_step"] - marks["first_step"]
-        starting += marks["first_step"] - began if len(plans) == 1 else 0.0
+        if len(plans) == 1:
+            group, engines = marks["entered"] - began, marks["first_step"] - marks["entered"]
     times.add("training", trained - began - writing)
     times.add("report", writing)
-    times.notes["training"] = f"steps {stepping:.1f} s" + (f" after {starting:.1f} s of start-up" if starting else "")
+    times.notes["training"] = f"steps {stepping:.1f} s" + (
+        f" after {group:.1f} s of Ray Train starting its workers and {engines:.1f} s of engines, wandb and data plan"
+        if group or engines else "")
     times.notes["report"] = f"rank 0 writing the dictionar{'y' if len(plans) == 1 else 'ies'} {writing:.1f} s"
