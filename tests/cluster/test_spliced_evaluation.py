@@ -3,6 +3,7 @@ known (an exact one, a zero one, a partial one), through ``saeforge eval`` and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ from safetensors.torch import load as load_safetensors
 from tiny_job import tiny_job
 
 from activation_cache.config import DataConfig, ModelConfig
+from activation_cache.eval_text import text_source
 from activation_cache.hooking import (
     ActivationHarvester,
     load_model,
@@ -29,7 +31,7 @@ from activation_cache.text import excluded_token_ids, pack_sequences
 from activation_cache.unembedding import unembedding_of
 from cluster.cli import main as saeforge
 from cluster.config import EvalConfig, to_dict
-from cluster.evaluation import evaluate_in_ray, held_out_text
+from cluster.evaluation import EvaluationTimes, evaluate_in_ray, evaluate_uris, held_out_text
 from cluster.pull import pull
 from cluster.report_cards import FeatureCard, FeatureSample
 from trainer.clt import CrossLayerTranscoder
@@ -321,6 +323,29 @@ def test_evaluate_in_ray_evaluates_each_dictionary_in_one_task(ray_cluster, mode
     assert "audit" not in evaluations[0] and "audit" not in evaluations[1]
     assert len(audit["features"]) == EvalConfig().audit_features and set(audit["features"]) <= set(range(0, 64, 3))
     assert [f["feature"] for f in audit["suppress"]["features"]] == audit["features"]
+    # Where the task's time went comes back beside the evaluations, never in eval.json (compared above).
+    timings = evaluations.timings.as_dict()
+    assert set(timings) == {f.name for f in dataclasses.fields(EvaluationTimes)} | {"total"}
+    assert min(timings.values()) >= 0 and all(timings[k] > 0 for k in ("model_load", "spliced", "audit", "task_start"))
+    assert timings["total"] == pytest.approx(sum(v for k, v in timings.items() if k != "total"), abs=0.01)
+
+
+def test_a_bfloat16_model_gives_the_float32_models_losses(model_dir, tiny_corpus_dir, tmp_path):
+    """The job's driver may resolve ``model.dtype=auto`` to bfloat16: the dictionary still runs in
+    float32 on the upcast activations and the losses are computed in float32 from the logits."""
+    folder = _save(tmp_path / "partial", _identity_sae(32, 8), model_dir)
+    model_cfg = ModelConfig(name_or_path=str(model_dir), dtype="float32")
+    cfg = EvalConfig(max_tokens=512, audit_features=0)
+    text = text_source(DataConfig(), str(tiny_corpus_dir), cfg.max_tokens, load_tokenizer(resolve_model_source(model_cfg)))
+    lm = {dtype: evaluate_uris([folder], model_cfg=dataclasses.replace(model_cfg, dtype=dtype), text=text, cfg=cfg)[0]["lm"]
+          for dtype in ("float32", "bfloat16")}
+    fp32, bf16 = lm["float32"], lm["bfloat16"]
+    assert fp32["ablated_ce"] > fp32["spliced_ce"] + 1 > fp32["clean_ce"] + 1  # a partial recovery: a fair comparison
+    for key in ("clean_ce", "spliced_ce", "ablated_ce"):
+        assert bf16[key] == pytest.approx(fp32[key], rel=0.02), key
+    assert bf16["ce_recovered"] == pytest.approx(fp32["ce_recovered"], abs=0.02)
+    assert bf16["kl_divergence"] == pytest.approx(fp32["kl_divergence"], rel=0.1, abs=0.01)
+    assert bf16["n_tokens"] == fp32["n_tokens"]
 
 
 # --------------------------------------------------------------------------- transcoders
