@@ -10,9 +10,13 @@ replaces its target hookpoint's activations with its prediction in the same pass
 target's. A cross-layer transcoder (cfg.json's architecture ``*_clt``, ``metadata.hook_names`` /
 ``hook_names_out``) replaces every covered MLP output in one pass, each layer's features encoded
 from its input as the spliced forward reaches it (``activation_cache.hooking.spliced_pairs``);
-the zero-ablation covers every one of them and the error is reported over all and per layer. The math is ``trainer.evaluation``'s; here are the model, the text, the object
-store and Ray. ``evaluate_in_ray`` runs it as a Ray task after training; ``evaluate_stored``
-runs it without Ray for ``saeforge eval``.
+the zero-ablation covers every one of them and the error is reported over all and per layer.
+The layers before the first one a splice touches compute the same in all three passes: the
+replaced and ablated passes start there from the clean pass's hidden states (``_Resume``). The
+math is ``trainer.evaluation``'s; here are the model, the text, the object store and Ray.
+``evaluate_in_ray`` runs it as a Ray task after training and returns, beside the evaluations,
+where the task's time went (``Evaluations.timings``); ``evaluate_stored`` runs it without Ray
+for ``saeforge eval``.
 
 With the model still loaded, a few of the report's feature cards are then audited
 (``interp.audit``, ``eval.audit_*``): each clamped to a multiple of its largest held-out
