@@ -43,7 +43,7 @@ bench-transcoder:
 	$(VENV)/bin/python benchmarks/bench_transcoder.py --write benchmarks/RESULTS.md $(ARGS)
 
 # Raw text to a trained dictionary: the saeforge job against sparsify and SAELens, each from the same
-# HF-format copy of the packaged model (about 20 minutes on 2 quiet cores; ARGS="--tokens 24576" for a smoke run).
+# HF-format copy of the packaged model (about 10 minutes on 2 quiet cores; ARGS="--tokens 24576" for a smoke run, about 4).
 bench-e2e:
 	SAEFORGE_EXTRAS=test,bench bash scripts/setup.sh
 	$(VENV)/bin/python benchmarks/bench_e2e.py --write benchmarks/RESULTS.md $(ARGS)
