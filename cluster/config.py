@@ -36,7 +36,10 @@ class ClusterConfig:
     """Ray address of an existing cluster (``auto``, ``ray://host:10001``, ``host:6379``);
     ``None`` starts a local cluster inside the driver process."""
     num_cpus: int | None = None
-    """CPUs of the local cluster (``None``: all of this machine's)."""
+    """CPUs of the local cluster (``None``: all of this machine's, or as many as the producers and
+    the trainer workers reserve together if that is more: the job then starts the workers while
+    the producers fill the caches, and they wait for the caches to complete, so the two never
+    compute at once unless ``train_while_caching``)."""
     object_store_memory_bytes: int = 1 << 30
     """Ray object store size of the local cluster."""
     num_producers: int = 2

@@ -39,6 +39,7 @@ from cluster.sweep import variants
 from cluster.timing import JobTimes
 from cluster.train import LayerCaches, TrainPlan, dictionary_uri, train_dictionary, training_times
 from trainer.checkpoint import newest_complete_checkpoint
+from trainer.engine import distributed_backend
 from trainer.layout import (
     CHECKPOINTS_DIR,
     PRODUCERS_FAILED_FILE,
@@ -204,8 +205,25 @@ def _init_ray(job: JobConfig) -> None:
     else:
         # "local" starts a cluster of our own: without an address Ray joins RAY_ADDRESS or the
         # cluster last started on this machine (/tmp/ray/ray_current_cluster), even a dead one.
-        ray.init(address="local", num_cpus=job.cluster.num_cpus, include_dashboard=False,
+        num_cpus = job.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(_cpus_for_both(job)))
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  object_store_memory=job.cluster.object_store_memory_bytes, runtime_env=runtime_env)
+
+
+def _cpus_for_both(job: JobConfig) -> float:
+    """CPUs the producers and the trainer workers reserve together."""
+    c = job.cluster
+    return c.num_producers * c.producer_num_cpus + c.num_train_workers * c.train_worker_num_cpus
+
+
+def _room_for_both(job: JobConfig) -> bool:
+    """Whether the cluster holds the producers and the trainer workers at once: then the workers
+    start (Ray Train's worker group, their processes and imports: 15 s on 2 cores) while the
+    producers fill the caches, and wait for them to complete. Without room they would hold CPUs
+    a replacement producer needs, so they start after the fill as before."""
+    c, available = job.cluster, ray.cluster_resources()
+    gpus = c.num_producers * c.producer_num_gpus + (c.num_train_workers if distributed_backend() == "nccl" else 0)
+    return available.get("CPU", 0) >= _cpus_for_both(job) and available.get("GPU", 0) >= gpus
 
 
 @dataclass
@@ -404,7 +422,9 @@ def _train_plans(job: JobConfig, plans: list[CachePlan], root: ObjectStore, run_
 def _train_while_caching(
     job: JobConfig, plans: list[CachePlan], train_plans: list[TrainPlan]
 ) -> tuple[CacheReport, list[dict[str, dict]]]:
-    """Fill the caches in a thread while the dictionaries train on the shards already committed.
+    """Fill the caches in a thread while the dictionaries train on the shards already committed
+    (``cluster.train_while_caching``; train plans with ``expected_shards``), or while their worker
+    groups start and wait for the caches to complete (train plans without).
 
     A fill that fails writes the reason to the run folder, where the trainer's tailing readers
     find it and stop; the job then stops with the fill's error. A training that fails stops
@@ -486,10 +506,12 @@ def run_job(job: JobConfig) -> JobResult:
     times = JobTimes()
     ray_up = time.time()
     times.add("start-up", ray_up - times.started)
-    if job.cluster.train_while_caching:
+    if job.cluster.train_while_caching or _room_for_both(job):
+        if not job.cluster.train_while_caching:
+            log.info("the trainer workers start beside the producers and wait for the complete caches")
         report, evals = _train_while_caching(job, plans, train_plans)
-        times.overlapping = True
-        cached = ray_up
+        times.overlapping = job.cluster.train_while_caching
+        cached = max([ray_up, *(f.finished for f in report.fills)])
     else:
         report = build_caches(job, plans, job_name=run_name)
         cached = time.time()
@@ -557,8 +579,8 @@ def _time_training(times: JobTimes, job: JobConfig, plans: list[TrainPlan], bega
             continue
         writing += marks["finished"] - marks["last_step"]
         stepping += marks["last_step"] - marks["first_step"]
-        if len(plans) == 1:
-            group, engines = marks["entered"] - began, marks["first_step"] - marks["entered"]
+        if len(plans) == 1:  # a worker group started beside the fill entered before the caches completed
+            group, engines = max(0.0, marks["entered"] - began), marks["first_step"] - max(marks["entered"], began)
     times.add("training", trained - began - writing)
     times.add("report", writing)
     times.notes["training"] = f"steps {stepping:.1f} s" + (

@@ -168,17 +168,30 @@ def _data_plan(job: JobConfig, plan: TrainPlan, rank: int, world_size: int, *, g
         return tailing_plan(cache, plan.expected_shards, plan_settings(job), rank=rank, world_size=world_size,
                             global_rank=global_rank, abort=partial(_abort_reason, run), target_cache=target_cache,
                             layer_caches=layer_caches)
-    target = (target_cache, _complete_manifest(target_cache)) if target_cache is not None else None
-    layers = [(i, _complete_manifest(i), o, _complete_manifest(o)) for i, o in layer_caches] if layer_caches else None
-    return complete_plan(cache, _complete_manifest(cache), plan_settings(job), rank=rank, world_size=world_size,
+    # A worker group started while the producers fill the caches waits for them to complete
+    run = open_store(plan.run_uri, s3_options=s3)
+    complete = partial(wait_for_complete, run=run, timeout_s=job.train.follow_timeout_s)
+    target = (target_cache, complete(target_cache)) if target_cache is not None else None
+    layers = [(i, complete(i), o, complete(o)) for i, o in layer_caches] if layer_caches else None
+    return complete_plan(cache, complete(cache), plan_settings(job), rank=rank, world_size=world_size,
                          target=target, layers=layers)
 
 
-def _complete_manifest(cache: ObjectStore) -> Manifest:
-    manifest = load_manifest(cache)
-    if manifest is None or not manifest.complete:
-        raise RuntimeError(f"cache {cache.uri} is not complete")
-    return manifest
+def wait_for_complete(cache: ObjectStore, *, run: ObjectStore, timeout_s: float, poll_s: float = 0.25) -> Manifest:
+    """``cache``'s manifest once it is complete: a worker group the driver started while the
+    producers fill the cache waits here (stopping with the fill's error if it fails, or after
+    ``timeout_s`` without the cache completing)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        manifest = load_manifest(cache)
+        if manifest is not None and manifest.complete:
+            return manifest
+        reason = _abort_reason(run)
+        if reason is not None:
+            raise TrainingStopped(f"cache {cache.uri}: {reason}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"cache {cache.uri} did not complete within train.follow_timeout_s={timeout_s:g} s")
+        time.sleep(poll_s)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -17,17 +18,25 @@ from pathlib import Path
 import pytest
 import torch
 from ray_head import ray_environment, started_ray_head
-from tiny_job import CONTEXT, SEQUENCES, check_tiny_cache, check_tiny_dictionary, tiny_overrides
+from tiny_job import (
+    CONTEXT,
+    SEQUENCES,
+    assert_same_weights,
+    check_tiny_cache,
+    check_tiny_dictionary,
+    tiny_overrides,
+)
 from tiny_job import tiny_job as _job
 
-from activation_cache.manifest import ActivationStats, commit_manifest, load_manifest
+from activation_cache.manifest import ActivationStats, Manifest, commit_manifest, load_manifest
 from activation_cache.reader import read_shard
-from activation_cache.store import open_store
+from activation_cache.store import LocalStore, open_store
 from cluster.cli import main as saeforge
 from cluster.driver import absolute_uri, build_caches, expected_shards, plan_caches, run_job
-from cluster.errors import ProducerFailed
+from cluster.errors import ProducerFailed, TrainingStopped
 from cluster.timing import PHASES
-from cluster.train import TrainPlan, train_dictionary
+from cluster.train import TrainPlan, train_dictionary, wait_for_complete
+from trainer.layout import PRODUCERS_FAILED_FILE
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +70,38 @@ def test_several_hookpoints_fill_their_caches_from_one_pass_while_training(ray_c
     shard_a, shard_b = read_shard(a, entry), read_shard(b, next(e for e in load_manifest(b).shards if e.name == entry.name))
     assert (shard_a.sequence_ids == shard_b.sequence_ids).all() and (shard_a.token_ids == shard_b.token_ids).all()
     assert not torch.allclose(shard_a.activations, shard_b.activations)
+
+
+def test_workers_started_beside_the_producers_train_on_the_complete_cache(ray_cluster, tmp_path, tiny_model_dir,
+                                                                          tiny_corpus_dir, caplog):
+    """With room on the cluster for the producers and the trainer workers at once, the workers
+    start while the caches fill and wait for them to complete: they train what a job on the
+    complete cache trains, bit for bit."""
+    roomy = ("cluster.producer_num_cpus=0.5", "cluster.train_worker_num_cpus=0.5", "eval=off", "train.epochs=1")
+    store = str(tmp_path / "store")
+    with caplog.at_level(logging.INFO, logger="cluster.driver"):
+        [beside] = run_job(_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, "run.name=beside", *roomy)).hookpoints
+    assert "the trainer workers start beside the producers" in caplog.text and not beside.cache_reused
+    [after] = run_job(_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, "run.name=after", *roomy,
+                           "cluster.train_worker_num_cpus=1")).hookpoints  # no room: after the (reused) cache
+    assert after.cache_reused and after.cache_uri == beside.cache_uri
+    assert_same_weights(beside.dictionary_uri, after.dictionary_uri)
+
+
+def test_a_worker_waiting_for_the_cache_trains_once_it_completes_and_stops_if_the_fill_fails(tmp_path):
+    cache, run = LocalStore(tmp_path / "cache"), LocalStore(tmp_path / "run")
+    manifest = Manifest(cache_key="k", key_inputs={}, model="m", revision="r", hookpoint="h", d_model=4, dtype="float32")
+    commit_manifest(cache, manifest)
+    completes = threading.Timer(0.5, lambda: commit_manifest(cache, dataclasses.replace(manifest, complete=True)))
+    completes.start()
+    assert wait_for_complete(cache, run=run, timeout_s=60).complete
+    commit_manifest(cache, manifest)
+    run.put_bytes(PRODUCERS_FAILED_FILE, b"filling the cache failed: no producer left")
+    with pytest.raises(TrainingStopped, match="no producer left"):
+        wait_for_complete(cache, run=run, timeout_s=60)
+    run.delete(PRODUCERS_FAILED_FILE)
+    with pytest.raises(TimeoutError, match="did not complete within train.follow_timeout_s=0.5 s"):
+        wait_for_complete(cache, run=run, timeout_s=0.5)
 
 
 def _copy_slowly(source, target, entries, *, until_rows: int, then_wait_for, delay_s: float) -> threading.Thread:
