@@ -39,9 +39,9 @@ from trainer.config import SAEConfig
 from trainer.engine import (
     EngineRankState,
     distributed_backend,
+    job_config,
     master_weights,
     shutdown_engine,
-    single_replica_config,
     wrap_in_deepspeed,
 )
 from trainer.feature_parallel import ParallelGrid, build_grid, parallelize_features
@@ -220,9 +220,9 @@ def _start_dictionary(
     if source.d_out is not None and not source.n_layers:  # a transcoder's encoder starts centred on its inputs
         sae.init_b_enc(torch.tensor(source.mean, dtype=torch.float32)[None] * source.scale)
     lr = variant.lr if variant.lr is not None else job.train.learning_rate(variant.sae.n_latents)
+    deepspeed_cfg = job_config(job.deepspeed, world_size=world_size, parameters=sum(p.numel() for p in sae.parameters()))
     engine = wrap_in_deepspeed(
-        sae, train_cfg=job.train, deepspeed_cfg=single_replica_config(job.deepspeed, world_size=world_size), lr=lr,
-        world_size=world_size, grid=grid,
+        sae, train_cfg=job.train, deepspeed_cfg=deepspeed_cfg, lr=lr, world_size=world_size, grid=grid,
         lr_multiplier=lambda step: lr_at(step, base_lr=1.0, **_lr_schedule(job.train, source.steps)),
     )
     name = f"{plan.label}-{variant.name}" if variant.name else plan.label

@@ -10,9 +10,10 @@ def tiny_overrides(uri, tmp_path, model_dir, corpus_dir, *extra: str) -> list[st
     return [
         # float32 throughout: the cluster tests hold the cache to the model's own float32 forward
         # and the dictionaries to float32 references (model.dtype=auto has its tests in
-        # test_precision.py, the bf16 encoder GEMM in tests/trainer/)
+        # test_precision.py, the bf16 encoder GEMM in tests/trainer/); ZeRO as configured, however
+        # small the tiny dictionary (deepspeed.partition_min_mb: tests/trainer/test_deepspeed_engine.py)
         "model=local", f"model.name_or_path={model_dir}", "model.hookpoint=resid_post.2", "model.batch_size=4",
-        "model.dtype=float32", "sae.encoder_gemm=param",
+        "model.dtype=float32", "sae.encoder_gemm=param", "deepspeed.partition_min_mb=0",
         "data=text_files", f"data.source={corpus_dir}", f"data.context_length={CONTEXT}",
         f"data.max_tokens={CONTEXT * SEQUENCES}", f"cache.uri={uri}", f"cache.sequences_per_shard={PER_SHARD}",
         "sae.n_latents=128", "sae.k=8", "train.batch_size=64", "train.epochs=4", "train.lr=3e-3",

@@ -160,6 +160,19 @@ def single_replica_config(cfg: DeepSpeedConfig, *, world_size: int) -> DeepSpeed
     return dataclasses.replace(cfg, zero_stage=0)
 
 
+def job_config(cfg: DeepSpeedConfig, *, world_size: int, parameters: int) -> DeepSpeedConfig:
+    """``cfg`` as a job runs it on ``world_size`` ranks holding ``parameters`` parameters each:
+    ``single_replica_config``, and ZeRO 1 or 2 whose partitioned state (gradients and Adam
+    moments: 12 bytes a parameter in fp32, 14 in bf16) would be under
+    ``cfg.partition_min_mb`` MiB a rank runs stage 0 (the exceptions are
+    ``single_replica_config``'s)."""
+    cfg = single_replica_config(cfg, world_size=world_size)
+    if cfg.zero_stage not in (1, 2) or (cfg.precision == "bf16" and cfg.feature_parallel > 1):
+        return cfg
+    state_mb = parameters * (14 if cfg.precision == "bf16" else 12) / 2**20
+    return dataclasses.replace(cfg, zero_stage=0) if state_mb < cfg.partition_min_mb else cfg
+
+
 def _zero_section(cfg: DeepSpeedConfig) -> dict[str, Any]:
     section: dict[str, Any] = {
         "stage": cfg.zero_stage,

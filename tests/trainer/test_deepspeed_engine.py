@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -12,6 +13,7 @@ from trainer.config import DeepSpeedConfig, TrainConfig
 from trainer.engine import (
     deepspeed_config,
     distributed_backend,
+    job_config,
     master_weights,
     shutdown_engine,
     single_replica_config,
@@ -166,6 +168,21 @@ def test_one_data_parallel_replica_runs_zero_stage_0_where_stage_0_can() -> None
     # bf16 with feature parallelism cannot clip at stage 0 (DeepSpeedConfig.check_clipping).
     bf16_sliced = DeepSpeedConfig(zero_stage=1, precision="bf16", feature_parallel=2)
     assert single_replica_config(bf16_sliced, world_size=2) is bf16_sliced
+
+
+def test_zero_partitions_only_a_state_of_deepspeed_partition_min_mb_or_more() -> None:
+    """12 bytes a parameter (gradient and two Adam moments) in fp32, 14 in bf16: 256 MiB is
+    22,369,622 fp32 parameters a rank."""
+    zero2 = DeepSpeedConfig(zero_stage=2, partition_min_mb=256)
+    assert job_config(zero2, world_size=2, parameters=22_369_621).zero_stage == 0
+    assert job_config(zero2, world_size=2, parameters=22_369_622) is zero2
+    assert job_config(dataclasses.replace(zero2, precision="bf16"), world_size=2, parameters=20_000_000).zero_stage == 2
+    assert job_config(dataclasses.replace(zero2, partition_min_mb=0), world_size=2, parameters=1).zero_stage == 2
+    assert job_config(zero2, world_size=1, parameters=10**9).zero_stage == 0  # one replica: single_replica_config
+    zero3 = DeepSpeedConfig(zero_stage=3, partition_min_mb=256)
+    assert job_config(zero3, world_size=2, parameters=1) is zero3
+    bf16_sliced = DeepSpeedConfig(zero_stage=1, precision="bf16", feature_parallel=2, partition_min_mb=256)
+    assert job_config(bf16_sliced, world_size=4, parameters=1) is bf16_sliced  # stage 0 could not clip it
 
 
 @pytest.mark.integration
