@@ -163,7 +163,10 @@ class DictionaryFolder:
             raw = self.cfg.get("metadata", {}).get(MODEL_METADATA)
         if raw is None:
             return None
-        return ModelConfig(**{name: raw[name] for name in _MODEL_FIELDS if name in raw})
+        recorded = ModelConfig(**{name: raw[name] for name in _MODEL_FIELDS if name in raw})
+        # A job records the dtype it decided; a folder written with model.dtype=auto undecided
+        # (by hand, from a ModelConfig()) runs the model as it is, in float32
+        return dataclasses.replace(recorded, dtype="float32") if recorded.dtype == "auto" else recorded
 
     def data_config(self) -> DataConfig:
         """The text settings of the training: which tokens it left out and whether it put BOS first.
