@@ -722,6 +722,10 @@ def evaluate_in_ray(
         max_tokens=eval_cfg.max_tokens, excluded=frozenset(excluded_token_ids), source=job.data.source,
     )
     wandb = {"mode": job.logging.wandb_mode, "project": job.logging.project, "dir": str(Path(job.logging.dir).resolve())}
+    # no more CPUs than the largest node has: a task asking for more would wait for ever
+    largest = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=1.0)
+    if eval_cfg.num_cpus > largest:
+        eval_cfg = dataclasses.replace(eval_cfg, num_cpus=largest)
     task = ray.remote(num_cpus=eval_cfg.num_cpus, num_gpus=eval_cfg.num_gpus, max_retries=0)(_evaluate_task)
     start = time.perf_counter()
     merged = ray.get(task.remote(list(dictionary_uris), job.model, text, eval_cfg, job.cache.s3_options(), wandb))

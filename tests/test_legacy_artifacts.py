@@ -189,6 +189,9 @@ def test_saeforge_eval_on_the_legacy_dictionary_gives_the_legacy_figures(workspa
     assert merged["fvu"] == legacy_eval["fvu"] and merged["resumed_from_step"] == 0
 
 
+LEGACY_DEFAULTS = ("model.dtype=float32", "sae.encoder_gemm=param", "deepspeed.partition_min_mb=0")
+
+
 @pytest.mark.integration
 def test_the_legacy_job_reuses_its_cache_and_resumes_its_checkpoint_to_the_same_weights(workspace):
     """The legacy job started again by the current code: its cache key is the legacy one, so the
@@ -197,7 +200,9 @@ def test_the_legacy_job_reuses_its_cache_and_resumes_its_checkpoint_to_the_same_
     import torch
 
     shards_before = {p.name: p.stat().st_mtime_ns for p in (_cache(workspace) / "shards").iterdir()}
-    trained = saeforge(workspace, "train", *LEGACY["overrides"], timeout_s=1200)
+    # The defaults of the legacy code where they have changed since: the model and the encoder
+    # GEMM in float32 (now auto), ZeRO partitioning however small the state (now from 256 MiB)
+    trained = saeforge(workspace, "train", *LEGACY["overrides"], *LEGACY_DEFAULTS, timeout_s=1200)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-6000:]
     assert re.search(rf"cache\s+\S*/caches/{LEGACY['cache_key']} \(reused\)", trained.stdout), trained.stdout
     assert {p.name: p.stat().st_mtime_ns for p in (_cache(workspace) / "shards").iterdir()} == shards_before

@@ -63,7 +63,7 @@ class SAEConfig:
     the k largest latents of each layer per token, ``all`` the k * L largest over all the token's
     latents of every covered layer (``trainer.clt``)."""
 
-    encoder_gemm: str = "param"
+    encoder_gemm: str = "auto"
     """The dtype of a TopK SAE's or transcoder's encoder GEMM and top-k selection
     (``trainer.kernels``): ``param``, the parameters' (fp32, or bf16 under
     ``deepspeed.precision=bf16``); ``bf16``, bf16 over fp32 parameters, with the gradients, Adam
@@ -71,8 +71,7 @@ class SAEConfig:
     (a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16), else ``param``. A bf16 GEMM is 8x
     an fp32 one on an AMX CPU; the held-out FVU at equal steps: benchmarks/RESULTS.md. Only
     ``architecture=topk`` has it (and not a cross-layer transcoder): ``bf16`` is refused for the
-    others, ``auto`` is ``param`` for them. ``saeforge train``'s TopK default (conf/sae/topk.yaml)
-    is ``auto``."""
+    others, ``auto`` (the default) is ``param`` for them."""
 
     def __post_init__(self) -> None:
         check_architecture(self.architecture)
@@ -253,13 +252,12 @@ class DeepSpeedConfig:
     """Ranks the latent dimension is split across (``trainer.feature_parallel``); the ranks form
     a (data x feature) grid of ``cluster.num_train_workers / feature_parallel`` data-parallel
     replicas. Must divide ``cluster.num_train_workers`` and ``sae.n_latents``; 1 turns it off."""
-    partition_min_mb: float = 0.0
+    partition_min_mb: float = 256.0
     """ZeRO 1 and 2 partition only where a rank's gradients and Adam state hold at least this many
     MiB; below, the job runs stage 0 (``trainer.engine.job_config``): the memory partitioning saves
     is small and its two collectives a step (reduce-scatter, all-gather) cost more than stage 0's
     one all-reduce (4,608 latents on 2 CPU workers: ZeRO 2 took 1.5x stage 0's step at the same
-    loss). 0 (the schema's) always partitions; ``conf/deepspeed/zero1.yaml`` and ``zero2.yaml``
-    set 256."""
+    loss). 0 always partitions."""
 
     def __post_init__(self) -> None:
         if self.partition_min_mb < 0:

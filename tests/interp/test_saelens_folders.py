@@ -131,7 +131,7 @@ def _our_transcoder(architecture: str, *, skip: bool, d_out: int, seed: int) -> 
     from trainer.architectures import build_sae
     from trainer.config import SAEConfig
 
-    cfg = SAEConfig(architecture=architecture, n_latents=D_SAE, k=K, skip_connection=skip)
+    cfg = SAEConfig(architecture=architecture, n_latents=D_SAE, k=K, skip_connection=skip, encoder_gemm="param")
     sae = build_sae(cfg, d_in=TC_D_IN, d_out=d_out, seed=seed, transcoder=True)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

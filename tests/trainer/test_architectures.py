@@ -47,8 +47,9 @@ def _input(n: int = 40, seed: int = 100) -> torch.Tensor:
 def _build(architecture: str, *, transcoder: bool = False, **options) -> SparseCoder:
     """``build_sae`` from the config, or the class itself where a test sets constructor options."""
     if not options:
-        return build_sae(SAEConfig(architecture=architecture, n_latents=N_LATENTS, k=K), d_in=D_IN, seed=0,
-                         transcoder=transcoder)
+        # the encoder GEMM in the parameters' dtype: the outputs are compared with SAELens's exactly
+        config = SAEConfig(architecture=architecture, n_latents=N_LATENTS, k=K, encoder_gemm="param")
+        return build_sae(config, d_in=D_IN, seed=0, transcoder=transcoder)
     cls = architecture_class(architecture)
     if issubclass(cls, (TopKSAE, BatchTopKSAE)):
         options["k"] = K
@@ -239,8 +240,8 @@ def test_build_sae_passes_each_architecture_the_settings_it_reads() -> None:
 
 def test_a_transcoder_maps_d_in_to_a_different_d_out() -> None:
     for architecture in TRANSCODER_ARCHITECTURES:
-        sae = build_sae(SAEConfig(architecture=architecture, n_latents=N_LATENTS, k=K), d_in=D_IN, d_out=5,
-                        seed=0, transcoder=True)
+        config = SAEConfig(architecture=architecture, n_latents=N_LATENTS, k=K, encoder_gemm="param")
+        sae = build_sae(config, d_in=D_IN, d_out=5, seed=0, transcoder=True)
         shapes = {name: tuple(p.shape) for name, p in sae.named_parameters() if name != "log_threshold"}
         assert shapes == {"W_enc": (D_IN, N_LATENTS), "b_enc": (N_LATENTS,), "W_dec": (N_LATENTS, 5), "b_dec": (5,)}
         target = torch.randn(40, 5)
