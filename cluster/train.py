@@ -177,10 +177,11 @@ def _data_plan(job: JobConfig, plan: TrainPlan, rank: int, world_size: int, *, g
                          target=target, layers=layers)
 
 
-def wait_for_complete(cache: ObjectStore, *, run: ObjectStore, timeout_s: float, poll_s: float = 0.25) -> Manifest:
+def wait_for_complete(cache: ObjectStore, *, run: ObjectStore, timeout_s: float, poll_s: float = 1.0) -> Manifest:
     """``cache``'s manifest once it is complete: a worker group the driver started while the
     producers fill the cache waits here (stopping with the fill's error if it fails, or after
-    ``timeout_s`` without the cache completing)."""
+    ``timeout_s`` without the cache completing). One manifest read a ``poll_s``: a worker group of
+    many ranks on S3 must not flood the store while a long fill runs."""
     deadline = time.monotonic() + timeout_s
     while True:
         manifest = load_manifest(cache)
