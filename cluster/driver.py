@@ -565,8 +565,9 @@ def _time_caching(times: JobTimes, job: JobConfig, report: CacheReport, began: f
                                       f"{max(x.ready - x.load_started for x in first):.1f} s after "
                                       f"{max(x.load_started - x.process_started for x in first):.1f} s of process start")
     tokens = sum(f.tokens_forwarded for f in report.fills)
-    times.notes["caching"] = (f"{tokens:,} tokens at {report.producer_tokens_per_second:,.0f} tokens/s" if tokens
-                              else "every cache reused")
+    caching = times.seconds["caching"]
+    times.notes["caching"] = (f"{tokens:,} tokens at {tokens / caching:,.0f} tokens/s once the models were loaded"
+                              if tokens and caching else "every cache reused")
 
 
 def _time_training(times: JobTimes, job: JobConfig, plans: list[TrainPlan], began: float, trained: float) -> None:
