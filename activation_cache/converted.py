@@ -24,14 +24,23 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 import torch
 
-if TYPE_CHECKING:
-    from activation_cache.hooking import ModelSource
-
 log = logging.getLogger(__name__)
+
+class _Source(Protocol):
+    """What this module reads of ``activation_cache.hooking.ModelSource`` (which imports this
+    module: it finds the copy for every load)."""
+
+    directory: Path
+    gguf_file: str | None
+    model_id: str
+    revision: str
+
+
+Source = TypeVar("Source", bound=_Source)
 
 MODEL_CACHE_ENV = "SAEFORGE_MODEL_CACHE"
 COMPLETE_MARKER = "converted.json"
@@ -41,13 +50,13 @@ def model_cache_root() -> Path:
     return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "saeforge" / "models").expanduser()
 
 
-def copy_folder(source: ModelSource) -> Path:
+def copy_folder(source: _Source) -> Path:
     """Where the copy of the GGUF ``source`` lives (whether or not it exists yet)."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", source.model_id).strip("-")
     return model_cache_root() / f"{name}-{source.revision}"
 
 
-def existing_copy(source: ModelSource) -> ModelSource | None:
+def existing_copy(source: Source) -> Source | None:
     """The copy of a GGUF ``source`` as a source of its own, if it has been made; None otherwise
     (and for a source that is not GGUF)."""
     if source.gguf_file is None:
@@ -58,7 +67,7 @@ def existing_copy(source: ModelSource) -> ModelSource | None:
     return replace(source, directory=folder, gguf_file=None)
 
 
-def convert(source: ModelSource) -> ModelSource:
+def convert(source: Source) -> Source:
     """The copy of a GGUF ``source``, made now if it does not exist yet (a source that is not GGUF
     is its own)."""
     if source.gguf_file is None:
@@ -98,12 +107,3 @@ def convert(source: ModelSource) -> ModelSource:
     log.info("converted %s (%s) to %s in %.1f s", source.model_id, source.gguf_file, folder, time.perf_counter() - start)
     return replace(source, directory=folder, gguf_file=None)
 
-
-if __name__ == "__main__":  # set-up: `python -m activation_cache.converted packaged:smollm2-135m`
-    import sys
-
-    from activation_cache.config import ModelConfig
-    from activation_cache.hooking import resolve_model_source
-
-    for name in sys.argv[1:]:
-        print(convert(resolve_model_source(ModelConfig(name_or_path=name))).directory)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from activation_cache.config import MODEL_DTYPES, PACKAGED_MODEL, ModelConfig
-from activation_cache.converted import existing_copy
+from activation_cache.converted import convert, existing_copy
 from activation_cache.keys import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,12 @@ def resolve_model_source(cfg: ModelConfig) -> ModelSource:
     # A GGUF model's Hugging Face-format copy, once made (activation_cache.converted), loads in a
     # fraction of the time and to the same weights
     return existing_copy(source) or source
+
+
+def prepare_model(name_or_path: str) -> ModelSource:
+    """The model's source after making a GGUF model's Hugging Face-format copy if it has none yet
+    (set-up does it for the packaged model, so no job pays for it)."""
+    return convert(resolve_model_source(ModelConfig(name_or_path=name_or_path)))
 
 
 def packaged_model_named(model_id: str) -> str | None:

