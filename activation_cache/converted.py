@@ -30,6 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+
 class _Source(Protocol):
     """What this module reads of ``activation_cache.hooking.ModelSource`` (which imports this
     module: it finds the copy for every load)."""

@@ -20,7 +20,7 @@ import ray
 import torch
 
 from cluster.config import JobConfig
-from trainer.kernels import cpu_flags, native_bf16_matmul
+from trainer.kernels import NATIVE_BF16_CPU_FLAGS, cpu_flags, native_bf16_matmul
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +59,17 @@ def producer_hardware(device: str) -> ProducerHardware:
         name = torch.cuda.get_device_name()
         native = native_bf16_matmul("cuda")
         return ProducerHardware("cuda", name, native, "bf16 supported" if native else "no bf16 support")
-    flags = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    flags = sorted(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
     return ProducerHardware("cpu", _cpu_name(), bool(flags),
-                            f"{' and '.join(flags)} in /proc/cpuinfo" if flags else "no amx_bf16 or avx512_bf16")
+                            f"{' and '.join(flags)} in /proc/cpuinfo" if flags else f"none of {' or '.join(sorted(NATIVE_BF16_CPU_FLAGS))}")
 
 
-def producer_device(job: JobConfig) -> str:
+def _producer_device(job: JobConfig) -> str:
     return "cuda" if job.cluster.producer_num_gpus > 0 else "cpu"
 
 
 def _reports(job: JobConfig) -> list[ProducerHardware]:
-    device = producer_device(job)
+    device = _producer_device(job)
     if job.cluster.address is None:
         return [producer_hardware(device)]
     probe = ray.remote(num_cpus=job.cluster.producer_num_cpus, num_gpus=job.cluster.producer_num_gpus,

@@ -31,6 +31,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.profiler import record_function
 
 __all__ = [
+    "NATIVE_BF16_CPU_FLAGS",
     "cpu_flags",
     "dense_decode",
     "dense_topk_encode",
@@ -75,6 +76,10 @@ NORM_EPS = 1e-12
 # --------------------------------------------------------------------------- GEMM dtype
 
 
+NATIVE_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+"""The /proc/cpuinfo flags of a CPU that multiplies bf16 natively."""
+
+
 def native_bf16_matmul(device: str | None = None) -> bool:
     """Whether ``device`` (``"cuda"`` or ``"cpu"``; ``None``: a CUDA GPU if there is one, else the
     CPU) multiplies bf16 matrices natively: a CUDA GPU that supports bf16, or a CPU with AMX
@@ -82,7 +87,7 @@ def native_bf16_matmul(device: str | None = None) -> bool:
     emulated and no faster than fp32."""
     if device == "cuda" or (device is None and torch.cuda.is_available()):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    return bool(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
 
 
 def cpu_flags() -> set[str]:
