@@ -103,7 +103,8 @@ def load_model(source: ModelSource, *, dtype: str = "float32", device_map: str |
     return model.eval()
 
 
-def _layer_container(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def layer_container(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The path and the list of the model's decoder layers; one line if it has none we know."""
     modules = dict(model.named_modules())
     for path in _LAYER_CONTAINERS:
         if isinstance(modules.get(path), nn.ModuleList):
@@ -130,7 +131,7 @@ def resolve_hookpoint(model: nn.Module, hookpoint: str) -> str:
     shorthand = re.fullmatch(r"(resid_post|attn_out|mlp_out|mlp_in)\.(mid|\d+)", hookpoint)
     if shorthand:
         kind = shorthand.group(1)
-        container, layers = _layer_container(model)
+        container, layers = layer_container(model)
         layer = len(layers) // 2 if shorthand.group(2) == "mid" else int(shorthand.group(2))
         if not 0 <= layer < len(layers):
             raise ValueError(f"hookpoint {hookpoint!r}: layer {layer} out of range, model has {len(layers)} layers (0..{len(layers) - 1})")

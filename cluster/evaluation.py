@@ -49,6 +49,7 @@ from activation_cache.config import DataConfig, ModelConfig
 from activation_cache.eval_text import EvalText, held_out_text, text_source
 from activation_cache.hooking import (
     INPUT_SUFFIX,
+    layer_container,
     load_model,
     load_tokenizer,
     resolve_hookpoint,
@@ -271,21 +272,21 @@ class _Resume:
     def of(cls, model: nn.Module, hookpoints: list[str]) -> _Resume | None:
         """Where ``hookpoints`` (canonical) let the forwards start: the first decoder layer holding
         one of them; None if one is outside the decoder layers or the first layer holds one."""
-        modules = dict(model.named_modules())
-        places = []
-        for hookpoint in hookpoints:
-            parts = hookpoint.removesuffix(INPUT_SUFFIX).split(".")
-            place = next(((".".join(parts[:i]), int(parts[i])) for i in range(1, len(parts))
-                          if parts[i].isdigit() and isinstance(modules.get(".".join(parts[:i])), nn.ModuleList)), None)
-            if place is None:
-                return None
-            places.append(place)
-        if len({container for container, _ in places}) != 1:
+        try:
+            container, _ = layer_container(model)
+        except ValueError:
             return None
-        container, layer = places[0][0], min(i for _, i in places)
+        layers = []
+        for hookpoint in hookpoints:
+            index = hookpoint.removesuffix(INPUT_SUFFIX).removeprefix(f"{container}.").split(".")[0]
+            if not hookpoint.startswith(f"{container}.") or not index.isdigit():
+                return None
+            layers.append(int(index))
+        layer = min(layers)
         if layer == 0:
             return None
         parent, _, attr = container.rpartition(".")
+        modules = dict(model.named_modules())
         return cls(model, modules[parent], attr, layer)
 
     @contextmanager
