@@ -51,6 +51,11 @@ class Holder:
     beat: int = 0
     """Incremented by every renewal."""
 
+    @classmethod
+    def this_process(cls, job: str) -> Holder:
+        """A holder naming this process on this host for ``job``, with an owner id of its own."""
+        return cls(owner=uuid.uuid4().hex, job=job, host=socket.gethostname(), pid=os.getpid())
+
     def describe(self) -> str:
         return f"job {self.job!r} (pid {self.pid} on {self.host})"
 
@@ -163,7 +168,7 @@ class LeaseClaim:
         self._seen: tuple[str, float] | None = None  # (version, monotonic time first seen)
 
     def try_acquire(self) -> WriterLease | None:
-        mine = Holder(owner=uuid.uuid4().hex, job=self.job, host=socket.gethostname(), pid=os.getpid())
+        mine = Holder.this_process(self.job)
         try:
             data, version = self.store.get_versioned(LEASE_KEY)
         except ObjectNotFound:

@@ -35,6 +35,7 @@ from cluster.evaluation import evaluate_in_ray
 from cluster.logs import WORKER_SETUP_HOOK
 from cluster.precision import resolve_model_dtype
 from cluster.producer import ProductionReport, fill_cache, producer_factory
+from cluster.runs import start_run
 from cluster.sweep import variants
 from cluster.timing import JobTimes
 from cluster.train import LayerCaches, TrainPlan, dictionary_uri, train_dictionary, training_times
@@ -494,7 +495,8 @@ def run_job(job: JobConfig) -> JobResult:
     plans = plan_caches(job, root)
     check_shard_count(job, plans[0])
     check_existing_caches(job, plans)
-    run_name = job.run.name or f"{time.strftime('%Y%m%d-%H%M%S')}-{plans[0].key[:8]}"
+    run = start_run(job, root, [p.key for p in plans])  # run.name, the same command's interrupted run, or a new one
+    run_name = run.name
     train_plans = _train_plans(job, plans, root, run_name)
     if job.resume is not None:
         _check_resumable(job, train_plans)
@@ -543,6 +545,7 @@ def run_job(job: JobConfig) -> JobResult:
     done = time.time()
     times.add("report", done - evaluated)
     run_store.put_bytes(TIMINGS_FILE, times.to_json(done))
+    run.finished()  # the same command, run again, starts a new run
     return JobResult(
         hookpoints=results,
         producer_tokens_per_second=report.producer_tokens_per_second, seconds=time.perf_counter() - start,

@@ -63,6 +63,10 @@ DICTIONARY_MARKER = CONFIG_FILE
 
 RUNS_DIR = "runs"
 """Where runs go by default: ``<cache.uri>/runs/<run name>/`` (``run.uri`` unset)."""
+RUNS_IN_PROGRESS_DIR = "runs-in-progress"
+"""In the store's root (``cache.uri``), beside ``caches/`` and ``runs/``: ``<job identity>.json``
+names the run a command without ``run.name`` started and has not finished, so that the same
+command, run again, continues it (``cluster.runs``)."""
 RUN_CONFIG_FILE = "config.json"
 PRODUCERS_FAILED_FILE = "producers-failed.txt"
 TRAINING_FAILED_FILE = "training-failed.json"
