@@ -97,6 +97,8 @@ class ProductionReport:
     started: float = 0.0
     """When the producers were created (``time.time()``)."""
     finished: float = 0.0
+    faults: list[ProducerFault] = field(default_factory=list)
+    """The producers lost during the fill, in the order seen."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -125,19 +127,44 @@ def _one_line_cause(err: Exception) -> str:
     return f"{type(shown).__name__}: {next(iter(str(shown).strip().splitlines()), '')}"
 
 
-def _alive(actor: Any, timeout_s: float) -> bool:
-    """Whether ``actor`` answers, waiting out a restart (Ray reports a restarting actor as
-    unavailable); False once it is dead for good or has not come back within ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return bool(ray.get(actor.ping.remote(), timeout=max(deadline - time.monotonic(), 0.001)))
-        except ray.exceptions.ActorUnavailableError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.5)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return False
+@dataclass
+class ProducerFault:
+    """A producer lost during a fill: what was lost, and what it cost."""
+
+    producer: str
+    """``producer 2`` (numbered in the order the fill started them, replacements after)."""
+    cause: str
+    """One line: what killed it (``ActorDiedError: ... node ... died``)."""
+    at: float
+    """When the fill saw it (``time.time()``)."""
+    units_redone: int = 0
+    """Its units in flight, handed to the live producers."""
+    work_redone_s: float = 0.0
+    """Producer seconds of work redone: the units redone, at the fill's mean seconds per unit."""
+    back_after_s: float | None = None
+    """Seconds until it answered again (Ray restarted it, model loaded), or None: it did not
+    come back before the fill ended, or was given up and replaced."""
+    replaced: bool = False
+
+    def line(self) -> str:
+        if self.back_after_s is not None:
+            fate = f"back after {self.back_after_s:.1f} s"
+        else:
+            fate = "replaced" if self.replaced else "not back when the fill ended"
+        return (f"{self.producer} lost ({self.cause}): {self.units_redone} units redone "
+                f"({self.work_redone_s:.1f} s of producer work), {fate}")
+
+
+@dataclass
+class _Recovery:
+    """A producer the pool waits for in the background: a ping answers once Ray has restarted
+    a lost one, or started a replacement, and its model is loaded."""
+
+    name: str
+    fault: ProducerFault | None  # None for a replacement starting
+    since: float  # time.monotonic()
+    ping: Any = None  # the ping in flight, or None between tries
+    next_try: float = 0.0
 
 
 class _Caches:
@@ -174,9 +201,16 @@ class _Caches:
 
 
 class _ProducerPool:
-    """The producers and their free task slots (``units_per_producer`` each). A producer dead for
-    good loses its slots and is replaced, at most ``max_replacements`` times; the replacements
-    are this pool's to kill (``kill_replacements``), the producers it was given the caller's."""
+    """The producers and their free task slots (``units_per_producer`` each).
+
+    Nothing here waits on one actor. A producer lost mid-task loses its slots at once and is
+    pinged in the background (:meth:`pending`, :meth:`answered`); it gets its slots back when it
+    answers. One dead for good, or not back within ``restart_timeout_s``, is retired and
+    replaced, at most ``max_replacements`` times; a replacement gets slots once its model is
+    loaded. The replacements are this pool's to kill (``kill_replacements``), the producers it
+    was given the caller's."""
+
+    RETRY_PING_S = 0.5
 
     def __init__(self, producers: list, *, units_per_producer: int, make_producer: Callable[[], Any] | None,
                  max_replacements: int, restart_timeout_s: float):
@@ -187,32 +221,118 @@ class _ProducerPool:
         self.restart_timeout_s = restart_timeout_s
         self.free_slots = [actor for _ in range(units_per_producer) for actor in self.producers]
         self.replacements: list = []
+        self.names = {self._key(a): f"producer {i}" for i, a in enumerate(self.producers, 1)}
+        self.recovering: dict[str, _Recovery] = {}
+        self.faults: list[ProducerFault] = []
+
+    @staticmethod
+    def _key(actor: Any) -> str:
+        return actor._actor_id.hex()
+
+    def name(self, actor: Any) -> str:
+        return self.names[self._key(actor)]
 
     def release(self, actor: Any) -> None:
         self.free_slots.append(actor)
 
-    def after_failure(self, actor: Any, err: Exception) -> None:
-        """Give the slot back if ``actor`` still answers (its task raised, or Ray restarted it);
-        otherwise retire it."""
-        if isinstance(err, ray.exceptions.RayTaskError) or _alive(actor, self.restart_timeout_s):
-            self.free_slots.append(actor)
-        else:
-            self._retire(actor)
+    def live(self) -> int:
+        return len(self.producers) - len(self.recovering)
 
-    def _retire(self, actor: Any) -> None:
-        # Dead for good: its other queued tasks fail too and come back here; drop its slots.
+    def lost(self, actor: Any, err: Exception) -> tuple[ProducerFault, bool] | None:
+        """``actor``'s task failed because the actor did (killed, out of memory, node lost): take
+        its slots away and wait for it in the background. Its open fault, and whether this
+        failure is its first (its other tasks fail one by one); None for a producer retired already."""
+        key = self._key(actor)
+        if key in self.recovering:
+            fault = self.recovering[key].fault
+            return (fault, False) if fault is not None else None
+        if actor not in self.producers:
+            return None
         self.free_slots = [a for a in self.free_slots if a is not actor]
-        if actor not in self.producers:  # retired already, by one of its other tasks
+        fault = ProducerFault(self.name(actor), _one_line_cause(err), time.time())
+        self.faults.append(fault)
+        self.recovering[key] = _Recovery(fault.producer, fault, time.monotonic())
+        self._ping(actor)
+        return fault, True
+
+    def pending(self) -> list:
+        """The pings in flight, to wait on beside the tasks."""
+        return [r.ping for r in self.recovering.values() if r.ping is not None]
+
+    def owner(self, ref: Any) -> Any | None:
+        """The producer whose ping ``ref`` is, or None (a task's ref)."""
+        for key, recovery in self.recovering.items():
+            if recovery.ping is not None and recovery.ping == ref:
+                return self._actor(key)
+        return None
+
+    def answered(self, actor: Any, ref: Any) -> None:
+        """A ping came back: the producer is up again (its slots return), is restarting still
+        (ping again shortly), or is dead for good (retired, replaced)."""
+        recovery = self.recovering[self._key(actor)]
+        recovery.ping = None
+        try:
+            ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:  # restarting: Ray refuses calls meanwhile
+            recovery.next_try = time.monotonic() + self.RETRY_PING_S
             return
+        except ray.exceptions.RayActorError:
+            self._retire(actor, "dead for good")
+            return
+        del self.recovering[self._key(actor)]
+        waited = time.monotonic() - recovery.since
+        self.free_slots += [actor] * self.units_per_producer
+        if recovery.fault is None:
+            log.info("%s is ready after %.1f s: it takes units", recovery.name, waited)
+        else:
+            recovery.fault.back_after_s = waited
+            log.warning("%s is back after %.1f s (restarted, model loaded): it takes units again",
+                        recovery.name, waited)
+
+    def next_event_s(self) -> float | None:
+        """Seconds until a ping is due again or a restart runs out of time; None when none waits."""
+        if not self.recovering:
+            return None
+        now = time.monotonic()
+        due = [r.next_try - now for r in self.recovering.values() if r.ping is None]
+        due += [r.since + self.restart_timeout_s - now for r in self.recovering.values()]
+        return max(0.0, min(due))
+
+    def tick(self) -> None:
+        """Ping again those due; retire those not back within ``restart_timeout_s``."""
+        now = time.monotonic()
+        for key, recovery in list(self.recovering.items()):
+            if now >= recovery.since + self.restart_timeout_s:
+                self._retire(self._actor(key), f"not back within {self.restart_timeout_s:.0f} s")
+            elif recovery.ping is None and now >= recovery.next_try:
+                self._ping(self._actor(key))
+
+    def _ping(self, actor: Any) -> None:
+        self.recovering[self._key(actor)].ping = actor.ping.remote()
+
+    def _actor(self, key: str) -> Any:
+        return next(a for a in self.producers if self._key(a) == key)
+
+    def _retire(self, actor: Any, why: str) -> None:
+        recovery = self.recovering.pop(self._key(actor))
         ray.kill(actor, no_restart=True)  # were it only slow to come back: free its resources
         self.producers.remove(actor)
-        if self.make_producer is not None and len(self.replacements) < self.max_replacements:
-            replacement = self.make_producer()
-            self.replacements.append(replacement)
-            self.producers.append(replacement)
-            self.free_slots += [replacement] * self.units_per_producer
-            log.warning("a producer died for good: started replacement %d of %d",
-                        len(self.replacements), self.max_replacements)
+        if self.make_producer is None or len(self.replacements) >= self.max_replacements:
+            log.warning("%s is gone (%s); no replacement left (%d started): the fill goes on with %d producers",
+                        recovery.name, why, len(self.replacements), self.live())
+            return
+        if recovery.fault is not None:
+            recovery.fault.replaced = True
+        replacement = self.make_producer()
+        self.replacements.append(replacement)
+        self.producers.append(replacement)
+        name = f"producer {len(self.names) + 1}"
+        self.names[self._key(replacement)] = name
+        # It takes units once its model is loaded: until then the live producers run them.
+        self.recovering[self._key(replacement)] = _Recovery(name, None, time.monotonic())
+        self._ping(replacement)
+        log.warning("%s is gone (%s): started %s as replacement %d of %d", recovery.name, why, name,
+                    len(self.replacements), self.max_replacements)
 
     def kill_replacements(self) -> None:
         for actor in self.replacements:
@@ -220,7 +340,8 @@ class _ProducerPool:
 
 
 class _WorkQueue:
-    """Units waiting, units in flight (with the producer running each), and the failures of each."""
+    """Units waiting, units in flight (with the producer running each and when it started), and
+    the failures of each."""
 
     def __init__(self, todo: list[WorkUnit], caches: _Caches, max_unit_attempts: int):
         self.waiting = list(reversed(todo))  # popped from the end: the first unit goes first
@@ -237,19 +358,17 @@ class _WorkQueue:
         while self.waiting and pool.free_slots:
             actor, unit = pool.free_slots.pop(), self.waiting.pop()
             self.in_flight[actor.produce.remote(unit, self.hookpoints[unit.shard_name])] = (unit, actor)
-        if not self.in_flight:
+        if not self.in_flight and not pool.recovering:
             raise ProducerFailed(f"no producer left to run {len(self.waiting)} work units (all died; "
                                  f"{len(pool.replacements)} replacements started)")
 
-    def next_finished(self) -> tuple[Any, WorkUnit, Any]:
-        """(task ref, unit, producer) of the first task to end, well or not."""
-        [ref], _ = ray.wait(list(self.in_flight), num_returns=1)
-        unit, actor = self.in_flight.pop(ref)
-        return ref, unit, actor
+    def running_on(self, actor: Any) -> int:
+        return sum(a == actor for _, a in self.in_flight.values())
 
-    def retry(self, unit: WorkUnit, err: Exception) -> None:
+    def retry(self, unit: WorkUnit, err: Exception, *, quiet: bool = False) -> None:
         """Queue ``unit`` again after ``err``; ``ProducerFailed`` at once for a full store (no
-        retry helps until space is freed) and after ``max_unit_attempts`` failures."""
+        retry helps until space is freed) and after ``max_unit_attempts`` failures. ``quiet``:
+        the producer's loss is logged instead, once for all its units."""
         self.attempts[unit.shard_name] += 1
         cause = _one_line_cause(err)
         if isinstance(getattr(err, "cause", None), StoreFull):
@@ -258,7 +377,7 @@ class _WorkQueue:
             raise ProducerFailed(
                 f"work unit {unit.shard_name} failed {self.attempts[unit.shard_name]} times; last cause {cause}"
             ) from err
-        log.warning("work unit %s failed (%s): queued again", unit.shard_name, cause)
+        (log.debug if quiet else log.warning)("work unit %s failed (%s): queued again", unit.shard_name, cause)
         self.waiting.append(unit)
 
     def tokens_left(self) -> int:
@@ -268,6 +387,19 @@ class _WorkQueue:
         return len(self.waiting) + len(self.in_flight)
 
 
+def _next_event(work: _WorkQueue, pool: _ProducerPool) -> tuple[Any, Any] | None:
+    """The first task or ping to end, as (ref, the producer of a ping or None for a task), or
+    None when a background wait is due first (:meth:`_ProducerPool.tick`)."""
+    refs, timeout = [*work.in_flight, *pool.pending()], pool.next_event_s()
+    if not refs:  # only pings due again later
+        time.sleep(timeout or 0.0)
+        return None
+    ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+    if not ready:
+        return None
+    return ready[0], pool.owner(ready[0])
+
+
 class _Progress:
     """The tqdm bar, and a log line every ``log_every_s`` and at the end (for logs that are not a terminal)."""
 
@@ -275,6 +407,8 @@ class _Progress:
         self.start = time.perf_counter()
         self.n_units = n_units
         self.tokens_forwarded = 0
+        self.unit_seconds = 0.0  # the producers' own seconds over the units done
+        self.units_done = 0
         self.bar = tqdm(total=n_units, initial=n_done, desc="caching", unit="shard")
         self.log_every_s = log_every_s
         self.next_log = time.monotonic() + log_every_s
@@ -283,8 +417,13 @@ class _Progress:
     def seconds(self) -> float:
         return time.perf_counter() - self.start
 
-    def unit_done(self, tokens_forwarded: int, work: _WorkQueue, caches: _Caches) -> None:
-        self.tokens_forwarded += tokens_forwarded
+    def mean_unit_seconds(self) -> float:
+        return self.unit_seconds / self.units_done if self.units_done else 0.0
+
+    def unit_done(self, result: ShardResult, work: _WorkQueue, caches: _Caches) -> None:
+        self.tokens_forwarded += result.tokens_forwarded
+        self.unit_seconds += result.total_seconds
+        self.units_done += 1
         rate = self.tokens_forwarded / self.seconds
         self.bar.update(1)
         self.bar.set_postfix(tokens=self.tokens_forwarded, tokens_per_s=f"{rate:.0f}")
@@ -319,19 +458,23 @@ def fill_cache(
     complete. ``manifests`` and ``cache_uris`` are keyed by hookpoint: one forward pass of a unit
     writes its shard to every cache whose manifest lacks it.
 
-    A unit whose producer died, or whose task raised, goes back on the queue and is redone (its
-    shard name is deterministic, so a shard written before the death is overwritten, and the
-    manifest commits each unit once): every (sequence_id, position) ends up in the cache exactly
-    once. A producer that Ray restarts keeps its slots; one dead for good is replaced by
-    ``make_producer()``, at most ``max_replacements`` times. A unit that fails
-    ``max_unit_attempts`` times (once, when the store is full), or running out of producers, stops the fill with
-    ``ProducerFailed`` naming the unit and the cause; what was committed stays committed, so a
-    rerun resumes. The replacements are killed on the way out, whatever the outcome; the caller
-    owns ``producers``. ``on_commit(manifests, producers)`` runs after each unit's commits
-    (progress, tests; an exception it raises stops the fill). ``before_commit(hookpoint)`` runs
-    before each manifest write (the writer lease's check: an exception stops the fill uncommitted).
-    Progress (shards, rows cached, tokens/s, ETA) goes to a tqdm bar and, every ``log_every_s``,
-    to the log.
+    The loop never waits on one producer: it waits for whichever task or background ping ends
+    first. A producer that dies (killed, out of memory, its node lost) loses its slots at once
+    and its units go back on the queue for the live producers (its shard names are
+    deterministic, so a shard written before the death is overwritten, and the manifest commits
+    each unit once: every (sequence_id, position) ends up in the cache exactly once). Ray
+    restarts it in the background; it takes units again once it answers. One dead for good, or
+    not back within ``restart_timeout_s``, is replaced by ``make_producer()``, at most
+    ``max_replacements`` times; with no room on the cluster for either, the fill finishes on the
+    survivors. A unit whose task raised is redone, up to ``max_unit_attempts`` failures (one, when
+    the store is full); beyond, or with no producer left, the fill stops with ``ProducerFailed``
+    naming the unit and the cause; what was committed stays committed, so a rerun resumes. The
+    replacements are killed on the way out, whatever the outcome; the caller owns ``producers``.
+    ``on_commit(manifests, producers)`` runs after each unit's commits (progress, tests; an
+    exception it raises stops the fill). ``before_commit(hookpoint)`` runs before each manifest
+    write (the writer lease's check: an exception stops the fill uncommitted). Progress (shards,
+    rows cached, tokens/s, ETA) goes to a tqdm bar and, every ``log_every_s``, to the log; each
+    producer lost is one warning line, and the report lists them (``faults``).
     """
     caches = _Caches(manifests, cache_uris, s3_options, before_commit)
     todo = [u for u in units if caches.lacking(u)]
@@ -342,20 +485,55 @@ def fill_cache(
     try:
         while work:
             work.dispatch(pool)
-            ref, unit, actor = work.next_finished()
-            try:
-                results: dict[str, ShardResult] = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-                work.retry(unit, err)
-                pool.after_failure(actor, err)
-                continue
-            pool.release(actor)
-            caches.commit(results)
-            progress.unit_done(next(iter(results.values())).tokens_forwarded, work, caches)
-            if on_commit is not None:
-                on_commit(caches.manifests, pool.producers)
+            event = _next_event(work, pool)
+            if event is None:
+                pool.tick()
+            elif event[1] is not None:
+                pool.answered(event[1], event[0])
+            elif (results := _finished(event[0], work, pool)) is not None:
+                caches.commit(results)
+                progress.unit_done(next(iter(results.values())), work, caches)
+                if on_commit is not None:
+                    on_commit(caches.manifests, pool.producers)
+        _log_not_back(pool)
+        for fault in pool.faults:
+            fault.work_redone_s = fault.units_redone * progress.mean_unit_seconds()
     finally:
         progress.close()
         pool.kill_replacements()
     caches.mark_complete()
-    return ProductionReport(caches.manifests, len(todo), progress.tokens_forwarded, progress.seconds)
+    return ProductionReport(caches.manifests, len(todo), progress.tokens_forwarded, progress.seconds,
+                            faults=pool.faults)
+
+
+def _finished(ref: Any, work: _WorkQueue, pool: _ProducerPool) -> dict[str, ShardResult] | None:
+    """A task's shards, or None when it failed: its unit is queued again, and a producer that
+    died with it is taken out of the pool until it answers again."""
+    unit, actor = work.in_flight.pop(ref)
+    try:
+        results: dict[str, ShardResult] = ray.get(ref)
+    except ray.exceptions.RayTaskError as err:  # the task raised; the producer is fine
+        work.retry(unit, err)
+        pool.release(actor)
+        return None
+    except ray.exceptions.RayActorError as err:
+        work.retry(unit, err, quiet=True)
+        if (lost := pool.lost(actor, err)) is None:
+            return None
+        fault, first = lost
+        fault.units_redone += 1
+        if first:
+            live = pool.live()
+            log.warning("%s lost (%s): its %d units go to the %d live producer%s; it rejoins once Ray has restarted it",
+                        fault.producer, fault.cause, 1 + work.running_on(actor), live, "" if live == 1 else "s")
+        return None
+    pool.release(actor)
+    return results
+
+
+def _log_not_back(pool: _ProducerPool) -> None:
+    """Once, at the end: the producers the fill finished without."""
+    for recovery in pool.recovering.values():
+        if recovery.fault is not None:
+            log.warning("the fill finished without %s: not back after %.0f s (no room on the cluster to restart "
+                        "it, or still loading its model)", recovery.name, time.monotonic() - recovery.since)

@@ -24,21 +24,34 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("for_good", [False, True], ids=["restarted", "replaced"])
 def test_a_killed_producer_loses_and_duplicates_nothing(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir, for_good):
-    """A producer killed mid-cache (``ray.kill``) is restarted by Ray, or, killed for good,
-    replaced; the units it held are redone and the cache holds every token exactly once."""
+    """A producer killed mid-cache is restarted by Ray (its process killed, as the OOM killer
+    would), or, killed for good (``ray.kill``), replaced; the units it held are redone and the
+    cache holds every token exactly once. The fill does not wait for it: the live producer goes
+    on committing while Ray restarts the lost one (process start, model load) or its
+    replacement starts, and the report names the fault."""
     job = tiny_job(str(tmp_path / "store"), tmp_path, tiny_model_dir, tiny_corpus_dir,
                    "cluster.num_producers=2", "cluster.units_per_producer=2")
     [plan] = plan_caches(job, open_store(absolute_uri(job.cache.uri)))
-    killed = []
+    killed, commits = [], []
 
     def kill_one(manifests, producers) -> None:
-        if not killed:  # after the first commit: both producers hold queued units
-            killed.append(producers[0])
-            ray.kill(producers[0], no_restart=for_good)
+        commits.append(time.time())
+        if killed:
+            return
+        killed.append(time.time())  # after the first commit: both producers hold queued units
+        if for_good:
+            ray.kill(producers[0], no_restart=True)
+        else:
+            os.kill(_descendants_titled(b"ray::Producer")[0], signal.SIGKILL)
 
     report = build_caches(job, [plan], on_commit=kill_one)
     assert killed and not report.reused[plan.hookpoint] and report.manifests[plan.hookpoint].complete
     check_tiny_cache(plan.uri, {})
+    [fill] = report.fills
+    [fault] = fill.faults
+    assert fault.units_redone >= 1 and fault.replaced == for_good, fault
+    back = fault.at + (fault.back_after_s if fault.back_after_s is not None else float("inf"))
+    assert any(fault.at < t < back for t in commits), f"no unit committed while the lost producer recovered: {fault}"
 
 
 def _parent_pid(pid: int) -> int:
@@ -46,14 +59,14 @@ def _parent_pid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def _train_worker_pids() -> list[int]:
-    """Processes of Ray Train workers of this test's Ray cluster (Ray titles them
-    ``ray::RayTrainWorker...``; the cluster's processes descend from this one): never those of
-    another Ray cluster on the machine."""
+def _descendants_titled(title: bytes) -> list[int]:
+    """Processes of this test's Ray cluster (they descend from this one) whose title starts with
+    ``title`` (Ray titles its workers ``ray::Producer``, ``ray::RayTrainWorker...``): never those
+    of another Ray cluster on the machine."""
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if not cmdline.read_bytes().startswith(b"ray::RayTrainWorker"):
+            if not cmdline.read_bytes().startswith(title):
                 continue
             pid = ancestor = int(cmdline.parent.name)
             while ancestor > 1 and ancestor != os.getpid():
@@ -84,7 +97,7 @@ def test_a_killed_trainer_worker_resumes_from_its_checkpoint_bit_identical(ray_c
     while not any(k.endswith(COMPLETE_FILE) for k in checkpoints.list(f"{CHECKPOINTS_DIR}/")):
         assert time.monotonic() < deadline and runner.is_alive(), "no checkpoint was written"
         time.sleep(0.05)
-    pids = _train_worker_pids()
+    pids = _descendants_titled(b"ray::RayTrainWorker")
     assert pids, "the trainer workers are running"
     os.kill(pids[-1], signal.SIGKILL)
     runner.join(timeout=600)
