@@ -14,3 +14,7 @@ class ProducerFailed(JobFailed):
 class TrainingStopped(JobFailed):
     """Training stopped for a reason a restarted worker group would meet again at the same step
     (a damaged shard, NaN or Inf under ``train.nonfinite``): Ray Train does not retry it."""
+
+
+class EvaluationFailed(JobFailed):
+    """The evaluation task was lost (its process or node died) on every attempt."""

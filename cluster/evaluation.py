@@ -62,7 +62,9 @@ from activation_cache.store import ObjectNotFound, ObjectStore, open_store
 from activation_cache.text import excluded_token_ids, pack_sequences
 from activation_cache.unembedding import unembedding_of
 from cluster.config import EvalConfig, JobConfig, job_from_dict
+from cluster.errors import EvaluationFailed
 from cluster.report_cards import FeatureCard, FeatureSample
+from cluster.timing import Fault
 from interp.audit import audit, firing_counts, logit_lens_refusal, target_standout
 from interp.observe import Observer, open_observer
 from interp.steering import FeatureEdit, Steerer
@@ -595,6 +597,8 @@ class Evaluations(list):
     def __init__(self, evaluations: list[dict], timings: EvaluationTimes) -> None:
         super().__init__(evaluations)
         self.timings = timings
+        self.faults: list[Fault] = []
+        """The evaluation tasks lost and started again (filled in by ``evaluate_in_ray``)."""
 
 
 class _Clock:
@@ -708,6 +712,10 @@ def _evaluate_task(
                          make_run_logger=run_logger)
 
 
+EVAL_ATTEMPTS = 3
+"""Tries of the evaluation task when its process or node dies under it."""
+
+
 def evaluate_in_ray(
     job: JobConfig, dictionary_uris: list[str], *, tokens: np.ndarray, excluded_token_ids: frozenset[int],
     eval_cfg: EvalConfig,
@@ -728,8 +736,23 @@ def evaluate_in_ray(
     if eval_cfg.num_cpus > largest:
         eval_cfg = dataclasses.replace(eval_cfg, num_cpus=largest)
     task = ray.remote(num_cpus=eval_cfg.num_cpus, num_gpus=eval_cfg.num_gpus, max_retries=0)(_evaluate_task)
-    start = time.perf_counter()
-    merged = ray.get(task.remote(list(dictionary_uris), job.model, text, eval_cfg, job.cache.s3_options(), wandb))
+    faults = []
+    for attempt in range(1, EVAL_ATTEMPTS + 1):
+        start = time.perf_counter()
+        try:
+            merged = ray.get(task.remote(list(dictionary_uris), job.model, text, eval_cfg, job.cache.s3_options(), wandb))
+            break
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as err:
+            # its process or node died: a fresh task on a live node does it again (it writes
+            # each eval.json whole, so nothing is half written)
+            lost = time.perf_counter() - start
+            cause = f"{type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
+            if attempt == EVAL_ATTEMPTS:
+                raise EvaluationFailed(f"the evaluation task was lost {attempt} times; last cause {cause}") from None
+            log.warning("evaluation task lost after %.1f s (%s): started again (attempt %d of %d)",
+                        lost, cause, attempt + 1, EVAL_ATTEMPTS)
+            faults.append(Fault("evaluation", f"evaluation task lost ({cause}): started again", lost))
+    merged.faults = faults
     timings = merged.timings
     timings.task_start = max(0.0, time.perf_counter() - start - timings.total)
     # Logged here: the task's own log lines stay in its worker.

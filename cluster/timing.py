@@ -14,10 +14,14 @@ workers on the same machine, or on nodes with synchronised clocks, fall on the s
 
 With ``cluster.train_while_caching`` caching and training overlap, and the phases add up to more
 than the wall time.
+
+The faults the job survived (a producer or its node lost, a trainer worker group restarted, the
+evaluation task started again) are counted beside the phases, each with what it cost.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -32,6 +36,18 @@ def process_started() -> float:
     return psutil.Process().create_time()
 
 
+@dataclass(frozen=True)
+class Fault:
+    """A fault the job survived, as the closing summary shows it."""
+
+    phase: str
+    """The phase it struck (one of ``PHASES``)."""
+    what: str
+    """One line: what was lost and what the job did about it."""
+    cost_s: float
+    """Seconds of work it cost: work lost and redone, and time spent waiting to recover."""
+
+
 @dataclass
 class JobTimes:
     """Seconds per phase, from intervals marked as the job runs."""
@@ -41,6 +57,7 @@ class JobTimes:
     notes: dict[str, str] = field(default_factory=dict)
     """A few words per phase on what it held (shown beside its figure)."""
     overlapping: bool = False
+    faults: list[Fault] = field(default_factory=list)
 
     def add(self, phase: str, seconds: float) -> None:
         if phase not in self.seconds:
@@ -59,8 +76,16 @@ class JobTimes:
             note = f"  ({self.notes[phase]})" if phase in self.notes else ""
             out.append(f"  {phase:<13}{seconds:6.1f} s {100 * seconds / wall:3.0f}%{note}")
         overlap = "; caching and training overlap" if self.overlapping else ""
-        return [f"wall time        {wall:.0f} s, from the process's start{overlap}:", *out]
+        return [f"wall time        {wall:.0f} s, from the process's start{overlap}:", *out, *self._fault_lines()]
+
+    def _fault_lines(self) -> list[str]:
+        if not self.faults:
+            return []
+        cost = sum(f.cost_s for f in self.faults)
+        return [f"faults survived  {len(self.faults)}, costing {cost:.1f} s:",
+                *(f"  {f.phase:<13}{f.cost_s:6.1f} s  {f.what}" for f in self.faults)]
 
     def to_json(self, now: float | None = None) -> bytes:
         return json.dumps({**{p: round(s, 3) for p, s in self.seconds.items()}, "total": round(self.wall(now), 3),
-                           "notes": self.notes, "overlapping": self.overlapping}, indent=2).encode()
+                           "notes": self.notes, "overlapping": self.overlapping,
+                           "faults": [dataclasses.asdict(f) for f in self.faults]}, indent=2).encode()

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from dictionary_folders import fit_transcoder, train_topk_transcoder
+from ray_processes import descendants_titled
 from safetensors.torch import load as load_safetensors
 from tiny_job import tiny_job
 
@@ -328,6 +333,36 @@ def test_evaluate_in_ray_evaluates_each_dictionary_in_one_task(ray_cluster, mode
     assert set(timings) == {f.name for f in dataclasses.fields(EvaluationTimes)} | {"total"}
     assert min(timings.values()) >= 0 and all(timings[k] > 0 for k in ("model_load", "spliced", "audit", "task_start"))
     assert timings["total"] == pytest.approx(sum(v for k, v in timings.items() if k != "total"), abs=0.01)
+
+
+@pytest.mark.integration
+def test_an_evaluation_task_killed_mid_run_is_started_again(ray_cluster, model_dir, tiny_corpus_dir, tmp_path):
+    """The evaluation task's process killed while it runs (as a lost node or the OOM killer
+    would): a fresh task evaluates the dictionary again, to the same figures, and the fault comes
+    back as one line with the time it cost."""
+    job = tiny_job(str(tmp_path / "store"), tmp_path, model_dir, tiny_corpus_dir, "logging.wandb_mode=disabled")
+    exact = _save(tmp_path / "runs" / "tiny" / "dictionary" / HOOKPOINT, _identity_sae(32, 32), model_dir)
+    tokenizer = load_tokenizer(resolve_model_source(job.model))
+    killed = []
+
+    def kill_the_task() -> None:
+        deadline = time.monotonic() + 120
+        while not (pids := descendants_titled(b"ray::_evaluate_task")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    killer = threading.Thread(target=kill_the_task)
+    killer.start()
+    evaluations = evaluate_in_ray(job, [exact], tokens=pack_sequences(job.data, tokenizer),
+                                  excluded_token_ids=excluded_token_ids(job.data, tokenizer), eval_cfg=EvalConfig(max_tokens=128))
+    killer.join()
+    assert killed, "the evaluation task was never seen running"
+    assert evaluations == [_eval_json(exact)]
+    assert evaluations[0]["fvu"] == RECONSTRUCTION["fvu"]
+    [fault] = evaluations.faults
+    assert fault.phase == "evaluation" and fault.what.startswith("evaluation task lost (") and fault.cost_s >= 0
 
 
 def test_a_bfloat16_model_gives_the_float32_models_losses(model_dir, tiny_corpus_dir, tmp_path):

@@ -9,10 +9,10 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import ray
+from ray_processes import descendants_titled
 from tiny_job import assert_same_weights, check_tiny_cache, tiny_job
 
 from activation_cache.store import open_store
@@ -42,7 +42,7 @@ def test_a_killed_producer_loses_and_duplicates_nothing(ray_cluster, tmp_path, t
         if for_good:
             ray.kill(producers[0], no_restart=True)
         else:
-            os.kill(_descendants_titled(b"ray::Producer")[0], signal.SIGKILL)
+            os.kill(descendants_titled(b"ray::Producer")[0], signal.SIGKILL)
 
     report = build_caches(job, [plan], on_commit=kill_one)
     assert killed and not report.reused[plan.hookpoint] and report.manifests[plan.hookpoint].complete
@@ -52,30 +52,6 @@ def test_a_killed_producer_loses_and_duplicates_nothing(ray_cluster, tmp_path, t
     assert fault.units_redone >= 1 and fault.replaced == for_good, fault
     back = fault.at + (fault.back_after_s if fault.back_after_s is not None else float("inf"))
     assert any(fault.at < t < back for t in commits), f"no unit committed while the lost producer recovered: {fault}"
-
-
-def _parent_pid(pid: int) -> int:
-    # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ")".
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def _descendants_titled(title: bytes) -> list[int]:
-    """Processes of this test's Ray cluster (they descend from this one) whose title starts with
-    ``title`` (Ray titles its workers ``ray::Producer``, ``ray::RayTrainWorker...``): never those
-    of another Ray cluster on the machine."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if not cmdline.read_bytes().startswith(title):
-                continue
-            pid = ancestor = int(cmdline.parent.name)
-            while ancestor > 1 and ancestor != os.getpid():
-                ancestor = _parent_pid(ancestor)
-        except OSError:  # the process ended while we looked
-            continue
-        if ancestor == os.getpid():
-            pids.append(pid)
-    return sorted(pids)
 
 
 def test_a_killed_trainer_worker_resumes_from_its_checkpoint_bit_identical(ray_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir):
@@ -97,7 +73,7 @@ def test_a_killed_trainer_worker_resumes_from_its_checkpoint_bit_identical(ray_c
     while not any(k.endswith(COMPLETE_FILE) for k in checkpoints.list(f"{CHECKPOINTS_DIR}/")):
         assert time.monotonic() < deadline and runner.is_alive(), "no checkpoint was written"
         time.sleep(0.05)
-    pids = _descendants_titled(b"ray::RayTrainWorker")
+    pids = descendants_titled(b"ray::RayTrainWorker")
     assert pids, "the trainer workers are running"
     os.kill(pids[-1], signal.SIGKILL)
     runner.join(timeout=600)
