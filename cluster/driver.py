@@ -37,7 +37,7 @@ from cluster.precision import resolve_model_dtype
 from cluster.producer import ProductionReport, fill_cache, producer_factory
 from cluster.runs import start_run
 from cluster.sweep import variants
-from cluster.timing import JobTimes
+from cluster.timing import Fault, JobTimes
 from cluster.train import LayerCaches, TrainPlan, dictionary_uri, train_dictionary, training_times
 from trainer.checkpoint import newest_complete_checkpoint
 from trainer.engine import distributed_backend
@@ -531,6 +531,7 @@ def run_job(job: JobConfig) -> JobResult:
         # the task's model load is counted with the producers'
         parts = evaluations.timings
         eval_load = parts.model_load
+        times.faults += evaluations.faults
         times.notes["evaluation"] = (f"spliced forwards {parts.spliced:.1f} s, steer audit {parts.audit:.1f} s, wandb "
                                      f"{parts.logging:.1f} s, task start {parts.task_start:.1f} s; model load "
                                      f"{parts.model_load:.1f} s under model loads")
@@ -567,6 +568,7 @@ def _time_caching(times: JobTimes, job: JobConfig, report: CacheReport, began: f
         times.notes["model loads"] = (f"{len(first)} producers in parallel, {job.model.dtype}: each load "
                                       f"{max(x.ready - x.load_started for x in first):.1f} s after "
                                       f"{max(x.load_started - x.process_started for x in first):.1f} s of process start")
+    times.faults += [Fault("caching", fault.line(), fault.work_redone_s) for f in report.fills for fault in f.faults]
     tokens = sum(f.tokens_forwarded for f in report.fills)
     caching = times.seconds["caching"]
     times.notes["caching"] = (f"{tokens:,} tokens at {tokens / caching:,.0f} tokens/s once the models were loaded"
