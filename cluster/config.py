@@ -126,7 +126,8 @@ class RunConfig:
     """Identity and location of one training run."""
 
     name: str | None = None
-    """Run name; ``None`` makes one from the time and the cache key."""
+    """Run name; ``None`` makes one from the time and the cache key, or continues the run the same
+    command left unfinished when its driver died (``cluster.runs``)."""
     uri: str | None = None
     """Where runs are written (``<uri>/<name>/dictionary/...``); ``None``: ``<cache.uri>/runs``."""
     checkpoint_every_steps: int = 200
