@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from torch import Tensor
@@ -48,7 +49,8 @@ class NullLogger:
 
 class WandbLogger:
     """Logs to wandb. ``mode="offline"`` writes under ``dir`` without any network access
-    (``wandb sync`` uploads later); ``"disabled"`` makes every call a no-op inside wandb."""
+    (``wandb sync`` uploads later); ``"disabled"`` makes every call a no-op inside wandb
+    (``make_logger`` gives a ``NullLogger`` instead: no run at all)."""
 
     def __init__(
         self,
@@ -64,6 +66,9 @@ class WandbLogger:
         import wandb  # lazily: importing wandb costs about a second and most ranks never need it
 
         self._wandb = wandb
+        # wandb looks for the git repository holding ``dir`` and, where ``dir`` does not exist
+        # yet, warns "git root ... does not exist" on the console.
+        Path(dir).mkdir(parents=True, exist_ok=True)
         # create_new: a sweep holds one run per dictionary open at once in this process.
         self._run = wandb.init(
             project=project, name=run_name, config=config, dir=dir, mode=mode, group=group, reinit="create_new"
@@ -98,7 +103,9 @@ def make_logger(
     dir: str = ".",
     group: str | None = None,
 ) -> MetricLogger:
-    """The metric logger for this rank: wandb on rank 0 when ``wandb_mode`` is set, else NullLogger."""
-    if rank != 0 or wandb_mode is None:
+    """The metric logger for this rank: wandb on rank 0 when ``wandb_mode`` is ``offline`` or
+    ``online``, else NullLogger (``disabled`` starts no wandb run, which would still look for a git
+    repository and print about it)."""
+    if rank != 0 or wandb_mode in (None, "disabled"):
         return NullLogger()
     return WandbLogger(project, run_name, config or {}, dir, wandb_mode, group=group)
