@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cluster.jobs import add_job_commands
-from cluster.logs import configure_logging, quiet_third_party
+from cluster.logs import configure_logging, job_logging, quiet_third_party
 from trainer.layout import EVAL_FILE
 
 log = logging.getLogger("saeforge")
@@ -39,9 +39,11 @@ def _train(args: argparse.Namespace) -> int:
     quiet_third_party()  # before the driver's imports reach DeepSpeed
     from cluster.driver import run_job
 
-    configure_logging(job.logging.level)
     os.environ.setdefault("WANDB_MODE", job.logging.wandb_mode)
-    result = run_job(job)
+    # After the imports: the third-party loggers they set up print to the job's log, not the console
+    with job_logging(job.logging.level) as job_log:
+        args.job_log = job_log  # its path ends the error line, should the job fail (main)
+        result = run_job(job)
     lines = []
     for hp in result.hookpoints:
         ev = hp.eval
@@ -62,6 +64,8 @@ def _train(args: argparse.Namespace) -> int:
             f"dictionary       {hp.dictionary_uri}",
             "",
         ]
+    if job_log.path is not None:
+        lines += [f"log              {job_log.path}", ""]
     lines += result.times.lines() if result.times else [f"wall time        {result.seconds:.0f} s"]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
@@ -354,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, StoreError, CorruptShardError, JobFailed) as err:
         command = " ".join(filter(None, (args.command, getattr(args, "cache_command", None),
                                              getattr(args, "export_format", None))))
-        sys.stderr.write(f"saeforge {command}: error: {err}\n")
+        log_path = getattr(getattr(args, "job_log", None), "path", None)
+        where = f" (the job's log: {log_path})" if log_path is not None else ""
+        sys.stderr.write(f"saeforge {command}: error: {err}{where}\n")
         return 2
 
 
