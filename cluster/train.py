@@ -5,6 +5,10 @@ Workers read the cache themselves (shard-partitioned by rank, each with its data
 held-out shards and writes the dictionary to the run's object-store folder (``cluster.finish``);
 the driver reads the evaluation back from there. A failure a restart would meet again is left in
 ``training-failed.json``, where a restarted worker group finds it and stops at once.
+
+A worker group that fails and is restarted says so in one console line from Ray Train's controller
+(``GroupFailures``), and its successor's rank 0 in one more once it steps again; both times go into
+``training-times.json``'s ``restarts`` (``training_restarts``).
 """
 
 from __future__ import annotations
@@ -12,25 +16,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import ray.exceptions
 import ray.train
 import torch
-from ray.train import FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
+from ray.train import (
+    ControllerError,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+    WorkerGroupError,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from activation_cache.manifest import Manifest, load_manifest
 from activation_cache.plan import DataPlan, PlanSettings, complete_plan, tailing_plan
 from activation_cache.schema import CorruptShardError
-from activation_cache.store import ObjectNotFound, ObjectStore, open_store
+from activation_cache.store import ObjectNotFound, ObjectStore, StoreError, open_store
 from cluster.config import JobConfig, job_from_dict, to_dict
-from cluster.errors import TrainingStopped
+from cluster.errors import JobFailed, TrainingStopped
 from cluster.finish import HeldOut, write_trained_dictionary
-from cluster.logs import configure_logging
+from cluster.logs import configure_logging, keep_job_log_in
 from cluster.report import report_artifact_name
 from cluster.sweep import Variant, variants
 from trainer.architectures import build_sae
@@ -46,10 +60,13 @@ from trainer.engine import (
 )
 from trainer.feature_parallel import ParallelGrid, build_grid, parallelize_features
 from trainer.layout import (
+    CHECKPOINTS_DIR,
     PRODUCERS_FAILED_FILE,
     TRAINING_FAILED_FILE,
     TRAINING_TIMES_FILE,
+    complete_marker_key,
     dictionary_folder_name,
+    parse_checkpoint_key,
     read_eval,
 )
 from trainer.layout import dictionary_uri as layout_dictionary_uri
@@ -279,7 +296,8 @@ def _worker_loop(config: dict) -> None:
 def _train_from(checkpoints: ObjectStore, job: JobConfig, plan: TrainPlan, dictionaries: list[_Dictionary],
                 source: DataPlan, rank: int, world_size: int, *, entered: float) -> None:
     """Resume from the newest complete checkpoint (if any), train to the end, write the dictionaries;
-    rank 0 then records when it entered, stepped and finished (``TRAINING_TIMES_FILE``)."""
+    rank 0 then records when it entered, stepped and finished (``TRAINING_TIMES_FILE``), beside the
+    restarts before it (``_note_resumed``)."""
     checkpointer = Checkpointer(checkpoints, rank=rank, world_size=world_size,
                                 every_steps=job.run.checkpoint_every_steps, keep=job.run.keep_checkpoints)
     states = _checkpointed(dictionaries, source)
@@ -288,7 +306,10 @@ def _train_from(checkpoints: ObjectStore, job: JobConfig, plan: TrainPlan, dicti
         dictionary.trainer.scale = source.scale
     # One read of each batch feeds every dictionary of a sweep, in lockstep.
     batches = iter(source.reader)
-    times = {"entered": entered, "first_step": time.time()}
+    times: dict[str, Any] = {"entered": entered, "first_step": time.time()}
+    if rank == 0:
+        times["restarts"] = _note_resumed(checkpoints, plan, resumed_from=done, at=times["first_step"],
+                                          attempts=job.cluster.train_max_failures + 1)
     for step in range(done + 1, source.steps + 1):
         batch = next(batches)
         for dictionary in dictionaries:
@@ -393,9 +414,132 @@ def _raise_if_stopped_for_good(err: WorkerGroupError, plan: TrainPlan, store: Ob
     raise TrainingStopped(f"training {plan.label} stopped: {reason['message']} (no dictionary written)") from None
 
 
+# --------------------------------------------------------------------------- worker-group failures
+
+
+def failure_cause(failures: Mapping[int, BaseException]) -> str:
+    """One line naming why a worker group failed, the ranks grouped by reason: "ranks 0, 1: process
+    or node lost, ActorUnavailableError", "rank 1: ValueError: ...". Where ranks were lost, the
+    others' errors are named by their type alone: they are what losing a peer does to a collective."""
+    lost = {rank for rank, err in failures.items() if getattr(err, "health_check_failure", None) is not None}
+    by_reason: dict[str, list[str]] = {}
+    for rank, err in sorted(failures.items()):
+        reason = _reason(err) if rank in lost or not lost else f"{type(err).__name__}, after the loss"
+        by_reason.setdefault(reason, []).append(str(rank))
+    return "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}: {reason}"
+                     for reason, ranks in by_reason.items())
+
+
+def _reason(err: BaseException) -> str:
+    lost = getattr(err, "health_check_failure", None)  # Ray Train's WorkerHealthCheckFailedError
+    if isinstance(lost, ray.exceptions.ActorDiedError):
+        died = re.search(r"(?:died|is dead) because (its [^.]+)", str(lost))
+        memory = ", out of memory" if "low on memory" in str(lost) else ""
+        return f"{died[1] if died else 'its process died'}{memory}, {type(lost).__name__}"
+    if lost is not None:
+        return f"process or node lost, {type(lost).__name__}"
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    if len(first) > 200:
+        first = first[:200] + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _newest_checkpoint_step(store: ObjectStore) -> int:
+    """The step of the newest checkpoint with its completion marker (0 without one): where a new
+    worker group resumes, unless that checkpoint proves damaged (``Checkpointer.restore`` skips it)."""
+    steps = [parsed[0] for key in store.list(f"{CHECKPOINTS_DIR}/")
+             if (parsed := parse_checkpoint_key(key)) is not None and key == complete_marker_key(parsed[0])]
+    return max(steps, default=0)
+
+
+def _read_times(store: ObjectStore) -> dict[str, Any]:
+    try:
+        return json.loads(store.get_bytes(TRAINING_TIMES_FILE))
+    except ObjectNotFound:
+        return {}
+
+
+def _attempt(attempt: int, attempts: int) -> str:
+    return f"attempt {attempt} of {attempts}"
+
+
+class GroupFailures(UserCallback):
+    """In Ray Train's controller, after a worker of the group raised or stopped answering: one
+    console line saying what failed and what the job does, and the failure in
+    ``training-times.json``'s ``restarts``, which the next group's rank 0 completes once it steps
+    (``_note_resumed``). Ray Train's own account (each rank's error and traceback, twice) goes to the
+    job's log. A failure a restart would meet again (``training-failed.json``) is the driver's to
+    report, in the line it stops with, as is the last failure when no restart is left."""
+
+    def __init__(self, plan: TrainPlan, *, max_failures: int, s3_options: dict) -> None:
+        self.label, self.checkpoint_uri, self.s3_options = plan.label, plan.checkpoint_uri, s3_options
+        self.max_failures = max_failures
+        self.failures = 0
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        failed_at = time.time()
+        self.failures += 1
+        if any(isinstance(e, (*_PERMANENT_FAILURES, TrainingStopped)) for e in worker_exceptions.values()):
+            return
+        if self.failures > self.max_failures:  # no restart left: the driver stops with the cause
+            return
+        cause, attempt = failure_cause(worker_exceptions), self.failures + 1
+        try:
+            step = _record_failure(open_store(self.checkpoint_uri, s3_options=self.s3_options),
+                                   {"failed_at": failed_at, "cause": cause, "attempt": attempt})
+            where = f"checkpoint step {step}" if step else "the first step, no checkpoint yet"
+        except StoreError as err:  # raised here, it would fail Ray Train's controller, and the restart with it
+            where = f"the newest complete checkpoint (not recorded: {err})"
+        log.warning("%s: trainer worker group failed (%s): restarting from %s (%s)", self.label, cause, where,
+                    _attempt(attempt, self.max_failures + 1))
+
+
+def _record_failure(store: ObjectStore, restart: dict[str, Any]) -> int:
+    """Add ``restart`` to ``training-times.json``'s ``restarts`` with the step of the newest
+    complete checkpoint, where the next group resumes; that step."""
+    restart["checkpoint_step"] = step = _newest_checkpoint_step(store)
+    times = _read_times(store)
+    times.setdefault("restarts", []).append(restart)
+    store.put_bytes(TRAINING_TIMES_FILE, json.dumps(times).encode())
+    return step
+
+
+def _note_resumed(store: ObjectStore, plan: TrainPlan, *, resumed_from: int, at: float, attempts: int) -> list[dict]:
+    """Rank 0 of a worker group, about to step: complete the record of the failure this group
+    replaces (if any) with where and when it resumed, say so in one line; every restart so far."""
+    times = _read_times(store)
+    restarts = times.get("restarts", [])
+    if restarts and "resumed_at" not in restarts[-1]:
+        restart = restarts[-1]
+        restart.update(resumed_from_step=resumed_from, resumed_at=at, seconds=at - restart["failed_at"])
+        store.put_bytes(TRAINING_TIMES_FILE, json.dumps(times).encode())
+        log.warning("%s: trainer worker group resumed at step %d after %.1f s (%s)", plan.label, resumed_from,
+                    restart["seconds"], _attempt(restart["attempt"], attempts))
+    return restarts
+
+
+def _stop_with_one_line(err: ray.train.TrainingFailedError, job: JobConfig, plan: TrainPlan,
+                        checkpoints: ObjectStore) -> None:
+    """Training failed for good: the job stops naming the cause in one line, not with Ray Train's
+    tracebacks of every worker (those are in the job's log)."""
+    if isinstance(err, WorkerGroupError):
+        _raise_if_stopped_for_good(err, plan, checkpoints)
+        attempts = job.cluster.train_max_failures + 1
+        cause = (f"{failure_cause(err.worker_failures)} (the worker group failed {attempts} "
+                 f"time{'s' if attempts > 1 else ''}; cluster.train_max_failures={job.cluster.train_max_failures})")
+    elif isinstance(err, ControllerError):
+        cause = f"Ray Train's controller: {_reason(err.controller_failure)}"
+    else:
+        cause = _reason(err)
+    step = _newest_checkpoint_step(checkpoints)
+    resume = f"; a rerun with resume={plan.run_name} continues from checkpoint step {step}" if step else ""
+    raise JobFailed(f"training {plan.label} failed: {cause}{resume}") from None
+
+
 def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
     """Run the Ray Train job; return the held-out evaluation of each written dictionary, by
     variant name ('' for a job that is not a sweep)."""
+    keep_job_log_in(Path(job.logging.dir).resolve() / plan.run_name)  # the run's folder is known by now
     storage = Path(job.logging.dir).resolve() / "ray_train"
     trainer = TorchTrainer(
         _worker_loop,
@@ -410,6 +554,8 @@ def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
             # A worker that dies takes the group down; Ray Train starts a new one, which resumes
             # from the newest complete checkpoint.
             failure_config=FailureConfig(max_failures=job.cluster.train_max_failures),
+            callbacks=[GroupFailures(plan, max_failures=job.cluster.train_max_failures,
+                                     s3_options=job.cache.s3_options())],
         ),
     )
     checkpoints = open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options())
@@ -417,20 +563,26 @@ def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
     checkpoints.delete(TRAINING_TIMES_FILE)
     try:
         trainer.fit()
-    except WorkerGroupError as err:
-        _raise_if_stopped_for_good(err, plan, checkpoints)
-        raise
+    except ray.train.TrainingFailedError as err:
+        _stop_with_one_line(err, job, plan, checkpoints)
     evals = {}
     for variant in variants(job.sae, job.train.lr, job.sweep):
         evals[variant.name] = read_eval(open_store(dictionary_uri(plan, variant), s3_options=job.cache.s3_options()))
     return evals
 
 
-def training_times(job: JobConfig, plan: TrainPlan) -> dict[str, float] | None:
-    """When rank 0 of ``plan``'s training entered its loop, began and ended its steps and finished
-    writing the dictionaries (``time.time()``); None if it did not finish."""
-    try:
-        raw = open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options()).get_bytes(TRAINING_TIMES_FILE)
-    except ObjectNotFound:
-        return None
-    return json.loads(raw)
+def training_times(job: JobConfig, plan: TrainPlan) -> dict[str, Any] | None:
+    """When rank 0 of ``plan``'s training (its last worker group) entered its loop, began and ended
+    its steps and finished writing the dictionaries (``time.time()``), with its ``restarts``
+    (``training_restarts``); None if it did not finish."""
+    times = _read_times(open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options()))
+    return times if "finished" in times else None
+
+
+def training_restarts(job: JobConfig, plan: TrainPlan) -> list[dict[str, Any]]:
+    """Each restart of ``plan``'s worker group, in order, finished training or not: ``failed_at``
+    (``time.time()`` when Ray Train's controller learnt of the failure), ``cause`` (one line),
+    ``attempt`` (the new group's, 2 for the first restart), ``checkpoint_step`` (the newest complete
+    checkpoint then); once the new group steps, ``resumed_from_step``, ``resumed_at`` (its first
+    step's start) and ``seconds`` (``resumed_at - failed_at``)."""
+    return _read_times(open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options())).get("restarts", [])
