@@ -32,13 +32,20 @@ from activation_cache.text import check_source, excluded_token_ids, pack_sequenc
 from cluster.config import JobConfig, to_dict
 from cluster.errors import JobFailed
 from cluster.evaluation import evaluate_in_ray
-from cluster.logs import WORKER_SETUP_HOOK
+from cluster.logs import WORKER_SETUP_HOOK, keep_job_log_in
 from cluster.precision import resolve_model_dtype
 from cluster.producer import ProductionReport, fill_cache, producer_factory
 from cluster.runs import start_run
 from cluster.sweep import variants
 from cluster.timing import Fault, JobTimes
-from cluster.train import LayerCaches, TrainPlan, dictionary_uri, train_dictionary, training_times
+from cluster.train import (
+    LayerCaches,
+    TrainPlan,
+    dictionary_uri,
+    train_dictionary,
+    training_restarts,
+    training_times,
+)
 from trainer.checkpoint import newest_complete_checkpoint
 from trainer.engine import distributed_backend
 from trainer.layout import (
@@ -497,6 +504,7 @@ def run_job(job: JobConfig) -> JobResult:
     check_existing_caches(job, plans)
     run = start_run(job, root, [p.key for p in plans])  # run.name, the same command's interrupted run, or a new one
     run_name = run.name
+    keep_job_log_in(Path(job.logging.dir).resolve() / run_name)  # saeforge train's log, in the run's folder
     train_plans = _train_plans(job, plans, root, run_name)
     if job.resume is not None:
         _check_resumable(job, train_plans)
@@ -580,6 +588,7 @@ def _time_training(times: JobTimes, job: JobConfig, plans: list[TrainPlan], bega
     dictionaries (held-out figures, features, report page) counts as report."""
     group = engines = stepping = writing = 0.0
     for plan in plans:
+        times.faults += [_restart_fault(plan, restart) for restart in training_restarts(job, plan)]
         marks = training_times(job, plan)
         if marks is None:  # a worker group that did not finish cleanly: all of it is training
             continue
@@ -593,3 +602,13 @@ def _time_training(times: JobTimes, job: JobConfig, plans: list[TrainPlan], bega
         f" after {group:.1f} s of Ray Train starting its workers and {engines:.1f} s of engines, wandb and data plan"
         if group or engines else "")
     times.notes["report"] = f"rank 0 writing the dictionar{'y' if len(plans) == 1 else 'ies'} {writing:.1f} s"
+
+
+def _restart_fault(plan: TrainPlan, restart: dict) -> Fault:
+    """A worker group restart as the closing summary counts it: the seconds from the failure to the
+    new group's first step (the steps after the checkpoint, redone, are not in them)."""
+    if "resumed_at" not in restart:  # the new group never stepped: the training failed after all
+        return Fault("training", f"{plan.label}: trainer worker group failed ({restart['cause']}); not resumed", 0.0)
+    return Fault("training", f"{plan.label}: trainer worker group failed ({restart['cause']}): resumed from "
+                             f"checkpoint step {restart['resumed_from_step']} (attempt {restart['attempt']})",
+                 restart["seconds"])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+import ray
+
 
 class JobFailed(RuntimeError):
     """The job cannot go on; the message names what failed and why."""
@@ -18,3 +22,14 @@ class TrainingStopped(JobFailed):
 
 class EvaluationFailed(JobFailed):
     """The evaluation task was lost (its process or node died) on every attempt."""
+
+
+def lost_actor_reason(err: BaseException) -> str:
+    """One short line on why an actor (a producer, a trainer worker) was lost, from Ray's error,
+    whose own text runs to several lines of ids and RPC codes: "its node has died, ActorDiedError",
+    "its process died, out of memory, ActorDiedError", "process or node lost, ActorUnavailableError"."""
+    if isinstance(err, ray.exceptions.ActorDiedError):
+        died = re.search(r"(?:died|is dead) because (its [^.]+)", str(err))
+        memory = ", out of memory" if "low on memory" in str(err) else ""
+        return f"{died[1] if died else 'its process died'}{memory}, {type(err).__name__}"
+    return f"process or node lost, {type(err).__name__}"

@@ -24,7 +24,7 @@ from activation_cache.manifest import Manifest, commit_manifest
 from activation_cache.producing import ShardResult, ShardTarget, WorkUnit, produce_shards
 from activation_cache.schema import ShardMeta
 from activation_cache.store import StoreFull, open_store
-from cluster.errors import ProducerFailed
+from cluster.errors import ProducerFailed, lost_actor_reason
 from cluster.timing import process_started
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,8 @@ def producer_factory(
 def _one_line_cause(err: Exception) -> str:
     """``StoreError: s3://b/k: put failed ...``: what the task raised (a RayTaskError's own first
     line is only ``ray::Producer.produce() (pid=...)``), or what killed the actor."""
+    if isinstance(err, ray.exceptions.RayActorError):
+        return lost_actor_reason(err)
     cause = getattr(err, "cause", None) if isinstance(err, ray.exceptions.RayTaskError) else None
     shown = cause if isinstance(cause, BaseException) else err
     return f"{type(shown).__name__}: {next(iter(str(shown).strip().splitlines()), '')}"

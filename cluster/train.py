@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,9 +41,9 @@ from activation_cache.plan import DataPlan, PlanSettings, complete_plan, tailing
 from activation_cache.schema import CorruptShardError
 from activation_cache.store import ObjectNotFound, ObjectStore, StoreError, open_store
 from cluster.config import JobConfig, job_from_dict, to_dict
-from cluster.errors import JobFailed, TrainingStopped
+from cluster.errors import JobFailed, TrainingStopped, lost_actor_reason
 from cluster.finish import HeldOut, write_trained_dictionary
-from cluster.logs import configure_logging, keep_job_log_in
+from cluster.logs import configure_logging
 from cluster.report import report_artifact_name
 from cluster.sweep import Variant, variants
 from trainer.architectures import build_sae
@@ -432,12 +431,8 @@ def failure_cause(failures: Mapping[int, BaseException]) -> str:
 
 def _reason(err: BaseException) -> str:
     lost = getattr(err, "health_check_failure", None)  # Ray Train's WorkerHealthCheckFailedError
-    if isinstance(lost, ray.exceptions.ActorDiedError):
-        died = re.search(r"(?:died|is dead) because (its [^.]+)", str(lost))
-        memory = ", out of memory" if "low on memory" in str(lost) else ""
-        return f"{died[1] if died else 'its process died'}{memory}, {type(lost).__name__}"
     if lost is not None:
-        return f"process or node lost, {type(lost).__name__}"
+        return lost_actor_reason(lost)
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
     if len(first) > 200:
         first = first[:200] + "..."
@@ -539,7 +534,6 @@ def _stop_with_one_line(err: ray.train.TrainingFailedError, job: JobConfig, plan
 def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
     """Run the Ray Train job; return the held-out evaluation of each written dictionary, by
     variant name ('' for a job that is not a sweep)."""
-    keep_job_log_in(Path(job.logging.dir).resolve() / plan.run_name)  # the run's folder is known by now
     storage = Path(job.logging.dir).resolve() / "ray_train"
     trainer = TorchTrainer(
         _worker_loop,

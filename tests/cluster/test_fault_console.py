@@ -161,8 +161,14 @@ def test_a_node_lost_mid_training_shows_one_line_per_event(tmp_path, tiny_model_
     assert re.search(r"cluster\.logs: Ray node \S+ \(node id [0-9a-f]{8}\) lost: marked dead", console), console
     assert re.search(rf"cluster\.train: tiny: trainer worker group resumed at step {step} after \d+\.\d s "
                      r"\(attempt 2 of 3\)$", console, re.M), console[-4000:]
-    assert len(re.findall("trainer worker group (failed|resumed)", console)) == 2, "one line per event"
+    assert len(re.findall("cluster.train: tiny: trainer worker group (failed|resumed)", console)) == 2, \
+        "one line per event"
     assert re.search(r"^tokens trained +\d", console, re.M), console[-4000:]
+    # The closing summary counts the fault and its cost: the seconds until the new group stepped
+    summary = re.search(r"^faults survived +1, costing (\d+\.\d) s:\n +training +(\d+\.\d) s +tiny: trainer worker group "
+                        rf"failed \(ranks? [\d, ]+: [^)]*\): resumed from checkpoint step {step} \(attempt 2\)$",
+                        console, re.M)
+    assert summary and summary[1] == summary[2], console[-3000:]
 
     logged = (tmp_path / "outputs" / "tiny" / JOB_LOG_FILE).read_text()
     assert "Error Snippet" in logged and "has been marked dead" in logged, "Ray's account is in the job's log"
@@ -174,3 +180,4 @@ def test_a_node_lost_mid_training_shows_one_line_per_event(tmp_path, tiny_model_
     assert (restart["attempt"], restart["checkpoint_step"], restart["resumed_from_step"]) == (2, step, step)
     assert restart["cause"] == failed[1]
     assert 0 < restart["seconds"] == pytest.approx(restart["resumed_at"] - restart["failed_at"])
+    assert f"{restart['seconds']:.1f}" == summary[1]
