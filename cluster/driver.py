@@ -504,10 +504,10 @@ def run_job(job: JobConfig) -> JobResult:
     check_existing_caches(job, plans)
     run = start_run(job, root, [p.key for p in plans])  # run.name, the same command's interrupted run, or a new one
     run_name = run.name
-    keep_job_log_in(Path(job.logging.dir).resolve() / run_name)  # saeforge train's log, in the run's folder
     train_plans = _train_plans(job, plans, root, run_name)
     if job.resume is not None:
         _check_resumable(job, train_plans)
+    keep_job_log_in(Path(job.logging.dir).resolve() / run_name)  # saeforge train's log, once the input is accepted
     # The resolved config beside the run's outputs (``saeforge eval`` rebuilds the held-out text
     # from it); credentials are never part of it.
     run_store = open_store(train_plans[0].run_uri, s3_options=job.cache.s3_options())

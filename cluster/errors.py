@@ -27,7 +27,11 @@ class EvaluationFailed(JobFailed):
 def lost_actor_reason(err: BaseException) -> str:
     """One short line on why an actor (a producer, a trainer worker) was lost, from Ray's error,
     whose own text runs to several lines of ids and RPC codes: "its node has died, ActorDiedError",
-    "its process died, out of memory, ActorDiedError", "process or node lost, ActorUnavailableError"."""
+    "its process died, out of memory, ActorDiedError", "process or node lost, ActorUnavailableError",
+    "its start failed: ValueError: ..." (its ``__init__`` raised)."""
+    if isinstance(err, ray.exceptions.ActorDiedError) and "error raised in its creation task" in str(err):
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        return f"its start failed: {lines[-1]}"  # __init__'s exception, last of Ray's traceback
     if isinstance(err, ray.exceptions.ActorDiedError):
         died = re.search(r"(?:died|is dead) because (its [^.]+)", str(err))
         memory = ", out of memory" if "low on memory" in str(err) else ""

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from trainer.memory import huge_page_allocations
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,14 @@ class _Console(logging.StreamHandler):
     @stream.setter
     def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Above the progress bar, which is cleared and drawn again: a line logged mid-fill (a
+        # producer lost) would otherwise start after the bar's last frame, on the bar's line.
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
 
 
 def _prints_to_console(handler: logging.Handler) -> bool:

@@ -20,6 +20,7 @@ import ray
 import torch
 
 from cluster.config import JobConfig
+from cluster.errors import JobFailed
 from trainer.kernels import NATIVE_BF16_CPU_FLAGS, cpu_flags, native_bf16_matmul
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,12 @@ def producer_hardware(device: str) -> ProducerHardware:
                             f"{' and '.join(flags)} in /proc/cpuinfo" if flags else f"none of {' or '.join(sorted(NATIVE_BF16_CPU_FLAGS))}")
 
 
+FIRST_PROBE_TIMEOUT_S = 300.0
+"""How long ``model.dtype=auto`` waits for any node of a cluster to report for a producer."""
+OTHER_PROBES_TIMEOUT_S = 10.0
+"""How long it waits for the other producers' reports after the first."""
+
+
 def _producer_device(job: JobConfig) -> str:
     return "cuda" if job.cluster.producer_num_gpus > 0 else "cpu"
 
@@ -72,9 +79,25 @@ def _reports(job: JobConfig) -> list[ProducerHardware]:
     device = _producer_device(job)
     if job.cluster.address is None:
         return [producer_hardware(device)]
-    probe = ray.remote(num_cpus=job.cluster.producer_num_cpus, num_gpus=job.cluster.producer_num_gpus,
+    c = job.cluster
+    probe = ray.remote(num_cpus=c.producer_num_cpus, num_gpus=c.producer_num_gpus,
                        scheduling_strategy="SPREAD", max_retries=1)(producer_hardware)
-    return ray.get([probe.remote(device) for _ in range(job.cluster.num_producers)])
+    refs = [probe.remote(device) for _ in range(c.num_producers)]
+    # Never an unbounded wait: the nodes that answer decide; a probe the cluster has no room for
+    # (a node lost, or not yet started) is not waited for beyond a few seconds after the first.
+    first, _ = ray.wait(refs, num_returns=1, timeout=FIRST_PROBE_TIMEOUT_S)
+    if not first:
+        for ref in refs:
+            ray.cancel(ref)
+        raise JobFailed(f"no node of the cluster at {c.address} ran a producer's probe ({c.producer_num_cpus} CPUs, "
+                        f"{c.producer_num_gpus} GPUs) within {FIRST_PROBE_TIMEOUT_S:.0f} s: is a node with room for "
+                        f"a producer up?")
+    ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=OTHER_PROBES_TIMEOUT_S)
+    for ref in waiting:
+        ray.cancel(ref)
+    if waiting:
+        log.info("model.dtype=auto: %d of %d producer probes answered; the others had no room yet", len(ready), len(refs))
+    return ray.get(ready)
 
 
 def resolve_model_dtype(job: JobConfig) -> JobConfig:

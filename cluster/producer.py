@@ -205,12 +205,13 @@ class _Caches:
 class _ProducerPool:
     """The producers and their free task slots (``units_per_producer`` each).
 
-    Nothing here waits on one actor. A producer lost mid-task loses its slots at once and is
-    pinged in the background (:meth:`pending`, :meth:`answered`); it gets its slots back when it
-    answers. One dead for good, or not back within ``restart_timeout_s``, is retired and
-    replaced, at most ``max_replacements`` times; a replacement gets slots once its model is
-    loaded. The replacements are this pool's to kill (``kill_replacements``), the producers it
-    was given the caller's."""
+    Nothing here waits on one actor. A producer gets its slots once it answers a ping (its model
+    is loaded): one the cluster has no room for never holds a unit the others could run. A
+    producer lost mid-task loses its slots at once and is pinged in the background
+    (:meth:`pending`, :meth:`answered`); it gets its slots back when it answers. One dead for
+    good, or not back within ``restart_timeout_s``, is retired and replaced, at most
+    ``max_replacements`` times. The replacements are this pool's to kill (``kill_replacements``),
+    the producers it was given the caller's."""
 
     RETRY_PING_S = 0.5
 
@@ -221,11 +222,15 @@ class _ProducerPool:
         self.make_producer = make_producer
         self.max_replacements = max_replacements
         self.restart_timeout_s = restart_timeout_s
-        self.free_slots = [actor for _ in range(units_per_producer) for actor in self.producers]
+        self.free_slots: list = []
         self.replacements: list = []
         self.names = {self._key(a): f"producer {i}" for i, a in enumerate(self.producers, 1)}
         self.recovering: dict[str, _Recovery] = {}
         self.faults: list[ProducerFault] = []
+        self.last_cause = ""
+        """Why the last producer retired died, for the error when none is left."""
+        for actor in self.producers:  # starting: units go to each once its model is loaded
+            self._wait_for(actor, _Recovery(self.name(actor), None, time.monotonic()))
 
     @staticmethod
     def _key(actor: Any) -> str:
@@ -253,8 +258,7 @@ class _ProducerPool:
         self.free_slots = [a for a in self.free_slots if a is not actor]
         fault = ProducerFault(self.name(actor), _one_line_cause(err), time.time())
         self.faults.append(fault)
-        self.recovering[key] = _Recovery(fault.producer, fault, time.monotonic())
-        self._ping(actor)
+        self._wait_for(actor, _Recovery(fault.producer, fault, time.monotonic()))
         return fault, True
 
     def pending(self) -> list:
@@ -278,14 +282,19 @@ class _ProducerPool:
         except ray.exceptions.ActorUnavailableError:  # restarting: Ray refuses calls meanwhile
             recovery.next_try = time.monotonic() + self.RETRY_PING_S
             return
-        except ray.exceptions.RayActorError:
-            self._retire(actor, "dead for good")
+        except ray.exceptions.RayActorError as err:
+            self.last_cause = _one_line_cause(err)
+            if recovery.fault is None:  # died starting (its model load, say): a fault too
+                recovery.fault = ProducerFault(recovery.name, self.last_cause, time.time())
+                self.faults.append(recovery.fault)
+            self._retire(actor, f"dead for good: {self.last_cause}")
             return
         del self.recovering[self._key(actor)]
         waited = time.monotonic() - recovery.since
         self.free_slots += [actor] * self.units_per_producer
-        if recovery.fault is None:
-            log.info("%s is ready after %.1f s: it takes units", recovery.name, waited)
+        if recovery.fault is None:  # starting: a replacement's is news, the first producers' is not
+            (log.info if actor in self.replacements else log.debug)("%s is ready after %.1f s: it takes units",
+                                                                     recovery.name, waited)
         else:
             recovery.fault.back_after_s = waited
             log.warning("%s is back after %.1f s (restarted, model loaded): it takes units again",
@@ -309,6 +318,10 @@ class _ProducerPool:
             elif recovery.ping is None and now >= recovery.next_try:
                 self._ping(self._actor(key))
 
+    def _wait_for(self, actor: Any, recovery: _Recovery) -> None:
+        self.recovering[self._key(actor)] = recovery
+        self._ping(actor)
+
     def _ping(self, actor: Any) -> None:
         self.recovering[self._key(actor)].ping = actor.ping.remote()
 
@@ -331,8 +344,7 @@ class _ProducerPool:
         name = f"producer {len(self.names) + 1}"
         self.names[self._key(replacement)] = name
         # It takes units once its model is loaded: until then the live producers run them.
-        self.recovering[self._key(replacement)] = _Recovery(name, None, time.monotonic())
-        self._ping(replacement)
+        self._wait_for(replacement, _Recovery(name, None, time.monotonic()))
         log.warning("%s is gone (%s): started %s as replacement %d of %d", recovery.name, why, name,
                     len(self.replacements), self.max_replacements)
 
@@ -362,7 +374,7 @@ class _WorkQueue:
             self.in_flight[actor.produce.remote(unit, self.hookpoints[unit.shard_name])] = (unit, actor)
         if not self.in_flight and not pool.recovering:
             raise ProducerFailed(f"no producer left to run {len(self.waiting)} work units (all died; "
-                                 f"{len(pool.replacements)} replacements started)")
+                                 f"{len(pool.replacements)} replacements started; the last: {pool.last_cause})")
 
     def running_on(self, actor: Any) -> int:
         return sum(a == actor for _, a in self.in_flight.values())
@@ -536,6 +548,10 @@ def _finished(ref: Any, work: _WorkQueue, pool: _ProducerPool) -> dict[str, Shar
 def _log_not_back(pool: _ProducerPool) -> None:
     """Once, at the end: the producers the fill finished without."""
     for recovery in pool.recovering.values():
+        waited = time.monotonic() - recovery.since
         if recovery.fault is not None:
             log.warning("the fill finished without %s: not back after %.0f s (no room on the cluster to restart "
-                        "it, or still loading its model)", recovery.name, time.monotonic() - recovery.since)
+                        "it, or still loading its model)", recovery.name, waited)
+        else:
+            log.info("the fill finished without %s: not started after %.0f s (no room on the cluster for it, "
+                     "or still loading its model)", recovery.name, waited)

@@ -154,3 +154,25 @@ def check_tiny_dictionary(dictionary_uri: str, cache_uri: str, target, s3_option
     from interp.loading import read_dictionary_folder
 
     assert read_dictionary_folder(str(target)).feature_max.equal(maxima.max_activation)
+
+
+def run_until_checkpoint(job, checkpoints_uri: str, *, timeout_s: float = 300) -> tuple:
+    """``run_job(job)`` started in a thread, returned once the run's first complete checkpoint is
+    under ``checkpoints_uri`` (the run folder): the thread, the dict its result lands in
+    (``result``), and the run folder's store."""
+    import threading
+    import time
+
+    from activation_cache.store import open_store
+    from cluster.driver import run_job
+    from trainer.layout import CHECKPOINTS_DIR, COMPLETE_FILE
+
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=run_job(job)), daemon=True)
+    runner.start()
+    checkpoints = open_store(checkpoints_uri)
+    deadline = time.monotonic() + timeout_s
+    while not any(k.endswith(COMPLETE_FILE) for k in checkpoints.list(f"{CHECKPOINTS_DIR}/")):
+        assert time.monotonic() < deadline and runner.is_alive(), "no checkpoint was written"
+        time.sleep(0.05)
+    return runner, outcome, checkpoints

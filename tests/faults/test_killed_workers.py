@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
 import ray
 from ray_processes import descendants_titled
-from tiny_job import assert_same_weights, check_tiny_cache, tiny_job
+from tiny_job import assert_same_weights, check_tiny_cache, run_until_checkpoint, tiny_job
 
 from activation_cache.store import open_store
 from cluster.driver import absolute_uri, build_caches, plan_caches, run_job
-from trainer.layout import CHECKPOINTS_DIR, COMPLETE_FILE
+from trainer.layout import CHECKPOINTS_DIR
 
 pytestmark = pytest.mark.integration
 
@@ -36,9 +35,11 @@ def test_a_killed_producer_loses_and_duplicates_nothing(ray_cluster, tmp_path, t
 
     def kill_one(manifests, producers) -> None:
         commits.append(time.time())
-        if killed:
+        if len(commits) == 1:  # a producer takes units once its model is loaded: wait for both
+            ray.get([p.ping.remote() for p in producers])
+        if killed or len(commits) < 3:  # by the third commit both producers hold units
             return
-        killed.append(time.time())  # after the first commit: both producers hold queued units
+        killed.append(time.time())
         if for_good:
             ray.kill(producers[0], no_restart=True)
         else:
@@ -65,14 +66,7 @@ def test_a_killed_trainer_worker_resumes_from_its_checkpoint_bit_identical(ray_c
     assert straight.eval["resumed_from_step"] == 0
 
     job = tiny_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, "run.name=killed", *options)
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=run_job(job)), daemon=True)
-    runner.start()
-    checkpoints = open_store(straight.cache_uri.split("/caches/")[0] + "/runs/killed")
-    deadline = time.monotonic() + 300
-    while not any(k.endswith(COMPLETE_FILE) for k in checkpoints.list(f"{CHECKPOINTS_DIR}/")):
-        assert time.monotonic() < deadline and runner.is_alive(), "no checkpoint was written"
-        time.sleep(0.05)
+    runner, outcome, checkpoints = run_until_checkpoint(job, straight.cache_uri.split("/caches/")[0] + "/runs/killed")
     pids = descendants_titled(b"ray::RayTrainWorker")
     assert pids, "the trainer workers are running"
     os.kill(pids[-1], signal.SIGKILL)
