@@ -71,7 +71,8 @@ def test_a_shard_with_altered_bytes_stops_training_naming_it(complete_store, tmp
     uri = f"file://{cache}"
     assert re.fullmatch(
         rf"saeforge train: error: cache {uri}: shard {name}: checksum [0-9a-f]{{12}}… expected [0-9a-f]{{12}}… "
-        rf"\(training stopped, no dictionary written; `saeforge cache verify {uri}` checks every shard\)", line
+        rf"\(training stopped, no dictionary written; `saeforge cache verify {uri}` checks every shard\) "
+        rf"\(the job's log: {tmp_path}/outputs/damaged/saeforge\.log\)", line
     ), line
     _assert_nothing_trained(store)
     # The command the error suggests finds that shard, and only it.
