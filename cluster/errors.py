@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-import ray
-
 
 class JobFailed(RuntimeError):
     """The job cannot go on; the message names what failed and why."""
@@ -29,6 +27,8 @@ def lost_actor_reason(err: BaseException) -> str:
     whose own text runs to several lines of ids and RPC codes: "its node has died, ActorDiedError",
     "its process died, out of memory, ActorDiedError", "process or node lost, ActorUnavailableError",
     "its start failed: ValueError: ..." (its ``__init__`` raised)."""
+    import ray  # here, not at the top: the CLI's help and config errors import this module without Ray
+
     if isinstance(err, ray.exceptions.ActorDiedError) and "error raised in its creation task" in str(err):
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         return f"its start failed: {lines[-1]}"  # __init__'s exception, last of Ray's traceback

@@ -348,7 +348,7 @@ def test_an_evaluation_task_killed_mid_run_is_started_again(ray_cluster, model_d
     def kill_the_task() -> None:
         deadline = time.monotonic() + 120
         while not (pids := descendants_titled(b"ray::_evaluate_task")) and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.005)
         if pids:
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
@@ -356,7 +356,7 @@ def test_an_evaluation_task_killed_mid_run_is_started_again(ray_cluster, model_d
     killer = threading.Thread(target=kill_the_task)
     killer.start()
     evaluations = evaluate_in_ray(job, [exact], tokens=pack_sequences(job.data, tokenizer),
-                                  excluded_token_ids=excluded_token_ids(job.data, tokenizer), eval_cfg=EvalConfig(max_tokens=128))
+                                  excluded_token_ids=excluded_token_ids(job.data, tokenizer), eval_cfg=EvalConfig(max_tokens=1024))
     killer.join()
     assert killed, "the evaluation task was never seen running"
     assert evaluations == [_eval_json(exact)]
