@@ -224,20 +224,16 @@ class _ProducerPool:
         self.restart_timeout_s = restart_timeout_s
         self.free_slots: list = []
         self.replacements: list = []
-        self.names = {self._key(a): f"producer {i}" for i, a in enumerate(self.producers, 1)}
-        self.recovering: dict[str, _Recovery] = {}
+        self.names = {a: f"producer {i}" for i, a in enumerate(self.producers, 1)}  # Ray's handles hash by actor id
+        self.recovering: dict[Any, _Recovery] = {}
         self.faults: list[ProducerFault] = []
         self.last_cause = ""
         """Why the last producer retired died, for the error when none is left."""
         for actor in self.producers:  # starting: units go to each once its model is loaded
             self._wait_for(actor, _Recovery(self.name(actor), None, time.monotonic()))
 
-    @staticmethod
-    def _key(actor: Any) -> str:
-        return actor._actor_id.hex()
-
     def name(self, actor: Any) -> str:
-        return self.names[self._key(actor)]
+        return self.names[actor]
 
     def release(self, actor: Any) -> None:
         self.free_slots.append(actor)
@@ -249,9 +245,8 @@ class _ProducerPool:
         """``actor``'s task failed because the actor did (killed, out of memory, node lost): take
         its slots away and wait for it in the background. Its open fault, and whether this
         failure is its first (its other tasks fail one by one); None for a producer retired already."""
-        key = self._key(actor)
-        if key in self.recovering:
-            fault = self.recovering[key].fault
+        if actor in self.recovering:
+            fault = self.recovering[actor].fault
             return (fault, False) if fault is not None else None
         if actor not in self.producers:
             return None
@@ -267,15 +262,12 @@ class _ProducerPool:
 
     def owner(self, ref: Any) -> Any | None:
         """The producer whose ping ``ref`` is, or None (a task's ref)."""
-        for key, recovery in self.recovering.items():
-            if recovery.ping is not None and recovery.ping == ref:
-                return self._actor(key)
-        return None
+        return next((actor for actor, r in self.recovering.items() if r.ping is not None and r.ping == ref), None)
 
     def answered(self, actor: Any, ref: Any) -> None:
         """A ping came back: the producer is up again (its slots return), is restarting still
         (ping again shortly), or is dead for good (retired, replaced)."""
-        recovery = self.recovering[self._key(actor)]
+        recovery = self.recovering[actor]
         recovery.ping = None
         try:
             ray.get(ref)
@@ -289,7 +281,7 @@ class _ProducerPool:
                 self.faults.append(recovery.fault)
             self._retire(actor, f"dead for good: {self.last_cause}")
             return
-        del self.recovering[self._key(actor)]
+        del self.recovering[actor]
         waited = time.monotonic() - recovery.since
         self.free_slots += [actor] * self.units_per_producer
         if recovery.fault is None:  # starting: a replacement's is news, the first producers' is not
@@ -312,24 +304,21 @@ class _ProducerPool:
     def tick(self) -> None:
         """Ping again those due; retire those not back within ``restart_timeout_s``."""
         now = time.monotonic()
-        for key, recovery in list(self.recovering.items()):
+        for actor, recovery in list(self.recovering.items()):
             if now >= recovery.since + self.restart_timeout_s:
-                self._retire(self._actor(key), f"not back within {self.restart_timeout_s:.0f} s")
+                self._retire(actor, f"not back within {self.restart_timeout_s:.0f} s")
             elif recovery.ping is None and now >= recovery.next_try:
-                self._ping(self._actor(key))
+                self._ping(actor)
 
     def _wait_for(self, actor: Any, recovery: _Recovery) -> None:
-        self.recovering[self._key(actor)] = recovery
+        self.recovering[actor] = recovery
         self._ping(actor)
 
     def _ping(self, actor: Any) -> None:
-        self.recovering[self._key(actor)].ping = actor.ping.remote()
-
-    def _actor(self, key: str) -> Any:
-        return next(a for a in self.producers if self._key(a) == key)
+        self.recovering[actor].ping = actor.ping.remote()
 
     def _retire(self, actor: Any, why: str) -> None:
-        recovery = self.recovering.pop(self._key(actor))
+        recovery = self.recovering.pop(actor)
         ray.kill(actor, no_restart=True)  # were it only slow to come back: free its resources
         self.producers.remove(actor)
         if self.make_producer is None or len(self.replacements) >= self.max_replacements:
@@ -342,7 +331,7 @@ class _ProducerPool:
         self.replacements.append(replacement)
         self.producers.append(replacement)
         name = f"producer {len(self.names) + 1}"
-        self.names[self._key(replacement)] = name
+        self.names[replacement] = name
         # It takes units once its model is loaded: until then the live producers run them.
         self._wait_for(replacement, _Recovery(name, None, time.monotonic()))
         log.warning("%s is gone (%s): started %s as replacement %d of %d", recovery.name, why, name,
