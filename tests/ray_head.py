@@ -14,6 +14,7 @@ dies (``RayCluster.kill_node``: SIGKILL to everything the node started) and repl
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,8 +26,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from ranks import free_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -73,14 +72,38 @@ def ray_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports on 127.0.0.1 that were free a moment ago (held together while
-    chosen, so no two are the same)."""
-    sockets = [socket.socket() for _ in range(n)]
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for ``bind(0)`` and outgoing connections."""
     try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Below the kernel's ephemeral range and above Ray's default worker ports (10002-19999, which
+# other clusters on this machine use): no port the OS assigns to someone else (a Ray worker bound
+# to 0, a gRPC client's source port) can be one of these between our choosing and Ray binding it.
+# Chosen from the ephemeral range instead, a node's dashboard agent once found its port taken and
+# the raylet, which shares its fate, died before joining (CI, 2026-12-06).
+_OWN_PORTS = range(20000, min(_ephemeral_low(), 32768))
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports on 127.0.0.1, free a moment ago, outside the ephemeral range
+    (``_OWN_PORTS``); held together while chosen, so no two are the same."""
+    sockets: list[socket.socket] = []
+    try:
+        for port in random.sample(_OWN_PORTS, len(_OWN_PORTS)):
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            sockets.append(sock)
+            if len(sockets) == n:
+                return [s.getsockname()[1] for s in sockets]
+        raise RuntimeError(f"fewer than {n} free ports in {_OWN_PORTS}")
     finally:
         for sock in sockets:
             sock.close()
@@ -109,7 +132,7 @@ def started_ray_head(
     # a short dir in /tmp, not pytest's tmp_path.
     temp_root = tempfile.mkdtemp(prefix="sf-ray-", dir="/tmp")
     names = ["port", "ray-client-server-port", "dashboard-agent-listen-port", *(["dashboard-port"] if dashboard else [])]
-    ports = {name: free_port() for name in names}
+    ports = dict(zip(names, _free_ports(len(names)), strict=True))
     args = ["--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
             f"--include-dashboard={str(dashboard).lower()}", f"--num-cpus={num_cpus}",
             f"--object-store-memory={object_store_bytes}", "--disable-usage-stats", f"--temp-dir={temp_root}/ray",
