@@ -13,6 +13,7 @@ dies (``RayCluster.kill_node``: SIGKILL to everything the node started) and repl
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shutil
@@ -255,15 +256,24 @@ class RayCluster:
     started: list[RayWorkerNode] = field(default_factory=list)
     """Every worker node started, killed ones included (their files are removed at the end)."""
 
-    def add_worker_node(self) -> RayWorkerNode:
+    def add_worker_node(self, attempts: int = 2) -> RayWorkerNode:
         """Start one more worker node; once this process is connected (``ray.init``), wait until
-        the cluster lists it alive with its CPUs."""
-        node = start_worker_node(self.head, name=f"worker-{len(self.started)}", num_cpus=self.worker_cpus,
-                                 object_store_bytes=self.object_store_bytes)
-        self.started.append(node)
-        self.nodes.append(node)
-        self.wait_for_nodes()
-        return node
+        the cluster lists it alive with its CPUs. A node that does not join (its raylet dies with
+        an agent that failed to start, as seen once under CI load) is killed and started afresh,
+        up to ``attempts`` times; the last failure names the node's agent log."""
+        for attempt in itertools.count(1):
+            node = start_worker_node(self.head, name=f"worker-{len(self.started)}", num_cpus=self.worker_cpus,
+                                     object_store_bytes=self.object_store_bytes)
+            self.started.append(node)
+            self.nodes.append(node)
+            try:
+                self.wait_for_nodes(timeout_s=90)
+                return node
+            except AssertionError:
+                self.kill_node(node)
+                if attempt == attempts:
+                    raise AssertionError(f"{node.name} did not join in {attempts} starts; its last agent "
+                                         f"log: {_log_tail(node, 'dashboard_agent.log')}") from None
 
     def kill_node(self, node: RayWorkerNode) -> list[str]:
         """SIGKILL every process ``node`` started (``kill_ray_node``); it leaves ``nodes``. The
@@ -294,6 +304,12 @@ class RayCluster:
             if pid in _node_processes(node.session_id, node.temp_root):
                 return node
         return None
+
+
+def _log_tail(node: RayWorkerNode, name: str, lines: int = 20) -> str:
+    """The last ``lines`` lines of one of the node's Ray logs (``<temp_root>/ray/session_*/logs/<name>``)."""
+    found = sorted(Path(node.temp_root, "ray").glob(f"session_*/logs/{name}"))
+    return "\n".join(found[-1].read_text(errors="replace").splitlines()[-lines:]) if found else f"(no {name})"
 
 
 @contextmanager
