@@ -67,6 +67,12 @@ class ClusterConfig:
     train_max_failures: int = 2
     """Times Ray Train starts a new worker group after a worker died (killed, out of memory, node
     lost); each new group resumes from the newest complete checkpoint (``run.checkpoint_every_steps``)."""
+    placement_timeout_s: float = 600.0
+    """The longest a trainer worker group waits for room on the cluster (its placement group), at
+    the start or after a failure (a node lost with no spare CPUs), before the job stops naming what
+    the group needed and what the cluster had; in all over the run, as Ray Train counts its tries.
+    Ray Train tries again every 60 s meanwhile (every half of this if shorter), one console line
+    each."""
     train_while_caching: bool = False
     """Start training while the producers still fill the cache: the trainer tails the shards as
     they are committed (the cluster must hold producers and trainer workers at once, else the
@@ -93,6 +99,8 @@ class ClusterConfig:
             )
         if self.train_max_failures < 0:
             raise ValueError(f"cluster.train_max_failures={self.train_max_failures} must be >= 0")
+        if not self.placement_timeout_s > 0:
+            raise ValueError(f"cluster.placement_timeout_s={self.placement_timeout_s} must be positive")
         if self.unit_max_attempts <= 0:
             raise ValueError(f"cluster.unit_max_attempts={self.unit_max_attempts} must be positive")
         if self.units_per_producer <= 0:

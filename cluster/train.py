@@ -8,7 +8,9 @@ the driver reads the evaluation back from there. A failure a restart would meet 
 
 A worker group that fails and is restarted says so in one console line from Ray Train's controller
 (``GroupFailures``), and its successor's rank 0 in one more once it steps again; both times go into
-``training-times.json``'s ``restarts`` (``training_restarts``).
+``training-times.json``'s ``restarts`` (``training_restarts``). A worker group that finds no room on
+the cluster (a node lost with no spare CPUs) says so once a minute (``GroupPlacement``) and stops
+the job, naming what it needed, after ``cluster.placement_timeout_s``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,6 +40,10 @@ from ray.train import (
     WorkerGroupError,
 )
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.controller.state import ReschedulingState
 
 from activation_cache.manifest import Manifest, load_manifest
 from activation_cache.plan import DataPlan, PlanSettings, complete_plan, tailing_plan
@@ -489,6 +498,83 @@ class GroupFailures(UserCallback):
                     _attempt(attempt, self.max_failures + 1))
 
 
+# Ray Train waits this long (by default) for a worker group's placement group, then gives that try
+# up (WorkerGroupStartupTimeoutError) and tries again, as often as FailureConfig's
+# controller_failure_limit allows: without a limit, for ever.
+_PLACEMENT_TRY_S = 60.0
+
+
+@dataclass(frozen=True)
+class PlacementWait:
+    """How the run's worker groups wait for room on the cluster: ``tries`` of ``try_s`` each, in
+    all ``cluster.placement_timeout_s`` over the run (Ray Train counts the tries over the run, not
+    per group)."""
+
+    timeout_s: float
+    try_s: float
+    tries: int
+    workers: int
+    per_worker: dict[str, float]
+    """What each worker reserves: {"CPU": 1.0}, with {"GPU": 1.0} under NCCL."""
+
+    @classmethod
+    def of(cls, job: JobConfig) -> PlacementWait:
+        timeout_s = job.cluster.placement_timeout_s
+        try_s = min(timeout_s / 2, _PLACEMENT_TRY_S)  # at least one line before the job stops
+        per_worker = {"CPU": job.cluster.train_worker_num_cpus, **({"GPU": 1.0} if distributed_backend() == "nccl" else {})}
+        return cls(timeout_s, try_s, math.ceil(timeout_s / try_s - 1e-9), job.cluster.num_train_workers, per_worker)
+
+    @property
+    def need(self) -> str:
+        """What one group needs: "2 workers x 1 CPU", "4 workers x 2 CPUs and 1 GPU"."""
+        each = " and ".join(f"{n:g} {name}{'s' if n != 1 else ''}" for name, n in self.per_worker.items())
+        return f"{self.workers} worker{'s' if self.workers > 1 else ''} x {each}"
+
+    def cluster_now(self) -> str:
+        """"the cluster has 0 of 2 CPUs free now", or why that is unknown."""
+        try:
+            total, free = ray.cluster_resources(), ray.available_resources()
+        except Exception as err:  # noqa: BLE001 - the line names the cause either way
+            return f"what the cluster has free is unknown ({type(err).__name__})"
+        have = " and ".join(f"{free.get(name, 0):g} of {total.get(name, 0):g} {name}s" for name in self.per_worker)
+        return f"the cluster has {have} free now"
+
+    @contextmanager
+    def in_ray_train(self) -> Iterator[None]:
+        """Ray Train's try length for the ``with`` block: read by its controller from the
+        environment it inherits from this process at ``fit()``."""
+        before = os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
+        os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = repr(self.try_s)
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR]
+            else:
+                os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = before
+
+
+class GroupPlacement(ControllerCallback):
+    """In Ray Train's controller, each time a worker group found no room on the cluster within one
+    try and Ray Train tries again: one console line. The last try's failure is the driver's to
+    report (``_stop_with_one_line``)."""
+
+    def __init__(self, plan: TrainPlan, wait: PlacementWait) -> None:
+        self.label, self.wait = plan.label, wait
+        self.tries = 0
+
+    def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
+        if not isinstance(current_state, ReschedulingState):
+            return
+        if not isinstance(getattr(current_state.training_failed_error, "controller_failure", None),
+                          WorkerGroupStartupTimeoutError):
+            return
+        self.tries += 1
+        log.warning("%s: no room on the cluster for the trainer worker group (%s) after %.0f s; waiting "
+                    "on (%.0f of %.0f s, cluster.placement_timeout_s)", self.label, self.wait.need,
+                    self.wait.try_s, self.tries * self.wait.try_s, self.wait.timeout_s)
+
+
 def _record_failure(store: ObjectStore, restart: dict[str, Any]) -> int:
     """Add ``restart`` to ``training-times.json``'s ``restarts`` with the step of the newest
     complete checkpoint, where the next group resumes; that step."""
@@ -514,7 +600,7 @@ def _note_resumed(store: ObjectStore, plan: TrainPlan, *, resumed_from: int, at:
 
 
 def _stop_with_one_line(err: ray.train.TrainingFailedError, job: JobConfig, plan: TrainPlan,
-                        checkpoints: ObjectStore) -> None:
+                        checkpoints: ObjectStore, wait: PlacementWait) -> None:
     """Training failed for good: the job stops naming the cause in one line, not with Ray Train's
     tracebacks of every worker (those are in the job's log)."""
     if isinstance(err, WorkerGroupError):
@@ -522,6 +608,9 @@ def _stop_with_one_line(err: ray.train.TrainingFailedError, job: JobConfig, plan
         attempts = job.cluster.train_max_failures + 1
         cause = (f"{failure_cause(err.worker_failures)} (the worker group failed {attempts} "
                  f"time{'s' if attempts > 1 else ''}; cluster.train_max_failures={job.cluster.train_max_failures})")
+    elif isinstance(err, ControllerError) and isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+        cause = (f"no room on the cluster for the trainer worker group ({wait.need}) in {wait.timeout_s:.0f} s "
+                 f"(cluster.placement_timeout_s={wait.timeout_s:g}); {wait.cluster_now()}")
     elif isinstance(err, ControllerError):
         cause = f"Ray Train's controller: {_reason(err.controller_failure)}"
     else:
@@ -535,6 +624,7 @@ def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
     """Run the Ray Train job; return the held-out evaluation of each written dictionary, by
     variant name ('' for a job that is not a sweep)."""
     storage = Path(job.logging.dir).resolve() / "ray_train"
+    wait = PlacementWait.of(job)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"job": to_dict(job), "plan": plan.__dict__},
@@ -547,18 +637,22 @@ def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
             name=plan.label, storage_path=str(storage),
             # A worker that dies takes the group down; Ray Train starts a new one, which resumes
             # from the newest complete checkpoint.
-            failure_config=FailureConfig(max_failures=job.cluster.train_max_failures),
+            # A group with no room on the cluster: one more try a minute, at most so many in all.
+            failure_config=FailureConfig(max_failures=job.cluster.train_max_failures,
+                                         controller_failure_limit=wait.tries - 1),
             callbacks=[GroupFailures(plan, max_failures=job.cluster.train_max_failures,
-                                     s3_options=job.cache.s3_options())],
+                                     s3_options=job.cache.s3_options()),
+                       GroupPlacement(plan, wait)],
         ),
     )
     checkpoints = open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options())
     checkpoints.delete(TRAINING_FAILED_FILE)  # the reason an earlier attempt of this run stopped
     checkpoints.delete(TRAINING_TIMES_FILE)
     try:
-        trainer.fit()
+        with wait.in_ray_train():
+            trainer.fit()
     except ray.train.TrainingFailedError as err:
-        _stop_with_one_line(err, job, plan, checkpoints)
+        _stop_with_one_line(err, job, plan, checkpoints, wait)
     evals = {}
     for variant in variants(job.sae, job.train.lr, job.sweep):
         evals[variant.name] = read_eval(open_store(dictionary_uri(plan, variant), s3_options=job.cache.s3_options()))

@@ -192,6 +192,7 @@ def test_deepspeed_group_defaults_to_zero2_and_takes_a_feature_parallel_grid():
         ("run.checkpoint_every_steps=-5", "run.checkpoint_every_steps=-5 must be >= 0"),
         ("run.name=a/b", "run.name='a/b': expected a non-empty name without '/'"),
         ("cluster.train_max_failures=-1", "cluster.train_max_failures=-1 must be >= 0"),
+        ("cluster.placement_timeout_s=0", "cluster.placement_timeout_s=0.0 must be positive"),
         ("train.histogram_every_steps=-1", "train.histogram_every_steps=-1 must be >= 0"),
         ("train.normalization_rows=0", "train.normalization_rows=0 must be positive"),
         ("model.hookpoints=[mlp_out.1,mlp_out.1]", "'mlp_out.1' is listed twice"),
