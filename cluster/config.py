@@ -72,7 +72,7 @@ class ClusterConfig:
     the start or after a failure (a node lost with no spare CPUs), before the job stops naming what
     the group needed and what the cluster had; in all over the run, as Ray Train counts its tries.
     Ray Train tries again every 60 s meanwhile (every half of this if shorter), one console line
-    each."""
+    each. The evaluation task waits as long for room to start, on each of its tries."""
     train_while_caching: bool = False
     """Start training while the producers still fill the cache: the trainer tails the shards as
     they are committed (the cluster must hold producers and trainer workers at once, else the

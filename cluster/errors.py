@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 
 class JobFailed(RuntimeError):
@@ -19,7 +20,28 @@ class TrainingStopped(JobFailed):
 
 
 class EvaluationFailed(JobFailed):
-    """The evaluation task was lost (its process or node died) on every attempt."""
+    """The evaluation task was lost (its process or node died) on every attempt, or found no room
+    on the cluster to start."""
+
+
+def resources_text(resources: Mapping[str, float]) -> str:
+    """"1 CPU", "2 CPUs and 1 GPU"."""
+    return " and ".join(f"{n:g} {name}{'s' if n != 1 else ''}" for name, n in resources.items())
+
+
+def no_room(what: str, timeout_s: float, resources: Mapping[str, float]) -> str:
+    """One line on a wait for room that ran out: "no room on the cluster for the evaluation task
+    (2 CPUs) in 600 s (cluster.placement_timeout_s=600); the cluster has 0 of 2 CPUs free now".
+    ``what`` names the waiter and what it needs; ``resources`` are the kinds the line counts."""
+    import ray  # here, not at the top: the CLI's help and config errors import this module without Ray
+
+    try:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        have = " and ".join(f"{free.get(name, 0):g} of {total.get(name, 0):g} {name}s" for name in resources)
+        now = f"the cluster has {have} free now"
+    except Exception as err:  # noqa: BLE001 - the line is the failure's; what the cluster has is a detail
+        now = f"what the cluster has free is unknown ({type(err).__name__})"
+    return f"no room on the cluster for {what} in {timeout_s:.0f} s (cluster.placement_timeout_s={timeout_s:g}); {now}"
 
 
 def lost_actor_reason(err: BaseException) -> str:

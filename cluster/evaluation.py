@@ -62,7 +62,7 @@ from activation_cache.store import ObjectNotFound, ObjectStore, open_store
 from activation_cache.text import excluded_token_ids, pack_sequences
 from activation_cache.unembedding import unembedding_of
 from cluster.config import EvalConfig, JobConfig, job_from_dict
-from cluster.errors import EvaluationFailed
+from cluster.errors import EvaluationFailed, no_room, resources_text
 from cluster.report_cards import FeatureCard, FeatureSample
 from cluster.timing import Fault
 from interp.audit import audit, firing_counts, logit_lens_refusal, target_standout
@@ -696,10 +696,15 @@ def _wandb_name(uri: str, sae_cfg: dict) -> str:
     return "-".join(filter(None, (sae_cfg["metadata"].get("run_name"), variant, folder_name(sae_cfg), "eval")))
 
 
+_STARTED = "started"
+"""What the evaluation task yields first, the moment it runs: the driver then knows it found room."""
+
+
 def _evaluate_task(
     uris: list[str], model_cfg: ModelConfig, text: EvalText, cfg: EvalConfig, s3_options: dict,
     wandb: dict,
-) -> Evaluations:
+) -> Iterator[str | Evaluations]:
+    yield _STARTED
     torch.set_num_threads(max(1, int(cfg.num_cpus)))
 
     def run_logger(uri: str, sae_cfg: dict) -> MetricLogger:
@@ -708,8 +713,8 @@ def _evaluate_task(
                            run_name=_wandb_name(uri, sae_cfg), config={"dictionary": uri, "eval": dataclasses.asdict(cfg)},
                            dir=str(Path(wandb["dir"]) / run_name / "eval"), group=run_name or None)
 
-    return evaluate_uris(uris, model_cfg=model_cfg, text=text, cfg=cfg, s3_options=s3_options,
-                         make_run_logger=run_logger)
+    yield evaluate_uris(uris, model_cfg=model_cfg, text=text, cfg=cfg, s3_options=s3_options,
+                        make_run_logger=run_logger)
 
 
 EVAL_ATTEMPTS = 3
@@ -735,12 +740,21 @@ def evaluate_in_ray(
     largest = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]), default=1.0)
     if eval_cfg.num_cpus > largest:
         eval_cfg = dataclasses.replace(eval_cfg, num_cpus=largest)
-    task = ray.remote(num_cpus=eval_cfg.num_cpus, num_gpus=eval_cfg.num_gpus, max_retries=0)(_evaluate_task)
+    task = ray.remote(num_cpus=eval_cfg.num_cpus, num_gpus=eval_cfg.num_gpus, max_retries=0,
+                      num_returns="streaming")(_evaluate_task)
+    need = {"CPU": eval_cfg.num_cpus, **({"GPU": eval_cfg.num_gpus} if eval_cfg.num_gpus else {})}
+    timeout_s = job.cluster.placement_timeout_s
     faults = []
     for attempt in range(1, EVAL_ATTEMPTS + 1):
         start = time.perf_counter()
+        running = task.remote(list(dictionary_uris), job.model, text, eval_cfg, job.cache.s3_options(), wandb)
         try:
-            merged = ray.get(task.remote(list(dictionary_uris), job.model, text, eval_cfg, job.cache.s3_options(), wandb))
+            # Pending with no room (a node lost, another job's actors), it would wait for ever.
+            if not ray.wait([running], timeout=timeout_s)[0]:
+                ray.cancel(running, force=True)
+                raise EvaluationFailed(no_room(f"the evaluation task ({resources_text(need)})", timeout_s, need))
+            ray.get(next(running))  # _STARTED, or what stopped the task before it could say so
+            merged = ray.get(next(running))
             break
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as err:
             # its process or node died: a fresh task on a live node does it again (it writes

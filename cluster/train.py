@@ -50,7 +50,7 @@ from activation_cache.plan import DataPlan, PlanSettings, complete_plan, tailing
 from activation_cache.schema import CorruptShardError
 from activation_cache.store import ObjectNotFound, ObjectStore, StoreError, open_store
 from cluster.config import JobConfig, job_from_dict, to_dict
-from cluster.errors import JobFailed, TrainingStopped, lost_actor_reason
+from cluster.errors import JobFailed, TrainingStopped, lost_actor_reason, no_room, resources_text
 from cluster.finish import HeldOut, write_trained_dictionary
 from cluster.logs import configure_logging
 from cluster.report import report_artifact_name
@@ -527,17 +527,7 @@ class PlacementWait:
     @property
     def need(self) -> str:
         """What one group needs: "2 workers x 1 CPU", "4 workers x 2 CPUs and 1 GPU"."""
-        each = " and ".join(f"{n:g} {name}{'s' if n != 1 else ''}" for name, n in self.per_worker.items())
-        return f"{self.workers} worker{'s' if self.workers > 1 else ''} x {each}"
-
-    def cluster_now(self) -> str:
-        """"the cluster has 0 of 2 CPUs free now", or why that is unknown."""
-        try:
-            total, free = ray.cluster_resources(), ray.available_resources()
-        except Exception as err:  # noqa: BLE001 - the line names the cause either way
-            return f"what the cluster has free is unknown ({type(err).__name__})"
-        have = " and ".join(f"{free.get(name, 0):g} of {total.get(name, 0):g} {name}s" for name in self.per_worker)
-        return f"the cluster has {have} free now"
+        return f"{self.workers} worker{'s' if self.workers > 1 else ''} x {resources_text(self.per_worker)}"
 
     @contextmanager
     def in_ray_train(self) -> Iterator[None]:
@@ -609,8 +599,7 @@ def _stop_with_one_line(err: ray.train.TrainingFailedError, job: JobConfig, plan
         cause = (f"{failure_cause(err.worker_failures)} (the worker group failed {attempts} "
                  f"time{'s' if attempts > 1 else ''}; cluster.train_max_failures={job.cluster.train_max_failures})")
     elif isinstance(err, ControllerError) and isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
-        cause = (f"no room on the cluster for the trainer worker group ({wait.need}) in {wait.timeout_s:.0f} s "
-                 f"(cluster.placement_timeout_s={wait.timeout_s:g}); {wait.cluster_now()}")
+        cause = no_room(f"the trainer worker group ({wait.need})", wait.timeout_s, wait.per_worker)
     elif isinstance(err, ControllerError):
         cause = f"Ray Train's controller: {_reason(err.controller_failure)}"
     else:

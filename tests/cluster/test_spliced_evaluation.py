@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from dictionary_folders import fit_transcoder, train_topk_transcoder
+from ray.util.placement_group import placement_group, remove_placement_group
 from ray_processes import descendants_titled
 from safetensors.torch import load as load_safetensors
 from tiny_job import tiny_job
@@ -36,6 +38,7 @@ from activation_cache.text import excluded_token_ids, pack_sequences
 from activation_cache.unembedding import unembedding_of
 from cluster.cli import main as saeforge
 from cluster.config import EvalConfig, to_dict
+from cluster.errors import EvaluationFailed
 from cluster.evaluation import EvaluationTimes, evaluate_in_ray, evaluate_uris, held_out_text
 from cluster.pull import pull
 from cluster.report_cards import FeatureCard, FeatureSample
@@ -363,6 +366,32 @@ def test_an_evaluation_task_killed_mid_run_is_started_again(ray_cluster, model_d
     assert evaluations[0]["fvu"] == RECONSTRUCTION["fvu"]
     [fault] = evaluations.faults
     assert fault.phase == "evaluation" and fault.what.startswith("evaluation task lost (") and fault.cost_s >= 0
+
+
+@pytest.mark.integration
+def test_an_evaluation_task_with_no_room_stops_the_job_naming_what_it_needed(ray_cluster, model_dir, tiny_corpus_dir, tmp_path):
+    """The evaluation task pending with every CPU held (a lost node's, another job's actors) would
+    wait for ever: after ``cluster.placement_timeout_s`` it is cancelled and the job stops with one
+    line naming what the task needed and what the cluster has."""
+    job = tiny_job(str(tmp_path / "store"), tmp_path, model_dir, tiny_corpus_dir, "logging.wandb_mode=disabled",
+                   "cluster.placement_timeout_s=3")
+    exact = _save(tmp_path / "runs" / "tiny" / "dictionary" / HOOKPOINT, _identity_sae(32, 32), model_dir)
+    tokenizer = load_tokenizer(resolve_model_source(job.model))
+    before = _eval_json(exact)
+    held = placement_group([{"CPU": 2}])  # the local cluster's 2 CPUs, as another job would hold them
+    ray.get(held.ready())
+    try:
+        started = time.monotonic()
+        with pytest.raises(EvaluationFailed) as failed:
+            evaluate_in_ray(job, [exact], tokens=pack_sequences(job.data, tokenizer),
+                            excluded_token_ids=excluded_token_ids(job.data, tokenizer), eval_cfg=EvalConfig(num_cpus=2))
+        took = time.monotonic() - started
+    finally:
+        remove_placement_group(held)
+    assert str(failed.value) == ("no room on the cluster for the evaluation task (2 CPUs) in 3 s "
+                                 "(cluster.placement_timeout_s=3); the cluster has 0 of 2 CPUs free now")
+    assert took < 30, f"stopped after {took:.0f} s"
+    assert _eval_json(exact) == before, "nothing was evaluated or written"
 
 
 def test_a_bfloat16_model_gives_the_float32_models_losses(model_dir, tiny_corpus_dir, tmp_path):

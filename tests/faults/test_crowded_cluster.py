@@ -1,5 +1,5 @@
-"""A trainer worker group that finds no room on the cluster (its CPUs held by another job's actor,
-as after a node lost with no spare) does not wait for ever inside Ray Train: it says so once per
+"""A trainer worker group that finds no room on the cluster (its CPUs held by another job's
+placement group, or gone with a lost node) does not wait for ever inside Ray Train: it says so once per
 try, and after ``cluster.placement_timeout_s`` the job stops with one line naming what the group
 needed and what the cluster had, with nothing committed lost."""
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
 from tiny_job import check_tiny_cache, tiny_job
 
 from activation_cache.store import open_store
@@ -19,14 +20,6 @@ from cluster.errors import JobFailed
 pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 6
-
-
-@ray.remote
-class Squatter:
-    """Holds the CPUs it was given until killed."""
-
-    def ping(self) -> bool:
-        return True
 
 
 def _lines_in_ray_logs(session_dir: str, text: str, *, wait_s: float = 15) -> list[str]:
@@ -48,15 +41,15 @@ def test_a_worker_group_with_no_room_stops_the_job_naming_what_it_needed(
     [plan] = plan_caches(job, open_store(absolute_uri(job.cache.uri)))
     build_caches(job, [plan])  # the cache first: training is all the job has left to start
 
-    squatter = Squatter.options(num_cpus=2).remote()  # the local cluster's 2 CPUs
-    ray.get(squatter.ping.remote())
+    held = placement_group([{"CPU": 2}])  # the local cluster's 2 CPUs, as another job would hold them
+    ray.get(held.ready())
     try:
         started = time.monotonic()
         with pytest.raises(JobFailed) as failed:
             run_job(job)
         took = time.monotonic() - started
     finally:
-        ray.kill(squatter)
+        remove_placement_group(held)
 
     message = str(failed.value)
     assert "\n" not in message, message
