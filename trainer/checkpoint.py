@@ -598,7 +598,8 @@ class Checkpointer:
                              f"{self.world_size}: resume with {checkpoint.world_size} training ranks")
         saved = decode_state(checkpoint.read_rank_state(self.rank, self.store.get_bytes))
         restore_state(states, saved, where=where)
-        log.info("resumed from the %s", where)
+        if self.rank == 0:  # one line for the group, as for a checkpoint written
+            log.info("resumed from the %s", where)
         return checkpoint.step
 
     def _newest_on_every_rank(self) -> Checkpoint | None:
