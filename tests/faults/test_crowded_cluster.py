@@ -1,7 +1,7 @@
 """A trainer worker group that finds no room on the cluster (its CPUs held by another job's
-placement group, or gone with a lost node) does not wait for ever inside Ray Train: it says so once per
-try, and after ``cluster.placement_timeout_s`` the job stops with one line naming what the group
-needed and what the cluster had, with nothing committed lost."""
+placement group, or gone with a lost node) does not wait for ever inside Ray Train: it says so
+once per try, and after ``cluster.placement_timeout_s`` the job stops with one line naming what
+the group needed and what the cluster had, with nothing committed lost."""
 
 from __future__ import annotations
 
