@@ -59,3 +59,16 @@ def lost_actor_reason(err: BaseException) -> str:
         memory = ", out of memory" if "low on memory" in str(err) else ""
         return f"{died[1] if died else 'its process died'}{memory}, {type(err).__name__}"
     return f"process or node lost, {type(err).__name__}"
+
+
+def one_line_cause(err: BaseException) -> str:
+    """``StoreError: s3://b/k: put failed ...``: what a task raised (a RayTaskError's own first line
+    is only ``ray::Producer.produce() (pid=...)``), what killed an actor (``lost_actor_reason``), or
+    the first line of any other error (``WorkerCrashedError: ...``)."""
+    import ray  # here, not at the top: the CLI's help and config errors import this module without Ray
+
+    if isinstance(err, ray.exceptions.RayActorError):
+        return lost_actor_reason(err)
+    cause = getattr(err, "cause", None) if isinstance(err, ray.exceptions.RayTaskError) else None
+    shown = cause if isinstance(cause, BaseException) else err
+    return f"{type(shown).__name__}: {next(iter(str(shown).strip().splitlines()), '')}"

@@ -62,7 +62,7 @@ from activation_cache.store import ObjectNotFound, ObjectStore, open_store
 from activation_cache.text import excluded_token_ids, pack_sequences
 from activation_cache.unembedding import unembedding_of
 from cluster.config import EvalConfig, JobConfig, job_from_dict
-from cluster.errors import EvaluationFailed, no_room, resources_text
+from cluster.errors import EvaluationFailed, no_room, one_line_cause, resources_text
 from cluster.report_cards import FeatureCard, FeatureSample
 from cluster.timing import Fault
 from interp.audit import audit, firing_counts, logit_lens_refusal, target_standout
@@ -760,7 +760,7 @@ def evaluate_in_ray(
             # its process or node died: a fresh task on a live node does it again (it writes
             # each eval.json whole, so nothing is half written)
             lost = time.perf_counter() - start
-            cause = f"{type(err).__name__}: {next(iter(str(err).strip().splitlines()), '')}"
+            cause = one_line_cause(err)
             if attempt == EVAL_ATTEMPTS:
                 raise EvaluationFailed(f"the evaluation task was lost {attempt} times; last cause {cause}") from None
             log.warning("evaluation task lost after %.1f s (%s): started again (attempt %d of %d)",

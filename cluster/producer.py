@@ -24,7 +24,7 @@ from activation_cache.manifest import Manifest, commit_manifest
 from activation_cache.producing import ShardResult, ShardTarget, WorkUnit, produce_shards
 from activation_cache.schema import ShardMeta
 from activation_cache.store import StoreFull, open_store
-from cluster.errors import ProducerFailed, lost_actor_reason
+from cluster.errors import ProducerFailed, one_line_cause
 from cluster.timing import process_started
 
 log = logging.getLogger(__name__)
@@ -117,16 +117,6 @@ def producer_factory(
     )(Producer)
     threads = max(1, int(num_cpus))
     return lambda: actor_cls.remote(num_threads=threads, **producer_kwargs)
-
-
-def _one_line_cause(err: Exception) -> str:
-    """``StoreError: s3://b/k: put failed ...``: what the task raised (a RayTaskError's own first
-    line is only ``ray::Producer.produce() (pid=...)``), or what killed the actor."""
-    if isinstance(err, ray.exceptions.RayActorError):
-        return lost_actor_reason(err)
-    cause = getattr(err, "cause", None) if isinstance(err, ray.exceptions.RayTaskError) else None
-    shown = cause if isinstance(cause, BaseException) else err
-    return f"{type(shown).__name__}: {next(iter(str(shown).strip().splitlines()), '')}"
 
 
 @dataclass
@@ -251,7 +241,7 @@ class _ProducerPool:
         if actor not in self.producers:
             return None
         self.free_slots = [a for a in self.free_slots if a is not actor]
-        fault = ProducerFault(self.name(actor), _one_line_cause(err), time.time())
+        fault = ProducerFault(self.name(actor), one_line_cause(err), time.time())
         self.faults.append(fault)
         self._wait_for(actor, _Recovery(fault.producer, fault, time.monotonic()))
         return fault, True
@@ -275,7 +265,7 @@ class _ProducerPool:
             recovery.next_try = time.monotonic() + self.RETRY_PING_S
             return
         except ray.exceptions.RayActorError as err:
-            self.last_cause = _one_line_cause(err)
+            self.last_cause = one_line_cause(err)
             if recovery.fault is None:  # died starting (its model load, say): a fault too
                 recovery.fault = ProducerFault(recovery.name, self.last_cause, time.time())
                 self.faults.append(recovery.fault)
@@ -373,7 +363,7 @@ class _WorkQueue:
         retry helps until space is freed) and after ``max_unit_attempts`` failures. ``quiet``:
         the producer's loss is logged instead, once for all its units."""
         self.attempts[unit.shard_name] += 1
-        cause = _one_line_cause(err)
+        cause = one_line_cause(err)
         if isinstance(getattr(err, "cause", None), StoreFull):
             raise ProducerFailed(f"work unit {unit.shard_name}: {cause}") from err
         if self.attempts[unit.shard_name] >= self.max_unit_attempts:
