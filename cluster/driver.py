@@ -43,8 +43,7 @@ from cluster.train import (
     TrainPlan,
     dictionary_uri,
     train_dictionary,
-    training_restarts,
-    training_times,
+    training_record,
 )
 from trainer.checkpoint import newest_complete_checkpoint
 from trainer.engine import distributed_backend
@@ -588,9 +587,9 @@ def _time_training(times: JobTimes, job: JobConfig, plans: list[TrainPlan], bega
     dictionaries (held-out figures, features, report page) counts as report."""
     group = engines = stepping = writing = 0.0
     for plan in plans:
-        times.faults += [_restart_fault(plan, restart) for restart in training_restarts(job, plan)]
-        marks = training_times(job, plan)
-        if marks is None:  # a worker group that did not finish cleanly: all of it is training
+        marks = training_record(job, plan)
+        times.faults += [_restart_fault(plan, restart) for restart in marks.get("restarts", [])]
+        if "finished" not in marks:  # a worker group that did not finish cleanly: all of it is training
             continue
         writing += marks["finished"] - marks["last_step"]
         stepping += marks["last_step"] - marks["first_step"]

@@ -8,7 +8,7 @@ the driver reads the evaluation back from there. A failure a restart would meet 
 
 A worker group that fails and is restarted says so in one console line from Ray Train's controller
 (``GroupFailures``), and its successor's rank 0 in one more once it steps again; both times go into
-``training-times.json``'s ``restarts`` (``training_restarts``). A worker group that finds no room on
+``training-times.json``'s ``restarts`` (``training_record``). A worker group that finds no room on
 the cluster (a node lost with no spare CPUs) says so once a minute (``GroupPlacement``) and stops
 the job, naming what it needed, after ``cluster.placement_timeout_s``.
 """
@@ -648,18 +648,13 @@ def train_dictionary(job: JobConfig, plan: TrainPlan) -> dict[str, dict]:
     return evals
 
 
-def training_times(job: JobConfig, plan: TrainPlan) -> dict[str, Any] | None:
-    """When rank 0 of ``plan``'s training (its last worker group) entered its loop, began and ended
-    its steps and finished writing the dictionaries (``time.time()``), with its ``restarts``
-    (``training_restarts``); None if it did not finish."""
-    times = _read_times(open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options()))
-    return times if "finished" in times else None
-
-
-def training_restarts(job: JobConfig, plan: TrainPlan) -> list[dict[str, Any]]:
-    """Each restart of ``plan``'s worker group, in order, finished training or not: ``failed_at``
-    (``time.time()`` when Ray Train's controller learnt of the failure), ``cause`` (one line),
-    ``attempt`` (the new group's, 2 for the first restart), ``checkpoint_step`` (the newest complete
-    checkpoint then); once the new group steps, ``resumed_from_step``, ``resumed_at`` (its first
-    step's start) and ``seconds`` (``resumed_at - failed_at``)."""
-    return _read_times(open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options())).get("restarts", [])
+def training_record(job: JobConfig, plan: TrainPlan) -> dict[str, Any]:
+    """``plan``'s ``training-times.json``: when rank 0 of its last worker group entered
+    its loop (``entered``), began and ended its steps (``first_step``, ``last_step``) and finished
+    writing the dictionaries (``finished``, only once it did), as ``time.time()``; and ``restarts``,
+    each restart of the worker group in order, finished training or not: ``failed_at`` (when Ray
+    Train's controller learnt of the failure), ``cause`` (one line), ``attempt`` (the new group's, 2
+    for the first restart), ``checkpoint_step`` (the newest complete checkpoint then); once the new
+    group steps, ``resumed_from_step``, ``resumed_at`` (its first step's start) and ``seconds``
+    (``resumed_at - failed_at``). Empty if no group got that far."""
+    return _read_times(open_store(plan.checkpoint_uri, s3_options=job.cache.s3_options()))

@@ -73,7 +73,7 @@ TRAINING_FAILED_FILE = "training-failed.json"
 TRAINING_TIMES_FILE = "training-times.json"
 """Beside ``training-failed.json``: when rank 0 entered its loop, began and ended its steps and
 finished writing the dictionaries (``time.time()``), for the job's phase split, and each restart
-of the worker group (``restarts``: ``cluster.train.training_restarts``)."""
+of the worker group (``restarts``): ``cluster.train.training_record``."""
 TIMINGS_FILE = "timings.json"
 """In the run folder: seconds per phase of the job's wall time (``cluster.timing``)."""
 DICTIONARY_DIR = "dictionary"
