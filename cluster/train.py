@@ -511,18 +511,22 @@ class PlacementWait:
     per group)."""
 
     timeout_s: float
-    try_s: float
-    tries: int
     workers: int
     per_worker: dict[str, float]
     """What each worker reserves: {"CPU": 1.0}, with {"GPU": 1.0} under NCCL."""
 
     @classmethod
     def of(cls, job: JobConfig) -> PlacementWait:
-        timeout_s = job.cluster.placement_timeout_s
-        try_s = min(timeout_s / 2, _PLACEMENT_TRY_S)  # at least one line before the job stops
         per_worker = {"CPU": job.cluster.train_worker_num_cpus, **({"GPU": 1.0} if distributed_backend() == "nccl" else {})}
-        return cls(timeout_s, try_s, math.ceil(timeout_s / try_s - 1e-9), job.cluster.num_train_workers, per_worker)
+        return cls(job.cluster.placement_timeout_s, job.cluster.num_train_workers, per_worker)
+
+    @property
+    def try_s(self) -> float:
+        return min(self.timeout_s / 2, _PLACEMENT_TRY_S)  # at least one line before the job stops
+
+    @property
+    def tries(self) -> int:
+        return math.ceil(self.timeout_s / self.try_s - 1e-9)
 
     @property
     def need(self) -> str:
