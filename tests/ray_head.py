@@ -298,6 +298,19 @@ class RayCluster:
             assert time.monotonic() < deadline, f"worker nodes {sorted(wanted - alive)} did not join within {timeout_s} s"
             time.sleep(0.2)
 
+    def nodes_running(self, title: bytes) -> list[RayWorkerNode]:
+        """The live worker nodes of this cluster (never another cluster's) that run a process Ray
+        titled ``title...`` (``b"ray::RayTrainWorker"``), in the order of those processes' PIDs."""
+        pids = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if cmdline.read_bytes().startswith(title):
+                    pids.append(int(cmdline.parent.name))
+            except OSError:  # the process ended while we looked
+                continue
+        nodes = [self.node_of(pid) for pid in sorted(pids)]
+        return [node for node in nodes if node is not None]
+
     def node_of(self, pid: int) -> RayWorkerNode | None:
         """The live worker node process ``pid`` belongs to, if any."""
         for node in self.nodes:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import ray.exceptions
-from ray_head import RayCluster, RayWorkerNode, ray_environment, started_ray_cluster
+from ray_head import ray_environment, started_ray_cluster
 from tiny_job import tiny_overrides
 
 from cluster.logs import JOB_LOG_FILE, job_logging, keep_job_log_in
@@ -105,19 +105,6 @@ def test_wandb_disabled_starts_no_run(tmp_path):
 # --------------------------------------------------------------------------- the faulted run
 
 
-def _node_of_a_trainer_worker(cluster: RayCluster) -> RayWorkerNode | None:
-    """The worker node a Ray Train worker of this cluster runs on (never another cluster's)."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if cmdline.read_bytes().startswith(b"ray::RayTrainWorker"):
-                node = cluster.node_of(int(cmdline.parent.name))
-                if node is not None:
-                    return node
-        except OSError:  # the process ended while we looked
-            continue
-    return None
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_a_node_lost_mid_training_shows_one_line_per_event(tmp_path, tiny_model_dir, tiny_corpus_dir):
@@ -144,9 +131,9 @@ def test_a_node_lost_mid_training_shows_one_line_per_event(tmp_path, tiny_model_
         while not list((run / CHECKPOINTS_DIR).glob(f"*/{COMPLETE_FILE}")):
             assert job.poll() is None and time.monotonic() < deadline, console_path.read_text()[-4000:]
             time.sleep(0.05)
-        victim = _node_of_a_trainer_worker(cluster)
-        assert victim is not None, "a trainer worker runs on a worker node"
-        cluster.kill_node(victim)
+        victims = cluster.nodes_running(b"ray::RayTrainWorker")
+        assert victims, "a trainer worker runs on a worker node"
+        cluster.kill_node(victims[0])
         assert job.wait(timeout=420) == 0, console_path.read_text()[-4000:]
     console = console_path.read_text()
 

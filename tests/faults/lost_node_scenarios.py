@@ -260,18 +260,6 @@ def test_a_node_lost_mid_cache_costs_one_unit_and_loses_nothing(full_cluster, tm
         f"+ {DETECTION_ALLOWANCE_S} s: the fill waited on the lost producer")
 
 
-def _train_worker_pids(cluster: RayCluster) -> list[int]:
-    """Ray Train workers (Ray titles them ``ray::RayTrainWorker...``) on this cluster's nodes."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if cmdline.read_bytes().startswith(b"ray::RayTrainWorker"):
-                pids.append(int(cmdline.parent.name))
-        except OSError:  # the process ended while we looked
-            continue
-    return sorted(pid for pid in pids if cluster.node_of(pid) is not None)
-
-
 def test_a_node_lost_mid_training_resumes_bit_identical(full_cluster, tmp_path, tiny_model_dir, tiny_corpus_dir):
     """The node of a trainer worker killed after the first checkpoint: Ray Train starts a new
     group on the surviving node, which resumes from the newest complete checkpoint and ends with
@@ -287,9 +275,9 @@ def test_a_node_lost_mid_training_resumes_bit_identical(full_cluster, tmp_path, 
 
     job = tiny_job(store, tmp_path, tiny_model_dir, tiny_corpus_dir, "run.name=killed", *options)
     runner, outcome, checkpoints = run_until_checkpoint(job, straight.cache_uri.split("/caches/")[0] + "/runs/killed")
-    pids = _train_worker_pids(full_cluster)
-    assert pids, "the trainer workers are running on the worker nodes"
-    killed = full_cluster.kill_node(full_cluster.node_of(pids[0]))
+    nodes = full_cluster.nodes_running(b"ray::RayTrainWorker")
+    assert nodes, "the trainer workers are running on the worker nodes"
+    killed = full_cluster.kill_node(nodes[0])
     killed_at = time.time()
     assert any(c.startswith("ray::RayTrainWorker") for c in killed), killed
     runner.join(timeout=600)
